@@ -1,0 +1,52 @@
+//! FP8 quantization throughput (bytes/s of minimum traffic), timed with CUDA events. Prints a skip line and exits
+//! when there is no GPU.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use r1_kernels::quant::{quantize_activations_new, quantize_weights_new};
+use r1_kernels::reference::quant::ScaleFormat;
+use r1_kernels::timing::time_launches;
+use r1_kernels::{bf16, DeviceTensor, Gpu};
+
+fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0)
+        })
+        .collect()
+}
+
+fn bench_quant(c: &mut Criterion) {
+    let Some(gpu) = r1_kernels::device::test_gpu("bench quant") else { return };
+    let mut group = c.benchmark_group("fp8_quant");
+    group.sample_size(20);
+    for &(m, k) in &[(128usize, 7168usize), (4096, 7168), (16384, 7168), (4096, 2048)] {
+        let x = DeviceTensor::from_host(&gpu, &random_bf16(m * k, 1), &[m, k]).expect("upload");
+        let bytes = 2 * m * k + m * k + 4 * m * k.div_ceil(128);
+        group.throughput(Throughput::Bytes(bytes as u64));
+        group.bench_with_input(BenchmarkId::new("act_1x128", format!("{m}x{k}")), &(), |b, _| {
+            b.iter_custom(|iters| {
+                time_launches(&gpu, iters, || quantize_activations_new(&gpu, &x, ScaleFormat::F32).map(|_| ()))
+                    .expect("launch")
+            })
+        });
+    }
+    for &(n, k) in &[(7168usize, 2048usize), (24576, 1536), (7168, 16384)] {
+        let w = DeviceTensor::from_host(&gpu, &random_bf16(n * k, 2), &[n, k]).expect("upload");
+        let bytes = 3 * n * k + 4 * n.div_ceil(128) * k.div_ceil(128);
+        group.throughput(Throughput::Bytes(bytes as u64));
+        group.bench_with_input(BenchmarkId::new("weight_128x128", format!("{n}x{k}")), &(), |b, _| {
+            b.iter_custom(|iters| {
+                time_launches(&gpu, iters, || quantize_weights_new(&gpu, &w, ScaleFormat::F32).map(|_| ()))
+                    .expect("launch")
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_quant);
+criterion_main!(benches);

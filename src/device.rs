@@ -1,0 +1,229 @@
+//! The GPU handle: a CUDA context, the stream launches go to, and lazily loaded, cached kernel modules.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{Error, Result};
+use crate::kernels;
+
+/// Statically known facts about a loaded device, read once at construction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Number of streaming multiprocessors.
+    pub sm_count: u32,
+    /// Largest dynamic shared memory a block may opt into, in bytes.
+    pub max_shared_memory_per_block_optin: u32,
+    /// L2 cache size in bytes.
+    pub l2_cache_bytes: u32,
+}
+
+impl DeviceInfo {
+    /// True on sm_90 (H100/H200/H800/H20), where the `sm_90a` cubins run.
+    pub fn is_hopper(&self) -> bool {
+        self.compute_capability == (9, 0)
+    }
+
+    /// `"sm_XY"`.
+    pub fn arch_name(&self) -> String {
+        format!("sm_{}{}", self.compute_capability.0, self.compute_capability.1)
+    }
+}
+
+/// A GPU: context + stream + kernel cache. Cheap to share behind an `Arc`; every launcher takes `&Gpu` and enqueues
+/// on [`Gpu::stream`] without synchronizing.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: DeviceInfo,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(&'static str, &'static str), (CudaFunction, u32)>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("info", &self.info).finish()
+    }
+}
+
+/// True when the CUDA driver library can be loaded. cudarc panics on first use when it cannot, so every entry point
+/// checks this first.
+pub fn cuda_driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda; has no other side effect.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+impl Gpu {
+    /// Opens device `ordinal` with a new non-default stream.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !cuda_driver_present() {
+            return Err(Error::NoCudaDriver);
+        }
+        let count = CudaContext::device_count()?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::Driver(format!("no CUDA device with ordinal {ordinal} ({count} present)")));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.new_stream()?;
+        Self::with_stream(stream)
+    }
+
+    /// Wraps a caller-owned stream (and its context): launches are enqueued on it, in the caller's order.
+    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        if !cuda_driver_present() {
+            return Err(Error::NoCudaDriver);
+        }
+        let ctx = stream.context().clone();
+        let attr = |a: CUdevice_attribute| -> Result<i32> { Ok(ctx.attribute(a)?) };
+        let info = DeviceInfo {
+            ordinal: ctx.ordinal(),
+            compute_capability: (
+                attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            ),
+            sm_count: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
+            max_shared_memory_per_block_optin: attr(
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )? as u32,
+            l2_cache_bytes: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as u32,
+        };
+        Ok(Gpu { ctx, stream, info, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) })
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every launch goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Device facts read at construction.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Blocks the host until the stream is idle. Launchers never call this; tests and benches do.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Errors unless this is an sm_90 device (for kernels that exist only as sm_90a cubins).
+    pub fn require_hopper(&self, what: &'static str) -> Result<()> {
+        if self.info.is_hopper() {
+            Ok(())
+        } else {
+            let _ = what;
+            Err(Error::UnsupportedDevice { needs: "sm_90a (H100/H200/H800/H20)", found: self.info.arch_name() })
+        }
+    }
+
+    fn module(&self, module: &'static str) -> Result<Arc<CudaModule>> {
+        if !kernels::KERNELS_BUILT {
+            return Err(Error::KernelsNotBuilt);
+        }
+        let mut modules = self.modules.lock().map_err(|_| Error::Driver("module cache poisoned".into()))?;
+        if let Some(m) = modules.get(module) {
+            return Ok(m.clone());
+        }
+        let image = if self.info.is_hopper() {
+            kernels::cubin(module).map(|bytes| Ptx::from_binary(bytes.to_vec()))
+        } else if self.info.compute_capability.0 >= 8 {
+            kernels::ptx(module).map(Ptx::from_src)
+        } else {
+            None
+        };
+        let Some(image) = image else {
+            return if kernels::cubin(module).is_some() {
+                Err(Error::UnsupportedDevice { needs: "sm_90a (H100/H200/H800/H20)", found: self.info.arch_name() })
+            } else {
+                Err(Error::Driver(format!("kernel module `{module}` is not embedded in this build")))
+            };
+        };
+        let loaded = self.ctx.load_module(image)?;
+        modules.insert(module, loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Returns `module::name`, loading the module on first use, with its dynamic shared-memory limit raised to at
+    /// least `dynamic_smem_bytes` (needed above 48 KiB).
+    pub fn function(&self, module: &'static str, name: &'static str, dynamic_smem_bytes: u32) -> Result<CudaFunction> {
+        if dynamic_smem_bytes > self.info.max_shared_memory_per_block_optin {
+            return Err(Error::UnsupportedDevice {
+                needs: "more shared memory per block than this device offers",
+                found: format!(
+                    "{} bytes available, {} needed by {module}::{name}",
+                    self.info.max_shared_memory_per_block_optin, dynamic_smem_bytes
+                ),
+            });
+        }
+        let mut functions = self.functions.lock().map_err(|_| Error::Driver("function cache poisoned".into()))?;
+        if let Some((f, limit)) = functions.get_mut(&(module, name)) {
+            if *limit < dynamic_smem_bytes {
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dynamic_smem_bytes as i32,
+                )?;
+                *limit = dynamic_smem_bytes;
+            }
+            return Ok(f.clone());
+        }
+        let m = self.module(module)?;
+        let f = m.load_function(name)?;
+        let mut limit = 48 * 1024;
+        if dynamic_smem_bytes > limit {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                dynamic_smem_bytes as i32,
+            )?;
+            limit = dynamic_smem_bytes;
+        }
+        functions.insert((module, name), (f.clone(), limit));
+        Ok(f)
+    }
+}
+
+/// Opens device 0 for a GPU test. Returns `None` (after printing why) when no usable GPU is present, unless
+/// `R1K_REQUIRE_GPU=1`, in which case a missing GPU fails the test.
+#[doc(hidden)]
+pub fn test_gpu(test_name: &str) -> Option<Gpu> {
+    let required = std::env::var("R1K_REQUIRE_GPU").map(|v| v == "1").unwrap_or(false);
+    let reason = if !kernels::KERNELS_BUILT {
+        Some(Error::KernelsNotBuilt.to_string())
+    } else {
+        match Gpu::new(0) {
+            Ok(gpu) => return Some(gpu),
+            Err(e) => Some(e.to_string()),
+        }
+    };
+    let reason = reason.unwrap_or_default();
+    if required {
+        panic!("{test_name}: R1K_REQUIRE_GPU=1 but no usable GPU: {reason}");
+    }
+    eprintln!("SKIPPED {test_name}: no usable GPU ({reason})");
+    None
+}
+
+/// Like [`test_gpu`] but also requires an sm_90 device (for tests of sm_90a-only kernels).
+#[doc(hidden)]
+pub fn test_hopper(test_name: &str) -> Option<Gpu> {
+    let gpu = test_gpu(test_name)?;
+    if gpu.info().is_hopper() {
+        return Some(gpu);
+    }
+    let required = std::env::var("R1K_REQUIRE_GPU").map(|v| v == "1").unwrap_or(false);
+    if required {
+        panic!("{test_name}: R1K_REQUIRE_GPU=1 but the GPU is {}, not sm_90", gpu.info().arch_name());
+    }
+    eprintln!("SKIPPED {test_name}: needs sm_90, found {}", gpu.info().arch_name());
+    None
+}

@@ -1,0 +1,121 @@
+//! GPU FP8 quantization: activations per 1×128 group (scales written MN-major for the FP8 GEMM) and weights per
+//! 128×128 block. Bit-identical to [`crate::reference::quant`].
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::fp8::E4M3;
+use crate::reference::quant::{padded_scale_rows, ScaleFormat};
+use crate::tensor::DeviceTensor;
+
+/// Group size of activation quantization and block size of weight quantization (DeepSeek-V3's).
+pub const QUANT_BLOCK: usize = 128;
+
+const MODULE: &str = "quant";
+
+fn to_i32(arg: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::shape(arg, "a dimension below 2^31", v))
+}
+
+/// Shape of the scale tensor [`quantize_activations`] writes for an [m, k] input: `[ceil(k/128), round_up(m, 4)]`.
+pub fn activation_scale_shape(m: usize, k: usize) -> [usize; 2] {
+    [k.div_ceil(QUANT_BLOCK), padded_scale_rows(m)]
+}
+
+/// Shape of the scale tensor [`quantize_weights`] writes for an [n, k] weight: `[ceil(n/128), ceil(k/128)]`.
+pub fn weight_scale_shape(n: usize, k: usize) -> [usize; 2] {
+    [n.div_ceil(QUANT_BLOCK), k.div_ceil(QUANT_BLOCK)]
+}
+
+/// Quantizes bf16 activations `x` [m, k] into `q` [m, k] and `scales` [ceil(k/128), round_up(m, 4)] (MN-major, the
+/// FP8 GEMM's layout; padding rows are written as 0). Enqueued on the GPU's stream; m = 0 launches nothing.
+pub fn quantize_activations(
+    gpu: &Gpu,
+    x: &DeviceTensor<bf16>,
+    q: &mut DeviceTensor<E4M3>,
+    scales: &mut DeviceTensor<f32>,
+    format: ScaleFormat,
+) -> Result<()> {
+    let [m, k] = x.dims::<2>("x")?;
+    q.expect_shape("q", &[m, k])?;
+    scales.expect_shape("scales", &activation_scale_shape(m, k))?;
+    let (mi, ki) = (to_i32("m", m)?, to_i32("k", k)?);
+    let m_pad = to_i32("m", padded_scale_rows(m))?;
+    if m == 0 || k == 0 {
+        return Ok(());
+    }
+    let groups = (m as u64) * k.div_ceil(QUANT_BLOCK) as u64;
+    let threads = groups * 16;
+    let blocks = threads.div_ceil(256);
+    let blocks = u32::try_from(blocks).map_err(|_| Error::shape("x", "fewer than 2^35 groups", groups))?;
+    let vec = i32::from(k % 8 == 0);
+    let ue8m0 = i32::from(format == ScaleFormat::Ue8m0);
+    let f = gpu.function(MODULE, "act_quant_group128", 0)?;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (xv, mut qv, mut sv) = (x.view(), q.view_mut(), scales.view_mut());
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(&xv).arg(&mut qv).arg(&mut sv).arg(&mi).arg(&ki).arg(&m_pad).arg(&ue8m0).arg(&vec);
+    // SAFETY: shapes were checked above: the kernel reads m·k bf16, writes m·k codes and ceil(k/128)·m_pad scales,
+    // exactly the sizes of the three views; every index it forms is bounded by m, k and m_pad.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// Allocating form of [`quantize_activations`].
+pub fn quantize_activations_new(
+    gpu: &Gpu,
+    x: &DeviceTensor<bf16>,
+    format: ScaleFormat,
+) -> Result<(DeviceTensor<E4M3>, DeviceTensor<f32>)> {
+    let [m, k] = x.dims::<2>("x")?;
+    let mut q = DeviceTensor::zeros(gpu, &[m, k])?;
+    let mut s = DeviceTensor::zeros(gpu, &activation_scale_shape(m, k))?;
+    quantize_activations(gpu, x, &mut q, &mut s, format)?;
+    Ok((q, s))
+}
+
+/// Quantizes bf16 weights `w` [n, k] into `q` [n, k] and `scales` [ceil(n/128), ceil(k/128)] (row-major).
+pub fn quantize_weights(
+    gpu: &Gpu,
+    w: &DeviceTensor<bf16>,
+    q: &mut DeviceTensor<E4M3>,
+    scales: &mut DeviceTensor<f32>,
+    format: ScaleFormat,
+) -> Result<()> {
+    let [n, k] = w.dims::<2>("w")?;
+    q.expect_shape("q", &[n, k])?;
+    scales.expect_shape("scales", &weight_scale_shape(n, k))?;
+    let (ni, ki) = (to_i32("n", n)?, to_i32("k", k)?);
+    if n == 0 || k == 0 {
+        return Ok(());
+    }
+    let [nb, kb] = weight_scale_shape(n, k);
+    let grid_y =
+        u32::try_from(nb).ok().filter(|&y| y <= 65_535).ok_or_else(|| Error::shape("w", "n ≤ 65535·128", n))?;
+    let vec = i32::from(k % 8 == 0);
+    let ue8m0 = i32::from(format == ScaleFormat::Ue8m0);
+    let f = gpu.function(MODULE, "weight_quant_block128", 0)?;
+    let cfg = LaunchConfig { grid_dim: (kb as u32, grid_y, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (wv, mut qv, mut sv) = (w.view(), q.view_mut(), scales.view_mut());
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(&wv).arg(&mut qv).arg(&mut sv).arg(&ni).arg(&ki).arg(&ue8m0).arg(&vec);
+    // SAFETY: shapes checked above; the grid covers exactly ceil(n/128)×ceil(k/128) blocks and each thread bounds
+    // its rows by n and its columns by k.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// Allocating form of [`quantize_weights`].
+pub fn quantize_weights_new(
+    gpu: &Gpu,
+    w: &DeviceTensor<bf16>,
+    format: ScaleFormat,
+) -> Result<(DeviceTensor<E4M3>, DeviceTensor<f32>)> {
+    let [n, k] = w.dims::<2>("w")?;
+    let mut q = DeviceTensor::zeros(gpu, &[n, k])?;
+    let mut s = DeviceTensor::zeros(gpu, &weight_scale_shape(n, k))?;
+    quantize_weights(gpu, w, &mut q, &mut s, format)?;
+    Ok((q, s))
+}

@@ -1,0 +1,3 @@
+//! CPU references: plain f32/f64 loops, the ground truth every GPU kernel is tested against.
+
+pub mod quant;
