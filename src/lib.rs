@@ -13,6 +13,7 @@
 pub mod device;
 pub mod error;
 pub mod fp8;
+pub mod gemm;
 pub mod kernels;
 pub mod quant;
 pub mod reference;

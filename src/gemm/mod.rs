@@ -1,0 +1,283 @@
+//! FP8 block-scaled GEMM (DeepSeek-V3's contract), on the GPU:
+//! `D[m, n] = Σ_k A[m, k] · B[n, k] · sa[m, k/128] · sb[n/128, k/128]`.
+//!
+//! - `a`: E4M3 `[m, k]`, row-major (K-major); `b`: E4M3 `[n, k]`, row-major (K-major): the "NT" layout.
+//! - `sa`: fp32 `[ceil(k/128), round_up(m, 4)]`, MN-major, exactly as [`crate::quant::quantize_activations`]
+//!   writes it; `sb`: fp32 `[ceil(n/128), ceil(k/128)]` as [`crate::quant::quantize_weights`] writes it.
+//! - Output: bf16 `[m, n]` ([`fp8_gemm`]) or fp32 `D = C + A·B` in place ([`fp8_gemm_accumulate`]).
+//! - Requirements: `k % 16 == 0`, `n % 8 == 0`, dimensions below 2^31 (see [`plan::validate_shapes`]); any m ≥ 0.
+//!
+//! Accumulation is fp32 with promotion: each 128-wide K block is accumulated on its own (by the tensor cores on
+//! Hopper, whose FP8 accumulation keeps only ~14 bits) and then scaled by `sa · sb` and added into fp32 registers on
+//! the CUDA cores.
+//!
+//! Two kernels: [`GemmKernel::Sm90`], the persistent warp-specialized TMA + wgmma kernel (sm_90a only), and
+//! [`GemmKernel::Plain`], a simple SIMT kernel that runs on any sm_80+ GPU and is the second opinion in tests.
+//!
+//! Not done (documented gaps): 2-CTA clusters with TMA multicast, a dedicated small-M streaming kernel (small m uses
+//! block M 64 and the block-N choice in [`plan::choose_sm90_config`]), and a shared-memory/TMA-store epilogue (the
+//! epilogue stores straight from registers).
+
+pub mod plan;
+pub mod sm90;
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use crate::device::{DeviceInfo, Gpu};
+use crate::error::{Error, Result};
+use crate::fp8::E4M3;
+use crate::reference::quant::ScaleFormat;
+use crate::tensor::DeviceTensor;
+
+pub use plan::{choose_sm90_config, validate_shapes, GemmShape, Sm90Config};
+
+/// Kernel module (file stem) of the portable kernel.
+pub const PLAIN_MODULE: &str = "fp8_gemm";
+
+/// Tile of the portable kernel (rows and columns of D per CTA).
+pub const PLAIN_TILE: u32 = 64;
+
+/// Which kernel runs a GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmKernel {
+    /// [`GemmKernel::Sm90`] on sm_90, otherwise [`GemmKernel::Plain`].
+    #[default]
+    Auto,
+    /// The portable SIMT kernel (any sm_80+ GPU).
+    Plain,
+    /// The sm_90a TMA + wgmma kernel (errors with `UnsupportedDevice` elsewhere).
+    Sm90,
+}
+
+/// Options of one GEMM call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GemmOptions {
+    /// Kernel choice.
+    pub kernel: GemmKernel,
+    /// Scale representation. [`ScaleFormat::Ue8m0`] declares that every scale is a power of two (stored as fp32);
+    /// the kernels compute the same products either way (a product of powers of two is exact in fp32), so this is
+    /// informational and lets callers keep the format next to the data.
+    pub scale_format: ScaleFormat,
+}
+
+/// What a call resolved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    /// Nothing to launch (m, n or k is zero; for k = 0 a bf16 output still needs zeroing, see [`Plan::zero_fill`]).
+    Empty,
+    /// The portable kernel with this grid.
+    Plain {
+        /// Grid (x over M tiles, y over N tiles).
+        grid: (u32, u32),
+    },
+    /// The Hopper kernel with this configuration.
+    Sm90(Sm90Config),
+}
+
+/// A validated, fully resolved GEMM call: computed on the CPU from shapes and device facts only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Problem size.
+    pub shape: GemmShape,
+    /// Kernel and launch configuration.
+    pub resolved: Resolved,
+    /// True when k = 0 and the output is bf16: D must be set to zero without a GEMM launch.
+    pub zero_fill: bool,
+}
+
+/// Validates shapes and resolves the kernel for a device. Pure (no GPU needed), so every rejection is testable on
+/// the CPU.
+pub fn plan(
+    a: &[usize],
+    sa: &[usize],
+    b: &[usize],
+    sb: &[usize],
+    out: &[usize],
+    accumulate: bool,
+    kernel: GemmKernel,
+    info: &DeviceInfo,
+) -> Result<Plan> {
+    let shape = validate_shapes(a, sa, b, sb, out)?;
+    let use_sm90 = match kernel {
+        GemmKernel::Auto => info.is_hopper(),
+        GemmKernel::Plain => false,
+        GemmKernel::Sm90 => {
+            if !info.is_hopper() {
+                return Err(Error::UnsupportedDevice {
+                    needs: "sm_90a (H100/H200/H800/H20)",
+                    found: info.arch_name(),
+                });
+            }
+            true
+        }
+    };
+    if !use_sm90 && info.compute_capability.0 < 8 {
+        return Err(Error::UnsupportedDevice { needs: "sm_80 or newer", found: info.arch_name() });
+    }
+    if shape.m == 0 || shape.n == 0 || shape.k == 0 {
+        let zero_fill = shape.k == 0 && !accumulate && shape.m > 0 && shape.n > 0;
+        return Ok(Plan { shape, resolved: Resolved::Empty, zero_fill });
+    }
+    let resolved = if use_sm90 {
+        Resolved::Sm90(choose_sm90_config(&shape, info.sm_count, info.max_shared_memory_per_block_optin)?)
+    } else {
+        let gx = shape.m.div_ceil(PLAIN_TILE as usize);
+        let gy = shape.n.div_ceil(PLAIN_TILE as usize);
+        let gx = u32::try_from(gx).map_err(|_| Error::shape("m", "fewer than 2^32 tiles", shape.m))?;
+        if gy > 65_535 {
+            return Err(Error::shape("n", "n ≤ 65535·64 for the portable kernel", shape.n));
+        }
+        Resolved::Plain { grid: (gx, gy as u32) }
+    };
+    Ok(Plan { shape, resolved, zero_fill: false })
+}
+
+fn run<T: DeviceRepr + Copy + Default>(
+    gpu: &Gpu,
+    a: &DeviceTensor<E4M3>,
+    sa: &DeviceTensor<f32>,
+    b: &DeviceTensor<E4M3>,
+    sb: &DeviceTensor<f32>,
+    out: &mut DeviceTensor<T>,
+    accumulate: bool,
+    opts: &GemmOptions,
+) -> Result<()> {
+    let p = plan(a.shape(), sa.shape(), b.shape(), sb.shape(), out.shape(), accumulate, opts.kernel, gpu.info())?;
+    let shape = p.shape;
+    match p.resolved {
+        Resolved::Empty => {
+            if p.zero_fill {
+                out.copy_from_host(gpu, &vec![T::default(); out.numel()])?;
+            }
+            Ok(())
+        }
+        Resolved::Sm90(cfg) => sm90::launch(gpu, &shape, &cfg, a, sa, b, sb, out, accumulate),
+        Resolved::Plain { grid } => {
+            let f = gpu.function(PLAIN_MODULE, "fp8_gemm_plain", 0)?;
+            let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let (m, n, k) = (shape.m as i32, shape.n as i32, shape.k as i32);
+            let (m_pad, acc) = (shape.m_pad() as i32, i32::from(accumulate));
+            let (av, sav, bv, sbv) = (a.view(), sa.view(), b.view(), sb.view());
+            let mut ov = out.view_mut();
+            let mut launch = gpu.stream().launch_builder(&f);
+            launch.arg(&av).arg(&sav).arg(&bv).arg(&sbv).arg(&mut ov);
+            launch.arg(&m).arg(&n).arg(&k).arg(&m_pad).arg(&acc);
+            // SAFETY: shapes were validated: a has m·k codes, b n·k, sa ceil(k/128)·m_pad floats, sb
+            // ceil(n/128)·ceil(k/128); out has m·n elements of the type `acc` selects (bf16 when 0, f32 when 1). The
+            // kernel bounds every load by m, n, k and every store by m, n; the grid covers ceil(m/64)×ceil(n/64)
+            // tiles.
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+    }
+}
+
+/// `out[m, n] (bf16) = A·Bᵀ` with block scales; see the module docs for layouts and requirements. Enqueued on the
+/// GPU's stream; m = 0 launches nothing; k = 0 writes zeros.
+pub fn fp8_gemm(
+    gpu: &Gpu,
+    a: &DeviceTensor<E4M3>,
+    sa: &DeviceTensor<f32>,
+    b: &DeviceTensor<E4M3>,
+    sb: &DeviceTensor<f32>,
+    out: &mut DeviceTensor<bf16>,
+    opts: &GemmOptions,
+) -> Result<()> {
+    run(gpu, a, sa, b, sb, out, false, opts)
+}
+
+/// `c[m, n] (fp32) += A·Bᵀ` with block scales (D = C + A·B in place). Same requirements as [`fp8_gemm`].
+pub fn fp8_gemm_accumulate(
+    gpu: &Gpu,
+    a: &DeviceTensor<E4M3>,
+    sa: &DeviceTensor<f32>,
+    b: &DeviceTensor<E4M3>,
+    sb: &DeviceTensor<f32>,
+    c: &mut DeviceTensor<f32>,
+    opts: &GemmOptions,
+) -> Result<()> {
+    run(gpu, a, sa, b, sb, c, true, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hopper() -> DeviceInfo {
+        DeviceInfo {
+            ordinal: 0,
+            compute_capability: (9, 0),
+            sm_count: 132,
+            max_shared_memory_per_block_optin: 232_448,
+            l2_cache_bytes: 50 << 20,
+        }
+    }
+
+    fn ampere() -> DeviceInfo {
+        DeviceInfo { compute_capability: (8, 0), sm_count: 108, max_shared_memory_per_block_optin: 166_912, ..hopper() }
+    }
+
+    fn shapes(m: usize, n: usize, k: usize) -> [Vec<usize>; 5] {
+        let kb = k.div_ceil(128);
+        [vec![m, k], vec![kb, m.div_ceil(4) * 4], vec![n, k], vec![n.div_ceil(128), kb], vec![m, n]]
+    }
+
+    fn plan_for(m: usize, n: usize, k: usize, acc: bool, kernel: GemmKernel, info: &DeviceInfo) -> Result<Plan> {
+        let [a, sa, b, sb, o] = shapes(m, n, k);
+        plan(&a, &sa, &b, &sb, &o, acc, kernel, info)
+    }
+
+    #[test]
+    fn kernel_resolution() {
+        let h = hopper();
+        assert!(matches!(plan_for(128, 256, 512, false, GemmKernel::Auto, &h).unwrap().resolved, Resolved::Sm90(_)));
+        assert!(matches!(
+            plan_for(128, 256, 512, false, GemmKernel::Plain, &h).unwrap().resolved,
+            Resolved::Plain { grid: (2, 4) }
+        ));
+        assert!(matches!(
+            plan_for(129, 256, 512, false, GemmKernel::Auto, &ampere()).unwrap().resolved,
+            Resolved::Plain { grid: (3, 4) }
+        ));
+        assert!(matches!(
+            plan_for(128, 256, 512, false, GemmKernel::Sm90, &ampere()),
+            Err(Error::UnsupportedDevice { .. })
+        ));
+        let old = DeviceInfo { compute_capability: (7, 5), ..ampere() };
+        assert!(plan_for(128, 256, 512, false, GemmKernel::Auto, &old).is_err());
+    }
+
+    #[test]
+    fn empty_problems_launch_nothing() {
+        let h = hopper();
+        let p = plan_for(0, 256, 512, false, GemmKernel::Auto, &h).unwrap();
+        assert_eq!((p.resolved, p.zero_fill), (Resolved::Empty, false));
+        let p = plan_for(3, 256, 0, false, GemmKernel::Auto, &h).unwrap();
+        assert_eq!((p.resolved, p.zero_fill), (Resolved::Empty, true));
+        let p = plan_for(3, 256, 0, true, GemmKernel::Auto, &h).unwrap();
+        assert_eq!((p.resolved, p.zero_fill), (Resolved::Empty, false));
+        let p = plan_for(3, 0, 256, false, GemmKernel::Sm90, &h).unwrap();
+        assert_eq!(p.resolved, Resolved::Empty);
+    }
+
+    #[test]
+    fn shape_errors_before_any_device_work() {
+        let h = hopper();
+        let [a, sa, b, sb, o] = shapes(64, 256, 512);
+        assert!(plan(&a, &sa, &b, &sb, &o, false, GemmKernel::Auto, &h).is_ok());
+        let e = plan(&a, &[64, 4], &b, &sb, &o, false, GemmKernel::Auto, &h).unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "sa", .. }), "{e}");
+        let e = plan(&a, &sa, &b, &[4, 2], &o, false, GemmKernel::Auto, &h).unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "sb", .. }), "{e}");
+        let [a, sa, b, sb, o] = shapes(64, 250, 512);
+        assert!(matches!(plan(&a, &sa, &b, &sb, &o, false, GemmKernel::Auto, &h), Err(Error::Alignment { .. })));
+        let [a, sa, b, sb, o] = shapes(64, 256, 500);
+        assert!(matches!(plan(&a, &sa, &b, &sb, &o, false, GemmKernel::Plain, &h), Err(Error::Alignment { .. })));
+        // Both kernels accept exactly the same inputs.
+        for &(m, n, k) in &[(1, 8, 16), (7, 2112, 7168), (129, 24576, 1536), (1000, 136, 144)] {
+            assert!(plan_for(m, n, k, false, GemmKernel::Plain, &h).is_ok());
+            assert!(plan_for(m, n, k, true, GemmKernel::Sm90, &h).is_ok());
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! Host-side planning for the FP8 GEMM: shape validation, the Hopper kernel's block sizes, pipeline depth and
+//! persistent grid, and the Rust twin of its grouped tile scheduler. Pure functions, tested on the CPU.
+
+use crate::error::{Error, Result};
+
+/// K width of one pipeline stage and of one promotion step (the scale-group width).
+pub const BLOCK_K: u32 = 128;
+
+/// Block-N values the sm_90a kernel is instantiated for (each has an `fp8_gemm_sm90_m{BM}n{BN}` entry point).
+/// Non-powers of two let the wave count fit 132 SMs better.
+pub const SM90_BLOCK_N: [u32; 4] = [64, 112, 128, 160];
+
+/// Block-M values: 64 (one math warpgroup, decode-sized M) and 128 (two math warpgroups).
+pub const SM90_BLOCK_M: [u32; 2] = [64, 128];
+
+/// Usable dynamic shared memory per block on sm_90 (227 KiB).
+pub const SM90_SMEM_LIMIT: u32 = 232_448;
+
+/// Most pipeline stages the kernel uses (deeper buys nothing once loads are hidden).
+pub const SM90_MAX_STAGES: u32 = 8;
+
+/// Tile rows per scheduler group (tiles of a group share B columns while they are hot in L2).
+pub const SM90_GROUP_M: u32 = 8;
+
+/// Bytes reserved at the start of dynamic shared memory so the kernel can round its base up to 1024 (the 128-byte
+/// swizzle atom is 8 rows × 128 B and must start 1024-aligned).
+pub const SM90_SMEM_ALIGN_SLACK: u32 = 1024;
+
+/// A validated problem: `D[m, n] = A[m, k] · B[n, k]ᵀ` with block scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmShape {
+    /// Rows of A and D.
+    pub m: usize,
+    /// Rows of B, columns of D.
+    pub n: usize,
+    /// Reduction length.
+    pub k: usize,
+}
+
+impl GemmShape {
+    /// `ceil(k/128)`: scale columns.
+    pub fn k_blocks(&self) -> usize {
+        self.k.div_ceil(BLOCK_K as usize)
+    }
+    /// `ceil(n/128)`: rows of B's scale tensor.
+    pub fn n_blocks(&self) -> usize {
+        self.n.div_ceil(BLOCK_K as usize)
+    }
+    /// `round_up(m, 4)`: the padded row count of the MN-major activation-scale tensor.
+    pub fn m_pad(&self) -> usize {
+        self.m.div_ceil(4) * 4
+    }
+    /// 2·m·n·k.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+}
+
+/// Validates the tensor shapes of one GEMM call and returns the problem size.
+///
+/// Requirements (both kernels share them so that choosing a kernel never changes which inputs are accepted):
+/// - `a` is `[m, k]`, `b` is `[n, k]`, `sa` is `[ceil(k/128), round_up(m, 4)]` (MN-major, as
+///   [`crate::quant::quantize_activations`] writes it), `sb` is `[ceil(n/128), ceil(k/128)]`, `out` is `[m, n]`;
+/// - `k % 16 == 0`: TMA needs 16-byte row strides for A and B (k not a multiple of 128 is fine: the last K block is
+///   zero-filled by TMA and its scale column is used as usual);
+/// - `n % 8 == 0`: wgmma's N granularity and paired bf16 stores in the epilogue;
+/// - `m, n, k < 2^31` (kernel arguments are 32-bit; index products use 64-bit math).
+///
+/// `m = 0` (and `n = 0`) are valid and mean "launch nothing"; `k = 0` is valid too (D = 0, or C unchanged).
+pub fn validate_shapes(
+    a: &[usize],
+    sa: &[usize],
+    b: &[usize],
+    sb: &[usize],
+    out: &[usize],
+) -> Result<GemmShape> {
+    let rank2 = |arg: &'static str, s: &[usize]| -> Result<[usize; 2]> {
+        s.try_into().map_err(|_| Error::shape(arg, "a rank-2 tensor", format!("{s:?}")))
+    };
+    let [m, k] = rank2("a", a)?;
+    let [n, kb_] = rank2("b", b)?;
+    if kb_ != k {
+        return Err(Error::shape("b", format!("[n, {k}] (k of a)"), format!("{b:?}")));
+    }
+    for (arg, v) in [("m", m), ("n", n), ("k", k)] {
+        if v > i32::MAX as usize {
+            return Err(Error::shape(arg, "a dimension below 2^31", v));
+        }
+    }
+    if k % 16 != 0 {
+        return Err(Error::Alignment { arg: "k", required: 16, got: k });
+    }
+    if n % 8 != 0 {
+        return Err(Error::Alignment { arg: "n", required: 8, got: n });
+    }
+    let shape = GemmShape { m, n, k };
+    let want_sa = [shape.k_blocks(), shape.m_pad()];
+    if sa != want_sa {
+        return Err(Error::shape("sa", format!("{want_sa:?} ([ceil(k/128), round_up(m, 4)], MN-major)"), format!("{sa:?}")));
+    }
+    let want_sb = [shape.n_blocks(), shape.k_blocks()];
+    if sb != want_sb {
+        return Err(Error::shape("sb", format!("{want_sb:?} ([ceil(n/128), ceil(k/128)])"), format!("{sb:?}")));
+    }
+    if out != [m, n] {
+        return Err(Error::shape("out", format!("[{m}, {n}]"), format!("{out:?}")));
+    }
+    Ok(shape)
+}
+
+/// Launch configuration of the sm_90a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sm90Config {
+    /// Tile rows (64: one math warpgroup; 128: two).
+    pub block_m: u32,
+    /// Tile columns (one of [`SM90_BLOCK_N`]).
+    pub block_n: u32,
+    /// Shared-memory ring depth.
+    pub stages: u32,
+    /// Tile rows per scheduler group.
+    pub group_m: u32,
+    /// Persistent CTAs: `min(tiles, SMs)`.
+    pub grid: u32,
+    /// Dynamic shared memory in bytes.
+    pub smem_bytes: u32,
+    /// Threads per CTA: 128 per math warpgroup + 128 for the TMA producer warpgroup.
+    pub threads: u32,
+}
+
+impl Sm90Config {
+    /// Number of math warpgroups.
+    pub fn math_warpgroups(&self) -> u32 {
+        self.block_m / 64
+    }
+    /// The kernel entry point for this block shape.
+    pub fn kernel_name(&self) -> Result<&'static str> {
+        Ok(match (self.block_m, self.block_n) {
+            (64, 64) => "fp8_gemm_sm90_m64n64",
+            (64, 112) => "fp8_gemm_sm90_m64n112",
+            (64, 128) => "fp8_gemm_sm90_m64n128",
+            (64, 160) => "fp8_gemm_sm90_m64n160",
+            (128, 64) => "fp8_gemm_sm90_m128n64",
+            (128, 112) => "fp8_gemm_sm90_m128n112",
+            (128, 128) => "fp8_gemm_sm90_m128n128",
+            (128, 160) => "fp8_gemm_sm90_m128n160",
+            (bm, bn) => return Err(Error::InvalidConfig(format!("no sm_90a FP8 GEMM kernel for block {bm}×{bn}"))),
+        })
+    }
+}
+
+/// Bytes one pipeline stage occupies: the A tile (block_m × 128 B), the B tile (block_n × 128 B) and block_m fp32
+/// activation scales.
+pub fn stage_bytes(block_m: u32, block_n: u32) -> u32 {
+    block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4
+}
+
+/// Dynamic shared memory for `stages` stages: alignment slack, the rings, and two mbarriers (full, empty) per stage.
+pub fn smem_bytes(block_m: u32, block_n: u32, stages: u32) -> u32 {
+    SM90_SMEM_ALIGN_SLACK + stages * stage_bytes(block_m, block_n) + stages * 16
+}
+
+/// Deepest ring (≤ [`SM90_MAX_STAGES`]) that fits in `smem_limit`, or `None` if not even two stages fit.
+pub fn pick_stages(block_m: u32, block_n: u32, smem_limit: u32) -> Option<u32> {
+    (2..=SM90_MAX_STAGES).rev().find(|&s| smem_bytes(block_m, block_n, s) <= smem_limit)
+}
+
+/// Whether every tile of width `block_n` (starting at a multiple of `block_n`) touches at most two 128-row scale
+/// blocks of B, which is what the kernel's promotion assumes (it loads two `sb` values per K block). With
+/// g = gcd(block_n, 128) the worst tile start is 128 − g into a scale block, so the condition is
+/// `block_n ≤ 128 + g`.
+pub fn b_scale_span_ok(block_n: u32) -> bool {
+    fn gcd(a: u32, b: u32) -> u32 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    block_n > 0 && block_n <= BLOCK_K + gcd(block_n, BLOCK_K)
+}
+
+/// Index of the B scale block (0 or 1 relative to the tile's first one) that column `col` of a tile starting at
+/// `n0` uses. The device's promotion step mirrors this (`r1k::gemm::b_scale_slot`).
+pub fn b_scale_slot(n0: u32, col: u32) -> u32 {
+    (n0 + col) / BLOCK_K - n0 / BLOCK_K
+}
+
+/// Number of output tiles.
+pub fn num_tiles(shape: &GemmShape, block_m: u32, block_n: u32) -> u64 {
+    shape.m.div_ceil(block_m as usize) as u64 * shape.n.div_ceil(block_n as usize) as u64
+}
+
+/// Chooses the sm_90a configuration for a shape: block M by the size of m, then the block N that minimizes
+/// `waves · (block_n + 16)` (a tile's time grows with its width, plus a fixed cost per tile for loads, scales and
+/// the epilogue; waves = ceil(tiles / SMs)). Ties go to the wider block (fewer tiles, less L2 traffic).
+/// Small M (≤ 64) uses one math warpgroup: the kernel is then bound by streaming B and the smaller block N values
+/// spread B over more SMs, which the same cost model selects.
+pub fn choose_sm90_config(shape: &GemmShape, sm_count: u32, smem_limit: u32) -> Result<Sm90Config> {
+    let sm_count = sm_count.max(1);
+    let block_m = if shape.m <= 64 { 64 } else { 128 };
+    let mut best: Option<(u64, u32)> = None;
+    for &bn in SM90_BLOCK_N.iter() {
+        if !b_scale_span_ok(bn) || pick_stages(block_m, bn, smem_limit).is_none() {
+            continue;
+        }
+        let tiles = num_tiles(shape, block_m, bn).max(1);
+        let waves = tiles.div_ceil(u64::from(sm_count));
+        let cost = waves * u64::from(bn + 16);
+        if best.is_none_or(|(c, b)| cost < c || (cost == c && bn > b)) {
+            best = Some((cost, bn));
+        }
+    }
+    let Some((_, block_n)) = best else {
+        return Err(Error::UnsupportedDevice {
+            needs: "at least two FP8 GEMM pipeline stages of shared memory",
+            found: format!("{smem_limit} bytes per block"),
+        });
+    };
+    let stages = pick_stages(block_m, block_n, smem_limit).unwrap_or(2);
+    let tiles = num_tiles(shape, block_m, block_n);
+    let grid = tiles.min(u64::from(sm_count)).max(1) as u32;
+    Ok(Sm90Config {
+        block_m,
+        block_n,
+        stages,
+        group_m: SM90_GROUP_M,
+        grid,
+        smem_bytes: smem_bytes(block_m, block_n, stages),
+        threads: 128 * (block_m / 64 + 1),
+    })
+}
+
+/// Grouped ("swizzled") tile order: consecutive tile ids walk `group_m` tile rows down one tile column before moving
+/// to the next column, so the CTAs running at the same time share a few B column-blocks and `group_m` A row-blocks
+/// in L2. Returns `(tile_m, tile_n)`. Twin of `r1k::gemm::tile_coords` in kernels/common/gemm_sm90.cuh.
+pub fn tile_coords(tile: u32, tiles_m: u32, tiles_n: u32, group_m: u32) -> (u32, u32) {
+    let per_group = group_m * tiles_n;
+    let group = tile / per_group;
+    let first_m = group * group_m;
+    let rows_in_group = (tiles_m - first_m).min(group_m);
+    let within = tile % per_group;
+    (first_m + within % rows_in_group, within / rows_in_group)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_accepts_the_contract() {
+        let s = validate_shapes(&[7, 256], &[2, 8], &[64, 256], &[1, 2], &[7, 64]).unwrap();
+        assert_eq!(s, GemmShape { m: 7, n: 64, k: 256 });
+        // m = 0 and a ragged k (k % 128 != 0, k % 16 == 0).
+        let s = validate_shapes(&[0, 144], &[2, 0], &[136, 144], &[2, 2], &[0, 136]).unwrap();
+        assert_eq!((s.m, s.k_blocks(), s.n_blocks()), (0, 2, 2));
+    }
+
+    #[test]
+    fn validate_rejects_bad_inputs() {
+        let ok = |a: &[usize], sa: &[usize], b: &[usize], sb: &[usize], o: &[usize]| validate_shapes(a, sa, b, sb, o);
+        assert!(matches!(ok(&[4, 136], &[2, 4], &[8, 136], &[1, 2], &[4, 8]), Err(Error::Alignment { arg: "k", .. })));
+        assert!(matches!(ok(&[4, 120], &[1, 4], &[12, 120], &[1, 1], &[4, 12]), Err(Error::Alignment { arg: "k", .. })));
+        assert!(matches!(ok(&[4, 128], &[1, 4], &[12, 128], &[1, 1], &[4, 12]), Err(Error::Alignment { arg: "n", .. })));
+        // k mismatch between a and b.
+        assert!(matches!(ok(&[4, 128], &[1, 4], &[8, 256], &[1, 2], &[4, 8]), Err(Error::Shape { arg: "b", .. })));
+        // sa row-major instead of MN-major, or unpadded.
+        assert!(matches!(ok(&[5, 256], &[5, 2], &[8, 256], &[1, 2], &[5, 8]), Err(Error::Shape { arg: "sa", .. })));
+        assert!(matches!(ok(&[5, 256], &[2, 5], &[8, 256], &[1, 2], &[5, 8]), Err(Error::Shape { arg: "sa", .. })));
+        assert!(matches!(ok(&[4, 256], &[2, 4], &[136, 256], &[1, 2], &[4, 136]), Err(Error::Shape { arg: "sb", .. })));
+        assert!(matches!(ok(&[4, 256], &[2, 4], &[8, 256], &[1, 2], &[8, 4]), Err(Error::Shape { arg: "out", .. })));
+        assert!(matches!(ok(&[4, 256, 1], &[2, 4], &[8, 256], &[1, 2], &[4, 8]), Err(Error::Shape { arg: "a", .. })));
+        let big = 1usize << 31;
+        assert!(matches!(ok(&[big, 16], &[1, big], &[8, 16], &[1, 1], &[big, 8]), Err(Error::Shape { arg: "m", .. })));
+    }
+
+    #[test]
+    fn b_scale_span_matches_brute_force() {
+        for bn in (8..=256).step_by(8) {
+            let brute = (0..256u32).all(|t| {
+                let n0 = t * bn;
+                (n0 + bn - 1) / BLOCK_K - n0 / BLOCK_K <= 1
+            });
+            assert_eq!(b_scale_span_ok(bn), brute, "block_n {bn}");
+        }
+        for bn in SM90_BLOCK_N {
+            assert!(b_scale_span_ok(bn));
+        }
+        assert!(b_scale_span_ok(136) && b_scale_span_ok(144) && b_scale_span_ok(192) && !b_scale_span_ok(168));
+    }
+
+    #[test]
+    fn b_scale_slot_cases() {
+        assert_eq!(b_scale_slot(0, 127), 0);
+        assert_eq!(b_scale_slot(0, 128), 1);
+        assert_eq!(b_scale_slot(112, 15), 0);
+        assert_eq!(b_scale_slot(112, 16), 1);
+        assert_eq!(b_scale_slot(160 * 3, 159), 1); // 480..640: blocks 3, 4
+        assert_eq!(b_scale_slot(160 * 3, 0), 0);
+    }
+
+    #[test]
+    fn scheduler_is_a_bijection_and_grouped() {
+        for &(tm, tn, g) in &[(1u32, 1u32, 8u32), (3, 5, 8), (32, 56, 8), (17, 9, 4), (9, 3, 1), (5, 7, 16)] {
+            let mut seen = vec![false; (tm * tn) as usize];
+            for t in 0..tm * tn {
+                let (m, n) = tile_coords(t, tm, tn, g);
+                assert!(m < tm && n < tn, "{t} -> ({m}, {n}) outside {tm}×{tn}");
+                let i = (m * tn + n) as usize;
+                assert!(!seen[i], "tile ({m}, {n}) visited twice");
+                seen[i] = true;
+            }
+            // Within a full group, consecutive ids step down rows first.
+            if tm >= g && g > 1 && tn > 1 {
+                assert_eq!(tile_coords(0, tm, tn, g), (0, 0));
+                assert_eq!(tile_coords(1, tm, tn, g), (1, 0));
+                assert_eq!(tile_coords(g, tm, tn, g), (0, 1));
+            }
+        }
+        // Last partial group: 17 rows, group 4 -> rows 16.. form a group of one.
+        assert_eq!(tile_coords(16 * 9, 17, 9, 4), (16, 0));
+        assert_eq!(tile_coords(16 * 9 + 1, 17, 9, 4), (16, 1));
+    }
+
+    #[test]
+    fn stages_fit_the_shared_memory() {
+        for bm in SM90_BLOCK_M {
+            for bn in SM90_BLOCK_N {
+                let s = pick_stages(bm, bn, SM90_SMEM_LIMIT).unwrap();
+                assert!((2..=SM90_MAX_STAGES).contains(&s));
+                assert!(smem_bytes(bm, bn, s) <= SM90_SMEM_LIMIT);
+                assert!(s == SM90_MAX_STAGES || smem_bytes(bm, bn, s + 1) > SM90_SMEM_LIMIT);
+                // Tiles stay 1024-aligned inside the ring.
+                assert_eq!(bm * BLOCK_K % 1024, 0);
+                assert_eq!(bn * BLOCK_K % 1024, 0);
+            }
+        }
+        assert_eq!(pick_stages(128, 160, 64 * 1024), None);
+        assert_eq!(stage_bytes(128, 128), 16384 + 16384 + 512);
+    }
+
+    #[test]
+    fn config_choice() {
+        let cfg = |m, n, k| choose_sm90_config(&GemmShape { m, n, k }, 132, SM90_SMEM_LIMIT).unwrap();
+        for &(m, n, k) in
+            &[(1, 2112, 7168), (64, 24576, 1536), (128, 7168, 2048), (4096, 7168, 16384), (4096, 4096, 4096), (0, 8, 16)]
+        {
+            let c = cfg(m, n, k);
+            assert!(SM90_BLOCK_N.contains(&c.block_n) && SM90_BLOCK_M.contains(&c.block_m));
+            assert!(c.kernel_name().is_ok());
+            assert!(c.grid >= 1 && c.grid <= 132);
+            assert_eq!(c.threads, 128 * (c.block_m / 64 + 1));
+            assert!(c.smem_bytes <= SM90_SMEM_LIMIT);
+            let shape = GemmShape { m, n, k };
+            assert!(u64::from(c.grid) <= num_tiles(&shape, c.block_m, c.block_n).max(1));
+        }
+        assert_eq!(cfg(1, 7168, 2048).block_m, 64);
+        assert_eq!(cfg(65, 7168, 2048).block_m, 128);
+        // 4096×7168: 32 tile rows; block 160 gives 45 columns → 1440 tiles = 11 waves, better than 128 (14 waves).
+        assert_eq!(cfg(4096, 7168, 7168).block_n, 160);
+        // The choice is never worse than plain 128 under the cost model.
+        for &(m, n) in &[(4096usize, 2112usize), (4096, 24576), (4096, 32768), (4096, 4096), (4096, 14336), (128, 7168)] {
+            let c = cfg(m, n, 1024);
+            let shape = GemmShape { m, n, k: 1024 };
+            let cost = |bn: u32| num_tiles(&shape, c.block_m, bn).div_ceil(132) * u64::from(bn + 16);
+            assert!(cost(c.block_n) <= cost(128), "{m}×{n}: {} vs 128", c.block_n);
+        }
+        assert!(choose_sm90_config(&GemmShape { m: 4096, n: 4096, k: 4096 }, 132, 40 * 1024).is_err());
+    }
+}
