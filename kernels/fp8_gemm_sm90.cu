@@ -1,0 +1,282 @@
+// FP8 block-scaled GEMM for Hopper (sm_90a only): D[m,n] = sum_k A[m,k] B[n,k] sa[m,k/128] sb[n/128,k/128], A and
+// B E4M3 K-major ("NT"), sa MN-major [ceil(k/128), m_pad] (fp32), sb row-major [ceil(n/128), ceil(k/128)] (fp32).
+// bf16 output, or fp32 D = C + A.B in place when `accumulate` is set.
+//
+// Numbers: flops = 2mnk; minimum bytes = mk + nk + 4(m_pad + ceil(n/128)) ceil(k/128) + 2mn (8mn accumulating).
+// At m = 4096, n = 7168, k = 16384 that is 962 TFLOP against 0.2 GB: compute-bound; at m <= 128 the nk bytes of B
+// dominate and the kernel is bound by streaming B.
+//
+// Tiling: BLOCK_M x BLOCK_N output tiles with BLOCK_K = 128 (one scale group, one promotion step). BLOCK_M = 64
+// (one math warpgroup, small m) or 128 (two math warpgroups, 64 rows each); BLOCK_N in {64, 112, 128, 160} chosen
+// on the host (src/gemm/plan.rs) to fill the 132 SMs' waves, non-powers of two included.
+//
+// Pipeline: persistent CTAs (grid = min(tiles, SMs)) walk tiles in the grouped order of r1k::gemm::tile_coords.
+// Warp specialization: the last warpgroup is the producer (setmaxnreg.dec to 40); one of its threads issues, per K
+// block, three TMA loads (A tile [BLOCK_M x 128 B] and B tile [BLOCK_N x 128 B], both 128-byte swizzled, plus the
+// BLOCK_M activation scales of that K block) into stage s of a `stages`-deep shared-memory ring, completing on
+// full[s] (expect_tx). The math warpgroups (setmaxnreg.inc) wait on full[s], issue four wgmma m64nBLOCK_Nk32 from
+// shared-memory descriptors (the K step advances the descriptor's start address by 32 B inside the swizzle atom),
+// wait for them, release the stage (one arrive per warp on empty[s]) and promote: fin += acc * sa * sb on the CUDA
+// cores (acc restarts every K block, so the tensor cores' ~14-bit accumulation never spans more than 128 of K).
+// sb comes straight from global/L2 (two values per K block: a tile touches at most two 128-row scale blocks, which
+// the host checks for each BLOCK_N). Epilogue: registers -> global (bf16x2 or float2), guarded by m and n; the
+// producer keeps prefetching the next tile meanwhile.
+//
+// Not done: 2-CTA clusters with TMA multicast, a shared-memory + TMA-store epilogue, overlapping the promotion of
+// block i with the wgmma of block i+1 (the math warpgroup waits for its wgmmas before promoting).
+//
+// r1k-sass: fp8_gemm_sm90_m64n64 QGMMA
+// r1k-sass: fp8_gemm_sm90_m64n112 QGMMA
+// r1k-sass: fp8_gemm_sm90_m64n128 QGMMA
+// r1k-sass: fp8_gemm_sm90_m64n160 QGMMA
+// r1k-sass: fp8_gemm_sm90_m128n64 QGMMA
+// r1k-sass: fp8_gemm_sm90_m128n112 QGMMA
+// r1k-sass: fp8_gemm_sm90_m128n128 QGMMA
+// r1k-sass: fp8_gemm_sm90_m128n160 QGMMA
+// r1k-sass: gemm_probe_wgmma_n128 QGMMA
+#include <cuda_bf16.h>
+
+#include "common/gemm_sm90.cuh"
+
+namespace {
+
+using namespace r1k::gemm;
+
+template <int BM, int BN>
+__device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtensorMap* tm_b, const CUtensorMap* tm_sa,
+                                          const float* __restrict__ sb, void* out, int m, int n, int k, int stages,
+                                          int group_m, int accumulate) {
+    constexpr int kMathWG = BM / 64;
+    constexpr uint32_t kATile = BM * kBlockK;
+    constexpr uint32_t kBTile = BN * kBlockK;
+    constexpr uint32_t kStageTx = kATile + kBTile + BM * 4;
+
+    extern __shared__ uint8_t smem_raw[];
+    const uint32_t raw = smem_u32(smem_raw);
+    uint8_t* base = smem_raw + (((raw + 1023u) & ~1023u) - raw);
+    uint8_t* a_ring = base;
+    uint8_t* b_ring = base + stages * kATile;
+    float* sa_ring = reinterpret_cast<float*>(base + stages * (kATile + kBTile));
+    uint64_t* full = reinterpret_cast<uint64_t*>(base + stages * kStageTx);
+    uint64_t* empty = full + stages;
+
+    const uint32_t tiles_m = (m + BM - 1) / BM;
+    const uint32_t tiles_n = (n + BN - 1) / BN;
+    const uint32_t num_tiles = tiles_m * tiles_n;
+    const int k_blocks = (k + kBlockK - 1) / kBlockK;
+    const int n_blocks = (n + kBlockK - 1) / kBlockK;
+    const int wg = threadIdx.x / 128;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], kMathWG * 4);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == kMathWG) {
+        setmaxnreg_dec<40>();
+        if (threadIdx.x % 128 == 0) {
+            tma_prefetch_desc(tm_a);
+            tma_prefetch_desc(tm_b);
+            tma_prefetch_desc(tm_sa);
+            uint32_t it = 0;
+            for (uint32_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+                uint32_t tm, tn;
+                tile_coords(tile, tiles_m, tiles_n, group_m, tm, tn);
+                for (int kb = 0; kb < k_blocks; ++kb, ++it) {
+                    const uint32_t s = it % stages;
+                    const uint32_t phase = (it / stages) & 1u;
+                    mbar_wait(&empty[s], phase ^ 1u);
+                    mbar_arrive_expect_tx(&full[s], kStageTx);
+                    tma_load_2d(a_ring + s * kATile, tm_a, &full[s], kb * kBlockK, tm * BM);
+                    tma_load_2d(b_ring + s * kBTile, tm_b, &full[s], kb * kBlockK, tn * BN);
+                    tma_load_2d(sa_ring + s * BM, tm_sa, &full[s], tm * BM, kb);
+                }
+            }
+        }
+        return;
+    }
+
+    setmaxnreg_inc<kMathWG == 2 ? 232 : 240>();
+    const int t = threadIdx.x % 128;
+    const int warp = t / 32, lane = t % 32;
+    const int row_in_tile = wg * 64 + warp * 16 + lane / 4;
+    float acc[BN / 2];
+    float fin[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+    uint32_t it = 0;
+    for (uint32_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        uint32_t tm, tn;
+        tile_coords(tile, tiles_m, tiles_n, group_m, tm, tn);
+        const uint32_t n0 = tn * BN;
+        const int nb0 = n0 / kBlockK;
+        const int nb1 = min(nb0 + 1, n_blocks - 1);
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) fin[i] = 0.0f;
+        for (int kb = 0; kb < k_blocks; ++kb, ++it) {
+            const uint32_t s = it % stages;
+            const uint32_t phase = (it / stages) & 1u;
+            const float sb0 = __ldg(sb + static_cast<int64_t>(nb0) * k_blocks + kb);
+            const float sb1 = __ldg(sb + static_cast<int64_t>(nb1) * k_blocks + kb);
+            mbar_wait(&full[s], phase);
+            const float sa0 = sa_ring[s * BM + row_in_tile];
+            const float sa1 = sa_ring[s * BM + row_in_tile + 8];
+            const uint32_t a_addr = smem_u32(a_ring + s * kATile) + wg * 64 * kBlockK;
+            const uint32_t b_addr = smem_u32(b_ring + s * kBTile);
+            fence_regs(acc);
+            wgmma_fence();
+#pragma unroll
+            for (int j = 0; j < kBlockK / 32; ++j) {
+                Wgmma<BN>::mma(acc, kmajor_sw128_desc(a_addr, 32 * j), kmajor_sw128_desc(b_addr, 32 * j), j);
+            }
+            wgmma_commit();
+            wgmma_wait_all();
+            fence_regs(acc);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(&empty[s]);
+            promote<BN>(fin, acc, sa0, sa1, sb0, sb1, n0);
+        }
+
+        const int r0 = tm * BM + row_in_tile;
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+            const int col = n0 + 8 * i + 2 * (lane % 4);
+            if (col >= n) continue;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = r0 + 8 * h;
+                if (r >= m) continue;
+                const int64_t o = static_cast<int64_t>(r) * n + col;
+                if (accumulate) {
+                    float2* p = reinterpret_cast<float2*>(static_cast<float*>(out) + o);
+                    float2 c = *p;
+                    c.x += fin[4 * i + 2 * h];
+                    c.y += fin[4 * i + 2 * h + 1];
+                    *p = c;
+                } else {
+                    *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + o) =
+                        __floats2bfloat162_rn(fin[4 * i + 2 * h], fin[4 * i + 2 * h + 1]);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+#define R1K_GEMM_ENTRY(BM, BN)                                                                                     \
+    extern "C" __global__ void __launch_bounds__((BM / 64 + 1) * 128, 1) fp8_gemm_sm90_m##BM##n##BN(             \
+        const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,                        \
+        const __grid_constant__ CUtensorMap tm_sa, const float* __restrict__ sb, void* out, int m, int n, int k,   \
+        int stages, int group_m, int accumulate) {                                                                 \
+        gemm_body<BM, BN>(&tm_a, &tm_b, &tm_sa, sb, out, m, n, k, stages, group_m, accumulate);                    \
+    }
+
+R1K_GEMM_ENTRY(64, 64)
+R1K_GEMM_ENTRY(64, 112)
+R1K_GEMM_ENTRY(64, 128)
+R1K_GEMM_ENTRY(64, 160)
+R1K_GEMM_ENTRY(128, 64)
+R1K_GEMM_ENTRY(128, 112)
+R1K_GEMM_ENTRY(128, 128)
+R1K_GEMM_ENTRY(128, 160)
+
+// ---- primitive probes (GPU tests name the broken primitive) ---------------------------------------------------
+
+// One TMA box load into 1024-aligned shared memory, copied back out byte for byte (swizzle included), so the host
+// can compare against sm90::swizzle_128b applied to the source. 128 threads; dynamic smem = box_bytes + 1024 + 64.
+extern "C" __global__ void __launch_bounds__(128) gemm_probe_tma(const __grid_constant__ CUtensorMap map,
+                                                                  uint8_t* out, int x0, int y0, int box_bytes) {
+    extern __shared__ uint8_t smem_raw[];
+    const uint32_t raw = smem_u32(smem_raw);
+    uint8_t* buf = smem_raw + (((raw + 1023u) & ~1023u) - raw);
+    uint64_t* bar = reinterpret_cast<uint64_t*>(buf + ((box_bytes + 15) & ~15));
+    if (threadIdx.x == 0) {
+        mbar_init(bar, 1);
+        mbar_init_fence();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        mbar_arrive_expect_tx(bar, box_bytes);
+        tma_load_2d(buf, &map, bar, x0, y0);
+    }
+    mbar_wait(bar, 0);
+    for (int i = threadIdx.x; i < box_bytes; i += blockDim.x) out[i] = buf[i];
+}
+
+// One m64n128 K=128 block: A [64, 128] and B [128, 128] E4M3 row-major in global are written into shared memory with
+// the device swizzle_128b, then four wgmma k32 steps through kmajor_sw128_desc; D [64, 128] fp32 is written back
+// through the documented fragment layout. Checks wgmma + descriptors + swizzle + fragment layout together (the TMA
+// probe checks the swizzle alone). 128 threads; dynamic smem = 64*128 + 128*128 + 1024.
+extern "C" __global__ void __launch_bounds__(128) gemm_probe_wgmma_n128(const uint8_t* __restrict__ a,
+                                                                         const uint8_t* __restrict__ b, float* out) {
+    extern __shared__ uint8_t smem_raw[];
+    const uint32_t raw = smem_u32(smem_raw);
+    uint8_t* sa = smem_raw + (((raw + 1023u) & ~1023u) - raw);
+    uint8_t* sbm = sa + 64 * kBlockK;
+    for (int i = threadIdx.x; i < 64 * kBlockK; i += 128) sa[swizzle_128b(i)] = a[i];
+    for (int i = threadIdx.x; i < 128 * kBlockK; i += 128) sbm[swizzle_128b(i)] = b[i];
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    fence_regs(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        Wgmma<128>::mma(acc, kmajor_sw128_desc(smem_u32(sa), 32 * j), kmajor_sw128_desc(smem_u32(sbm), 32 * j), j);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_regs(acc);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = warp * 16 + lane / 4 + 8 * (e / 2);
+            const int col = 8 * i + 2 * (lane % 4) + (e % 2);
+            out[row * 128 + col] = acc[4 * i + e];
+        }
+    }
+}
+
+// The promotion step on a [64, 160] tile starting at column n0: acc and fin_in are row-major [64, 160] and go
+// through the fragment layout; fin = promote(promote(fin_in, acc)), i.e. two K blocks with the same scales. sa [64],
+// sb2 = {scale of the tile's first B block, of the second}. 128 threads.
+extern "C" __global__ void __launch_bounds__(128) gemm_probe_promote_n160(const float* __restrict__ acc_in,
+                                                                           const float* __restrict__ fin_in,
+                                                                           const float* __restrict__ sa,
+                                                                           const float* __restrict__ sb2, float* out,
+                                                                           int n0) {
+    constexpr int BN = 160;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float acc[BN / 2], fin[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = warp * 16 + lane / 4 + 8 * (e / 2);
+            const int col = 8 * i + 2 * (lane % 4) + (e % 2);
+            acc[4 * i + e] = acc_in[row * BN + col];
+            fin[4 * i + e] = fin_in[row * BN + col];
+        }
+    }
+    const int r = warp * 16 + lane / 4;
+    promote<BN>(fin, acc, sa[r], sa[r + 8], sb2[0], sb2[1], n0);
+    promote<BN>(fin, acc, sa[r], sa[r + 8], sb2[0], sb2[1], n0);
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = warp * 16 + lane / 4 + 8 * (e / 2);
+            const int col = 8 * i + 2 * (lane % 4) + (e % 2);
+            out[row * BN + col] = fin[4 * i + e];
+        }
+    }
+}
