@@ -1,0 +1,436 @@
+//! FP8 block-scaled GEMM: CPU checks of the host-side logic, and GPU tests (skipped without a GPU) of both kernels
+//! against the CPU reference over the sweep, the primitive probes of the sm_90a kernel, determinism,
+//! accumulate mode and bad-input rejection.
+//!
+//! Metrics per checked row set: DeepGEMM's `calc_diff` against the reference computed from the *unquantized*
+//! inputs (< 1e-3), and the error against the reference computed from the quantized inputs within bf16 rounding
+//! (|d − ref| ≤ 2^-8·|ref| + 1e-3·rms(ref)). Large shapes check a random subset of rows (plus the first and last).
+
+use r1_kernels::gemm::sm90::{probes, swizzle_128b, Tma2d, TmaDtype};
+use r1_kernels::gemm::{self, GemmKernel, GemmOptions};
+use r1_kernels::reference::gemm::{calc_diff, fp8_gemm as ref_gemm, fp8_gemm_rows};
+use r1_kernels::reference::quant::{
+    quantize_per_block_with, quantize_per_token_group_with, scales_from_mn_major, scales_to_mn_major, ScaleFormat,
+};
+use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const DEEPSEEK_NK: [(usize, usize); 6] =
+    [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)];
+const LLAMA_NK: [(usize, usize); 2] = [(4096, 4096), (14336, 4096)];
+const SWEEP_M: [usize; 8] = [0, 1, 7, 64, 128, 129, 1000, 4096];
+const RAGGED: [(usize, usize, usize); 6] =
+    [(1, 8, 16), (7, 136, 144), (129, 264, 272), (65, 2056, 1040), (200, 120, 400), (33, 1000, 2064)];
+
+/// Weights and their quantization, shared by every m of a shape.
+struct Weights {
+    n: usize,
+    k: usize,
+    w: Vec<f32>,
+    b: Vec<E4M3>,
+    sb: Vec<f32>,
+}
+
+struct Acts {
+    m: usize,
+    x: Vec<f32>,
+    a: Vec<E4M3>,
+    sa_rows: Vec<f32>,
+    sa_mn: Vec<f32>,
+}
+
+fn weights(n: usize, k: usize, seed: u64, format: ScaleFormat) -> Weights {
+    let mut rng = StdRng::seed_from_u64(seed);
+    // Per-row magnitudes vary so the 128×128 block scales differ.
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| (rng.random::<f32>() - 0.5) * (1.0 + ((i / k) % 7) as f32) * 0.05)
+        .collect();
+    let (b, sb) = quantize_per_block_with(&w, n, k, 128, format).unwrap();
+    Weights { n, k, w, b, sb }
+}
+
+fn acts(m: usize, k: usize, seed: u64, format: ScaleFormat) -> Acts {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x: Vec<f32> = (0..m * k).map(|i| (rng.random::<f32>() - 0.5) * (1.0 + (i % 13) as f32)).collect();
+    let (a, sa_rows) = quantize_per_token_group_with(&x, m, k, 128, format).unwrap();
+    let sa_mn = scales_to_mn_major(&sa_rows, m, k.div_ceil(128)).unwrap();
+    Acts { m, x, a, sa_rows, sa_mn }
+}
+
+fn rows_to_check(m: usize, seed: u64) -> Vec<usize> {
+    if m <= 64 {
+        return (0..m).collect();
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rows: Vec<usize> = (0..6).map(|_| rng.random_range(0..m)).collect();
+    rows.extend([0, m - 1]);
+    rows.sort();
+    rows.dedup();
+    rows
+}
+
+/// Unquantized f64 reference rows.
+fn exact_rows(x: &[f32], w: &[f32], n: usize, k: usize, rows: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * n);
+    for &i in rows {
+        let xr = &x[i * k..(i + 1) * k];
+        for j in 0..n {
+            let wr = &w[j * k..(j + 1) * k];
+            out.push(xr.iter().zip(wr).map(|(&p, &q)| f64::from(p) * f64::from(q)).sum::<f64>() as f32);
+        }
+    }
+    out
+}
+
+fn check_rows(what: &str, got_rows: &[f32], quant_ref: &[f32], exact: &[f32]) {
+    let rms = (quant_ref.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / quant_ref.len().max(1) as f64).sqrt();
+    let atol = 1e-3 * rms as f32;
+    for (i, (&g, &r)) in got_rows.iter().zip(quant_ref).enumerate() {
+        assert!(g.is_finite(), "{what}: element {i} is {g} (poison left or overflow)");
+        let tol = r.abs() * 2f32.powi(-8) + atol;
+        assert!((g - r).abs() <= tol, "{what}: element {i}: got {g}, reference {r} (tolerance {tol})");
+    }
+    let diff = calc_diff(got_rows, exact);
+    assert!(diff < 1e-3, "{what}: calc_diff vs unquantized reference {diff}");
+}
+
+fn gather_rows(d: &[f32], n: usize, rows: &[usize]) -> Vec<f32> {
+    rows.iter().flat_map(|&r| d[r * n..(r + 1) * n].iter().copied()).collect()
+}
+
+struct Dev {
+    b: DeviceTensor<E4M3>,
+    sb: DeviceTensor<f32>,
+}
+
+fn upload_weights(gpu: &Gpu, w: &Weights) -> Dev {
+    Dev {
+        b: DeviceTensor::from_host(gpu, &w.b, &[w.n, w.k]).unwrap(),
+        sb: DeviceTensor::from_host(gpu, &w.sb, &[w.n.div_ceil(128), w.k.div_ceil(128)]).unwrap(),
+    }
+}
+
+/// Runs `kernel` on (acts, weights) into a NaN-poisoned bf16 output and returns it as f32.
+fn run_bf16(gpu: &Gpu, kernel: GemmKernel, x: &Acts, w: &Weights, dw: &Dev) -> Vec<f32> {
+    let (m, n, k) = (x.m, w.n, w.k);
+    let a = DeviceTensor::from_host(gpu, &x.a, &[m, k]).unwrap();
+    let sa = DeviceTensor::from_host(gpu, &x.sa_mn, &[k.div_ceil(128), m.div_ceil(4) * 4]).unwrap();
+    let mut out = DeviceTensor::from_host(gpu, &vec![bf16::from_bits(0xffff); m * n], &[m, n]).unwrap();
+    let opts = GemmOptions { kernel, ..Default::default() };
+    gemm::fp8_gemm(gpu, &a, &sa, &dw.b, &dw.sb, &mut out, &opts).unwrap();
+    out.to_host(gpu).unwrap().iter().map(|v| v.to_f32()).collect()
+}
+
+fn kernels_for(gpu: &Gpu) -> Vec<GemmKernel> {
+    if gpu.info().is_hopper() {
+        vec![GemmKernel::Plain, GemmKernel::Sm90]
+    } else {
+        vec![GemmKernel::Plain]
+    }
+}
+
+fn sweep_shape(test: &str, n: usize, k: usize, seed: u64) {
+    let Some(gpu) = r1_kernels::device::test_gpu(test) else { return };
+    let w = weights(n, k, seed, ScaleFormat::F32);
+    let dw = upload_weights(&gpu, &w);
+    for (mi, &m) in SWEEP_M.iter().enumerate() {
+        let x = acts(m, k, seed * 31 + mi as u64, ScaleFormat::F32);
+        let rows = rows_to_check(m, seed + m as u64);
+        let quant_ref = fp8_gemm_rows(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k, &rows).unwrap();
+        let exact = exact_rows(&x.x, &w.w, n, k, &rows);
+        for kernel in kernels_for(&gpu) {
+            let d = run_bf16(&gpu, kernel, &x, &w, &dw);
+            assert_eq!(d.len(), m * n);
+            let what = format!("{kernel:?} m={m} n={n} k={k}");
+            check_rows(&what, &gather_rows(&d, n, &rows), &quant_ref, &exact);
+            // Unchecked rows must at least be written (no poison left).
+            assert!(d.iter().all(|v| v.is_finite()), "{what}: poison left in unchecked rows");
+        }
+    }
+}
+
+#[test]
+fn gpu_sweep_2112x7168() {
+    sweep_shape("gpu_sweep_2112x7168", DEEPSEEK_NK[0].0, DEEPSEEK_NK[0].1, 1);
+}
+#[test]
+fn gpu_sweep_24576x1536() {
+    sweep_shape("gpu_sweep_24576x1536", DEEPSEEK_NK[1].0, DEEPSEEK_NK[1].1, 2);
+}
+#[test]
+fn gpu_sweep_32768x512() {
+    sweep_shape("gpu_sweep_32768x512", DEEPSEEK_NK[2].0, DEEPSEEK_NK[2].1, 3);
+}
+#[test]
+fn gpu_sweep_7168x16384() {
+    sweep_shape("gpu_sweep_7168x16384", DEEPSEEK_NK[3].0, DEEPSEEK_NK[3].1, 4);
+}
+#[test]
+fn gpu_sweep_4096x7168() {
+    sweep_shape("gpu_sweep_4096x7168", DEEPSEEK_NK[4].0, DEEPSEEK_NK[4].1, 5);
+}
+#[test]
+fn gpu_sweep_7168x2048() {
+    sweep_shape("gpu_sweep_7168x2048", DEEPSEEK_NK[5].0, DEEPSEEK_NK[5].1, 6);
+}
+#[test]
+fn gpu_sweep_llama_4096x4096() {
+    sweep_shape("gpu_sweep_llama_4096x4096", LLAMA_NK[0].0, LLAMA_NK[0].1, 7);
+}
+#[test]
+fn gpu_sweep_llama_14336x4096() {
+    sweep_shape("gpu_sweep_llama_14336x4096", LLAMA_NK[1].0, LLAMA_NK[1].1, 8);
+}
+
+#[test]
+fn gpu_ragged_tails_full_check() {
+    let Some(gpu) = r1_kernels::device::test_gpu("gpu_ragged_tails_full_check") else { return };
+    for (i, &(m, n, k)) in RAGGED.iter().enumerate() {
+        let w = weights(n, k, 100 + i as u64, ScaleFormat::F32);
+        let x = acts(m, k, 200 + i as u64, ScaleFormat::F32);
+        let dw = upload_weights(&gpu, &w);
+        let rows: Vec<usize> = (0..m).collect();
+        let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
+        let exact = exact_rows(&x.x, &w.w, n, k, &rows);
+        for kernel in kernels_for(&gpu) {
+            let d = run_bf16(&gpu, kernel, &x, &w, &dw);
+            check_rows(&format!("{kernel:?} ragged m={m} n={n} k={k}"), &d, &quant_ref, &exact);
+        }
+    }
+}
+
+#[test]
+fn gpu_ue8m0_scales() {
+    let Some(gpu) = r1_kernels::device::test_gpu("gpu_ue8m0_scales") else { return };
+    let (m, n, k) = (129, 1024, 1536);
+    let w = weights(n, k, 9, ScaleFormat::Ue8m0);
+    let x = acts(m, k, 10, ScaleFormat::Ue8m0);
+    assert!(w.sb.iter().chain(&x.sa_rows).all(|s| s.to_bits() & 0x007f_ffff == 0));
+    let dw = upload_weights(&gpu, &w);
+    let rows: Vec<usize> = (0..m).collect();
+    let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
+    let exact = exact_rows(&x.x, &w.w, n, k, &rows);
+    for kernel in kernels_for(&gpu) {
+        let d = run_bf16(&gpu, kernel, &x, &w, &dw);
+        check_rows(&format!("{kernel:?} ue8m0"), &d, &quant_ref, &exact);
+    }
+}
+
+#[test]
+fn gpu_accumulate_into_fp32() {
+    let Some(gpu) = r1_kernels::device::test_gpu("gpu_accumulate_into_fp32") else { return };
+    let (m, n, k) = (130, 520, 784);
+    let w = weights(n, k, 11, ScaleFormat::F32);
+    let x = acts(m, k, 12, ScaleFormat::F32);
+    let dw = upload_weights(&gpu, &w);
+    let mut rng = StdRng::seed_from_u64(13);
+    let c: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect();
+    let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
+    let a = DeviceTensor::from_host(&gpu, &x.a, &[m, k]).unwrap();
+    let sa = DeviceTensor::from_host(&gpu, &x.sa_mn, &[k.div_ceil(128), m.div_ceil(4) * 4]).unwrap();
+    for kernel in kernels_for(&gpu) {
+        let mut d = DeviceTensor::from_host(&gpu, &c, &[m, n]).unwrap();
+        let opts = GemmOptions { kernel, ..Default::default() };
+        gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d, &opts).unwrap();
+        let got = d.to_host(&gpu).unwrap();
+        for i in 0..m * n {
+            let want = c[i] + quant_ref[i];
+            let tol = 1e-4 * (1.0 + quant_ref[i].abs()) + 1e-3;
+            assert!((got[i] - want).abs() <= tol, "{kernel:?} accumulate element {i}: {} vs {want}", got[i]);
+        }
+    }
+}
+
+#[test]
+fn gpu_repeat_runs_are_bitwise_identical() {
+    let Some(gpu) = r1_kernels::device::test_gpu("gpu_repeat_runs_are_bitwise_identical") else { return };
+    let (m, n, k) = (1000, 2112, 7168);
+    let w = weights(n, k, 14, ScaleFormat::F32);
+    let x = acts(m, k, 15, ScaleFormat::F32);
+    let dw = upload_weights(&gpu, &w);
+    for kernel in kernels_for(&gpu) {
+        let first: Vec<u32> = run_bf16(&gpu, kernel, &x, &w, &dw).iter().map(|v| v.to_bits()).collect();
+        for _ in 0..3 {
+            let again: Vec<u32> = run_bf16(&gpu, kernel, &x, &w, &dw).iter().map(|v| v.to_bits()).collect();
+            assert!(first == again, "{kernel:?}: repeated runs differ");
+        }
+    }
+}
+
+#[test]
+fn gpu_k_zero_and_m_zero() {
+    let Some(gpu) = r1_kernels::device::test_gpu("gpu_k_zero_and_m_zero") else { return };
+    for kernel in kernels_for(&gpu) {
+        let opts = GemmOptions { kernel, ..Default::default() };
+        // k = 0: D = 0 (bf16), C unchanged (accumulate).
+        let a = DeviceTensor::<E4M3>::zeros(&gpu, &[3, 0]).unwrap();
+        let sa = DeviceTensor::<f32>::zeros(&gpu, &[0, 4]).unwrap();
+        let b = DeviceTensor::<E4M3>::zeros(&gpu, &[8, 0]).unwrap();
+        let sb = DeviceTensor::<f32>::zeros(&gpu, &[1, 0]).unwrap();
+        let mut out = DeviceTensor::from_host(&gpu, &[bf16::from_bits(0xffff); 24], &[3, 8]).unwrap();
+        gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &opts).unwrap();
+        assert!(out.to_host(&gpu).unwrap().iter().all(|v| v.to_f32() == 0.0));
+        let mut c = DeviceTensor::from_host(&gpu, &[1.5f32; 24], &[3, 8]).unwrap();
+        gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &b, &sb, &mut c, &opts).unwrap();
+        assert!(c.to_host(&gpu).unwrap().iter().all(|&v| v == 1.5));
+        // m = 0: Ok, nothing written.
+        let a = DeviceTensor::<E4M3>::zeros(&gpu, &[0, 256]).unwrap();
+        let sa = DeviceTensor::<f32>::zeros(&gpu, &[2, 0]).unwrap();
+        let b = DeviceTensor::<E4M3>::zeros(&gpu, &[128, 256]).unwrap();
+        let sb = DeviceTensor::<f32>::zeros(&gpu, &[1, 2]).unwrap();
+        let mut out = DeviceTensor::<bf16>::zeros(&gpu, &[0, 128]).unwrap();
+        gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &opts).unwrap();
+    }
+}
+
+#[test]
+fn gpu_bad_inputs_are_rejected() {
+    let Some(gpu) = r1_kernels::device::test_gpu("gpu_bad_inputs_are_rejected") else { return };
+    let opts = GemmOptions::default();
+    let t8 = |shape: &[usize]| DeviceTensor::<E4M3>::zeros(&gpu, shape).unwrap();
+    let tf = |shape: &[usize]| DeviceTensor::<f32>::zeros(&gpu, shape).unwrap();
+    let poison = vec![bf16::from_bits(0xffff); 4 * 128];
+    let mut out = DeviceTensor::from_host(&gpu, &poison, &[4, 128]).unwrap();
+    let (a, sa, b, sb) = (t8(&[4, 256]), tf(&[2, 4]), t8(&[128, 256]), tf(&[1, 2]));
+    // Wrong scale layouts / shapes.
+    let e = gemm::fp8_gemm(&gpu, &a, &tf(&[4, 2]), &b, &sb, &mut out, &opts).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "sa", .. }), "{e}");
+    let e = gemm::fp8_gemm(&gpu, &a, &sa, &b, &tf(&[2, 1]), &mut out, &opts).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "sb", .. }), "{e}");
+    let e = gemm::fp8_gemm(&gpu, &a, &sa, &t8(&[128, 384]), &tf(&[1, 3]), &mut out, &opts).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "b", .. }), "{e}");
+    let mut wrong_out = DeviceTensor::<bf16>::zeros(&gpu, &[4, 120]).unwrap();
+    assert!(gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut wrong_out, &opts).is_err());
+    // Misaligned k (TMA strides) and n.
+    let e = gemm::fp8_gemm(&gpu, &t8(&[4, 250]), &sa, &t8(&[128, 250]), &sb, &mut out, &opts).unwrap_err();
+    assert!(matches!(e, Error::Alignment { arg: "k", .. }), "{e}");
+    let mut out_n = DeviceTensor::<bf16>::zeros(&gpu, &[4, 100]).unwrap();
+    let e = gemm::fp8_gemm(&gpu, &a, &sa, &t8(&[100, 256]), &sb, &mut out_n, &opts).unwrap_err();
+    assert!(matches!(e, Error::Alignment { arg: "n", .. }), "{e}");
+    // Nothing was launched: the poisoned output is untouched.
+    gpu.synchronize().unwrap();
+    assert!(out.to_host(&gpu).unwrap().iter().all(|v| v.to_bits() == 0xffff));
+}
+
+// ---- sm_90a primitive probes: each names the building block it checks ----------------------------------------
+
+#[test]
+fn gpu_probe_tma_box_and_swizzle() {
+    let Some(gpu) = r1_kernels::device::test_hopper("gpu_probe_tma_box_and_swizzle") else { return };
+    let (rows, cols) = (200usize, 384usize);
+    let mut rng = StdRng::seed_from_u64(21);
+    let src: Vec<u8> = (0..rows * cols).map(|_| rng.random_range(1..=255u8)).collect();
+    let d = DeviceTensor::from_host(&gpu, &src, &[rows * cols]).unwrap();
+    let tma = Tma2d {
+        dtype: TmaDtype::U8,
+        rows: rows as u64,
+        cols: cols as u64,
+        row_stride_bytes: cols as u64,
+        box_rows: 128,
+        box_cols: 128,
+        swizzle_128b: true,
+    };
+    // Box rows 100..228 run past row 199: those must come back zero-filled.
+    let (x0, y0) = (128usize, 100usize);
+    let got = probes::tma_box(&gpu, &d, &tma, x0 as i32, y0 as i32).unwrap();
+    for r in 0..128 {
+        for c in 0..128 {
+            let want = if y0 + r < rows { src[(y0 + r) * cols + x0 + c] } else { 0 };
+            let at = swizzle_128b((r * 128 + c) as u32) as usize;
+            assert_eq!(got[at], want, "TMA primitive: box element ({r}, {c}) at smem byte {at} (128B swizzle)");
+        }
+    }
+}
+
+#[test]
+fn gpu_probe_wgmma_descriptors_and_fragment_layout() {
+    let Some(gpu) = r1_kernels::device::test_hopper("gpu_probe_wgmma") else { return };
+    let mut rng = StdRng::seed_from_u64(22);
+    // Small integers: every product and sum is exact in fp32 and in the tensor core.
+    let a: Vec<E4M3> = (0..64 * 128).map(|_| E4M3::from_f32(rng.random_range(-4i32..=4) as f32)).collect();
+    let b: Vec<E4M3> = (0..128 * 128).map(|_| E4M3::from_f32(rng.random_range(-4i32..=4) as f32)).collect();
+    let da = DeviceTensor::from_host(&gpu, &a, &[64, 128]).unwrap();
+    let db = DeviceTensor::from_host(&gpu, &b, &[128, 128]).unwrap();
+    let got = probes::wgmma_n128(&gpu, &da, &db).unwrap();
+    for r in 0..64 {
+        for c in 0..128 {
+            let want: f32 = (0..128).map(|kk| a[r * 128 + kk].to_f32() * b[c * 128 + kk].to_f32()).sum();
+            assert_eq!(got[r * 128 + c], want, "wgmma primitive (descriptor/swizzle/fragment layout) at ({r}, {c})");
+        }
+    }
+}
+
+#[test]
+fn gpu_probe_promotion_step() {
+    let Some(gpu) = r1_kernels::device::test_hopper("gpu_probe_promotion_step") else { return };
+    let mut rng = StdRng::seed_from_u64(23);
+    let acc: Vec<f32> = (0..64 * 160).map(|_| rng.random::<f32>() * 200.0 - 100.0).collect();
+    let fin: Vec<f32> = (0..64 * 160).map(|_| rng.random::<f32>() - 0.5).collect();
+    let sa: Vec<f32> = (0..64).map(|_| rng.random::<f32>() * 0.01 + 1e-4).collect();
+    let sb2 = [0.003f32, 0.25];
+    let up = |v: &[f32], s: &[usize]| DeviceTensor::from_host(&gpu, v, s).unwrap();
+    let (dacc, dfin, dsa, dsb) = (up(&acc, &[64, 160]), up(&fin, &[64, 160]), up(&sa, &[64]), up(&sb2, &[2]));
+    for n0 in [0i32, 160, 480, 96 * 5] {
+        let got = probes::promote_n160(&gpu, &dacc, &dfin, &dsa, &dsb, n0).unwrap();
+        for r in 0..64 {
+            for c in 0..160 {
+                let slot = r1_kernels::gemm::plan::b_scale_slot(n0 as u32, c as u32) as usize;
+                let s = sa[r] * sb2[slot];
+                let i = r * 160 + c;
+                let want = acc[i].mul_add(s, acc[i].mul_add(s, fin[i]));
+                assert_eq!(got[i], want, "promotion primitive at n0={n0} ({r}, {c}), scale slot {slot}");
+            }
+        }
+    }
+}
+
+// ---- CPU checks of what the tests above rely on ------------------------------------------------------------------
+
+#[test]
+fn cpu_reference_agrees_with_scale_layout_roundtrip() {
+    let (m, n, k) = (9, 136, 272);
+    let w = weights(n, k, 31, ScaleFormat::F32);
+    let x = acts(m, k, 32, ScaleFormat::F32);
+    let back = scales_from_mn_major(&x.sa_mn, m, k.div_ceil(128)).unwrap();
+    assert_eq!(back, x.sa_rows);
+    let d = ref_gemm(&x.a, &back, &w.b, &w.sb, m, n, k).unwrap();
+    let exact = exact_rows(&x.x, &w.w, n, k, &(0..m).collect::<Vec<_>>());
+    assert!(calc_diff(&d, &exact) < 1e-3, "quantization error alone exceeds the metric");
+    // The bf16-rounded reference passes the same checks the GPU output must pass.
+    let rounded: Vec<f32> = d.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
+    check_rows("bf16-rounded reference", &rounded, &d, &exact);
+}
+
+#[test]
+fn cpu_plan_rejects_what_the_kernels_cannot_do() {
+    let info = r1_kernels::DeviceInfo {
+        ordinal: 0,
+        compute_capability: (9, 0),
+        sm_count: 132,
+        max_shared_memory_per_block_optin: 232_448,
+        l2_cache_bytes: 50 << 20,
+    };
+    for &(n, k) in DEEPSEEK_NK.iter().chain(&LLAMA_NK) {
+        for &m in &SWEEP_M {
+            let kb = k.div_ceil(128);
+            let p = gemm::plan(
+                &[m, k],
+                &[kb, m.div_ceil(4) * 4],
+                &[n, k],
+                &[n.div_ceil(128), kb],
+                &[m, n],
+                false,
+                GemmKernel::Auto,
+                &info,
+            )
+            .unwrap();
+            if m == 0 {
+                assert_eq!(p.resolved, gemm::Resolved::Empty);
+            } else {
+                assert!(matches!(p.resolved, gemm::Resolved::Sm90(_)), "{m}×{n}×{k}");
+            }
+        }
+    }
+    let e = gemm::plan(&[4, 100], &[1, 4], &[8, 100], &[1, 1], &[4, 8], false, GemmKernel::Auto, &info);
+    assert!(matches!(e, Err(Error::Alignment { arg: "k", required: 16, got: 100 })));
+}
