@@ -42,9 +42,7 @@ struct Acts {
 fn weights(n: usize, k: usize, seed: u64, format: ScaleFormat) -> Weights {
     let mut rng = StdRng::seed_from_u64(seed);
     // Per-row magnitudes vary so the 128×128 block scales differ.
-    let w: Vec<f32> = (0..n * k)
-        .map(|i| (rng.random::<f32>() - 0.5) * (1.0 + ((i / k) % 7) as f32) * 0.05)
-        .collect();
+    let w: Vec<f32> = (0..n * k).map(|i| (rng.random::<f32>() - 0.5) * (1.0 + ((i / k) % 7) as f32) * 0.05).collect();
     let (b, sb) = quantize_per_block_with(&w, n, k, 128, format).unwrap();
     Weights { n, k, w, b, sb }
 }

@@ -104,10 +104,7 @@ pub fn plan(
         GemmKernel::Plain => false,
         GemmKernel::Sm90 => {
             if !info.is_hopper() {
-                return Err(Error::UnsupportedDevice {
-                    needs: "sm_90a (H100/H200/H800/H20)",
-                    found: info.arch_name(),
-                });
+                return Err(Error::UnsupportedDevice { needs: "sm_90a (H100/H200/H800/H20)", found: info.arch_name() });
             }
             true
         }

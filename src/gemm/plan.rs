@@ -67,13 +67,7 @@ impl GemmShape {
 /// - `m, n, k < 2^31` (kernel arguments are 32-bit; index products use 64-bit math).
 ///
 /// `m = 0` (and `n = 0`) are valid and mean "launch nothing"; `k = 0` is valid too (D = 0, or C unchanged).
-pub fn validate_shapes(
-    a: &[usize],
-    sa: &[usize],
-    b: &[usize],
-    sb: &[usize],
-    out: &[usize],
-) -> Result<GemmShape> {
+pub fn validate_shapes(a: &[usize], sa: &[usize], b: &[usize], sb: &[usize], out: &[usize]) -> Result<GemmShape> {
     let rank2 = |arg: &'static str, s: &[usize]| -> Result<[usize; 2]> {
         s.try_into().map_err(|_| Error::shape(arg, "a rank-2 tensor", format!("{s:?}")))
     };
@@ -96,7 +90,11 @@ pub fn validate_shapes(
     let shape = GemmShape { m, n, k };
     let want_sa = [shape.k_blocks(), shape.m_pad()];
     if sa != want_sa {
-        return Err(Error::shape("sa", format!("{want_sa:?} ([ceil(k/128), round_up(m, 4)], MN-major)"), format!("{sa:?}")));
+        return Err(Error::shape(
+            "sa",
+            format!("{want_sa:?} ([ceil(k/128), round_up(m, 4)], MN-major)"),
+            format!("{sa:?}"),
+        ));
     }
     let want_sb = [shape.n_blocks(), shape.k_blocks()];
     if sb != want_sb {
@@ -259,8 +257,14 @@ mod tests {
     fn validate_rejects_bad_inputs() {
         let ok = |a: &[usize], sa: &[usize], b: &[usize], sb: &[usize], o: &[usize]| validate_shapes(a, sa, b, sb, o);
         assert!(matches!(ok(&[4, 136], &[2, 4], &[8, 136], &[1, 2], &[4, 8]), Err(Error::Alignment { arg: "k", .. })));
-        assert!(matches!(ok(&[4, 120], &[1, 4], &[12, 120], &[1, 1], &[4, 12]), Err(Error::Alignment { arg: "k", .. })));
-        assert!(matches!(ok(&[4, 128], &[1, 4], &[12, 128], &[1, 1], &[4, 12]), Err(Error::Alignment { arg: "n", .. })));
+        assert!(matches!(
+            ok(&[4, 120], &[1, 4], &[12, 120], &[1, 1], &[4, 12]),
+            Err(Error::Alignment { arg: "k", .. })
+        ));
+        assert!(matches!(
+            ok(&[4, 128], &[1, 4], &[12, 128], &[1, 1], &[4, 12]),
+            Err(Error::Alignment { arg: "n", .. })
+        ));
         // k mismatch between a and b.
         assert!(matches!(ok(&[4, 128], &[1, 4], &[8, 256], &[1, 2], &[4, 8]), Err(Error::Shape { arg: "b", .. })));
         // sa row-major instead of MN-major, or unpadded.
@@ -341,9 +345,14 @@ mod tests {
     #[test]
     fn config_choice() {
         let cfg = |m, n, k| choose_sm90_config(&GemmShape { m, n, k }, 132, SM90_SMEM_LIMIT).unwrap();
-        for &(m, n, k) in
-            &[(1, 2112, 7168), (64, 24576, 1536), (128, 7168, 2048), (4096, 7168, 16384), (4096, 4096, 4096), (0, 8, 16)]
-        {
+        for &(m, n, k) in &[
+            (1, 2112, 7168),
+            (64, 24576, 1536),
+            (128, 7168, 2048),
+            (4096, 7168, 16384),
+            (4096, 4096, 4096),
+            (0, 8, 16),
+        ] {
             let c = cfg(m, n, k);
             assert!(SM90_BLOCK_N.contains(&c.block_n) && SM90_BLOCK_M.contains(&c.block_m));
             assert!(c.kernel_name().is_ok());
@@ -358,7 +367,8 @@ mod tests {
         // 4096×7168: 32 tile rows; block 160 gives 45 columns → 1440 tiles = 11 waves, better than 128 (14 waves).
         assert_eq!(cfg(4096, 7168, 7168).block_n, 160);
         // The choice is never worse than plain 128 under the cost model.
-        for &(m, n) in &[(4096usize, 2112usize), (4096, 24576), (4096, 32768), (4096, 4096), (4096, 14336), (128, 7168)] {
+        for &(m, n) in &[(4096usize, 2112usize), (4096, 24576), (4096, 32768), (4096, 4096), (4096, 14336), (128, 7168)]
+        {
             let c = cfg(m, n, 1024);
             let shape = GemmShape { m, n, k: 1024 };
             let cost = |bn: u32| num_tiles(&shape, c.block_m, bn).div_ceil(132) * u64::from(bn + 16);

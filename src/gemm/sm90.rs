@@ -377,7 +377,7 @@ mod tests {
         assert_eq!(swizzle_128b(128 + 16), 128);
         assert_eq!(swizzle_128b(7 * 128 + 3), 7 * 128 + 7 * 16 + 3);
         assert_eq!(swizzle_128b(8 * 128 + 5), 8 * 128 + 5); // next atom starts unswizzled again
-        // A bijection on every 1024-byte atom that preserves 16-byte chunks and rows.
+                                                            // A bijection on every 1024-byte atom that preserves 16-byte chunks and rows.
         let mut seen = [false; 1024];
         for o in 0..1024u32 {
             let p = swizzle_128b(o);
