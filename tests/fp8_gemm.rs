@@ -370,10 +370,10 @@ fn gpu_probe_promotion_step() {
     let (dacc, dfin, dsa, dsb) = (up(&acc, &[64, 160]), up(&fin, &[64, 160]), up(&sa, &[64]), up(&sb2, &[2]));
     for n0 in [0i32, 160, 480, 96 * 5] {
         let got = probes::promote_n160(&gpu, &dacc, &dfin, &dsa, &dsb, n0).unwrap();
-        for r in 0..64 {
+        for (r, &sar) in sa.iter().enumerate() {
             for c in 0..160 {
                 let slot = r1_kernels::gemm::plan::b_scale_slot(n0 as u32, c as u32) as usize;
-                let s = sa[r] * sb2[slot];
+                let s = sar * sb2[slot];
                 let i = r * 160 + c;
                 let want = acc[i].mul_add(s, acc[i].mul_add(s, fin[i]));
                 assert_eq!(got[i], want, "promotion primitive at n0={n0} ({r}, {c}), scale slot {slot}");

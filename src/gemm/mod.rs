@@ -88,6 +88,7 @@ pub struct Plan {
 
 /// Validates shapes and resolves the kernel for a device. Pure (no GPU needed), so every rejection is testable on
 /// the CPU.
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     a: &[usize],
     sa: &[usize],
@@ -130,6 +131,7 @@ pub fn plan(
     Ok(Plan { shape, resolved, zero_fill: false })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run<T: DeviceRepr + Copy + Default>(
     gpu: &Gpu,
     a: &DeviceTensor<E4M3>,

@@ -110,7 +110,7 @@ impl Tma2d {
         if self.rows == 0 || self.cols == 0 || self.rows > 1 << 32 || self.cols > 1 << 32 {
             return cfg(format!("TMA dims {}×{} must be in 1..=2^32", self.rows, self.cols));
         }
-        if self.row_stride_bytes % 16 != 0 || self.row_stride_bytes >= 1 << 40 {
+        if !self.row_stride_bytes.is_multiple_of(16) || self.row_stride_bytes >= 1 << 40 {
             return Err(Error::Alignment { arg: "tma row stride", required: 16, got: self.row_stride_bytes as usize });
         }
         if self.row_stride_bytes < self.cols * self.elem_bytes() {
@@ -120,7 +120,7 @@ impl Tma2d {
             return cfg(format!("TMA box {}×{} must be in 1..=256", self.box_rows, self.box_cols));
         }
         let inner_bytes = u64::from(self.box_cols) * self.elem_bytes();
-        if inner_bytes % 16 != 0 {
+        if !inner_bytes.is_multiple_of(16) {
             return cfg(format!("TMA box inner extent {inner_bytes} B must be a multiple of 16"));
         }
         if self.swizzle_128b && inner_bytes > 128 {
@@ -137,7 +137,7 @@ impl Tma2d {
     /// Encodes the map for the buffer at device address `ptr`.
     pub fn encode(&self, ptr: u64) -> Result<TensorMap> {
         self.check()?;
-        if ptr % 16 != 0 {
+        if !ptr.is_multiple_of(16) {
             return Err(Error::Alignment { arg: "tma base address", required: 16, got: (ptr % 16) as usize });
         }
         let mut map = TensorMap([0; 16]);
@@ -276,14 +276,15 @@ pub mod probes {
         let smem = tma.box_bytes() + 1024 + 64;
         let f = gpu.function(MODULE, "gemm_probe_tma", smem)?;
         let mut out = DeviceTensor::<u8>::zeros(gpu, &[tma.box_bytes() as usize])?;
-        let mut ov = out.view_mut();
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
-        let mut launch = gpu.stream().launch_builder(&f);
-        launch.arg(&map).arg(&mut ov).arg(&x0).arg(&y0).arg(&box_bytes);
-        // SAFETY: the map describes `src` within its length (checked above); the kernel writes box_bytes bytes to
-        // `out`, which has exactly that many; shared memory covers the box, alignment slack and one mbarrier.
-        unsafe { launch.launch(cfg) }?;
-        drop(ov);
+        {
+            let mut ov = out.view_mut();
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
+            let mut launch = gpu.stream().launch_builder(&f);
+            launch.arg(&map).arg(&mut ov).arg(&x0).arg(&y0).arg(&box_bytes);
+            // SAFETY: the map describes `src` within its length (checked above); the kernel writes box_bytes bytes
+            // to `out`, which has exactly that many; shared memory covers the box, alignment slack and one mbarrier.
+            unsafe { launch.launch(cfg) }?;
+        }
         out.to_host(gpu)
     }
 
@@ -295,13 +296,14 @@ pub mod probes {
         let smem = 64 * 128 + 128 * 128 + 1024;
         let f = gpu.function(MODULE, "gemm_probe_wgmma_n128", smem)?;
         let mut out = DeviceTensor::<f32>::zeros(gpu, &[64, 128])?;
-        let (av, bv, mut ov) = (a.view(), b.view(), out.view_mut());
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
-        let mut launch = gpu.stream().launch_builder(&f);
-        launch.arg(&av).arg(&bv).arg(&mut ov);
-        // SAFETY: fixed sizes checked above; the kernel reads 64·128 and 128·128 bytes and writes 64·128 floats.
-        unsafe { launch.launch(cfg) }?;
-        drop(ov);
+        {
+            let (av, bv, mut ov) = (a.view(), b.view(), out.view_mut());
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
+            let mut launch = gpu.stream().launch_builder(&f);
+            launch.arg(&av).arg(&bv).arg(&mut ov);
+            // SAFETY: fixed sizes checked above; the kernel reads 64·128 and 128·128 bytes and writes 64·128 floats.
+            unsafe { launch.launch(cfg) }?;
+        }
         out.to_host(gpu)
     }
 
@@ -325,13 +327,14 @@ pub mod probes {
         }
         let f = gpu.function(MODULE, "gemm_probe_promote_n160", 0)?;
         let mut out = DeviceTensor::<f32>::zeros(gpu, &[64, 160])?;
-        let (accv, finv, sav, sbv, mut ov) = (acc.view(), fin.view(), sa.view(), sb2.view(), out.view_mut());
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        let mut launch = gpu.stream().launch_builder(&f);
-        launch.arg(&accv).arg(&finv).arg(&sav).arg(&sbv).arg(&mut ov).arg(&n0);
-        // SAFETY: fixed sizes checked above; the kernel reads and writes exactly 64·160 floats per tile argument.
-        unsafe { launch.launch(cfg) }?;
-        drop(ov);
+        {
+            let (accv, finv, sav, sbv, mut ov) = (acc.view(), fin.view(), sa.view(), sb2.view(), out.view_mut());
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let mut launch = gpu.stream().launch_builder(&f);
+            launch.arg(&accv).arg(&finv).arg(&sav).arg(&sbv).arg(&mut ov).arg(&n0);
+            // SAFETY: fixed sizes checked above; the kernel reads and writes exactly 64·160 floats per tile argument.
+            unsafe { launch.launch(cfg) }?;
+        }
         out.to_host(gpu)
     }
 }

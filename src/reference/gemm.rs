@@ -125,7 +125,7 @@ pub fn fp8_gemm_limited_acc(
     promote_every: usize,
 ) -> Result<Vec<f32>> {
     check(a, sa, b, sb, m, n, k)?;
-    if promote_every == 0 || promote_every % FP8_MMA_K != 0 {
+    if promote_every == 0 || !promote_every.is_multiple_of(FP8_MMA_K) {
         return Err(Error::InvalidConfig(format!(
             "promote_every must be a positive multiple of {FP8_MMA_K}, got {promote_every}"
         )));
