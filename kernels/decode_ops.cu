@@ -1,7 +1,10 @@
 // Small ops around a DeepSeek-V3 decode step. All memory-bound except head_bmm.
 //
 // rms_norm_bf16: one CTA (256 threads) per row; fp32 sum of squares reduced in a fixed tree order (shuffles, then a
-//   smem pass over the 8 warps), so results are bitwise reproducible. Bytes: 2·rows·d read + 2·rows·d written.
+//   smem pass over the 8 warps), so results are bitwise reproducible. Optionally fused with the residual add and
+//   with strided rows (normalize the 512-wide latent inside a 576-wide kv row in place). Bytes: 2·rows·d read +
+//   2·rows·d written (+ the residual's 4·rows·d).
+// copy_columns_bf16 / add_bf16: plumbing for the decode layer (q_pe into the MLA query, residual adds).
 // rope_bf16_inplace: one thread per (row, head, pair); angle = float(pos) · inv_freq[i] in fp32 (the Rust
 //   reference makes the same f32 product), sincosf (full precision). Bytes: 4 per pair read + written.
 // head_bmm_bf16: out[t, h, j] = Σ_i x[t, h, i] · w[h·ws_h + i·ws_i + j·ws_j], fp32 accumulate, bf16 out. One CTA per
@@ -16,15 +19,28 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-extern "C" __global__ void __launch_bounds__(256) rms_norm_bf16(const __nv_bfloat16* __restrict__ x,
+// Normalizes the first d columns of each row. x and y may alias (in-place): each thread re-reads and writes only its
+// own elements after the reduction. residual, when non-null, is added to x first and the sum is written back to
+// residual_out (so "h = x + attn_out; y = norm(h)" is one pass).
+extern "C" __global__ void __launch_bounds__(256) rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* residual,
+                                                               __nv_bfloat16* residual_out,
                                                                const __nv_bfloat16* __restrict__ weight,
-                                                               __nv_bfloat16* __restrict__ y, int d, float eps) {
+                                                               __nv_bfloat16* y, int d, long long x_stride,
+                                                               long long y_stride, float eps) {
     __shared__ float warp_sums[8];
-    const size_t row = blockIdx.x;
-    const __nv_bfloat16* xr = x + row * d;
+    const long long row = blockIdx.x;
+    const __nv_bfloat16* xr = x + row * x_stride;
+    auto load = [&](int c) {
+        float v = __bfloat162float(xr[c]);
+        if (residual != nullptr) {
+            // Round the sum to bf16 first: the stored residual stream is bf16, and the norm must see what is stored.
+            v = __bfloat162float(__float2bfloat16_rn(v + __bfloat162float(residual[row * d + c])));
+        }
+        return v;
+    };
     float sum = 0.0f;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float v = __bfloat162float(xr[c]);
+        const float v = load(c);
         sum = fmaf(v, v, sum);
     }
 #pragma unroll
@@ -36,9 +52,28 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_bf16(const __nv_bfloa
     for (int w = 0; w < 8; ++w) total += warp_sums[w];
     const float inv = rsqrtf(total / static_cast<float>(d) + eps);
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float v = __bfloat162float(xr[c]) * inv * __bfloat162float(weight[c]);
-        y[row * d + c] = __float2bfloat16_rn(v);
+        const float v = load(c);
+        if (residual_out != nullptr) residual_out[row * d + c] = __float2bfloat16_rn(v);
+        y[row * y_stride + c] = __float2bfloat16_rn(v * inv * __bfloat162float(weight[c]));
     }
+}
+
+// Copies columns [src_col, src_col + width) of src [rows, src_len] to columns [dst_col, ...) of dst [rows, dst_len].
+extern "C" __global__ void copy_columns_bf16(const __nv_bfloat16* __restrict__ src, __nv_bfloat16* __restrict__ dst,
+                                             long long rows, int width, int src_len, int src_col, int dst_len,
+                                             int dst_col) {
+    const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= rows * width) return;
+    const long long r = idx / width;
+    const int c = static_cast<int>(idx % width);
+    dst[r * dst_len + dst_col + c] = src[r * src_len + src_col + c];
+}
+
+// out = a + b (bf16, rounded once).
+extern "C" __global__ void add_bf16(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ b,
+                                    __nv_bfloat16* __restrict__ out, long long n) {
+    const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __float2bfloat16_rn(__bfloat162float(a[i]) + __bfloat162float(b[i]));
 }
 
 // x: [rows, row_len] bf16; rotates `count` slices of `dim` elements starting at `offset`, `stride` apart.
@@ -67,13 +102,15 @@ extern "C" __global__ void rope_bf16_inplace(__nv_bfloat16* __restrict__ x, cons
 constexpr int kBmmTokens = 16;
 constexpr int kBmmCols = 128;
 
-// x: [t, heads, k] bf16, w: bf16 with strides (ws_h, ws_i, ws_j), out: [t, heads, n] bf16.
+// x: [t, heads, x_len] bf16, reads columns [x_col, x_col + k); w: bf16 with strides (ws_h, ws_i, ws_j);
+// out: [t, heads, out_len] bf16, writes columns [out_col, out_col + n).
 // Grid: (ceil(n/128), ceil(t/16), heads), block 128, dynamic smem 16·k·4 bytes.
 extern "C" __global__ void __launch_bounds__(128) head_bmm_bf16(const __nv_bfloat16* __restrict__ x,
                                                                const __nv_bfloat16* __restrict__ w,
                                                                __nv_bfloat16* __restrict__ out, int t, int heads,
                                                                int k, int n, long long ws_h, long long ws_i,
-                                                               long long ws_j) {
+                                                               long long ws_j, int x_len, int x_col, int out_len,
+                                                               int out_col) {
     extern __shared__ float xs[];  // [kBmmTokens][k]
     const int h = blockIdx.z;
     const int t0 = blockIdx.y * kBmmTokens;
@@ -81,7 +118,7 @@ extern "C" __global__ void __launch_bounds__(128) head_bmm_bf16(const __nv_bfloa
     const int tokens = min(kBmmTokens, t - t0);
     for (int e = threadIdx.x; e < tokens * k; e += blockDim.x) {
         const int tt = e / k, i = e % k;
-        xs[e] = __bfloat162float(x[(static_cast<size_t>(t0 + tt) * heads + h) * k + i]);
+        xs[e] = __bfloat162float(x[(static_cast<size_t>(t0 + tt) * heads + h) * x_len + x_col + i]);
     }
     __syncthreads();
     if (j >= n) return;
@@ -96,7 +133,8 @@ extern "C" __global__ void __launch_bounds__(128) head_bmm_bf16(const __nv_bfloa
     }
 #pragma unroll
     for (int tt = 0; tt < kBmmTokens; ++tt)
-        if (tt < tokens) out[(static_cast<size_t>(t0 + tt) * heads + h) * n + j] = __float2bfloat16_rn(acc[tt]);
+        if (tt < tokens)
+            out[(static_cast<size_t>(t0 + tt) * heads + h) * out_len + out_col + j] = __float2bfloat16_rn(acc[tt]);
 }
 
 // rows: [t, width] bf16; cache: [num_blocks, page, width]; block_table: [batch, max_blocks].

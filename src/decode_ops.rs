@@ -1,7 +1,7 @@
 //! GPU launchers for the small ops of a decode step: RMSNorm, YaRN RoPE (in place), per-head batched matmul (W_UK
 //! absorption / W_UV) and paged-cache append. References: [`crate::reference::decode_ops`].
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::Gpu;
@@ -15,6 +15,35 @@ fn to_i32(arg: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::shape(arg, "a value below 2^31", v))
 }
 
+fn launch_rms_norm(
+    gpu: &Gpu,
+    rows: usize,
+    d: usize,
+    pointers: [u64; 5],
+    x_stride: usize,
+    y_stride: usize,
+    eps: f32,
+) -> Result<()> {
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::InvalidConfig(format!("rms_norm eps must be finite and ≥ 0, got {eps}")));
+    }
+    let di = to_i32("d", d)?;
+    let grid = u32::try_from(rows).map_err(|_| Error::shape("x", "fewer than 2^32 rows", rows))?;
+    if rows == 0 || d == 0 {
+        return Ok(());
+    }
+    let (xs, ys) = (x_stride as i64, y_stride as i64);
+    let f = gpu.function(MODULE, "rms_norm_bf16", 0)?;
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let [x, residual, residual_out, weight, y] = pointers;
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(&x).arg(&residual).arg(&residual_out).arg(&weight).arg(&y).arg(&di).arg(&xs).arg(&ys).arg(&eps);
+    // SAFETY: callers pass pointers of tensors whose shapes they checked: rows rows of `x_stride` / `y_stride`
+    // elements with d ≤ both strides, residual tensors [rows, d], weight [d]. Null residual pointers disable the add.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
 /// `y = rms_norm(x) · weight` over the last dimension of `x` [rows, d].
 pub fn rms_norm(
     gpu: &Gpu,
@@ -26,20 +55,112 @@ pub fn rms_norm(
     let [rows, d] = x.dims::<2>("x")?;
     weight.expect_shape("weight", &[d])?;
     y.expect_shape("y", &[rows, d])?;
-    if !(eps.is_finite() && eps >= 0.0) {
-        return Err(Error::InvalidConfig(format!("rms_norm eps must be finite and ≥ 0, got {eps}")));
+    let stream = gpu.stream();
+    let (xp, _gx) = x.buffer().device_ptr(stream);
+    let (wp, _gw) = weight.buffer().device_ptr(stream);
+    let (yp, _gy) = y.buffer_mut().device_ptr_mut(stream);
+    launch_rms_norm(gpu, rows, d, [xp, 0, 0, wp, yp], d, d, eps)
+}
+
+/// Fused residual add + RMSNorm: `h = x + residual` (rounded to bf16, written to `residual_out`), `y = rms_norm(h) ·
+/// weight`. All of x, residual, residual_out, y are [rows, d].
+pub fn add_rms_norm(
+    gpu: &Gpu,
+    x: &DeviceTensor<bf16>,
+    residual: &DeviceTensor<bf16>,
+    residual_out: &mut DeviceTensor<bf16>,
+    weight: &DeviceTensor<bf16>,
+    y: &mut DeviceTensor<bf16>,
+    eps: f32,
+) -> Result<()> {
+    let [rows, d] = x.dims::<2>("x")?;
+    residual.expect_shape("residual", &[rows, d])?;
+    residual_out.expect_shape("residual_out", &[rows, d])?;
+    weight.expect_shape("weight", &[d])?;
+    y.expect_shape("y", &[rows, d])?;
+    let stream = gpu.stream();
+    let (xp, _gx) = x.buffer().device_ptr(stream);
+    let (rp, _gr) = residual.buffer().device_ptr(stream);
+    let (op, _go) = residual_out.buffer_mut().device_ptr_mut(stream);
+    let (wp, _gw) = weight.buffer().device_ptr(stream);
+    let (yp, _gy) = y.buffer_mut().device_ptr_mut(stream);
+    launch_rms_norm(gpu, rows, d, [xp, rp, op, wp, yp], d, d, eps)
+}
+
+/// Normalizes, in place, the first `weight.len()` columns of every row of `x` [rows, row_len] (e.g. the 512-wide
+/// latent of a 576-wide kv_a row, leaving its 64 RoPE columns untouched).
+pub fn rms_norm_prefix_inplace(
+    gpu: &Gpu,
+    x: &mut DeviceTensor<bf16>,
+    weight: &DeviceTensor<bf16>,
+    eps: f32,
+) -> Result<()> {
+    let [rows, row_len] = x.dims::<2>("x")?;
+    let [d] = weight.dims::<1>("weight")?;
+    if d > row_len {
+        return Err(Error::shape("weight", format!("at most {row_len} elements"), d));
     }
-    let di = to_i32("d", d)?;
-    let grid = u32::try_from(rows).map_err(|_| Error::shape("x", "fewer than 2^32 rows", rows))?;
-    if rows == 0 || d == 0 {
+    let stream = gpu.stream();
+    let (wp, _gw) = weight.buffer().device_ptr(stream);
+    let (xp, _gx) = x.buffer_mut().device_ptr_mut(stream);
+    launch_rms_norm(gpu, rows, d, [xp, 0, 0, wp, xp], row_len, row_len, eps)
+}
+
+/// Copies columns `[src_col, src_col + width)` of `src` [rows, src_len] into columns `[dst_col, dst_col + width)`
+/// of `dst` [rows, dst_len] (rows may be given as any leading shape; only the last dimension is the row length).
+pub fn copy_columns(
+    gpu: &Gpu,
+    src: &DeviceTensor<bf16>,
+    src_col: usize,
+    dst: &mut DeviceTensor<bf16>,
+    dst_col: usize,
+    width: usize,
+) -> Result<()> {
+    let src_len = *src.shape().last().ok_or_else(|| Error::shape("src", "rank ≥ 1", "rank 0"))?;
+    let dst_len = *dst.shape().last().ok_or_else(|| Error::shape("dst", "rank ≥ 1", "rank 0"))?;
+    let leading = |shape: &[usize]| shape[..shape.len() - 1].iter().product::<usize>();
+    let (rows, dst_rows) = (leading(src.shape()), leading(dst.shape()));
+    if rows != dst_rows {
+        return Err(Error::shape("dst", format!("{rows} rows"), dst_rows));
+    }
+    if src_col + width > src_len {
+        return Err(Error::shape("src", format!("rows of at least {} elements", src_col + width), src_len));
+    }
+    if dst_col + width > dst_len {
+        return Err(Error::shape("dst", format!("rows of at least {} elements", dst_col + width), dst_len));
+    }
+    let args = (rows as i64, to_i32("width", width)?, to_i32("src", src_len)?, to_i32("src_col", src_col)?);
+    let args2 = (to_i32("dst", dst_len)?, to_i32("dst_col", dst_col)?);
+    let total = rows as u64 * width as u64;
+    if total == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "rms_norm_bf16", 0)?;
-    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let (xv, wv, mut yv) = (x.view(), weight.view(), y.view_mut());
+    let blocks = u32::try_from(total.div_ceil(256)).map_err(|_| Error::shape("src", "fewer elements", total))?;
+    let f = gpu.function(MODULE, "copy_columns_bf16", 0)?;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (sv, mut dv) = (src.view(), dst.view_mut());
     let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&xv).arg(&wv).arg(&mut yv).arg(&di).arg(&eps);
-    // SAFETY: one CTA per row of a [rows, d] tensor; all three views have the checked sizes.
+    launch.arg(&sv).arg(&mut dv).arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args2.0).arg(&args2.1);
+    // SAFETY: both column windows lie inside their rows (checked) and both tensors have `rows` rows.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// `out = a + b`, elementwise, bf16 (one rounding).
+pub fn add(gpu: &Gpu, a: &DeviceTensor<bf16>, b: &DeviceTensor<bf16>, out: &mut DeviceTensor<bf16>) -> Result<()> {
+    b.expect_shape("b", a.shape())?;
+    out.expect_shape("out", a.shape())?;
+    let n = a.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let blocks = u32::try_from((n as u64).div_ceil(256)).map_err(|_| Error::shape("a", "fewer elements", n))?;
+    let f = gpu.function(MODULE, "add_bf16", 0)?;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (av, bv, mut ov, ni) = (a.view(), b.view(), out.view_mut(), n as i64);
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(&av).arg(&bv).arg(&mut ov).arg(&ni);
+    // SAFETY: all three tensors have n elements (checked); threads past n return.
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
@@ -140,19 +261,39 @@ pub struct HeadWeightStrides {
     pub j: usize,
 }
 
-/// `out[t, h, j] = Σ_i x[t, h, i] · w[h·s.head + i·s.i + j·s.j]`, fp32 accumulation, bf16 out.
-pub fn head_bmm(
+/// A window of columns `[col, col + len)` in the last dimension of a rank-3 tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Columns {
+    /// First column.
+    pub col: usize,
+    /// Number of columns.
+    pub len: usize,
+}
+
+/// `out[t, h, out.col + j] = Σ_i x[t, h, x.col + i] · w[h·s.head + i·s.i + j·s.j]` for `i < x_cols.len`,
+/// `j < out_cols.len`; fp32 accumulation, bf16 out. `x` is [t, heads, x_len] and `out` [t, heads, out_len]; columns
+/// outside `out_cols` are not touched. With whole-row windows this is a plain per-head batched matmul.
+pub fn head_bmm_windows(
     gpu: &Gpu,
     x: &DeviceTensor<bf16>,
+    x_cols: Columns,
     w: &DeviceTensor<bf16>,
     strides: HeadWeightStrides,
     out: &mut DeviceTensor<bf16>,
+    out_cols: Columns,
 ) -> Result<()> {
-    let [t, heads, k] = x.dims::<3>("x")?;
-    let [ot, oh, n] = out.dims::<3>("out")?;
+    let [t, heads, x_len] = x.dims::<3>("x")?;
+    let [ot, oh, out_len] = out.dims::<3>("out")?;
     if (ot, oh) != (t, heads) {
-        return Err(Error::shape("out", format!("[{t}, {heads}, n]"), format!("{:?}", out.shape())));
+        return Err(Error::shape("out", format!("[{t}, {heads}, _]"), format!("{:?}", out.shape())));
     }
+    if x_cols.col + x_cols.len > x_len {
+        return Err(Error::shape("x", format!("rows of at least {} elements", x_cols.col + x_cols.len), x_len));
+    }
+    if out_cols.col + out_cols.len > out_len {
+        return Err(Error::shape("out", format!("rows of at least {} elements", out_cols.col + out_cols.len), out_len));
+    }
+    let (k, n) = (x_cols.len, out_cols.len);
     if heads > 0 && k > 0 && n > 0 {
         let last = (heads - 1)
             .checked_mul(strides.head)
@@ -167,6 +308,8 @@ pub fn head_bmm(
     let smem_u32 = u32::try_from(smem).map_err(|_| Error::shape("x", "a smaller k", k))?;
     let (ti, hi, ki, ni) = (to_i32("t", t)?, to_i32("heads", heads)?, to_i32("k", k)?, to_i32("n", n)?);
     let (sh, si, sj) = (strides.head as i64, strides.i as i64, strides.j as i64);
+    let windows =
+        (to_i32("x", x_len)?, to_i32("x_col", x_cols.col)?, to_i32("out", out_len)?, to_i32("out_col", out_cols.col)?);
     if t == 0 || heads == 0 || n == 0 {
         return Ok(());
     }
@@ -185,10 +328,24 @@ pub fn head_bmm(
     let (xv, wv, mut ov) = (x.view(), w.view(), out.view_mut());
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&xv).arg(&wv).arg(&mut ov).arg(&ti).arg(&hi).arg(&ki).arg(&ni).arg(&sh).arg(&si).arg(&sj);
-    // SAFETY: x and out shapes checked; the largest weight index is below w.numel() (checked); the grid covers
-    // exactly the output and threads past n or t return.
+    launch.arg(&windows.0).arg(&windows.1).arg(&windows.2).arg(&windows.3);
+    // SAFETY: x and out windows lie inside their rows and the largest weight index is below w.numel() (checked);
+    // the grid covers exactly the output window and threads past n or t return.
     unsafe { launch.launch(cfg) }?;
     Ok(())
+}
+
+/// `out[t, h, j] = Σ_i x[t, h, i] · w[h·s.head + i·s.i + j·s.j]` with `x` [t, heads, k], `out` [t, heads, n].
+pub fn head_bmm(
+    gpu: &Gpu,
+    x: &DeviceTensor<bf16>,
+    w: &DeviceTensor<bf16>,
+    strides: HeadWeightStrides,
+    out: &mut DeviceTensor<bf16>,
+) -> Result<()> {
+    let k = x.shape().last().copied().unwrap_or(0);
+    let n = out.shape().last().copied().unwrap_or(0);
+    head_bmm_windows(gpu, x, Columns { col: 0, len: k }, w, strides, out, Columns { col: 0, len: n })
 }
 
 /// Appends `rows` [t, width] into `cache` [num_blocks, page, width] at `(seq_ids[r], positions[r])` through

@@ -146,3 +146,79 @@ fn cache_append_matches_reference_and_never_writes_out_of_bounds() {
         Err(Error::IndexOutOfRange { .. })
     ));
 }
+
+#[test]
+fn fused_add_norm_prefix_norm_and_column_copies() {
+    let Some(gpu) = test_gpu("fused_add_norm_prefix_norm_and_column_copies") else { return };
+    let (rows, d) = (9usize, 7168usize);
+    let x = random(rows * d, 31, 2.0);
+    let r = random(rows * d, 32, 2.0);
+    let w = random(d, 33, 1.0);
+    let h: Vec<bf16> = x.iter().zip(&r).map(|(a, b)| bf16::from_f32(a.to_f32() + b.to_f32())).collect();
+    let reference = reference::rms_norm(&to_f32(&h), &to_f32(&w), rows, 1e-6).unwrap();
+    let (xd, rd, wd) = (
+        DeviceTensor::from_host(&gpu, &x, &[rows, d]).unwrap(),
+        DeviceTensor::from_host(&gpu, &r, &[rows, d]).unwrap(),
+        DeviceTensor::from_host(&gpu, &w, &[d]).unwrap(),
+    );
+    let mut hd = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; rows * d], &[rows, d]).unwrap();
+    let mut yd = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; rows * d], &[rows, d]).unwrap();
+    decode_ops::add_rms_norm(&gpu, &xd, &rd, &mut hd, &wd, &mut yd, 1e-6).unwrap();
+    assert_eq!(hd.to_host(&gpu).unwrap(), h, "residual sum");
+    assert_close(&yd.to_host(&gpu).unwrap(), &reference, 1e-5, "add_rms_norm");
+
+    // Prefix norm of a [rows, 576] kv row: first 512 normalized, last 64 untouched.
+    let kv = random(rows * 576, 34, 3.0);
+    let wl = random(512, 35, 1.0);
+    let kv32 = to_f32(&kv);
+    let prefix: Vec<f32> = (0..rows).flat_map(|i| kv32[i * 576..i * 576 + 512].to_vec()).collect();
+    let normed = reference::rms_norm(&prefix, &to_f32(&wl), rows, 1e-6).unwrap();
+    let mut kvd = DeviceTensor::from_host(&gpu, &kv, &[rows, 576]).unwrap();
+    let wld = DeviceTensor::from_host(&gpu, &wl, &[512]).unwrap();
+    decode_ops::rms_norm_prefix_inplace(&gpu, &mut kvd, &wld, 1e-6).unwrap();
+    let got = kvd.to_host(&gpu).unwrap();
+    for i in 0..rows {
+        assert_close(&got[i * 576..i * 576 + 512], &normed[i * 512..(i + 1) * 512], 1e-5, "prefix norm");
+        assert_eq!(&got[i * 576 + 512..(i + 1) * 576], &kv[i * 576 + 512..(i + 1) * 576], "rope columns changed");
+    }
+
+    // Column copy: q_pe (last 64 of each 192-wide head) into the last 64 of a 576-wide MLA query row.
+    let (t, heads) = (3usize, 4usize);
+    let q = random(t * heads * 192, 36, 1.0);
+    let qd = DeviceTensor::from_host(&gpu, &q, &[t, heads, 192]).unwrap();
+    let mut mla_q = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; t * heads * 576], &[t, heads, 576]).unwrap();
+    decode_ops::copy_columns(&gpu, &qd, 128, &mut mla_q, 512, 64).unwrap();
+    let got = mla_q.to_host(&gpu).unwrap();
+    for row in 0..t * heads {
+        assert_eq!(&got[row * 576 + 512..(row + 1) * 576], &q[row * 192 + 128..(row + 1) * 192]);
+        assert!(got[row * 576].to_f32().is_nan(), "copy wrote outside its window");
+    }
+    assert!(decode_ops::copy_columns(&gpu, &qd, 129, &mut mla_q, 512, 64).is_err());
+    assert!(decode_ops::copy_columns(&gpu, &qd, 128, &mut mla_q, 513, 64).is_err());
+
+    // Windowed bmm: absorb q_nope (first 128 of each 192) into the first 512 of the 576-wide query.
+    let w = random(heads * 256 * 512, 37, 0.05);
+    let wdev = DeviceTensor::from_host(&gpu, &w, &[heads * 256, 512]).unwrap();
+    let uk = HeadWeightStrides { head: 256 * 512, i: 512, j: 1 };
+    let q_nope: Vec<f32> = (0..t * heads).flat_map(|row| to_f32(&q[row * 192..row * 192 + 128])).collect();
+    let reference = reference::head_bmm(&q_nope, &to_f32(&w), t, heads, 128, 512, uk.head, uk.i, uk.j).unwrap();
+    decode_ops::head_bmm_windows(
+        &gpu,
+        &qd,
+        decode_ops::Columns { col: 0, len: 128 },
+        &wdev,
+        uk,
+        &mut mla_q,
+        decode_ops::Columns { col: 0, len: 512 },
+    )
+    .unwrap();
+    let got = mla_q.to_host(&gpu).unwrap();
+    for row in 0..t * heads {
+        assert_close(&got[row * 576..row * 576 + 512], &reference[row * 512..(row + 1) * 512], 1e-3, "windowed bmm");
+        assert_eq!(
+            &got[row * 576 + 512..(row + 1) * 576],
+            &q[row * 192 + 128..(row + 1) * 192],
+            "window overwrote q_pe"
+        );
+    }
+}
