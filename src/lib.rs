@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod decode_ops;
 pub mod device;
 pub mod error;
 pub mod fp8;
