@@ -216,6 +216,11 @@ pub fn choose_sm90_config(shape: &GemmShape, sm_count: u32, smem_limit: u32) -> 
     };
     let stages = pick_stages(block_m, block_n, smem_limit).unwrap_or(2);
     let tiles = num_tiles(shape, block_m, block_n);
+    // The kernel counts tiles and pipeline iterations in 32-bit registers (the ring's phase bit comes from the
+    // iteration count, so it must not wrap).
+    if tiles.saturating_mul(shape.k_blocks() as u64) >= 1 << 32 {
+        return Err(Error::shape("a", "fewer than 2^32 tile × K-block iterations", format!("{shape:?}")));
+    }
     let grid = tiles.min(u64::from(sm_count)).max(1) as u32;
     Ok(Sm90Config {
         block_m,
@@ -375,5 +380,7 @@ mod tests {
             assert!(cost(c.block_n) <= cost(128), "{m}×{n}: {} vs 128", c.block_n);
         }
         assert!(choose_sm90_config(&GemmShape { m: 4096, n: 4096, k: 4096 }, 132, 40 * 1024).is_err());
+        let huge = GemmShape { m: 1 << 30, n: 1 << 20, k: 1 << 14 };
+        assert!(choose_sm90_config(&huge, 132, SM90_SMEM_LIMIT).is_err());
     }
 }

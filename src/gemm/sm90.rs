@@ -370,6 +370,30 @@ mod tests {
         assert_eq!(kmajor_sw128_desc(0x1000, 32) - kmajor_sw128_desc(0x1000, 0), 2);
     }
 
+    /// The PTX ISA's addressing model for a K-major operand with 128-byte swizzle: the 16-byte chunk c of row r
+    /// (within the 32-byte K slice one k32 wgmma reads) is fetched from linear address
+    /// `start + (r / 8)·SBO + (r % 8)·128 + 16c`, with the swizzle XOR applied to the address bits. Decoding our
+    /// descriptors through that model must land exactly where TMA stored logical (r, 32j + 16c).
+    #[test]
+    fn descriptor_addressing_model_matches_tma_layout() {
+        for tile in [0u32, 1024, 37 * 1024, 200 * 1024] {
+            for j in 0..4u32 {
+                let d = kmajor_sw128_desc(tile, 32 * j);
+                let start = ((d & 0x3fff) << 4) as u32;
+                let sbo = (((d >> 32) & 0x3fff) << 4) as u32;
+                assert_eq!(d >> 62, SwizzleMode::B128 as u64);
+                for r in 0..160u32 {
+                    for c in 0..2u32 {
+                        let linear = start + (r / 8) * sbo + (r % 8) * 128 + 16 * c;
+                        let fetched = linear ^ (((linear >> 7) & 7) << 4);
+                        let stored = tile + swizzle_128b(r * 128 + 32 * j + 16 * c);
+                        assert_eq!(fetched, stored, "tile {tile} k-step {j} row {r} chunk {c}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn swizzle_128b_definition() {
         // Row 0 is unswizzled; row r XORs the 16-byte chunk with r % 8.
