@@ -13,6 +13,7 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::cublaslt::{result as lt, sys as ltsys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use r1_kernels::gemm::{fp8_gemm, GemmKernel, GemmOptions};
+use r1_kernels::reference::gemm::calc_diff;
 use r1_kernels::timing::{median_launch_time, time_launches};
 use r1_kernels::{bf16, DeviceTensor, Gpu, E4M3};
 
@@ -215,6 +216,13 @@ fn bench_fp8_gemm(c: &mut Criterion) {
                             .as_secs_f64();
                         line +=
                             &format!(", cuBLASLt fp8 {:.1} TFLOPS (r1k/cuBLASLt = {:.2}x)", flops / t / 1e12, t / ours);
+                        // Scales are constant here, so any scale-layout interpretation gives the same D: a large
+                        // difference means the peer computes something else (and its timing means little).
+                        let ours_d: Vec<f32> =
+                            out.to_host(&gpu).expect("download").iter().map(|v| v.to_f32()).collect();
+                        let lt_d: Vec<f32> =
+                            gpu.stream().clone_dtoh(&d_lt).expect("download lt").iter().map(|v| v.to_f32()).collect();
+                        line += &format!(" [calc_diff vs r1k {:.1e}]", calc_diff(&ours_d, &lt_d));
                     }
                     Err(e) => line += &format!(", cuBLASLt fp8 skipped ({e})"),
                 },

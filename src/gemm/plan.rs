@@ -330,6 +330,37 @@ mod tests {
         assert_eq!(tile_coords(16 * 9 + 1, 17, 9, 4), (16, 1));
     }
 
+    /// Emulates the persistent grid: CTA c runs tiles c, c + grid, ... through `tile_coords`, and its epilogue
+    /// writes rows/columns of each tile clipped to m and n. Every element of D must be written exactly once.
+    #[test]
+    fn persistent_grid_writes_every_output_once() {
+        for &(m, n, k) in
+            &[(1usize, 8usize, 16usize), (7, 136, 144), (129, 264, 272), (1000, 2112, 128), (300, 7168, 512)]
+        {
+            let shape = GemmShape { m, n, k };
+            for sms in [1u32, 7, 132] {
+                let c = choose_sm90_config(&shape, sms, SM90_SMEM_LIMIT).unwrap();
+                let (bm, bn) = (c.block_m as usize, c.block_n as usize);
+                let (tm_n, tn_n) = (m.div_ceil(bm) as u32, n.div_ceil(bn) as u32);
+                let tiles = tm_n * tn_n;
+                let mut hits = vec![0u8; m * n];
+                for cta in 0..c.grid {
+                    let mut t = cta;
+                    while t < tiles {
+                        let (tm, tn) = tile_coords(t, tm_n, tn_n, c.group_m);
+                        for r in (tm as usize * bm)..((tm as usize + 1) * bm).min(m) {
+                            for col in (tn as usize * bn)..((tn as usize + 1) * bn).min(n) {
+                                hits[r * n + col] += 1;
+                            }
+                        }
+                        t += c.grid;
+                    }
+                }
+                assert!(hits.iter().all(|&h| h == 1), "{m}×{n} on {sms} SMs: coverage {:?}", c);
+            }
+        }
+    }
+
     #[test]
     fn stages_fit_the_shared_memory() {
         for bm in SM90_BLOCK_M {
