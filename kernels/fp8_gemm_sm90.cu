@@ -10,17 +10,17 @@
 // (one math warpgroup, small m) or 128 (two math warpgroups, 64 rows each); BLOCK_N in {64, 112, 128, 160} chosen
 // on the host (src/gemm/plan.rs) to fill the 132 SMs' waves, non-powers of two included.
 //
-// Pipeline: persistent CTAs (grid = min(tiles, SMs)) walk tiles in the grouped order of r1k::gemm::tile_coords.
-// Warp specialization: the last warpgroup is the producer (setmaxnreg.dec to 40); one of its threads issues, per K
-// block, three TMA loads (A tile [BLOCK_M x 128 B] and B tile [BLOCK_N x 128 B], both 128-byte swizzled, plus the
-// BLOCK_M activation scales of that K block) into stage s of a `stages`-deep shared-memory ring, completing on
-// full[s] (expect_tx). The math warpgroups (setmaxnreg.inc) wait on full[s], issue four wgmma m64nBLOCK_Nk32 from
-// shared-memory descriptors (the K step advances the descriptor's start address by 32 B inside the swizzle atom),
-// wait for them, release the stage (one arrive per warp on empty[s]) and promote: fin += acc * sa * sb on the CUDA
-// cores (acc restarts every K block, so the tensor cores' ~14-bit accumulation never spans more than 128 of K).
-// sb comes straight from global/L2 (two values per K block: a tile touches at most two 128-row scale blocks, which
-// the host checks for each BLOCK_N). Epilogue: registers -> global (bf16x2 or float2), guarded by m and n; the
-// producer keeps prefetching the next tile meanwhile.
+// Pipeline: persistent CTAs (grid = min(tiles, SMs)) walk tiles in the grouped order of r1k::gemm::tile_coords. Warp
+// specialization: the last warpgroup is the producer (setmaxnreg.dec to 40 when BLOCK_M = 128); one of its threads
+// issues, per K block, three TMA loads (A tile [BLOCK_M x 128 B] and B tile [BLOCK_N x 128 B], both 128-byte
+// swizzled, plus the BLOCK_M activation scales of that K block) into stage s of a `stages`-deep shared-memory ring,
+// completing on full[s] (expect_tx). The math warpgroups (setmaxnreg.inc to 232 when BLOCK_M = 128) wait on full[s],
+// issue four wgmma m64nBLOCK_Nk32 from shared-memory descriptors (the K step advances the descriptor's start address
+// by 32 B inside the swizzle atom), wait for them, release the stage (one arrive per warp on empty[s]) and promote:
+// fin += acc * sa * sb on the CUDA cores (acc restarts every K block, so the tensor cores' ~14-bit accumulation
+// never spans more than 128 of K). sb comes straight from global/L2 (two values per K block: a tile touches at most
+// two 128-row scale blocks, which the host checks for each BLOCK_N). Epilogue: registers -> global (bf16x2 or
+// float2), guarded by m and n; the producer keeps prefetching the next tile meanwhile.
 //
 // Not done: 2-CTA clusters with TMA multicast, a shared-memory + TMA-store epilogue, overlapping the promotion of
 // block i with the wgmma of block i+1 (the math warpgroup waits for its wgmmas before promoting).
@@ -76,8 +76,12 @@ __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtenso
     }
     __syncthreads();
 
+    // Register rebalancing only where it is needed: with two math warpgroups the 384-thread launch caps every
+    // thread at 168 registers, and the math warpgroups take the producer's surplus (168 -> 40 frees exactly what
+    // 168 -> 232 needs for 256 threads). With one math warpgroup the 256-thread launch already allows what the math
+    // path needs, and an .inc to the current count is not something to rely on.
     if (wg == kMathWG) {
-        setmaxnreg_dec<40>();
+        if constexpr (kMathWG == 2) setmaxnreg_dec<40>();
         if (threadIdx.x % 128 == 0) {
             tma_prefetch_desc(tm_a);
             tma_prefetch_desc(tm_b);
@@ -100,7 +104,7 @@ __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtenso
         return;
     }
 
-    setmaxnreg_inc<kMathWG == 2 ? 232 : 240>();
+    if constexpr (kMathWG == 2) setmaxnreg_inc<232>();
     const int t = threadIdx.x % 128;
     const int warp = t / 32, lane = t % 32;
     const int row_in_tile = wg * 64 + warp * 16 + lane / 4;
