@@ -21,6 +21,7 @@
 // never spans more than 128 of K). sb comes straight from global/L2 (two values per K block: a tile touches at most
 // two 128-row scale blocks, which the host checks for each BLOCK_N). Epilogue: registers -> global (bf16x2 or
 // float2), guarded by m and n; the producer keeps prefetching the next tile meanwhile.
+// Every mbarrier wait traps after 10 s (r1k::gemm::mbar_wait): a pipeline bug fails the launch instead of hanging.
 //
 // Not done: 2-CTA clusters with TMA multicast, a shared-memory + TMA-store epilogue, overlapping the promotion of
 // block i with the wgmma of block i+1 (the math warpgroup waits for its wgmmas before promoting).
