@@ -21,6 +21,9 @@
 // never spans more than 128 of K). sb comes straight from global/L2 (two values per K block: a tile touches at most
 // two 128-row scale blocks, which the host checks for each BLOCK_N). Epilogue: registers -> global (bf16x2 or
 // float2), guarded by m and n; the producer keeps prefetching the next tile meanwhile.
+// Split-K (host-chosen for grids that would leave most SMs idle, i.e. small m): work items are (tile, K range);
+// each writes an fp32 partial tile to a workspace [k_splits, m, n] and fp8_gemm_splitk_reduce sums the splits in
+// order (no atomics, bitwise reproducible).
 // Every mbarrier wait traps after 10 s (r1k::gemm::mbar_wait): a pipeline bug fails the launch instead of hanging.
 //
 // Not done: 2-CTA clusters with TMA multicast, a shared-memory + TMA-store epilogue, overlapping the promotion of
@@ -43,10 +46,15 @@ namespace {
 
 using namespace r1k::gemm;
 
+// Output modes (twin: src/gemm/sm90.rs OutputMode).
+constexpr int kModeBf16 = 0;            // out: bf16 [m, n] = D
+constexpr int kModeF32Accumulate = 1;   // out: fp32 [m, n] += D
+constexpr int kModeF32Partial = 2;      // out: fp32 [k_splits, m, n], split s's partial D at [s]
+
 template <int BM, int BN>
 __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtensorMap* tm_b, const CUtensorMap* tm_sa,
                                           const float* __restrict__ sb, void* out, int m, int n, int k, int stages,
-                                          int group_m, int accumulate) {
+                                          int group_m, int mode, int k_splits, int kb_per_split) {
     constexpr int kMathWG = BM / 64;
     constexpr uint32_t kATile = BM * kBlockK;
     constexpr uint32_t kBTile = BN * kBlockK;
@@ -64,6 +72,7 @@ __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtenso
     const uint32_t tiles_m = (m + BM - 1) / BM;
     const uint32_t tiles_n = (n + BN - 1) / BN;
     const uint32_t num_tiles = tiles_m * tiles_n;
+    const uint32_t num_items = num_tiles * k_splits;
     const int k_blocks = (k + kBlockK - 1) / kBlockK;
     const int n_blocks = (n + kBlockK - 1) / kBlockK;
     const int wg = threadIdx.x / 128;
@@ -88,10 +97,12 @@ __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtenso
             tma_prefetch_desc(tm_b);
             tma_prefetch_desc(tm_sa);
             uint32_t it = 0;
-            for (uint32_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+            for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x) {
                 uint32_t tm, tn;
-                tile_coords(tile, tiles_m, tiles_n, group_m, tm, tn);
-                for (int kb = 0; kb < k_blocks; ++kb, ++it) {
+                tile_coords(item / k_splits, tiles_m, tiles_n, group_m, tm, tn);
+                const int kb_begin = (item % k_splits) * kb_per_split;
+                const int kb_end = min(k_blocks, kb_begin + kb_per_split);
+                for (int kb = kb_begin; kb < kb_end; ++kb, ++it) {
                     const uint32_t s = it % stages;
                     const uint32_t phase = (it / stages) & 1u;
                     mbar_wait(&empty[s], phase ^ 1u);
@@ -114,15 +125,18 @@ __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtenso
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
     uint32_t it = 0;
-    for (uint32_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x) {
         uint32_t tm, tn;
-        tile_coords(tile, tiles_m, tiles_n, group_m, tm, tn);
+        tile_coords(item / k_splits, tiles_m, tiles_n, group_m, tm, tn);
+        const uint32_t split = item % k_splits;
+        const int kb_begin = split * kb_per_split;
+        const int kb_end = min(k_blocks, kb_begin + kb_per_split);
         const uint32_t n0 = tn * BN;
         const int nb0 = n0 / kBlockK;
         const int nb1 = min(nb0 + 1, n_blocks - 1);
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) fin[i] = 0.0f;
-        for (int kb = 0; kb < k_blocks; ++kb, ++it) {
+        for (int kb = kb_begin; kb < kb_end; ++kb, ++it) {
             const uint32_t s = it % stages;
             const uint32_t phase = (it / stages) & 1u;
             const float sb0 = __ldg(sb + static_cast<int64_t>(nb0) * k_blocks + kb);
@@ -156,7 +170,10 @@ __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtenso
                 const int r = r0 + 8 * h;
                 if (r >= m) continue;
                 const int64_t o = static_cast<int64_t>(r) * n + col;
-                if (accumulate) {
+                if (mode == kModeF32Partial) {
+                    float* p = static_cast<float*>(out) + static_cast<int64_t>(split) * m * n + o;
+                    *reinterpret_cast<float2*>(p) = make_float2(fin[4 * i + 2 * h], fin[4 * i + 2 * h + 1]);
+                } else if (mode == kModeF32Accumulate) {
                     float2* p = reinterpret_cast<float2*>(static_cast<float*>(out) + o);
                     float2 c = *p;
                     c.x += fin[4 * i + 2 * h];
@@ -177,8 +194,8 @@ __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtenso
     extern "C" __global__ void __launch_bounds__((BM / 64 + 1) * 128, 1) fp8_gemm_sm90_m##BM##n##BN(             \
         const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,                        \
         const __grid_constant__ CUtensorMap tm_sa, const float* __restrict__ sb, void* out, int m, int n, int k,   \
-        int stages, int group_m, int accumulate) {                                                                 \
-        gemm_body<BM, BN>(&tm_a, &tm_b, &tm_sa, sb, out, m, n, k, stages, group_m, accumulate);                    \
+        int stages, int group_m, int mode, int k_splits, int kb_per_split) {                                       \
+        gemm_body<BM, BN>(&tm_a, &tm_b, &tm_sa, sb, out, m, n, k, stages, group_m, mode, k_splits, kb_per_split);  \
     }
 
 R1K_GEMM_ENTRY(64, 64)
@@ -189,6 +206,33 @@ R1K_GEMM_ENTRY(128, 64)
 R1K_GEMM_ENTRY(128, 112)
 R1K_GEMM_ENTRY(128, 128)
 R1K_GEMM_ENTRY(128, 160)
+
+// Split-K reduction: out[i] = sum over s = 0.. k_splits-1 of partial[s][i], in that order (deterministic), stored
+// as bf16 (mode 0) or added into fp32 (mode 1). Two elements per thread (n is even), grid-stride. Numbers: reads
+// 4 k_splits m n bytes, writes 2mn (bf16) or reads + writes 8mn (fp32).
+extern "C" __global__ void __launch_bounds__(256) fp8_gemm_splitk_reduce(const float* __restrict__ partial, void* out,
+                                                                          int m, int n, int k_splits, int mode) {
+    const int64_t total = static_cast<int64_t>(m) * n;
+    const int64_t pairs = total / 2;
+    for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pairs;
+         p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        float2 acc = reinterpret_cast<const float2*>(partial)[p];
+        for (int s = 1; s < k_splits; ++s) {
+            const float2 v = reinterpret_cast<const float2*>(partial + s * total)[p];
+            acc.x += v.x;
+            acc.y += v.y;
+        }
+        if (mode == kModeF32Accumulate) {
+            float2* o = reinterpret_cast<float2*>(out) + p;
+            float2 c = *o;
+            c.x += acc.x;
+            c.y += acc.y;
+            *o = c;
+        } else {
+            reinterpret_cast<__nv_bfloat162*>(out)[p] = __floats2bfloat162_rn(acc.x, acc.y);
+        }
+    }
+}
 
 // ---- primitive probes (GPU tests name the broken primitive) ---------------------------------------------------
 

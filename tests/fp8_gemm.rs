@@ -217,7 +217,8 @@ fn gpu_ue8m0_scales() {
 #[test]
 fn gpu_accumulate_into_fp32() {
     let Some(gpu) = r1_kernels::device::test_gpu("gpu_accumulate_into_fp32") else { return };
-    let (m, n, k) = (130, 520, 784);
+    // 130×520 has few tiles: on sm_90a this also covers split-K with the accumulate reduction.
+    let (m, n, k) = (130, 520, 1568);
     let w = weights(n, k, 11, ScaleFormat::F32);
     let x = acts(m, k, 12, ScaleFormat::F32);
     let dw = upload_weights(&gpu, &w);
@@ -242,15 +243,17 @@ fn gpu_accumulate_into_fp32() {
 #[test]
 fn gpu_repeat_runs_are_bitwise_identical() {
     let Some(gpu) = r1_kernels::device::test_gpu("gpu_repeat_runs_are_bitwise_identical") else { return };
-    let (m, n, k) = (1000, 2112, 7168);
-    let w = weights(n, k, 14, ScaleFormat::F32);
-    let x = acts(m, k, 15, ScaleFormat::F32);
-    let dw = upload_weights(&gpu, &w);
-    for kernel in kernels_for(&gpu) {
-        let first: Vec<u32> = run_bf16(&gpu, kernel, &x, &w, &dw).iter().map(|v| v.to_bits()).collect();
-        for _ in 0..3 {
-            let again: Vec<u32> = run_bf16(&gpu, kernel, &x, &w, &dw).iter().map(|v| v.to_bits()).collect();
-            assert!(first == again, "{kernel:?}: repeated runs differ");
+    // The second shape takes the split-K path on the sm_90a kernel (few tiles).
+    for (i, &(m, n, k)) in [(1000usize, 2112usize, 7168usize), (7, 2112, 7168)].iter().enumerate() {
+        let w = weights(n, k, 14 + i as u64, ScaleFormat::F32);
+        let x = acts(m, k, 15 + i as u64, ScaleFormat::F32);
+        let dw = upload_weights(&gpu, &w);
+        for kernel in kernels_for(&gpu) {
+            let first: Vec<u32> = run_bf16(&gpu, kernel, &x, &w, &dw).iter().map(|v| v.to_bits()).collect();
+            for _ in 0..3 {
+                let again: Vec<u32> = run_bf16(&gpu, kernel, &x, &w, &dw).iter().map(|v| v.to_bits()).collect();
+                assert!(first == again, "{kernel:?} {m}×{n}×{k}: repeated runs differ");
+            }
         }
     }
 }

@@ -14,9 +14,13 @@
 //! Two kernels: [`GemmKernel::Sm90`], the persistent warp-specialized TMA + wgmma kernel (sm_90a only), and
 //! [`GemmKernel::Plain`], a simple SIMT kernel that runs on any sm_80+ GPU and is the second opinion in tests.
 //!
-//! Not done (documented gaps): 2-CTA clusters with TMA multicast, a dedicated small-M streaming kernel (small m uses
-//! block M 64 and the block-N choice in [`plan::choose_sm90_config`]), and a shared-memory/TMA-store epilogue (the
-//! epilogue stores straight from registers).
+//! Small m (decode): block M 64 (one math warpgroup), the block N the wave model picks, and split-K when the tiles
+//! would leave most SMs idle ([`plan::choose_k_splits`]): each (tile, K range) work item writes an fp32 partial to a
+//! workspace and a second kernel sums the splits in a fixed order, so results stay bitwise reproducible.
+//!
+//! Not done (documented gaps): 2-CTA clusters with TMA multicast (`cuLaunchKernelEx`), a dedicated B-streaming
+//! kernel for m ≤ 128 beyond split-K, and a shared-memory/TMA-store epilogue (the epilogue stores straight from
+//! registers).
 
 pub mod plan;
 pub mod sm90;

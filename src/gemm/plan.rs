@@ -117,8 +117,13 @@ pub struct Sm90Config {
     pub stages: u32,
     /// Tile rows per scheduler group.
     pub group_m: u32,
-    /// Persistent CTAs: `min(tiles, SMs)`.
+    /// Persistent CTAs: `min(work items, SMs)`.
     pub grid: u32,
+    /// Number of K splits (1: no split). With more than one, each work item (tile, split) writes an fp32 partial
+    /// tile to a workspace `[k_splits, m, n]` and a second kernel sums the splits in order (deterministic, no atomics).
+    pub k_splits: u32,
+    /// K blocks per split (the last split may have fewer, never zero).
+    pub kb_per_split: u32,
     /// Dynamic shared memory in bytes.
     pub smem_bytes: u32,
     /// Threads per CTA: 128 per math warpgroup + 128 for the TMA producer warpgroup.
@@ -183,6 +188,33 @@ pub fn b_scale_slot(n0: u32, col: u32) -> u32 {
     (n0 + col) / BLOCK_K - n0 / BLOCK_K
 }
 
+/// Smallest number of K blocks a split gets: shorter splits would spend more on the partial-tile round trip than
+/// they save.
+pub const MIN_KB_PER_SPLIT: u32 = 4;
+
+/// Most K splits.
+pub const MAX_K_SPLITS: u32 = 16;
+
+/// Split-K for grids that would leave most SMs idle (small m with few N tiles: the decode case, bound by streaming
+/// B): with `tiles` output tiles on `sm_count` SMs, split K so that tiles × splits approaches the SM count, keeping
+/// at least [`MIN_KB_PER_SPLIT`] K blocks per split. Returns `(k_splits, kb_per_split)` with every split non-empty.
+pub fn choose_k_splits(tiles: u64, k_blocks: u32, sm_count: u32) -> (u32, u32) {
+    let k_blocks = k_blocks.max(1);
+    if tiles == 0 || tiles * 2 > u64::from(sm_count) {
+        return (1, k_blocks);
+    }
+    let want = (u64::from(sm_count) / tiles).min(u64::from(MAX_K_SPLITS)) as u32;
+    let splits = want.min(k_blocks / MIN_KB_PER_SPLIT).max(1);
+    let per = k_blocks.div_ceil(splits);
+    (k_blocks.div_ceil(per), per)
+}
+
+/// The K-block range `[begin, end)` of split `split`. Twin of the kernel's loop bounds.
+pub fn split_range(split: u32, kb_per_split: u32, k_blocks: u32) -> (u32, u32) {
+    let begin = split * kb_per_split;
+    (begin, (begin + kb_per_split).min(k_blocks))
+}
+
 /// Number of output tiles.
 pub fn num_tiles(shape: &GemmShape, block_m: u32, block_n: u32) -> u64 {
     shape.m.div_ceil(block_m as usize) as u64 * shape.n.div_ceil(block_n as usize) as u64
@@ -216,18 +248,22 @@ pub fn choose_sm90_config(shape: &GemmShape, sm_count: u32, smem_limit: u32) -> 
     };
     let stages = pick_stages(block_m, block_n, smem_limit).unwrap_or(2);
     let tiles = num_tiles(shape, block_m, block_n);
-    // The kernel counts tiles and pipeline iterations in 32-bit registers (the ring's phase bit comes from the
+    // The kernel counts work items and pipeline iterations in 32-bit registers (the ring's phase bit comes from the
     // iteration count, so it must not wrap).
     if tiles.saturating_mul(shape.k_blocks() as u64) >= 1 << 32 {
         return Err(Error::shape("a", "fewer than 2^32 tile × K-block iterations", format!("{shape:?}")));
     }
-    let grid = tiles.min(u64::from(sm_count)).max(1) as u32;
+    let (k_splits, kb_per_split) = choose_k_splits(tiles, shape.k_blocks() as u32, sm_count);
+    let items = tiles * u64::from(k_splits);
+    let grid = items.min(u64::from(sm_count)).max(1) as u32;
     Ok(Sm90Config {
         block_m,
         block_n,
         stages,
         group_m: SM90_GROUP_M,
         grid,
+        k_splits,
+        kb_per_split,
         smem_bytes: smem_bytes(block_m, block_n, stages),
         threads: 128 * (block_m / 64 + 1),
     })
@@ -343,22 +379,61 @@ mod tests {
                 let (bm, bn) = (c.block_m as usize, c.block_n as usize);
                 let (tm_n, tn_n) = (m.div_ceil(bm) as u32, n.div_ceil(bn) as u32);
                 let tiles = tm_n * tn_n;
-                let mut hits = vec![0u8; m * n];
+                let kbs = shape.k_blocks() as u32;
+                // hits[element] counts (element, K block) pairs: each must be covered exactly once.
+                let mut hits = vec![0u32; m * n];
                 for cta in 0..c.grid {
-                    let mut t = cta;
-                    while t < tiles {
-                        let (tm, tn) = tile_coords(t, tm_n, tn_n, c.group_m);
+                    let mut item = cta;
+                    while item < tiles * c.k_splits {
+                        let (tile, split) = (item / c.k_splits, item % c.k_splits);
+                        let (kb0, kb1) = split_range(split, c.kb_per_split, kbs);
+                        assert!(kb0 < kb1, "empty split {split} of {c:?}");
+                        let (tm, tn) = tile_coords(tile, tm_n, tn_n, c.group_m);
                         for r in (tm as usize * bm)..((tm as usize + 1) * bm).min(m) {
                             for col in (tn as usize * bn)..((tn as usize + 1) * bn).min(n) {
-                                hits[r * n + col] += 1;
+                                hits[r * n + col] += kb1 - kb0;
                             }
                         }
-                        t += c.grid;
+                        item += c.grid;
                     }
                 }
-                assert!(hits.iter().all(|&h| h == 1), "{m}×{n} on {sms} SMs: coverage {:?}", c);
+                assert!(hits.iter().all(|&h| h == kbs), "{m}×{n}×{k} on {sms} SMs: coverage {c:?}");
             }
         }
+    }
+
+    #[test]
+    fn k_split_choice() {
+        // Enough tiles: no split.
+        assert_eq!(choose_k_splits(200, 56, 132), (1, 56));
+        assert_eq!(choose_k_splits(67, 56, 132), (1, 56));
+        assert_eq!(choose_k_splits(66, 56, 132), (2, 28));
+        // 33 tiles on 132 SMs: 4 splits of 14 K blocks.
+        assert_eq!(choose_k_splits(33, 56, 132), (4, 14));
+        // Short K limits the split count (at least 4 K blocks each).
+        assert_eq!(choose_k_splits(1, 12, 132), (3, 4));
+        assert_eq!(choose_k_splits(1, 3, 132), (1, 3));
+        assert_eq!(choose_k_splits(1, 1000, 132), (MAX_K_SPLITS, 63));
+        for tiles in 1..70u64 {
+            for kb in 1..200u32 {
+                let (s, per) = choose_k_splits(tiles, kb, 132);
+                assert!((1..=MAX_K_SPLITS).contains(&s));
+                assert!(s == 1 || per >= MIN_KB_PER_SPLIT);
+                // Every split non-empty, together exactly [0, kb).
+                let mut next = 0;
+                for i in 0..s {
+                    let (b, e) = split_range(i, per, kb);
+                    assert_eq!(b, next);
+                    assert!(e > b);
+                    next = e;
+                }
+                assert_eq!(next, kb);
+            }
+        }
+        let c = choose_sm90_config(&GemmShape { m: 1, n: 2112, k: 7168 }, 132, SM90_SMEM_LIMIT).unwrap();
+        assert!(c.k_splits > 1, "{c:?}");
+        let c = choose_sm90_config(&GemmShape { m: 4096, n: 7168, k: 7168 }, 132, SM90_SMEM_LIMIT).unwrap();
+        assert_eq!(c.k_splits, 1);
     }
 
     #[test]
@@ -396,7 +471,7 @@ mod tests {
             assert_eq!(c.threads, 128 * (c.block_m / 64 + 1));
             assert!(c.smem_bytes <= SM90_SMEM_LIMIT);
             let shape = GemmShape { m, n, k };
-            assert!(u64::from(c.grid) <= num_tiles(&shape, c.block_m, c.block_n).max(1));
+            assert!(u64::from(c.grid) <= num_tiles(&shape, c.block_m, c.block_n).max(1) * u64::from(c.k_splits));
         }
         assert_eq!(cfg(1, 7168, 2048).block_m, 64);
         assert_eq!(cfg(65, 7168, 2048).block_m, 128);

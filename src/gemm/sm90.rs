@@ -214,8 +214,60 @@ pub fn gemm_tmas(shape: &GemmShape, cfg: &Sm90Config) -> [Tma2d; 3] {
     ]
 }
 
-/// Launches the persistent kernel. `out` is bf16 (`accumulate = false`) or fp32 holding C (`accumulate = true`).
-/// The caller has validated the shapes with [`super::plan::validate_shapes`] and checked m, n, k > 0.
+/// What the GEMM kernel writes (twin of the `kMode*` constants in kernels/fp8_gemm_sm90.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum OutputMode {
+    /// bf16 `[m, n]` = D.
+    Bf16 = 0,
+    /// fp32 `[m, n]` += D.
+    F32Accumulate = 1,
+    /// fp32 `[k_splits, m, n]`: split s writes its partial D at `[s]`.
+    F32Partial = 2,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_gemm<T: DeviceRepr>(
+    gpu: &Gpu,
+    shape: &GemmShape,
+    cfg: &Sm90Config,
+    maps: &[TensorMap; 3],
+    sb: &DeviceTensor<f32>,
+    out: &mut DeviceTensor<T>,
+    mode: OutputMode,
+) -> Result<()> {
+    let want = match mode {
+        OutputMode::F32Partial => cfg.k_splits as usize * shape.m * shape.n,
+        _ => shape.m * shape.n,
+    };
+    if out.numel() != want {
+        return Err(Error::shape("out", want, out.numel()));
+    }
+    let f = gpu.function(MODULE, cfg.kernel_name()?, cfg.smem_bytes)?;
+    let launch_cfg =
+        LaunchConfig { grid_dim: (cfg.grid, 1, 1), block_dim: (cfg.threads, 1, 1), shared_mem_bytes: cfg.smem_bytes };
+    let (m, n, k) = (shape.m as i32, shape.n as i32, shape.k as i32);
+    let (stages, group_m, mode) = (cfg.stages as i32, cfg.group_m as i32, mode as i32);
+    let (splits, per) = (cfg.k_splits as i32, cfg.kb_per_split as i32);
+    let sbv = sb.view();
+    let mut ov = out.view_mut();
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&sbv).arg(&mut ov);
+    launch.arg(&m).arg(&n).arg(&k).arg(&stages).arg(&group_m).arg(&mode).arg(&splits).arg(&per);
+    // SAFETY: the tensor maps describe exactly a [m, k], b [n, k] and sa [ceil(k/128), m_pad] (TMA never reads
+    // outside them and zero-fills out-of-range box elements); sb has ceil(n/128)·ceil(k/128) floats and the kernel
+    // indexes it with block indices < those bounds; `out` has the element count and type `mode` selects (checked
+    // above: m·n bf16 / fp32, or k_splits·m·n fp32 for partials) and every store is guarded by row < m, col < n.
+    // The split layout (k_splits × kb_per_split covering [0, ceil(k/128)) with no empty split) comes from
+    // plan::choose_k_splits. Shared memory: `smem_bytes` covers the ring the kernel carves for `stages` stages (same
+    // formula as plan::smem_bytes).
+    unsafe { launch.launch(launch_cfg) }?;
+    Ok(())
+}
+
+/// Launches the persistent kernel (and, when the plan splits K, the in-order split reduction). `out` is bf16
+/// (`accumulate = false`) or fp32 holding C (`accumulate = true`). The caller has validated the shapes with
+/// [`super::plan::validate_shapes`] and checked m, n, k > 0.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch<T: DeviceRepr>(
     gpu: &Gpu,
@@ -235,22 +287,27 @@ pub(crate) fn launch<T: DeviceRepr>(
     let (pa, _ga) = av.device_ptr(stream);
     let (pb, _gb) = bv.device_ptr(stream);
     let (psa, _gsa) = sav.device_ptr(stream);
-    let (map_a, map_b, map_sa) = (ta.encode(pa)?, tb.encode(pb)?, tsa.encode(psa)?);
-    let f = gpu.function(MODULE, cfg.kernel_name()?, cfg.smem_bytes)?;
-    let launch_cfg =
-        LaunchConfig { grid_dim: (cfg.grid, 1, 1), block_dim: (cfg.threads, 1, 1), shared_mem_bytes: cfg.smem_bytes };
-    let (m, n, k) = (shape.m as i32, shape.n as i32, shape.k as i32);
-    let (stages, group_m, acc) = (cfg.stages as i32, cfg.group_m as i32, i32::from(accumulate));
-    let sbv = sb.view();
+    let maps = [ta.encode(pa)?, tb.encode(pb)?, tsa.encode(psa)?];
+    let final_mode = if accumulate { OutputMode::F32Accumulate } else { OutputMode::Bf16 };
+    if cfg.k_splits <= 1 {
+        return launch_gemm(gpu, shape, cfg, &maps, sb, out, final_mode);
+    }
+    // SAFETY: every element of the workspace is written by the GEMM launch before the reduction reads it: the work
+    // items (tile, split) cover every (row < m, col < n) once per split (plan tests check the coverage).
+    let mut partial = unsafe { DeviceTensor::<f32>::uninit(gpu, &[cfg.k_splits as usize, shape.m, shape.n])? };
+    launch_gemm(gpu, shape, cfg, &maps, sb, &mut partial, OutputMode::F32Partial)?;
+    let pairs = (shape.m as u64 * shape.n as u64) / 2;
+    let blocks = pairs.div_ceil(256).min(u64::from(gpu.info().sm_count) * 8).max(1) as u32;
+    let f = gpu.function(MODULE, "fp8_gemm_splitk_reduce", 0)?;
+    let launch_cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (m, n, splits, mode) = (shape.m as i32, shape.n as i32, cfg.k_splits as i32, final_mode as i32);
+    let pv = partial.view();
     let mut ov = out.view_mut();
     let mut launch = stream.launch_builder(&f);
-    launch.arg(&map_a).arg(&map_b).arg(&map_sa).arg(&sbv).arg(&mut ov);
-    launch.arg(&m).arg(&n).arg(&k).arg(&stages).arg(&group_m).arg(&acc);
-    // SAFETY: the tensor maps describe exactly a [m, k], b [n, k] and sa [ceil(k/128), m_pad] (TMA never reads
-    // outside them and zero-fills out-of-range box elements); sb has ceil(n/128)·ceil(k/128) floats and the kernel
-    // indexes it with block indices < those bounds; out has m·n elements of the type the `acc` flag selects and
-    // every store is guarded by row < m, col < n. Shared memory: `smem_bytes` covers the ring the kernel carves for
-    // `stages` stages (same formula as plan::smem_bytes).
+    launch.arg(&pv).arg(&mut ov).arg(&m).arg(&n).arg(&splits).arg(&mode);
+    // SAFETY: partial holds k_splits·m·n floats, out m·n elements of the type `mode` selects; n is even (validated
+    // n % 8 == 0), so the kernel's float2 / bf16x2 pairs never straddle the end; the grid-stride loop is bounded by
+    // m·n/2 pairs.
     unsafe { launch.launch(launch_cfg) }?;
     Ok(())
 }
