@@ -313,6 +313,39 @@ fn gpu_bad_inputs_are_rejected() {
     assert!(out.to_host(&gpu).unwrap().iter().all(|v| v.to_bits() == 0xffff));
 }
 
+/// The contract end to end: bf16 inputs quantized by the GPU quantizers (activation scales MN-major, exactly what
+/// the GEMM reads), then the GEMM, checked against the CPU reference on the downloaded codes and scales.
+#[test]
+fn gpu_end_to_end_with_gpu_quantization() {
+    let Some(gpu) = r1_kernels::device::test_gpu("gpu_end_to_end_with_gpu_quantization") else { return };
+    for &(m, n, k) in &[(7usize, 2112usize, 7168usize), (129, 1536, 1024), (1000, 576, 2048)] {
+        let mut rng = StdRng::seed_from_u64((m * n + k) as u64);
+        let xf: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>() * 8.0 - 4.0).collect();
+        let wf: Vec<f32> = (0..n * k).map(|_| (rng.random::<f32>() - 0.5) * 0.1).collect();
+        let xb: Vec<bf16> = xf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let x = DeviceTensor::from_host(&gpu, &xb, &[m, k]).unwrap();
+        let w = DeviceTensor::from_host(&gpu, &wb, &[n, k]).unwrap();
+        let (a, sa) = r1_kernels::quant::quantize_activations_new(&gpu, &x, ScaleFormat::F32).unwrap();
+        let (b, sb) = r1_kernels::quant::quantize_weights_new(&gpu, &w, ScaleFormat::F32).unwrap();
+        let (ah, sah, bh, sbh) =
+            (a.to_host(&gpu).unwrap(), sa.to_host(&gpu).unwrap(), b.to_host(&gpu).unwrap(), sb.to_host(&gpu).unwrap());
+        let sa_rows = scales_from_mn_major(&sah, m, k.div_ceil(128)).unwrap();
+        let rows: Vec<usize> = (0..m).collect();
+        let quant_ref = ref_gemm(&ah, &sa_rows, &bh, &sbh, m, n, k).unwrap();
+        let xq: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+        let wq: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+        let exact = exact_rows(&xq, &wq, n, k, &rows);
+        for kernel in kernels_for(&gpu) {
+            let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::from_bits(0xffff); m * n], &[m, n]).unwrap();
+            let opts = GemmOptions { kernel, ..Default::default() };
+            gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &opts).unwrap();
+            let d: Vec<f32> = out.to_host(&gpu).unwrap().iter().map(|v| v.to_f32()).collect();
+            check_rows(&format!("{kernel:?} end-to-end m={m} n={n} k={k}"), &d, &quant_ref, &exact);
+        }
+    }
+}
+
 // ---- sm_90a primitive probes: each names the building block it checks ----------------------------------------
 
 #[test]
