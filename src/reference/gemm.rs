@@ -74,15 +74,16 @@ pub fn fp8_gemm_rows(
     }
     let lut = decode_table();
     let kb = k.div_ceil(BLOCK);
-    let bf: Vec<f64> = b.iter().map(|c| lut[c.0 as usize]).collect();
+    // Decode the requested rows of A once, then stream B row by row (memory stays O((rows + 1)·k)).
+    let arows: Vec<f64> = rows.iter().flat_map(|&i| a[i * k..(i + 1) * k].iter().map(|c| lut[c.0 as usize])).collect();
     let mut out = vec![0f32; rows.len() * n];
-    let mut arow = vec![0f64; k];
-    for (oi, &i) in rows.iter().enumerate() {
-        for (x, c) in arow.iter_mut().zip(&a[i * k..(i + 1) * k]) {
+    let mut brow = vec![0f64; k];
+    for j in 0..n {
+        for (x, c) in brow.iter_mut().zip(&b[j * k..(j + 1) * k]) {
             *x = lut[c.0 as usize];
         }
-        for j in 0..n {
-            let brow = &bf[j * k..(j + 1) * k];
+        for (oi, &i) in rows.iter().enumerate() {
+            let arow = &arows[oi * k..(oi + 1) * k];
             let mut acc = 0f64;
             for g in 0..kb {
                 let (k0, k1) = (g * BLOCK, ((g + 1) * BLOCK).min(k));
