@@ -172,7 +172,10 @@ fn bench_fp8_gemm(c: &mut Criterion) {
         eprintln!("cuBLAS unavailable: bf16 peer skipped");
     }
     let mut group = c.benchmark_group("fp8_gemm");
+    // 8 shapes × 3 m × 3 contenders: keep each short so the whole run fits a few minutes of device time.
     group.sample_size(10);
+    group.warm_up_time(std::time::Duration::from_millis(300));
+    group.measurement_time(std::time::Duration::from_secs(1));
     for &(n, k) in &NK {
         let b = DeviceTensor::from_host(&gpu, &codes(n * k, 1), &[n, k]).expect("upload b");
         let sb = DeviceTensor::from_host(
