@@ -242,9 +242,12 @@ fn gpu_accumulate_into_fp32() {
         let opts = GemmOptions { kernel, ..Default::default() };
         gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d, &opts).unwrap();
         let got = d.to_host(&gpu).unwrap();
+        // fp32 output: no bf16 rounding, but Hopper's ~14-bit FP8 accumulation inside each 128-wide K block leaves
+        // errors of about 2^-13 · rms(D); allow 8× that.
+        let rms = (quant_ref.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / quant_ref.len() as f64).sqrt() as f32;
         for i in 0..m * n {
             let want = c[i] + quant_ref[i];
-            let tol = 1e-4 * (1.0 + quant_ref[i].abs()) + 1e-3;
+            let tol = 1e-3 * (quant_ref[i].abs() + rms) + 1e-6 * c[i].abs();
             assert!((got[i] - want).abs() <= tol, "{kernel:?} accumulate element {i}: {} vs {want}", got[i]);
         }
     }
