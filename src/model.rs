@@ -226,13 +226,13 @@ impl DeepSeekV3Config {
                 return Err(Error::InvalidConfig(format!("{name} must be positive")));
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(Error::InvalidConfig(format!(
                 "qk_rope_head_dim must be even (rotary pairs), got {}",
                 self.qk_rope_head_dim
             )));
         }
-        if self.n_routed_experts % self.n_group != 0 {
+        if !self.n_routed_experts.is_multiple_of(self.n_group) {
             return Err(Error::InvalidConfig(format!(
                 "n_routed_experts ({}) must be a multiple of n_group ({})",
                 self.n_routed_experts, self.n_group
@@ -258,7 +258,7 @@ impl DeepSeekV3Config {
                 self.first_k_dense, self.num_layers
             )));
         }
-        if !(self.rms_norm_eps > 0.0) || !self.routed_scaling_factor.is_finite() {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 || !self.routed_scaling_factor.is_finite() {
             return Err(Error::InvalidConfig("rms_norm_eps must be positive and routed_scaling_factor finite".into()));
         }
         Ok(())
