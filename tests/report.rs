@@ -117,6 +117,11 @@ fn no_gpu_rows_says_so() {
     let svg = render_roofline_svg(&r);
     assert!(svg.contains(NO_DEVICE_MEASUREMENTS));
     check_svg(&svg, &r);
+    // Measured ceilings without kernel rows: still no kernel measurements, but the ceilings are reported.
+    let r = parse_results("ceiling\tcopy_gbps\t1000\n").unwrap();
+    let md = render_markdown(&r, "ceil.tsv");
+    assert!(md.contains("**No device measurements.**") && md.contains("copy bandwidth 1000 GB/s"), "{md}");
+    check_svg(&render_roofline_svg(&r), &r);
     // An empty file too.
     let md = render_markdown(&parse_results("").unwrap(), "empty.tsv");
     assert!(md.contains("No device measurements"));

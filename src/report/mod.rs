@@ -23,6 +23,8 @@
 //! Numbers come only from the results file: nothing here invents or estimates a measurement. The H200 data-sheet
 //! values ([`H200_SPEC`]) are drawn as dashed reference lines and labelled as specifications.
 
+pub mod ceilings;
+
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -334,11 +336,24 @@ pub fn render_markdown(results: &Results, source: &str) -> String {
     let commit = results.meta_or_unknown("commit");
     let device = results.meta_or_unknown("device");
     if !results.has_device_measurements() {
+        let c = &results.ceilings;
+        let measured: Vec<String> = [
+            c.copy_gbps.map(|v| format!("copy bandwidth {} GB/s", fmt_num(v))),
+            c.bf16_tflops.map(|v| format!("cuBLAS bf16 {} TFLOPS", fmt_num(v))),
+            c.fp8_tflops.map(|v| format!("cuBLASLt FP8 {} TFLOPS", fmt_num(v))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let _ = writeln!(
             md,
             "**{NO_DEVICE_MEASUREMENTS}.** The results file `{source}` (date {date}, commit `{commit}`, device: \
-             {device}) contains no kernel timings, so this page has no measured numbers. Run `scripts/gpu-check` on \
-             an H200 to produce them.\n"
+             {device}) contains no kernel timings{}. Run `scripts/gpu-check` on an H200 to produce them.\n",
+            if measured.is_empty() {
+                ", so this page has no measured numbers".to_string()
+            } else {
+                format!("; only these ceilings were measured: {}", measured.join(", "))
+            }
         );
         if !results.notes.is_empty() {
             md.push_str("Notes from the run:\n\n");
@@ -349,9 +364,10 @@ pub fn render_markdown(results: &Results, source: &str) -> String {
         }
         let _ = writeln!(
             md,
-            "The roofline below shows only the {} data-sheet ceilings (dashed), which are specifications, not \
-             measurements.\n\n![Roofline: specifications only](roofline.svg)",
-            H200_SPEC.name
+            "The roofline below shows the {} data-sheet ceilings (dashed), which are specifications, not \
+             measurements{}.\n\n![Roofline without kernel measurements](roofline.svg)",
+            H200_SPEC.name,
+            if measured.is_empty() { "" } else { ", and the measured ceilings (solid)" }
         );
         return md;
     }
@@ -527,7 +543,7 @@ pub fn render_roofline_svg(results: &Results) -> String {
             results.meta_or_unknown("commit")
         )
     } else {
-        format!("r1-kernels roofline: {NO_DEVICE_MEASUREMENTS} ({} specifications only)", H200_SPEC.name)
+        format!("r1-kernels roofline: {NO_DEVICE_MEASUREMENTS} of kernels ({} specifications dashed)", H200_SPEC.name)
     };
     let _ = writeln!(s, r#"<title>{}</title>"#, xml_escape(&title));
     let _ = writeln!(s, r#"<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>"#);
@@ -676,7 +692,7 @@ pub fn render_roofline_svg(results: &Results) -> String {
         let msg = if results.has_device_measurements() {
             "no kernel has both flops and bytes to plot".to_string()
         } else {
-            format!("{NO_DEVICE_MEASUREMENTS}: ceilings are specifications")
+            format!("{NO_DEVICE_MEASUREMENTS} of kernels")
         };
         let _ = writeln!(
             s,
