@@ -789,6 +789,18 @@ mod tests {
         let dense = c.layer_tensor_specs(0);
         assert!(dense.iter().any(|s| s.name == "model.layers.0.mlp.gate_proj.weight" && s.shape == vec![18432, 7168]));
         assert!(!dense.iter().any(|s| s.name.contains("mlp.gate.weight")));
+        // Scale shapes as in the released checkpoint's index.
+        let scale = |suffix: &str| specs.iter().find(|s| s.name.ends_with(suffix)).map(|s| s.shape.clone());
+        assert_eq!(scale("self_attn.q_a_proj.weight_scale_inv"), Some(vec![12, 56]));
+        assert_eq!(scale("self_attn.q_b_proj.weight_scale_inv"), Some(vec![192, 12]));
+        assert_eq!(scale("self_attn.kv_b_proj.weight_scale_inv"), Some(vec![256, 4]));
+        assert_eq!(scale("self_attn.o_proj.weight_scale_inv"), Some(vec![56, 128]));
+        assert_eq!(scale("shared_experts.gate_proj.weight_scale_inv"), Some(vec![16, 56]));
+        assert_eq!(scale("mlp.gate.weight"), Some(vec![256, 7168]));
+        assert_eq!(
+            dense.iter().find(|s| s.name.ends_with("mlp.down_proj.weight_scale_inv")).unwrap().shape,
+            vec![56, 144]
+        );
         // ≈ 11.4 GB per MoE layer (256 experts · 3 · 2048 · 7168 bytes dominate).
         let gb = c.layer_bytes(3) as f64 / 1e9;
         assert!((11.3..11.6).contains(&gb), "{gb}");
