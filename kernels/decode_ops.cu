@@ -103,14 +103,14 @@ constexpr int kBmmTokens = 16;
 constexpr int kBmmCols = 128;
 
 // x: [t, heads, x_len] bf16, reads columns [x_col, x_col + k); w: bf16 with strides (ws_h, ws_i, ws_j);
-// out: [t, heads, out_len] bf16, writes columns [out_col, out_col + n).
+// out: [t, heads, out_len] bf16 (or fp32 when out_f32, e.g. router logits), writes columns [out_col, out_col + n).
 // Grid: (ceil(n/128), ceil(t/16), heads), block 128, dynamic smem 16·k·4 bytes.
 extern "C" __global__ void __launch_bounds__(128) head_bmm_bf16(const __nv_bfloat16* __restrict__ x,
                                                                const __nv_bfloat16* __restrict__ w,
-                                                               __nv_bfloat16* __restrict__ out, int t, int heads,
-                                                               int k, int n, long long ws_h, long long ws_i,
-                                                               long long ws_j, int x_len, int x_col, int out_len,
-                                                               int out_col) {
+                                                               void* __restrict__ out, int t, int heads, int k,
+                                                               int n, long long ws_h, long long ws_i, long long ws_j,
+                                                               int x_len, int x_col, int out_len, int out_col,
+                                                               int out_f32) {
     extern __shared__ float xs[];  // [kBmmTokens][k]
     const int h = blockIdx.z;
     const int t0 = blockIdx.y * kBmmTokens;
@@ -132,9 +132,14 @@ extern "C" __global__ void __launch_bounds__(128) head_bmm_bf16(const __nv_bfloa
         for (int tt = 0; tt < kBmmTokens; ++tt) acc[tt] = fmaf(xs[tt * k + i], wv, acc[tt]);
     }
 #pragma unroll
-    for (int tt = 0; tt < kBmmTokens; ++tt)
-        if (tt < tokens)
-            out[(static_cast<size_t>(t0 + tt) * heads + h) * out_len + out_col + j] = __float2bfloat16_rn(acc[tt]);
+    for (int tt = 0; tt < kBmmTokens; ++tt) {
+        if (tt >= tokens) continue;
+        const size_t o = (static_cast<size_t>(t0 + tt) * heads + h) * out_len + out_col + j;
+        if (out_f32)
+            static_cast<float*>(out)[o] = acc[tt];
+        else
+            static_cast<__nv_bfloat16*>(out)[o] = __float2bfloat16_rn(acc[tt]);
+    }
 }
 
 // rows: [t, width] bf16; cache: [num_blocks, page, width]; block_table: [batch, max_blocks].

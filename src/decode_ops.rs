@@ -261,6 +261,23 @@ pub struct HeadWeightStrides {
     pub j: usize,
 }
 
+/// Output element types of [`head_bmm`]: bf16, or f32 (e.g. router logits, which DeepSeek computes in fp32).
+pub trait BmmOutput: cudarc::driver::DeviceRepr + private::Sealed {
+    /// Passed to the kernel: 1 for f32 output.
+    const F32_FLAG: i32;
+}
+impl BmmOutput for bf16 {
+    const F32_FLAG: i32 = 0;
+}
+impl BmmOutput for f32 {
+    const F32_FLAG: i32 = 1;
+}
+mod private {
+    pub trait Sealed {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for f32 {}
+}
+
 /// A window of columns `[col, col + len)` in the last dimension of a rank-3 tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Columns {
@@ -273,13 +290,13 @@ pub struct Columns {
 /// `out[t, h, out.col + j] = Σ_i x[t, h, x.col + i] · w[h·s.head + i·s.i + j·s.j]` for `i < x_cols.len`,
 /// `j < out_cols.len`; fp32 accumulation, bf16 out. `x` is [t, heads, x_len] and `out` [t, heads, out_len]; columns
 /// outside `out_cols` are not touched. With whole-row windows this is a plain per-head batched matmul.
-pub fn head_bmm_windows(
+pub fn head_bmm_windows<O: BmmOutput>(
     gpu: &Gpu,
     x: &DeviceTensor<bf16>,
     x_cols: Columns,
     w: &DeviceTensor<bf16>,
     strides: HeadWeightStrides,
-    out: &mut DeviceTensor<bf16>,
+    out: &mut DeviceTensor<O>,
     out_cols: Columns,
 ) -> Result<()> {
     let [t, heads, x_len] = x.dims::<3>("x")?;
@@ -328,7 +345,7 @@ pub fn head_bmm_windows(
     let (xv, wv, mut ov) = (x.view(), w.view(), out.view_mut());
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&xv).arg(&wv).arg(&mut ov).arg(&ti).arg(&hi).arg(&ki).arg(&ni).arg(&sh).arg(&si).arg(&sj);
-    launch.arg(&windows.0).arg(&windows.1).arg(&windows.2).arg(&windows.3);
+    launch.arg(&windows.0).arg(&windows.1).arg(&windows.2).arg(&windows.3).arg(&O::F32_FLAG);
     // SAFETY: x and out windows lie inside their rows and the largest weight index is below w.numel() (checked);
     // the grid covers exactly the output window and threads past n or t return.
     unsafe { launch.launch(cfg) }?;
@@ -336,12 +353,12 @@ pub fn head_bmm_windows(
 }
 
 /// `out[t, h, j] = Σ_i x[t, h, i] · w[h·s.head + i·s.i + j·s.j]` with `x` [t, heads, k], `out` [t, heads, n].
-pub fn head_bmm(
+pub fn head_bmm<O: BmmOutput>(
     gpu: &Gpu,
     x: &DeviceTensor<bf16>,
     w: &DeviceTensor<bf16>,
     strides: HeadWeightStrides,
-    out: &mut DeviceTensor<bf16>,
+    out: &mut DeviceTensor<O>,
 ) -> Result<()> {
     let k = x.shape().last().copied().unwrap_or(0);
     let n = out.shape().last().copied().unwrap_or(0);

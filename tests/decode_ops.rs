@@ -222,3 +222,20 @@ fn fused_add_norm_prefix_norm_and_column_copies() {
         );
     }
 }
+
+#[test]
+fn head_bmm_with_f32_output_computes_router_logits() {
+    let Some(gpu) = test_gpu("head_bmm_with_f32_output_computes_router_logits") else { return };
+    let (t, hidden, experts) = (5usize, 7168usize, 256usize);
+    let x = random(t * hidden, 41, 1.0);
+    let w = random(experts * hidden, 42, 0.02);
+    let strides = HeadWeightStrides { head: 0, i: 1, j: hidden };
+    let reference = reference::head_bmm(&to_f32(&x), &to_f32(&w), t, 1, hidden, experts, 0, 1, hidden).unwrap();
+    let xd = DeviceTensor::from_host(&gpu, &x, &[t, 1, hidden]).unwrap();
+    let wd = DeviceTensor::from_host(&gpu, &w, &[experts, hidden]).unwrap();
+    let mut logits = DeviceTensor::from_host(&gpu, &vec![f32::NAN; t * experts], &[t, 1, experts]).unwrap();
+    decode_ops::head_bmm(&gpu, &xd, &wd, strides, &mut logits).unwrap();
+    for (g, r) in logits.to_host(&gpu).unwrap().iter().zip(&reference) {
+        assert!((g - r).abs() <= 1e-5 * r.abs() + 1e-5, "logit {g} vs {r}");
+    }
+}
