@@ -155,7 +155,7 @@ impl Permuted {
             }
             _ => {}
         }
-        if hidden == 0 || hidden % QUANT_BLOCK != 0 {
+        if hidden == 0 || !hidden.is_multiple_of(QUANT_BLOCK) {
             return Err(Error::Alignment { arg: "hidden", required: QUANT_BLOCK, got: hidden });
         }
         let pairs = t.checked_mul(k).ok_or_else(|| Error::shape("t·k", "a product that fits", t))?;
@@ -524,7 +524,7 @@ impl MoeWorkspace {
     ) -> Result<Self> {
         cfg.validate()?;
         let (e, k) = (cfg.num_experts, cfg.top_k);
-        if intermediate == 0 || intermediate % QUANT_BLOCK != 0 {
+        if intermediate == 0 || !intermediate.is_multiple_of(QUANT_BLOCK) {
             return Err(Error::Alignment { arg: "intermediate", required: QUANT_BLOCK, got: intermediate });
         }
         let perm = Permuted::new(gpu, t, k, e, hidden, layout)?;

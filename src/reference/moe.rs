@@ -87,7 +87,7 @@ impl RouterConfig {
         if self.num_experts == 0 || self.num_experts > MAX_EXPERTS {
             return bad(format!("num_experts must be in 1..={MAX_EXPERTS}, got {}", self.num_experts));
         }
-        if self.num_groups == 0 || self.num_groups > MAX_TOPK || self.num_experts % self.num_groups != 0 {
+        if self.num_groups == 0 || self.num_groups > MAX_TOPK || !self.num_experts.is_multiple_of(self.num_groups) {
             return bad(format!(
                 "num_groups must divide num_experts ({}) and be in 1..={MAX_TOPK}, got {}",
                 self.num_experts, self.num_groups
@@ -278,7 +278,7 @@ impl Layout {
 
     fn validate(&self) -> Result<()> {
         match *self {
-            Layout::Contiguous { block_m } if block_m == 0 => {
+            Layout::Contiguous { block_m: 0 } => {
                 Err(Error::InvalidConfig("contiguous layout needs block_m > 0".into()))
             }
             _ => Ok(()),
