@@ -37,6 +37,9 @@ impl DeviceInfo {
     }
 }
 
+/// (module, function name) of a cached kernel.
+type FunctionKey = (&'static str, &'static str);
+
 /// A GPU: context + stream + kernel cache. Cheap to share behind an `Arc`; every launcher takes `&Gpu` and enqueues
 /// on [`Gpu::stream`] without synchronizing.
 pub struct Gpu {
@@ -44,7 +47,7 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     info: DeviceInfo,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(&'static str, &'static str), (CudaFunction, u32)>>,
+    functions: Mutex<HashMap<FunctionKey, (CudaFunction, u32)>>,
 }
 
 impl std::fmt::Debug for Gpu {

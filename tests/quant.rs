@@ -1,0 +1,112 @@
+//! FP8 quantization: GPU kernels vs the CPU reference (bitwise), plus host-side validation.
+
+use r1_kernels::device::test_gpu;
+use r1_kernels::quant::{activation_scale_shape, quantize_activations, quantize_weights, weight_scale_shape};
+use r1_kernels::reference::quant::{
+    quantize_per_block_with, quantize_per_token_group_with, scales_to_mn_major, ScaleFormat,
+};
+use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    // Mix magnitudes across groups so scales differ, with a few exact zeros and large outliers.
+    (0..n)
+        .map(|i| {
+            let magnitude = 10f32.powi((i / 97 % 7) as i32 - 3);
+            let v = (rng.random::<f32>() - 0.5) * 2.0 * magnitude;
+            bf16::from_f32(if i % 1013 == 0 {
+                0.0
+            } else if i % 4099 == 0 {
+                v * 1e4
+            } else {
+                v
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn gpu_entry_points_never_panic_without_a_gpu() {
+    // On a machine without a driver this must be an error, not a panic; with one it must succeed.
+    match Gpu::new(0) {
+        Ok(gpu) => assert!(gpu.info().sm_count > 0),
+        Err(e) => assert!(matches!(e, Error::NoCudaDriver | Error::Driver(_)), "{e}"),
+    }
+    assert!(Gpu::new(usize::MAX).is_err());
+}
+
+#[test]
+fn activation_quant_matches_reference_bitwise() {
+    let Some(gpu) = test_gpu("activation_quant_matches_reference_bitwise") else { return };
+    let shapes = [(1, 128), (7, 7168), (129, 1536), (64, 300), (3, 12), (5, 135), (1000, 512), (4, 128 * 3 + 8)];
+    for (case, &(m, k)) in shapes.iter().enumerate() {
+        for format in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+            let x = random_bf16(m * k, case as u64);
+            let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            let (q_ref, s_ref) = quantize_per_token_group_with(&x32, m, k, 128, format).unwrap();
+            let s_ref = scales_to_mn_major(&s_ref, m, k.div_ceil(128)).unwrap();
+
+            let xd = DeviceTensor::from_host(&gpu, &x, &[m, k]).unwrap();
+            let mut q = DeviceTensor::from_host(&gpu, &vec![E4M3(0xff); m * k], &[m, k]).unwrap();
+            let shape = activation_scale_shape(m, k);
+            let mut s = DeviceTensor::from_host(&gpu, &vec![f32::NAN; shape[0] * shape[1]], &shape).unwrap();
+            quantize_activations(&gpu, &xd, &mut q, &mut s, format).unwrap();
+            let (q_gpu, s_gpu) = (q.to_host(&gpu).unwrap(), s.to_host(&gpu).unwrap());
+            assert_eq!(q_gpu, q_ref, "codes differ for m={m} k={k} {format:?}");
+            let s_bits: Vec<u32> = s_gpu.iter().map(|v| v.to_bits()).collect();
+            let r_bits: Vec<u32> = s_ref.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(s_bits, r_bits, "scales differ for m={m} k={k} {format:?}");
+
+            // Determinism: a second launch gives the same bits.
+            quantize_activations(&gpu, &xd, &mut q, &mut s, format).unwrap();
+            assert_eq!(q.to_host(&gpu).unwrap(), q_gpu);
+        }
+    }
+}
+
+#[test]
+fn weight_quant_matches_reference_bitwise() {
+    let Some(gpu) = test_gpu("weight_quant_matches_reference_bitwise") else { return };
+    for (case, &(n, k)) in [(128, 128), (256, 7168), (300, 260), (7, 12), (2112, 7168), (129, 135)].iter().enumerate() {
+        for format in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+            let w = random_bf16(n * k, 100 + case as u64);
+            let w32: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let (q_ref, s_ref) = quantize_per_block_with(&w32, n, k, 128, format).unwrap();
+            let wd = DeviceTensor::from_host(&gpu, &w, &[n, k]).unwrap();
+            let mut q = DeviceTensor::from_host(&gpu, &vec![E4M3(0xff); n * k], &[n, k]).unwrap();
+            let shape = weight_scale_shape(n, k);
+            let mut s = DeviceTensor::from_host(&gpu, &vec![f32::NAN; shape[0] * shape[1]], &shape).unwrap();
+            quantize_weights(&gpu, &wd, &mut q, &mut s, format).unwrap();
+            assert_eq!(q.to_host(&gpu).unwrap(), q_ref, "codes differ for n={n} k={k}");
+            let s_gpu: Vec<u32> = s.to_host(&gpu).unwrap().iter().map(|v| v.to_bits()).collect();
+            let s_ref: Vec<u32> = s_ref.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(s_gpu, s_ref, "scales differ for n={n} k={k}");
+        }
+    }
+}
+
+#[test]
+fn quant_rejects_bad_shapes_and_handles_empty() {
+    let Some(gpu) = test_gpu("quant_rejects_bad_shapes_and_handles_empty") else { return };
+    let x = DeviceTensor::from_host(&gpu, &random_bf16(4 * 256, 9), &[4, 256]).unwrap();
+    let mut q = DeviceTensor::<E4M3>::zeros(&gpu, &[4, 256]).unwrap();
+    let mut bad_q = DeviceTensor::<E4M3>::zeros(&gpu, &[4, 255]).unwrap();
+    let mut s = DeviceTensor::<f32>::zeros(&gpu, &activation_scale_shape(4, 256)).unwrap();
+    let mut bad_s = DeviceTensor::<f32>::zeros(&gpu, &[4, 2]).unwrap(); // row-major, not MN-major
+    assert!(matches!(quantize_activations(&gpu, &x, &mut bad_q, &mut s, ScaleFormat::F32), Err(Error::Shape { .. })));
+    assert!(matches!(quantize_activations(&gpu, &x, &mut q, &mut bad_s, ScaleFormat::F32), Err(Error::Shape { .. })));
+    let x3 = DeviceTensor::from_host(&gpu, &random_bf16(256, 9), &[1, 1, 256]).unwrap();
+    assert!(quantize_activations(&gpu, &x3, &mut q, &mut s, ScaleFormat::F32).is_err());
+    // Nothing was written by the failed calls.
+    assert!(q.to_host(&gpu).unwrap().iter().all(|c| c.0 == 0));
+
+    let empty = DeviceTensor::<bf16>::zeros(&gpu, &[0, 256]).unwrap();
+    let mut eq = DeviceTensor::<E4M3>::zeros(&gpu, &[0, 256]).unwrap();
+    let mut es = DeviceTensor::<f32>::zeros(&gpu, &activation_scale_shape(0, 256)).unwrap();
+    quantize_activations(&gpu, &empty, &mut eq, &mut es, ScaleFormat::F32).unwrap();
+    let mut wq = DeviceTensor::<E4M3>::zeros(&gpu, &[0, 256]).unwrap();
+    let mut ws = DeviceTensor::<f32>::zeros(&gpu, &weight_scale_shape(0, 256)).unwrap();
+    quantize_weights(&gpu, &empty, &mut wq, &mut ws, ScaleFormat::F32).unwrap();
+    gpu.synchronize().unwrap();
+}
