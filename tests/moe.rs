@@ -243,6 +243,7 @@ fn gpu_permute_matches_reference() {
 }
 
 /// Grouped GEMM through a GPU permutation vs fp8_row_times_matrix per row (f64, rounded to bf16).
+#[allow(clippy::too_many_arguments)]
 fn check_grouped_gemm(gpu: &Gpu, t: usize, k: usize, e: usize, n: usize, kdim: usize, layout: Layout, seed: u64) {
     let ids = random_ids(t, k, e, false, seed);
     let w = random_experts(e, kdim, n / 2, seed + 2); // w13 is [E, n, kdim]
