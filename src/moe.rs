@@ -678,6 +678,273 @@ mod tests {
         assert_eq!(l.capacity(0, 8, 256), 0);
     }
 
+    use crate::reference::moe::{expert_scores, permute as ref_permute, route as ref_route, sanitize, Permutation};
+
+    /// Twin of `better` in moe.cu.
+    fn better(av: f32, ai: i32, bv: f32, bi: i32) -> bool {
+        if ai < 0 {
+            return false;
+        }
+        if bi < 0 {
+            return true;
+        }
+        av > bv || (av == bv && ai < bi)
+    }
+
+    /// Twin of `warp_argmax`: xor butterfly over 32 lanes.
+    fn warp_argmax(lanes: &mut [(f32, i32); 32]) {
+        for off in [16, 8, 4, 2, 1] {
+            let prev = *lanes;
+            for l in 0..32 {
+                let (ov, oi) = prev[l ^ off];
+                if better(ov, oi, prev[l].0, prev[l].1) {
+                    lanes[l] = (ov, oi);
+                }
+            }
+        }
+        assert!(lanes.iter().all(|x| *x == lanes[0]), "butterfly must converge on every lane");
+    }
+
+    /// Twin of the router kernel's selection (scores from the reference; the kernel's lane bookkeeping emulated).
+    fn device_twin_route(logits: &[f32], bias: Option<&[f32]>, t: usize, cfg: &RouterConfig) -> Vec<i32> {
+        let (e, k, g) = (cfg.num_experts, cfg.top_k, cfg.num_groups);
+        let gs = e / g;
+        let mut ids = Vec::new();
+        for row in logits.chunks(e).take(t) {
+            let s = expert_scores(row, cfg.scoring);
+            let v: Vec<f32> = (0..e).map(|x| sanitize(s[x] + bias.map_or(0.0, |b| b[x]))).collect();
+            let mut kept: u32 = u32::MAX;
+            if g > 1 && cfg.topk_groups < g {
+                let gscore: Vec<f32> = (0..32)
+                    .map(|lane| {
+                        if lane >= g {
+                            return f32::NEG_INFINITY;
+                        }
+                        let (mut b1, mut b2) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                        for &x in &v[lane * gs..(lane + 1) * gs] {
+                            if x > b1 {
+                                b2 = b1;
+                                b1 = x;
+                            } else if x > b2 {
+                                b2 = x;
+                            }
+                        }
+                        sanitize(if gs >= 2 { b1 + b2 } else { b1 })
+                    })
+                    .collect();
+                kept = 0;
+                for _ in 0..cfg.topk_groups {
+                    let mut lanes = [(0f32, -1i32); 32];
+                    for (lane, slot) in lanes.iter_mut().enumerate() {
+                        let ok = lane < g && (kept >> lane) & 1 == 0;
+                        *slot = (gscore[lane], if ok { lane as i32 } else { -1 });
+                    }
+                    warp_argmax(&mut lanes);
+                    if lanes[0].1 >= 0 {
+                        kept |= 1 << lanes[0].1;
+                    }
+                }
+            }
+            let mut avail = [0u32; 32];
+            for (lane, a) in avail.iter_mut().enumerate() {
+                for j in 0..32 {
+                    let x = lane + 32 * j;
+                    if x < e && (kept >> (x / gs)) & 1 == 1 {
+                        *a |= 1 << j;
+                    }
+                }
+            }
+            for _ in 0..k {
+                let mut lanes = [(f32::NEG_INFINITY, -1i32); 32];
+                for lane in 0..32 {
+                    let mut m = avail[lane];
+                    while m != 0 {
+                        let x = lane + 32 * m.trailing_zeros() as usize;
+                        if better(v[x], x as i32, lanes[lane].0, lanes[lane].1) {
+                            lanes[lane] = (v[x], x as i32);
+                        }
+                        m &= m - 1;
+                    }
+                }
+                warp_argmax(&mut lanes);
+                let bi = lanes[0].1;
+                if bi >= 0 {
+                    avail[bi as usize % 32] &= !(1 << (bi as usize / 32));
+                }
+                ids.push(bi);
+            }
+        }
+        ids
+    }
+
+    #[test]
+    fn router_lane_algorithm_matches_reference() {
+        let mut seed = 0x1234_5678u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let ds = RouterConfig::deepseek_v3();
+        let configs = [
+            ds,
+            RouterConfig { num_experts: 64, top_k: 6, num_groups: 8, topk_groups: 3, ..ds },
+            RouterConfig { num_experts: 1024, top_k: 32, num_groups: 32, topk_groups: 2, ..ds },
+            RouterConfig::softmax(8, 2, true),
+            RouterConfig::softmax(160, 6, false),
+            RouterConfig { num_experts: 32, top_k: 4, num_groups: 32, topk_groups: 4, ..ds },
+        ];
+        for cfg in configs {
+            let t = 24;
+            let e = cfg.num_experts;
+            // Coarse values make ties common; a few NaN/inf.
+            let mut logits: Vec<f32> = (0..t * e).map(|_| (rnd() * 4.0).round() / 2.0).collect();
+            logits[1] = f32::NAN;
+            logits[e + 2] = f32::INFINITY;
+            logits[2 * e + 3] = f32::NEG_INFINITY;
+            let bias: Vec<f32> = (0..e).map(|_| (rnd() * 2.0).round() / 8.0).collect();
+            for b in [None, Some(bias.as_slice())] {
+                let (want, _) = ref_route(&logits, b, t, &cfg).unwrap();
+                assert_eq!(device_twin_route(&logits, b, t, &cfg), want, "{cfg:?}");
+            }
+        }
+    }
+
+    /// Twin of the device permute: count_rank's chunked ballot ranks, moe_offsets' Hillis-Steele scan, moe_scatter,
+    /// and moe_gather's row classification through `find_segment`.
+    fn device_twin_permute(ids: &[i32], t: usize, k: usize, e: usize, layout: Layout) -> Permutation {
+        let n = t * k;
+        let mut rank = vec![i32::MIN; n];
+        let mut raw = vec![0i32; e];
+        for (x, r) in raw.iter_mut().enumerate() {
+            let mut running = 0;
+            for base in (0..n).step_by(256) {
+                let matches: Vec<bool> = (0..256).map(|tid| base + tid < n && ids[base + tid] == x as i32).collect();
+                let warp_totals: Vec<i32> =
+                    (0..8).map(|w| matches[w * 32..(w + 1) * 32].iter().filter(|&&m| m).count() as i32).collect();
+                for tid in 0..256 {
+                    if matches[tid] {
+                        let (w, lane) = (tid / 32, tid % 32);
+                        let before: i32 = warp_totals[..w].iter().sum();
+                        let within = matches[w * 32..w * 32 + lane].iter().filter(|&&m| m).count() as i32;
+                        rank[base + tid] = running + before + within;
+                    }
+                }
+                running += warp_totals.iter().sum::<i32>();
+            }
+            *r = running;
+        }
+        let (masked, block_m, max_m) = match layout {
+            Layout::Contiguous { block_m } => (false, block_m as i64, 0),
+            Layout::Masked { max_m } => (true, 1, max_m as i64),
+        };
+        let mut counts = vec![0i32; e];
+        let mut scan = vec![0i64; 1024];
+        for x in 0..e {
+            if masked {
+                counts[x] = raw[x].min(max_m as i32);
+                scan[x] = max_m;
+            } else {
+                counts[x] = raw[x];
+                scan[x] = (raw[x] as i64 + block_m - 1) / block_m * block_m;
+            }
+        }
+        let mut d = 1;
+        while d < 1024 {
+            let prev = scan.clone();
+            for x in d..1024 {
+                scan[x] = prev[x] + prev[x - d];
+            }
+            d <<= 1;
+        }
+        let mut offsets = vec![0i64; e + 1];
+        offsets[1..].copy_from_slice(&scan[..e]);
+        let cap = layout.capacity(t, k, e) as i64;
+        let mut src_index = vec![12345i32; cap as usize];
+        let mut row_of = vec![-1i32; n];
+        for i in 0..n {
+            let id = ids[i];
+            if id >= 0 && (id as usize) < e && rank[i] < counts[id as usize] {
+                let row = offsets[id as usize] + rank[i] as i64;
+                if row < cap {
+                    src_index[row as usize] = i as i32;
+                    row_of[i] = row as i32;
+                }
+            }
+        }
+        for row in 0..cap {
+            let x = find_segment(&offsets, e, row);
+            if x >= e {
+                src_index[row as usize] = -1;
+                continue;
+            }
+            let end = segment_valid_end(&offsets, &counts, x, cap);
+            if row >= end {
+                src_index[row as usize] = -1;
+            } else {
+                assert!(src_index[row as usize] >= 0, "real row {row} was scattered");
+            }
+        }
+        Permutation { counts, offsets, src_index, row_of }
+    }
+
+    /// Twin of `find_segment` in moe.cu.
+    fn find_segment(offsets: &[i64], e: usize, row: i64) -> usize {
+        let (mut lo, mut hi) = (0usize, e);
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if offsets[mid] <= row {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+
+    /// Twin of `segment_valid_end` in moe.cu.
+    fn segment_valid_end(offsets: &[i64], counts: &[i32], e: usize, rows: i64) -> i64 {
+        let cap = offsets[e + 1] - offsets[e];
+        (offsets[e] + (counts[e].max(0) as i64).min(cap)).min(rows)
+    }
+
+    #[test]
+    fn permute_device_algorithm_matches_reference() {
+        let mut seed = 99u64;
+        let mut rnd = move |m: i32| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 33) as i32 % m
+        };
+        for &(t, k, e) in
+            &[(1usize, 1usize, 8usize), (1, 8, 256), (33, 2, 8), (300, 8, 256), (700, 1, 3), (64, 4, 1024)]
+        {
+            for layout in
+                [Layout::Contiguous { block_m: 64 }, Layout::Contiguous { block_m: 128 }, Layout::Masked { max_m: 64 }]
+            {
+                let mut ids: Vec<i32> = (0..t * k).map(|_| rnd(e as i32)).collect();
+                for i in (0..ids.len()).step_by(5) {
+                    ids[i] = -1;
+                }
+                let want = ref_permute(&ids, t, k, e, layout).unwrap();
+                assert_eq!(device_twin_permute(&ids, t, k, e, layout), want, "t={t} k={k} E={e} {layout:?}");
+                // Every GEMM tile maps to one expert and never straddles two segments.
+                for tile in (0..want.offsets[e]).step_by(GEMM_BLOCK_M) {
+                    let x = find_segment(&want.offsets, e, tile);
+                    assert!(x < e && tile + GEMM_BLOCK_M as i64 <= want.offsets[x + 1]);
+                }
+                // Out-of-range ids on the device are skipped, not dereferenced.
+                ids[0] = e as i32;
+                let last = ids.len() - 1;
+                ids[last] = i32::MIN;
+                let p = device_twin_permute(&ids, t, k, e, layout);
+                assert_eq!((p.row_of[0], p.row_of[last]), (-1, -1));
+            }
+        }
+    }
+
     #[test]
     fn weight_bytes() {
         assert_eq!(expert_weight_bytes(1, 7168, 2048), 3 * 7168 * 2048 + 4 * 3 * 56 * 16);
