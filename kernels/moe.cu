@@ -32,6 +32,7 @@
 //
 // r1k: portable
 #include "common/fp8.cuh"
+#include "common/moe.cuh"
 
 namespace {
 
@@ -155,29 +156,6 @@ __device__ void router_impl(const T* __restrict__ logits, const float* __restric
         topk_ids[token * k + lane] = my_id;
         topk_weights[token * k + lane] = w * scale;
     }
-}
-
-// Last e in [0, num_experts] with offsets[e] <= row (offsets[0] == 0 <= row). e == num_experts: past the end.
-__device__ __forceinline__ int find_segment(const long long* __restrict__ offsets, int num_experts, long long row) {
-    int lo = 0, hi = num_experts;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (offsets[mid] <= row) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    return lo;
-}
-
-// End of the valid rows of segment e, bounded by the segment and by the buffer.
-__device__ __forceinline__ long long segment_valid_end(const long long* __restrict__ offsets,
-                                                       const int* __restrict__ counts, int e, long long rows) {
-    const long long start = offsets[e];
-    const long long cap = offsets[e + 1] - start;
-    const long long cnt = min(static_cast<long long>(max(counts[e], 0)), cap);
-    return min(start + cnt, rows);
 }
 
 }  // namespace
@@ -305,12 +283,12 @@ extern "C" __global__ void __launch_bounds__(128) moe_gather(const uint8_t* __re
         for (int idx = threadIdx.x; idx < groups * pad; idx += 128)
             as[static_cast<long long>(idx / pad) * cap_pad + capacity + idx % pad] = 0.0f;
     }
-    const int e = find_segment(offsets, num_experts, row);
+    const int e = r1k::moe_find_segment(offsets, num_experts, row);
     if (e >= num_experts) {
         if (threadIdx.x == 0) src_index[row] = -1;
         return;
     }
-    const bool real = row < segment_valid_end(offsets, counts, e, capacity);
+    const bool real = row < r1k::moe_segment_valid_end(offsets, counts, e, capacity);
     int src = real ? src_index[row] : -1;
     const long long token = src >= 0 ? src / k : -1;
     if (token >= t) src = -1;
@@ -337,9 +315,9 @@ extern "C" __global__ void __launch_bounds__(256) moe_grouped_gemm_fp8(
     __shared__ __align__(16) float As[BK][LD];
     __shared__ __align__(16) float Bs[BK][LD];
     const long long row0 = static_cast<long long>(blockIdx.x) * BM;
-    const int e = find_segment(offsets, num_experts, row0);
+    const int e = r1k::moe_find_segment(offsets, num_experts, row0);
     if (e >= num_experts) return;
-    const long long valid_end = segment_valid_end(offsets, counts, e, rows);
+    const long long valid_end = r1k::moe_segment_valid_end(offsets, counts, e, rows);
     if (row0 >= valid_end) return;
     const int n0 = blockIdx.y * BN;
     const int tid = threadIdx.x;

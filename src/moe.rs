@@ -19,6 +19,7 @@ use crate::reference::quant::{padded_scale_rows, ScaleFormat};
 use crate::tensor::DeviceTensor;
 
 const MODULE: &str = "moe";
+const SM90_MODULE: &str = "moe_sm90";
 /// A null device pointer, passed for optional inputs the kernel is told (by a flag) not to read.
 const NULL: u64 = 0;
 
@@ -308,6 +309,21 @@ impl ExpertWeights {
     }
 }
 
+/// Which grouped-GEMM kernel to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmBackend {
+    /// wgmma on sm_90, SIMT elsewhere.
+    #[default]
+    Auto,
+    /// The portable SIMT kernel (`moe.cu`), any sm_80+ device.
+    Simt,
+    /// The wgmma kernel (`moe_sm90.cu`), sm_90 only.
+    Wgmma,
+}
+
+/// Dynamic shared memory of the wgmma kernel: 4 stages of (64 + 128) × 128 B, plus 1 KiB to align to 1024 B.
+const SM90_SMEM: u32 = 4 * (64 + 128) * 128 + 1024;
+
 /// Grouped FP8 GEMM: `out[r, :] = a[r, :] · w[e(r)]ᵀ` (bf16 out), where row `r`'s expert is the segment of the
 /// device `offsets` `[E+1]` containing it and only rows below `offsets[e] + counts[e]` are computed and written.
 /// `a` `[rows, K]` with scales `[K/128, round_up(rows, 4)]`; `w` `[E, N, K]` with scales `[E, N/128, K/128]`.
@@ -323,6 +339,22 @@ pub fn grouped_gemm(
     offsets: &DeviceTensor<i64>,
     counts: &DeviceTensor<i32>,
     out: &mut DeviceTensor<bf16>,
+) -> Result<()> {
+    grouped_gemm_with(gpu, a, a_scales, w, w_scales, offsets, counts, out, GemmBackend::Auto)
+}
+
+/// [`grouped_gemm`] with an explicit kernel choice.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm_with(
+    gpu: &Gpu,
+    a: &DeviceTensor<E4M3>,
+    a_scales: &DeviceTensor<f32>,
+    w: &DeviceTensor<E4M3>,
+    w_scales: &DeviceTensor<f32>,
+    offsets: &DeviceTensor<i64>,
+    counts: &DeviceTensor<i32>,
+    out: &mut DeviceTensor<bf16>,
+    backend: GemmBackend,
 ) -> Result<()> {
     let [rows, kdim] = a.dims::<2>("a")?;
     let [e, n, k2] = w.dims::<3>("w")?;
@@ -349,21 +381,35 @@ pub fn grouped_gemm(
     if rows == 0 {
         return Ok(());
     }
-    let grid = (grid_u32("rows", rows.div_ceil(GEMM_BLOCK_M))?, u32::try_from(n / GEMM_BLOCK_N).unwrap_or(u32::MAX));
+    let wgmma = match backend {
+        GemmBackend::Auto => gpu.info().is_hopper(),
+        GemmBackend::Simt => false,
+        GemmBackend::Wgmma => {
+            gpu.require_hopper("moe_grouped_gemm_fp8_sm90")?;
+            true
+        }
+    };
+    let block_n = if wgmma { 128 } else { GEMM_BLOCK_N };
+    let grid = (grid_u32("rows", rows.div_ceil(GEMM_BLOCK_M))?, u32::try_from(n / block_n).unwrap_or(u32::MAX));
     if grid.1 > 65_535 {
         return Err(Error::shape("n", "at most 65535·64", n));
     }
-    let f = gpu.function(MODULE, "moe_grouped_gemm_fp8", 0)?;
+    let (f, block, smem) = if wgmma {
+        (gpu.function(SM90_MODULE, "moe_grouped_gemm_fp8_sm90", SM90_SMEM)?, 128, SM90_SMEM)
+    } else {
+        (gpu.function(MODULE, "moe_grouped_gemm_fp8", 0)?, 256, 0)
+    };
     let (av, asv, wv, wsv, ov, cv) =
         (a.view(), a_scales.view(), w.view(), w_scales.view(), offsets.view(), counts.view());
     let mut outv = out.view_mut();
     let mut l = gpu.stream().launch_builder(&f);
     l.arg(&av).arg(&asv).arg(&wv).arg(&wsv).arg(&ov).arg(&cv).arg(&mut outv).arg(&r64).arg(&rp64).arg(&ni).arg(&ki);
     l.arg(&ei);
-    let c = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let c = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
     // SAFETY: shapes checked above. Each CTA's expert comes from a binary search clamped to 0..E; its rows are
     // bounded by min(offsets[e] + counts[e], offsets[e+1], rows), so a/a_scales/out accesses stay in bounds whatever
-    // the device offsets hold; w rows n0..n0+64 < N and K columns are in bounds since K % 128 == 0.
+    // the device offsets hold; w rows n0..n0+block_n ≤ N (N % 128 == 0) and K columns are in bounds since
+    // K % 128 == 0. Both kernels take the same arguments.
     unsafe { l.launch(c) }?;
     Ok(())
 }
@@ -496,6 +542,8 @@ pub struct MoeWorkspace {
     pub act_scales: DeviceTensor<f32>,
     /// Down output `[capacity, H]`.
     pub y: DeviceTensor<bf16>,
+    /// Grouped-GEMM kernel choice ([`GemmBackend::Auto`] unless changed).
+    pub gemm_backend: GemmBackend,
     shared: Option<SharedWorkspace>,
 }
 
@@ -556,6 +604,7 @@ impl MoeWorkspace {
             act_scales: DeviceTensor::zeros(gpu, &activation_scale_shape(cap, intermediate))?,
             y: DeviceTensor::zeros(gpu, &[cap, hidden])?,
             perm,
+            gemm_backend: GemmBackend::Auto,
             shared,
         })
     }
@@ -639,14 +688,45 @@ pub fn moe_forward(
     };
     permute(gpu, ids, &ws.xq, &ws.xs, &mut ws.perm)?;
     let p = &ws.perm;
-    grouped_gemm(gpu, &p.codes, &p.scales, &experts.w13, &experts.w13_scales, &p.offsets, &p.counts, &mut ws.h)?;
+    let b = ws.gemm_backend;
+    grouped_gemm_with(
+        gpu,
+        &p.codes,
+        &p.scales,
+        &experts.w13,
+        &experts.w13_scales,
+        &p.offsets,
+        &p.counts,
+        &mut ws.h,
+        b,
+    )?;
     swiglu_quant(gpu, &ws.h, &mut ws.act, &mut ws.act_scales, ScaleFormat::F32, Some(&p.offsets))?;
-    grouped_gemm(gpu, &ws.act, &ws.act_scales, &experts.w2, &experts.w2_scales, &p.offsets, &p.counts, &mut ws.y)?;
+    grouped_gemm_with(
+        gpu,
+        &ws.act,
+        &ws.act_scales,
+        &experts.w2,
+        &experts.w2_scales,
+        &p.offsets,
+        &p.counts,
+        &mut ws.y,
+        b,
+    )?;
     let shared_y = match (shared, ws.shared.as_mut()) {
         (Some(s), Some(sw)) => {
-            grouped_gemm(gpu, &ws.xq, &ws.xs, &s.w13, &s.w13_scales, &sw.offsets, &sw.counts, &mut sw.h)?;
+            grouped_gemm_with(gpu, &ws.xq, &ws.xs, &s.w13, &s.w13_scales, &sw.offsets, &sw.counts, &mut sw.h, b)?;
             swiglu_quant(gpu, &sw.h, &mut sw.act, &mut sw.act_scales, ScaleFormat::F32, None)?;
-            grouped_gemm(gpu, &sw.act, &sw.act_scales, &s.w2, &s.w2_scales, &sw.offsets, &sw.counts, &mut sw.y)?;
+            grouped_gemm_with(
+                gpu,
+                &sw.act,
+                &sw.act_scales,
+                &s.w2,
+                &s.w2_scales,
+                &sw.offsets,
+                &sw.counts,
+                &mut sw.y,
+                b,
+            )?;
             Some(&sw.y)
         }
         _ => None,

@@ -4,8 +4,8 @@
 
 use r1_kernels::device::test_gpu;
 use r1_kernels::moe::{
-    combine, grouped_gemm, moe_forward, permute, route, swiglu_quant, upload_topk_ids, ExpertWeights, Layout,
-    MoeWorkspace, Permuted, RouterConfig, Routing, GEMM_BLOCK_M,
+    combine, grouped_gemm_with, moe_forward, permute, route, swiglu_quant, upload_topk_ids, ExpertWeights, GemmBackend,
+    Layout, MoeWorkspace, Permuted, RouterConfig, Routing, GEMM_BLOCK_M,
 };
 use r1_kernels::quant::{activation_scale_shape, quantize_activations};
 use r1_kernels::reference::moe::{self as rm, calc_diff, combine_token, fp8_row_times_matrix, ExpertsF32, ExpertsFp8};
@@ -244,7 +244,17 @@ fn gpu_permute_matches_reference() {
 
 /// Grouped GEMM through a GPU permutation vs fp8_row_times_matrix per row (f64, rounded to bf16).
 #[allow(clippy::too_many_arguments)]
-fn check_grouped_gemm(gpu: &Gpu, t: usize, k: usize, e: usize, n: usize, kdim: usize, layout: Layout, seed: u64) {
+fn check_grouped_gemm(
+    gpu: &Gpu,
+    backend: GemmBackend,
+    t: usize,
+    k: usize,
+    e: usize,
+    n: usize,
+    kdim: usize,
+    layout: Layout,
+    seed: u64,
+) {
     let ids = random_ids(t, k, e, false, seed);
     let w = random_experts(e, kdim, n / 2, seed + 2); // w13 is [E, n, kdim]
     let x = bf16_round(&uniform(t * kdim, 2.0, seed + 3));
@@ -258,7 +268,8 @@ fn check_grouped_gemm(gpu: &Gpu, t: usize, k: usize, e: usize, n: usize, kdim: u
     let cap = p.capacity();
     let mut out = DeviceTensor::from_host(gpu, &vec![bf16::NAN; cap * n], &[cap, n]).unwrap();
     let run = |out: &mut DeviceTensor<bf16>| {
-        grouped_gemm(gpu, &p.codes, &p.scales, &wd.w13, &wd.w13_scales, &p.offsets, &p.counts, out).unwrap();
+        grouped_gemm_with(gpu, &p.codes, &p.scales, &wd.w13, &wd.w13_scales, &p.offsets, &p.counts, out, backend)
+            .unwrap();
         from_bf16(&out.to_host(gpu).unwrap())
     };
     let got = run(&mut out);
@@ -287,21 +298,54 @@ fn check_grouped_gemm(gpu: &Gpu, t: usize, k: usize, e: usize, n: usize, kdim: u
         gv.extend_from_slice(&got[row * n..(row + 1) * n]);
     }
     let diff = calc_diff(&gv, &rv);
-    assert!(diff < 1e-3, "grouped GEMM diff {diff} (t={t} k={k} E={e} {layout:?})");
+    assert!(diff < 1e-3, "grouped GEMM diff {diff} ({backend:?} t={t} k={k} E={e} {layout:?})");
     assert!(diff < 1e-5, "grouped GEMM should be bf16-exact-ish: {diff}");
 }
 
 #[test]
 fn gpu_grouped_gemm_matches_reference() {
     let Some(gpu) = test_gpu("gpu_grouped_gemm_matches_reference") else { return };
-    let cases = [(1usize, 1usize, 8usize), (16, 2, 8), (128, 8, 64), (512, 2, 64), (4096, 1, 8), (128, 8, 256)];
-    for (c, &(t, k, e)) in cases.iter().enumerate() {
-        check_grouped_gemm(&gpu, t, k, e, 256, 384, Layout::Contiguous { block_m: 64 }, c as u64 * 10);
+    let mut backends = vec![GemmBackend::Simt];
+    if gpu.info().is_hopper() {
+        backends.push(GemmBackend::Wgmma);
+    } else {
+        eprintln!("gpu_grouped_gemm_matches_reference: not sm_90, wgmma backend not tested");
+        assert!(matches!(
+            grouped_gemm_with(
+                &gpu,
+                &DeviceTensor::zeros(&gpu, &[1, 128]).unwrap(),
+                &DeviceTensor::zeros(&gpu, &[1, 4]).unwrap(),
+                &DeviceTensor::zeros(&gpu, &[1, 128, 128]).unwrap(),
+                &DeviceTensor::zeros(&gpu, &[1, 1, 1]).unwrap(),
+                &DeviceTensor::zeros(&gpu, &[2]).unwrap(),
+                &DeviceTensor::zeros(&gpu, &[1]).unwrap(),
+                &mut DeviceTensor::zeros(&gpu, &[1, 128]).unwrap(),
+                GemmBackend::Wgmma
+            ),
+            Err(Error::UnsupportedDevice { .. })
+        ));
     }
-    check_grouped_gemm(&gpu, 64, 2, 8, 128, 256, Layout::Masked { max_m: 64 }, 77);
+    let cases = [(1usize, 1usize, 8usize), (16, 2, 8), (128, 8, 64), (512, 2, 64), (4096, 1, 8), (128, 8, 256)];
+    for backend in backends {
+        for (c, &(t, k, e)) in cases.iter().enumerate() {
+            check_grouped_gemm(&gpu, backend, t, k, e, 256, 384, Layout::Contiguous { block_m: 64 }, c as u64 * 10);
+        }
+        check_grouped_gemm(&gpu, backend, 64, 2, 8, 128, 256, Layout::Masked { max_m: 64 }, 77);
+        check_grouped_gemm(&gpu, backend, 200, 2, 4, 384, 1024, Layout::Masked { max_m: 192 }, 78);
+    }
 }
 
-fn layer_case(gpu: &Gpu, cfg: &RouterConfig, t: usize, h: usize, i: usize, layout: Layout, seed: u64) {
+#[allow(clippy::too_many_arguments)]
+fn layer_case(
+    gpu: &Gpu,
+    backend: GemmBackend,
+    cfg: &RouterConfig,
+    t: usize,
+    h: usize,
+    i: usize,
+    layout: Layout,
+    seed: u64,
+) {
     let e = cfg.num_experts;
     let w = random_experts(e, h, i, seed);
     let ws_ref = random_experts(1, h, i, seed + 1);
@@ -317,12 +361,13 @@ fn layer_case(gpu: &Gpu, cfg: &RouterConfig, t: usize, h: usize, i: usize, layou
     let ld = DeviceTensor::from_host(gpu, &logits, &[t, e]).unwrap();
     let bd = DeviceTensor::from_host(gpu, &bias, &[e]).unwrap();
     let mut ws = MoeWorkspace::new(gpu, cfg, t, h, i, Some(i), layout).unwrap();
+    ws.gemm_backend = backend;
     let mut out = DeviceTensor::from_host(gpu, &vec![bf16::NAN; t * h], &[t, h]).unwrap();
     moe_forward(gpu, cfg, &wd, Some(&sd), &xd, Routing::Logits(&ld, Some(&bd)), &mut ws, &mut out).unwrap();
     let got = from_bf16(&out.to_host(gpu).unwrap());
     assert_eq!(ws.topk_ids.to_host(gpu).unwrap(), ids);
     let diff = calc_diff(&got, &want);
-    assert!(diff < 1e-3, "layer diff {diff} (t={t} E={e} k={} {layout:?})", cfg.top_k);
+    assert!(diff < 1e-3, "layer diff {diff} ({backend:?} t={t} E={e} k={} {layout:?})", cfg.top_k);
     assert!(got.iter().all(|v| v.is_finite()));
     moe_forward(gpu, cfg, &wd, Some(&sd), &xd, Routing::Logits(&ld, Some(&bd)), &mut ws, &mut out).unwrap();
     assert_eq!(bits(&from_bf16(&out.to_host(gpu).unwrap())), bits(&got), "layer repeat is bitwise");
@@ -333,12 +378,15 @@ fn gpu_layer_matches_reference() {
     let Some(gpu) = test_gpu("gpu_layer_matches_reference") else { return };
     let ds = RouterConfig::deepseek_v3();
     let small = |e, k, g, kg| RouterConfig { num_experts: e, top_k: k, num_groups: g, topk_groups: kg, ..ds };
-    layer_case(&gpu, &small(8, 2, 1, 1), 1, 256, 128, Layout::Contiguous { block_m: 64 }, 1);
-    layer_case(&gpu, &small(8, 1, 1, 1), 4096, 256, 128, Layout::Contiguous { block_m: 64 }, 2);
-    layer_case(&gpu, &small(64, 8, 8, 4), 128, 256, 128, Layout::Contiguous { block_m: 64 }, 3);
-    layer_case(&gpu, &small(64, 2, 1, 1), 512, 256, 256, Layout::Masked { max_m: 128 }, 4);
-    // DeepSeek-V3 routing and hidden size with a reduced intermediate size (the CPU reference's cost).
-    layer_case(&gpu, &ds, 16, 7168, 256, Layout::Contiguous { block_m: 64 }, 5);
+    let contiguous = Layout::Contiguous { block_m: 64 };
+    for b in [GemmBackend::Auto, GemmBackend::Simt] {
+        layer_case(&gpu, b, &small(8, 2, 1, 1), 1, 256, 128, contiguous, 1);
+        layer_case(&gpu, b, &small(8, 1, 1, 1), 4096, 256, 128, contiguous, 2);
+        layer_case(&gpu, b, &small(64, 8, 8, 4), 128, 256, 128, contiguous, 3);
+        layer_case(&gpu, b, &small(64, 2, 1, 1), 512, 256, 256, Layout::Masked { max_m: 128 }, 4);
+        // DeepSeek-V3 routing and hidden size with a reduced intermediate size (the CPU reference's cost).
+        layer_case(&gpu, b, &ds, 16, 7168, 256, contiguous, 5);
+    }
 }
 
 #[test]
