@@ -46,6 +46,9 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Pins an accumulator register at this point of the instruction stream: wgmma writes its registers
+// asynchronously, so reads must not be scheduled before wgmma.wait_group (asm volatile statements keep their order).
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
@@ -109,7 +112,10 @@ extern "C" __global__ void __launch_bounds__(128, 1) moe_grouped_gemm_fp8_sm90(
 
     float acc[64], part[64];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < 64; ++i) {
+        acc[i] = 0.0f;
+        part[i] = 0.0f;
+    }
 
     const int warp = tid / 32, lane = tid % 32;
     const int r_a = warp * 16 + lane / 4, r_b = r_a + 8;
@@ -125,12 +131,16 @@ extern "C" __global__ void __launch_bounds__(128, 1) moe_grouped_gemm_fp8_sm90(
 
         const uint32_t sa_base = base + (kb % STAGES) * STAGE_BYTES;
         const uint32_t sb_base = sa_base + A_BYTES;
+#pragma unroll
+        for (int i = 0; i < 64; ++i) fence_operand(part[i]);
         wgmma_fence();
 #pragma unroll
         for (int j = 0; j < BK / 32; ++j)
             wgmma_m64n128k32_e4m3(part, make_desc(sa_base + j * 32), make_desc(sb_base + j * 32), j > 0 ? 1 : 0);
         wgmma_commit();
         wgmma_wait0();
+#pragma unroll
+        for (int i = 0; i < 64; ++i) fence_operand(part[i]);
 
         const float sb = sw_e[kb];
         const float s_a = ok_a ? sa[kb * rows_pad + row0 + r_a] * sb : 0.0f;
