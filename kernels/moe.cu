@@ -491,3 +491,52 @@ extern "C" __global__ void __launch_bounds__(128) moe_combine(const __nv_bfloat1
     }
     *reinterpret_cast<uint4*>(out + token * hidden + col) = packed;
 }
+
+// Router gate GEMM: logits[t, E] = x[t, H] · w_gate[E, H]ᵀ, bf16 in, fp32 out (the fused front of the router).
+// Grid (ceil(E/8), ceil(t/8)), block 256: warp w owns expert blockIdx.x·8 + w for 8 tokens. Lane l accumulates the
+// 8-element chunks l, l+32, ... of H with sequential fmaf, then an xor-tree sums the 32 lane partials: a fixed
+// order, reproduced bit for bit by reference::moe::gate_logits. Each W row is read once per 8 tokens. H % 8 == 0.
+extern "C" __global__ void __launch_bounds__(256) moe_gate_logits(const __nv_bfloat16* __restrict__ x,
+                                                                  const __nv_bfloat16* __restrict__ w,
+                                                                  float* __restrict__ logits, int t, int num_experts,
+                                                                  int hidden) {
+    constexpr int TOK = 8;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int e = blockIdx.x * 8 + warp;
+    if (e >= num_experts) return;
+    const long long t0 = static_cast<long long>(blockIdx.y) * TOK;
+    const int ntok = static_cast<int>(min(static_cast<long long>(TOK), t - t0));
+    float acc[TOK];
+#pragma unroll
+    for (int j = 0; j < TOK; ++j) acc[j] = 0.0f;
+    const __nv_bfloat16* wrow = w + static_cast<long long>(e) * hidden;
+    for (int c = lane; c < hidden / 8; c += 32) {
+        const uint4 wraw = *reinterpret_cast<const uint4*>(wrow + c * 8);
+        const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wraw);
+        float wf[8];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const float2 f = __bfloat1622float2(wp[q]);
+            wf[2 * q] = f.x;
+            wf[2 * q + 1] = f.y;
+        }
+#pragma unroll
+        for (int j = 0; j < TOK; ++j) {
+            if (j >= ntok) break;
+            const uint4 xraw = *reinterpret_cast<const uint4*>(x + (t0 + j) * hidden + c * 8);
+            const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xraw);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const float2 f = __bfloat1622float2(xp[q]);
+                acc[j] = fmaf(f.x, wf[2 * q], acc[j]);
+                acc[j] = fmaf(f.y, wf[2 * q + 1], acc[j]);
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < TOK; ++j) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
+        if (lane == 0 && j < ntok) logits[(t0 + j) * num_experts + e] = acc[j];
+    }
+}

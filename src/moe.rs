@@ -104,6 +104,42 @@ pub fn route<T: RouterLogits>(
     Ok(())
 }
 
+/// Router gate GEMM: `logits` `[t, E]` f32 = `x` `[t, H]` · `w_gate` `[E, H]`ᵀ (bf16 in, f32 math, bitwise
+/// [`crate::reference::moe::gate_logits`]). `H % 8 == 0`.
+pub fn gate_logits(
+    gpu: &Gpu,
+    x: &DeviceTensor<bf16>,
+    w_gate: &DeviceTensor<bf16>,
+    logits: &mut DeviceTensor<f32>,
+) -> Result<()> {
+    let [t, h] = x.dims::<2>("x")?;
+    let [e, h2] = w_gate.dims::<2>("w_gate")?;
+    if h2 != h {
+        return Err(Error::shape("w_gate", format!("[E, {h}]"), format!("{:?}", w_gate.shape())));
+    }
+    if h % 8 != 0 {
+        return Err(Error::Alignment { arg: "hidden", required: 8, got: h });
+    }
+    logits.expect_shape("logits", &[t, e])?;
+    let (ti, ei, hi) = (to_i32("t", t)?, to_i32("E", e)?, to_i32("H", h)?);
+    if t == 0 || e == 0 || h == 0 {
+        return Ok(());
+    }
+    let gy =
+        u32::try_from(t.div_ceil(8)).ok().filter(|&y| y <= 65_535).ok_or_else(|| Error::shape("x", "t ≤ 524280", t))?;
+    let f = gpu.function(MODULE, "moe_gate_logits", 0)?;
+    let (xv, wv) = (x.view(), w_gate.view());
+    let mut lv = logits.view_mut();
+    let mut l = gpu.stream().launch_builder(&f);
+    l.arg(&xv).arg(&wv).arg(&mut lv).arg(&ti).arg(&ei).arg(&hi);
+    let c =
+        LaunchConfig { grid_dim: (grid_u32("E", e.div_ceil(8))?, gy, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: shapes checked; warps with expert ≥ E return, tokens are bounded by t, columns by H (H % 8 == 0 keeps
+    // the 16-byte loads in bounds and aligned).
+    unsafe { l.launch(c) }?;
+    Ok(())
+}
+
 /// Uploads host-visible `topk_ids` `[t, k]` after checking every id is in `−1..E` (the check the device cannot do
 /// without a sync; on the device, out-of-range ids are skipped, never dereferenced).
 pub fn upload_topk_ids(gpu: &Gpu, ids: &[i32], t: usize, k: usize, num_experts: usize) -> Result<DeviceTensor<i32>> {
@@ -528,6 +564,8 @@ pub struct MoeWorkspace {
     pub topk_ids: DeviceTensor<i32>,
     /// Router weights `[t, k]`.
     pub topk_weights: DeviceTensor<f32>,
+    /// Gate logits `[t, E]` (written with [`Routing::Gate`]).
+    pub logits: DeviceTensor<f32>,
     /// Quantized input `[t, H]`.
     pub xq: DeviceTensor<E4M3>,
     /// Its scales `[H/128, round_up(t, 4)]`.
@@ -597,6 +635,7 @@ impl MoeWorkspace {
         Ok(MoeWorkspace {
             topk_ids: DeviceTensor::zeros(gpu, &[t, k])?,
             topk_weights: DeviceTensor::zeros(gpu, &[t, k])?,
+            logits: DeviceTensor::zeros(gpu, &[t, e])?,
             xq: DeviceTensor::zeros(gpu, &[t, hidden])?,
             xs: DeviceTensor::zeros(gpu, &activation_scale_shape(t, hidden))?,
             h: DeviceTensor::zeros(gpu, &[cap, 2 * intermediate])?,
@@ -622,9 +661,12 @@ pub enum Routing<'a> {
     Logits(&'a DeviceTensor<f32>, Option<&'a DeviceTensor<f32>>),
     /// Precomputed `topk_ids` / `topk_weights` `[t, k]` (e.g. from an engine's own router).
     TopK(&'a DeviceTensor<i32>, &'a DeviceTensor<f32>),
+    /// The gate GEMM fused in front: gate weight `[E, H]` (bf16) and an optional bias `[E]`; the logits land in
+    /// [`MoeWorkspace::logits`].
+    Gate(&'a DeviceTensor<bf16>, Option<&'a DeviceTensor<f32>>),
 }
 
-/// The whole MoE layer: quantize `x` `[t, H]` (1×128, F32 scales), route, permute, gate+up grouped GEMM, SwiGLU +
+/// The whole MoE layer: quantize `x` `[t, H]` (1×128, F32 scales), route (optionally after the gate GEMM), permute, gate+up grouped GEMM, SwiGLU +
 /// requant, down grouped GEMM, shared expert (if given, same kernels with one expert), combine → `out` `[t, H]`
 /// bf16. About 12 launches, no host synchronization and no allocation: capturable into a CUDA graph.
 #[allow(clippy::too_many_arguments)]
@@ -674,6 +716,7 @@ pub fn moe_forward(
             ids.expect_shape("topk_ids", &[t, k])?;
             w.expect_shape("topk_weights", &[t, k])?;
         }
+        Routing::Gate(g, _) => g.expect_shape("w_gate", &[e, h])?,
     }
     if t == 0 {
         return Ok(());
@@ -685,6 +728,11 @@ pub fn moe_forward(
             (&ws.topk_ids, &ws.topk_weights)
         }
         Routing::TopK(ids, w) => (ids, w),
+        Routing::Gate(w_gate, bias) => {
+            gate_logits(gpu, x, w_gate, &mut ws.logits)?;
+            route(gpu, cfg, &ws.logits, bias, &mut ws.topk_ids, &mut ws.topk_weights)?;
+            (&ws.topk_ids, &ws.topk_weights)
+        }
     };
     permute(gpu, ids, &ws.xq, &ws.xs, &mut ws.perm)?;
     let p = &ws.perm;

@@ -4,8 +4,8 @@
 
 use r1_kernels::device::test_gpu;
 use r1_kernels::moe::{
-    combine, grouped_gemm_with, moe_forward, permute, route, swiglu_quant, upload_topk_ids, ExpertWeights, GemmBackend,
-    Layout, MoeWorkspace, Permuted, RouterConfig, Routing, GEMM_BLOCK_M,
+    combine, gate_logits, grouped_gemm_with, moe_forward, permute, route, swiglu_quant, upload_topk_ids, ExpertWeights,
+    GemmBackend, Layout, MoeWorkspace, Permuted, RouterConfig, Routing, GEMM_BLOCK_M,
 };
 use r1_kernels::quant::{activation_scale_shape, quantize_activations};
 use r1_kernels::reference::moe::{self as rm, calc_diff, combine_token, fp8_row_times_matrix, ExpertsF32, ExpertsFp8};
@@ -375,6 +375,39 @@ fn layer_case(gpu: &Gpu, cfg: &RouterConfig, t: usize, h: usize, i: usize, layou
         moe_forward(gpu, cfg, &wd, Some(&sd), &xd, Routing::TopK(&idd, &wdd), &mut ws, &mut out).unwrap();
         assert_eq!(bits(&from_bf16(&out.to_host(gpu).unwrap())), bits(&got), "TopK routing path");
     }
+}
+
+#[test]
+fn gpu_gate_logits_bitwise_and_gate_routing() {
+    let Some(gpu) = test_gpu("gpu_gate_logits_bitwise_and_gate_routing") else { return };
+    for &(t, e, h) in &[(1usize, 8usize, 256usize), (13, 64, 1000), (128, 256, 7168)] {
+        let x = bf16_round(&uniform(t * h, 1.0, 1));
+        let w = bf16_round(&uniform(e * h, 0.05, 2));
+        let want = rm::gate_logits(&x, &w, t, e, h).unwrap();
+        let xd = DeviceTensor::from_host(&gpu, &to_bf16(&x), &[t, h]).unwrap();
+        let wd = DeviceTensor::from_host(&gpu, &to_bf16(&w), &[e, h]).unwrap();
+        let mut l = DeviceTensor::from_host(&gpu, &vec![f32::NAN; t * e], &[t, e]).unwrap();
+        gate_logits(&gpu, &xd, &wd, &mut l).unwrap();
+        assert_eq!(bits(&l.to_host(&gpu).unwrap()), bits(&want), "gate logits t={t} E={e} H={h}");
+    }
+    // The fused gate path routes exactly like the reference fed with the reference logits.
+    let cfg = RouterConfig { num_experts: 16, top_k: 2, num_groups: 4, topk_groups: 2, ..RouterConfig::deepseek_v3() };
+    let (t, h, i) = (40, 256, 128);
+    let w = random_experts(16, h, i, 3);
+    let x = bf16_round(&uniform(t * h, 2.0, 4));
+    let wg = bf16_round(&uniform(16 * h, 0.1, 5));
+    let logits = rm::gate_logits(&x, &wg, t, 16, h).unwrap();
+    let (ids, wts) = rm::route(&logits, None, t, &cfg).unwrap();
+    let want = rm::moe_forward_fp8(&x, t, &ids, &wts, 2, &w, None).unwrap();
+    let wd = ExpertWeights::from_reference(&gpu, &w).unwrap();
+    let xd = DeviceTensor::from_host(&gpu, &to_bf16(&x), &[t, h]).unwrap();
+    let gd = DeviceTensor::from_host(&gpu, &to_bf16(&wg), &[16, h]).unwrap();
+    let mut ws = MoeWorkspace::new(&gpu, &cfg, t, h, i, None, Layout::Contiguous { block_m: 64 }).unwrap();
+    let mut out = DeviceTensor::zeros(&gpu, &[t, h]).unwrap();
+    moe_forward(&gpu, &cfg, &wd, None, &xd, Routing::Gate(&gd, None), &mut ws, &mut out).unwrap();
+    assert_eq!(ws.topk_ids.to_host(&gpu).unwrap(), ids);
+    let diff = calc_diff(&from_bf16(&out.to_host(&gpu).unwrap()), &want);
+    assert!(diff < 1e-3, "gate-routed layer diff {diff}");
 }
 
 #[test]

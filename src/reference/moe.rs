@@ -247,6 +247,44 @@ pub fn route(logits: &[f32], bias: Option<&[f32]>, t: usize, cfg: &RouterConfig)
     Ok((ids, weights))
 }
 
+/// Router gate GEMM `logits[t, E] = x[t, H] · w_gate[E, H]ᵀ` in f32 with the GPU kernel's exact summation order
+/// (so the GPU result is bitwise equal): 32 lane partials, lane `l` taking the 8-element chunks `l, l+32, …` of `H`
+/// with sequential fused multiply-adds, then an xor-butterfly sum over the lanes. `x`, `w_gate` hold bf16 values.
+pub fn gate_logits(x: &[f32], w_gate: &[f32], t: usize, num_experts: usize, hidden: usize) -> Result<Vec<f32>> {
+    if x.len() != t * hidden {
+        return Err(Error::shape("x", format!("[{t}, {hidden}]"), x.len()));
+    }
+    if w_gate.len() != num_experts * hidden {
+        return Err(Error::shape("w_gate", format!("[{num_experts}, {hidden}]"), w_gate.len()));
+    }
+    if !hidden.is_multiple_of(8) {
+        return Err(Error::Alignment { arg: "hidden", required: 8, got: hidden });
+    }
+    let mut out = vec![0f32; t * num_experts];
+    for tok in 0..t {
+        let xr = &x[tok * hidden..(tok + 1) * hidden];
+        for e in 0..num_experts {
+            let wr = &w_gate[e * hidden..(e + 1) * hidden];
+            let mut lanes = [0f32; 32];
+            for (l, acc) in lanes.iter_mut().enumerate() {
+                for c in (l..hidden / 8).step_by(32) {
+                    for q in 0..8 {
+                        *acc = xr[c * 8 + q].mul_add(wr[c * 8 + q], *acc);
+                    }
+                }
+            }
+            for off in [16, 8, 4, 2, 1] {
+                let prev = lanes;
+                for (l, v) in lanes.iter_mut().enumerate() {
+                    *v = prev[l] + prev[l ^ off];
+                }
+            }
+            out[tok * num_experts + e] = lanes[0];
+        }
+    }
+    Ok(out)
+}
+
 /// How permuted rows are laid out for the grouped GEMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -803,6 +841,22 @@ mod tests {
             assert!(v.windows(2).all(|p| p[0] >= p[1]));
         }
         let _ = logit(0.5);
+    }
+
+    #[test]
+    fn gate_logits_close_to_f64_dot() {
+        let (t, e, h) = (3, 5, 1000);
+        let mut r = lcg(21);
+        let x: Vec<f32> = (0..t * h).map(|_| bf16::from_f32(r()).to_f32()).collect();
+        let w: Vec<f32> = (0..e * h).map(|_| bf16::from_f32(r() * 0.1).to_f32()).collect();
+        let got = gate_logits(&x, &w, t, e, h).unwrap();
+        for tok in 0..t {
+            for ex in 0..e {
+                let d: f64 = (0..h).map(|c| x[tok * h + c] as f64 * w[ex * h + c] as f64).sum();
+                assert!((got[tok * e + ex] as f64 - d).abs() < 1e-5, "{tok},{ex}");
+            }
+        }
+        assert!(gate_logits(&x, &w, t, e, 999).is_err());
     }
 
     #[test]
