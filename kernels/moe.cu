@@ -87,7 +87,7 @@ __device__ void router_impl(const T* __restrict__ logits, const float* __restric
         for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
         float sum = 0.0f;
         for (int e = lane; e < num_experts; e += 32) {
-            float ex = expf(s[e] - mx);
+            float ex = r1k::moe_expf(s[e] - mx);
             s[e] = ex;
             sum += ex;
         }
@@ -95,7 +95,7 @@ __device__ void router_impl(const T* __restrict__ logits, const float* __restric
         for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
         for (int e = lane; e < num_experts; e += 32) s[e] = s[e] / sum;
     } else {
-        for (int e = lane; e < num_experts; e += 32) s[e] = 1.0f / (1.0f + expf(-sanitize(load_logit(row + e))));
+        for (int e = lane; e < num_experts; e += 32) s[e] = 1.0f / (1.0f + r1k::moe_expf(-sanitize(load_logit(row + e))));
     }
     for (int e = lane; e < num_experts; e += 32) v[e] = sanitize(s[e] + (has_bias ? bias[e] : 0.0f));
     __syncwarp();
@@ -416,8 +416,8 @@ extern "C" __global__ void __launch_bounds__(256) moe_swiglu_quant(const __nv_bf
         for (int i = 0; i < 4; ++i) {
             const float2 gf = __bfloat1622float2(gp[i]);
             const float2 uf = __bfloat1622float2(up[i]);
-            v[2 * i] = __fmul_rn(__fdiv_rn(gf.x, 1.0f + expf(-gf.x)), uf.x);
-            v[2 * i + 1] = __fmul_rn(__fdiv_rn(gf.y, 1.0f + expf(-gf.y)), uf.y);
+            v[2 * i] = __fmul_rn(__fdiv_rn(gf.x, 1.0f + r1k::moe_expf(-gf.x)), uf.x);
+            v[2 * i + 1] = __fmul_rn(__fdiv_rn(gf.y, 1.0f + r1k::moe_expf(-gf.y)), uf.y);
         }
     } else {
 #pragma unroll

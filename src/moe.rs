@@ -54,7 +54,7 @@ impl RouterLogits for bf16 {
 }
 
 /// Routes `logits` `[t, E]` into `topk_ids` `[t, k]` and `topk_weights` `[t, k]` exactly like
-/// [`crate::reference::moe::route`] (ids bitwise, weights up to a few ulps: `expf` and the softmax sum order differ).
+/// [`crate::reference::moe::route`], bit for bit (ids and weights: the exp and the softmax sum order are twinned).
 pub fn route<T: RouterLogits>(
     gpu: &Gpu,
     cfg: &RouterConfig,

@@ -121,16 +121,40 @@ pub fn sanitize(x: f32) -> f32 {
     }
 }
 
+/// `e^x` in f32, bit for bit the GPU's `r1k::moe_expf` (kernels/common/moe.cuh): Cody-Waite reduction by ln 2,
+/// degree-7 Horner polynomial in fused multiply-adds, exact power-of-two scaling. ~2 ulp on [−87, 88]; 0 below,
+/// +inf above, NaN stays NaN.
+#[inline]
+pub fn exp_f32(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    if x > 88.0 {
+        return f32::INFINITY;
+    }
+    if x < -87.0 {
+        return 0.0;
+    }
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let mut r = (-n).mul_add(0.693_145_751_953_125, x);
+    r = (-n).mul_add(1.428_606_765_330_187e-6, r);
+    let mut p = 1.0f32 / 5040.0;
+    for c in [1.0f32 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 /// `1 / (1 + e^-x)` in f32, the formula the GPU uses (±inf map to 1 and 0).
 #[inline]
 pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp_f32(-x))
 }
 
 /// `x · sigmoid(x)` in the GPU's f32 formula `x / (1 + e^-x)`.
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp_f32(-x))
 }
 
 /// True when candidate `(a, ia)` ranks before `(b, ib)`: larger value first, ties to the lower index.
@@ -147,8 +171,19 @@ pub fn expert_scores(logits: &[f32], scoring: Scoring) -> Vec<f32> {
         Scoring::Softmax => {
             let xs: Vec<f32> = logits.iter().map(|&x| sanitize(x).clamp(-f32::MAX, f32::MAX)).collect();
             let max = xs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let e: Vec<f32> = xs.iter().map(|&x| (x - max).exp()).collect();
-            let sum: f32 = e.iter().sum();
+            let e: Vec<f32> = xs.iter().map(|&x| exp_f32(x - max)).collect();
+            // The GPU's order: lane l sums experts l, l+32, ... in turn, then an xor-butterfly over 32 lanes.
+            let mut lanes = [0f32; 32];
+            for (i, &v) in e.iter().enumerate() {
+                lanes[i % 32] += v;
+            }
+            for off in [16, 8, 4, 2, 1] {
+                let prev = lanes;
+                for (l, v) in lanes.iter_mut().enumerate() {
+                    *v = prev[l] + prev[l ^ off];
+                }
+            }
+            let sum = lanes[0];
             e.iter().map(|&v| v / sum).collect()
         }
     }
@@ -158,7 +193,7 @@ pub fn expert_scores(logits: &[f32], scoring: Scoring) -> Vec<f32> {
 /// `[t, k]` (in selection order: best first) and `topk_weights` `[t, k]`.
 ///
 /// Algorithm (the GPU kernel's, step for step):
-/// 1. score `s = sigmoid(x)` or `softmax(x)` (f32); NaN logits are −inf (score 0); selection value
+/// 1. score `s = sigmoid(x)` or `softmax(x)` (f32, with [`exp_f32`]); NaN logits are −inf (score 0); selection value
 ///    `v = s + bias` (NaN → −inf).
 /// 2. Group limiting (when `num_groups > 1`): a group's score is the sum of its two best `v` (its only `v` for
 ///    one-expert groups; NaN → −inf); the `topk_groups` best groups are kept, the others' experts are not candidates.
@@ -841,6 +876,25 @@ mod tests {
             assert!(v.windows(2).all(|p| p[0] >= p[1]));
         }
         let _ = logit(0.5);
+    }
+
+    #[test]
+    fn exp_twin_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp();
+            let rel = ((exp_f32(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 3.0 * f32::EPSILON as f64, "worst relative error {worst:e}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(sigmoid(f32::INFINITY), 1.0);
+        assert_eq!(sigmoid(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]
