@@ -34,9 +34,9 @@ __device__ __forceinline__ float moe_expf(float x) {
     if (x != x) return x;
     if (x > 88.0f) return __int_as_float(0x7f800000);
     if (x < -87.0f) return 0.0f;
-    const float n = rintf(__fmul_rn(x, 1.44269504f));
-    float r = fmaf(-n, 0.693145751953125f, x);
-    r = fmaf(-n, 1.428606765330187e-06f, r);
+    const float n = rintf(__fmul_rn(x, __int_as_float(0x3fb8aa3b)));  // log2(e)
+    float r = fmaf(-n, __int_as_float(0x3f317200), x);                 // ln 2, high 16 bits (exact products)
+    r = fmaf(-n, __int_as_float(0x35bfbe8e), r);                       // ln 2, remainder
     float p = 1.0f / 5040.0f;
     p = fmaf(p, r, 1.0f / 720.0f);
     p = fmaf(p, r, 1.0f / 120.0f);

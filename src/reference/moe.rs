@@ -135,9 +135,12 @@ pub fn exp_f32(x: f32) -> f32 {
     if x < -87.0 {
         return 0.0;
     }
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
-    let mut r = (-n).mul_add(0.693_145_751_953_125, x);
-    r = (-n).mul_add(1.428_606_765_330_187e-6, r);
+    // log2(e), ln 2 split into a 16-bit-exact high part and the remainder: the same bit patterns as the CUDA side.
+    let (log2e, ln2_hi, ln2_lo) =
+        (f32::from_bits(0x3fb8_aa3b), f32::from_bits(0x3f31_7200), f32::from_bits(0x35bf_be8e));
+    let n = (x * log2e).round_ties_even();
+    let mut r = (-n).mul_add(ln2_hi, x);
+    r = (-n).mul_add(ln2_lo, r);
     let mut p = 1.0f32 / 5040.0;
     for c in [1.0f32 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = p.mul_add(r, c);
