@@ -10,13 +10,18 @@
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
+pub mod decode_ops;
 pub mod device;
 pub mod error;
 pub mod fp8;
 pub mod kernels;
+pub mod model;
 pub mod moe;
 pub mod quant;
 pub mod reference;
+pub mod report;
+pub mod rng;
 pub mod tensor;
 pub mod timing;
 

@@ -1,4 +1,5 @@
 //! CPU references: plain f32/f64 loops, the ground truth every GPU kernel is tested against.
 
+pub mod decode_ops;
 pub mod moe;
 pub mod quant;

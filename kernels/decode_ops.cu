@@ -1,0 +1,159 @@
+// Small ops around a DeepSeek-V3 decode step. All memory-bound except head_bmm.
+//
+// rms_norm_bf16: one CTA (256 threads) per row; fp32 sum of squares reduced in a fixed tree order (shuffles, then a
+//   smem pass over the 8 warps), so results are bitwise reproducible. Optionally fused with the residual add and
+//   with strided rows (normalize the 512-wide latent inside a 576-wide kv row in place). Bytes: 2·rows·d read +
+//   2·rows·d written (+ the residual's 4·rows·d).
+// copy_columns_bf16 / add_bf16: plumbing for the decode layer (q_pe into the MLA query, residual adds).
+// rope_bf16_inplace: one thread per (row, head, pair); angle = float(pos) · inv_freq[i] in fp32 (the Rust
+//   reference makes the same f32 product), sincosf (full precision). Bytes: 4 per pair read + written.
+// head_bmm_bf16: out[t, h, j] = Σ_i x[t, h, i] · w[h·ws_h + i·ws_i + j·ws_j], fp32 accumulate, bf16 out. One CTA per
+//   (head, 16-token tile, 128-column tile); the 16 x rows of the head are staged in smem; each thread owns one
+//   column j and walks i in order (deterministic). Flops: 2·t·h·k·n. SIMT: this is the W_UK/W_UV absorption, a small
+//   share of a decode step.
+// cache_append_bf16: one CTA per token copies a width-wide row into its paged-cache slot; the slot is recomputed and
+//   bounds-checked on the device (block id < num_blocks, position within the table), so a bad table never writes
+//   out of bounds (the host validates too when it can).
+//
+// r1k: portable
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+// Normalizes the first d columns of each row. x and y may alias (in-place): each thread re-reads and writes only its
+// own elements after the reduction. residual, when non-null, is added to x first and the sum is written back to
+// residual_out (so "h = x + attn_out; y = norm(h)" is one pass).
+extern "C" __global__ void __launch_bounds__(256) rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* residual,
+                                                               __nv_bfloat16* residual_out,
+                                                               const __nv_bfloat16* __restrict__ weight,
+                                                               __nv_bfloat16* y, int d, long long x_stride,
+                                                               long long y_stride, float eps) {
+    __shared__ float warp_sums[8];
+    const long long row = blockIdx.x;
+    const __nv_bfloat16* xr = x + row * x_stride;
+    auto load = [&](int c) {
+        float v = __bfloat162float(xr[c]);
+        if (residual != nullptr) {
+            // Round the sum to bf16 first: the stored residual stream is bf16, and the norm must see what is stored.
+            v = __bfloat162float(__float2bfloat16_rn(v + __bfloat162float(residual[row * d + c])));
+        }
+        return v;
+    };
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        const float v = load(c);
+        sum = fmaf(v, v, sum);
+    }
+#pragma unroll
+    for (int mask = 16; mask > 0; mask >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, mask);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) total += warp_sums[w];
+    const float inv = rsqrtf(total / static_cast<float>(d) + eps);
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        const float v = load(c);
+        if (residual_out != nullptr) residual_out[row * d + c] = __float2bfloat16_rn(v);
+        y[row * y_stride + c] = __float2bfloat16_rn(v * inv * __bfloat162float(weight[c]));
+    }
+}
+
+// Copies columns [src_col, src_col + width) of src [rows, src_len] to columns [dst_col, ...) of dst [rows, dst_len].
+extern "C" __global__ void copy_columns_bf16(const __nv_bfloat16* __restrict__ src, __nv_bfloat16* __restrict__ dst,
+                                             long long rows, int width, int src_len, int src_col, int dst_len,
+                                             int dst_col) {
+    const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= rows * width) return;
+    const long long r = idx / width;
+    const int c = static_cast<int>(idx % width);
+    dst[r * dst_len + dst_col + c] = src[r * src_len + src_col + c];
+}
+
+// out = a + b (bf16, rounded once).
+extern "C" __global__ void add_bf16(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ b,
+                                    __nv_bfloat16* __restrict__ out, long long n) {
+    const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __float2bfloat16_rn(__bfloat162float(a[i]) + __bfloat162float(b[i]));
+}
+
+// x: [rows, row_len] bf16; rotates `count` slices of `dim` elements starting at `offset`, `stride` apart.
+extern "C" __global__ void rope_bf16_inplace(__nv_bfloat16* __restrict__ x, const int* __restrict__ positions,
+                                             const float* __restrict__ inv_freq, int rows, int row_len, int count,
+                                             int stride, int offset, int dim, float scale) {
+    const int half = dim / 2;
+    const long long total = static_cast<long long>(rows) * count * half;
+    const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    const int i = static_cast<int>(idx % half);
+    const int head = static_cast<int>((idx / half) % count);
+    const long long row = idx / (static_cast<long long>(half) * count);
+    const float angle = static_cast<float>(positions[row]) * inv_freq[i];
+    float s, c;
+    sincosf(angle, &s, &c);
+    s *= scale;
+    c *= scale;
+    __nv_bfloat16* p = x + row * row_len + offset + static_cast<long long>(head) * stride + 2 * i;
+    const float a = __bfloat162float(p[0]);
+    const float b = __bfloat162float(p[1]);
+    p[0] = __float2bfloat16_rn(a * c - b * s);
+    p[1] = __float2bfloat16_rn(a * s + b * c);
+}
+
+constexpr int kBmmTokens = 16;
+constexpr int kBmmCols = 128;
+
+// x: [t, heads, x_len] bf16, reads columns [x_col, x_col + k); w: bf16 with strides (ws_h, ws_i, ws_j);
+// out: [t, heads, out_len] bf16 (or fp32 when out_f32, e.g. router logits), writes columns [out_col, out_col + n).
+// Grid: (ceil(n/128), ceil(t/16), heads), block 128, dynamic smem 16·k·4 bytes.
+extern "C" __global__ void __launch_bounds__(128) head_bmm_bf16(const __nv_bfloat16* __restrict__ x,
+                                                               const __nv_bfloat16* __restrict__ w,
+                                                               void* __restrict__ out, int t, int heads, int k,
+                                                               int n, long long ws_h, long long ws_i, long long ws_j,
+                                                               int x_len, int x_col, int out_len, int out_col,
+                                                               int out_f32) {
+    extern __shared__ float xs[];  // [kBmmTokens][k]
+    const int h = blockIdx.z;
+    const int t0 = blockIdx.y * kBmmTokens;
+    const int j = blockIdx.x * kBmmCols + threadIdx.x;
+    const int tokens = min(kBmmTokens, t - t0);
+    for (int e = threadIdx.x; e < tokens * k; e += blockDim.x) {
+        const int tt = e / k, i = e % k;
+        xs[e] = __bfloat162float(x[(static_cast<size_t>(t0 + tt) * heads + h) * x_len + x_col + i]);
+    }
+    __syncthreads();
+    if (j >= n) return;
+    float acc[kBmmTokens];
+#pragma unroll
+    for (int tt = 0; tt < kBmmTokens; ++tt) acc[tt] = 0.0f;
+    const __nv_bfloat16* wp = w + h * ws_h + j * ws_j;
+    for (int i = 0; i < k; ++i) {
+        const float wv = __bfloat162float(wp[i * ws_i]);
+#pragma unroll
+        for (int tt = 0; tt < kBmmTokens; ++tt) acc[tt] = fmaf(xs[tt * k + i], wv, acc[tt]);
+    }
+#pragma unroll
+    for (int tt = 0; tt < kBmmTokens; ++tt) {
+        if (tt >= tokens) continue;
+        const size_t o = (static_cast<size_t>(t0 + tt) * heads + h) * out_len + out_col + j;
+        if (out_f32)
+            static_cast<float*>(out)[o] = acc[tt];
+        else
+            static_cast<__nv_bfloat16*>(out)[o] = __float2bfloat16_rn(acc[tt]);
+    }
+}
+
+// rows: [t, width] bf16; cache: [num_blocks, page, width]; block_table: [batch, max_blocks].
+extern "C" __global__ void cache_append_bf16(const __nv_bfloat16* __restrict__ rows, __nv_bfloat16* __restrict__ cache,
+                                             const int* __restrict__ block_table, const int* __restrict__ seq_ids,
+                                             const int* __restrict__ positions, int width, int page, int num_blocks,
+                                             int batch, int max_blocks) {
+    const int r = blockIdx.x;
+    const int seq = seq_ids[r];
+    const int pos = positions[r];
+    if (seq < 0 || seq >= batch || pos < 0 || pos / page >= max_blocks) return;
+    const int block = block_table[static_cast<size_t>(seq) * max_blocks + pos / page];
+    if (block < 0 || block >= num_blocks) return;
+    __nv_bfloat16* dst = cache + (static_cast<size_t>(block) * page + pos % page) * width;
+    const __nv_bfloat16* src = rows + static_cast<size_t>(r) * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = src[c];
+}

@@ -1,0 +1,589 @@
+//! Loading (and writing) one decoder layer of a DeepSeek-V3/R1 FP8 checkpoint in safetensors format.
+//!
+//! A checkpoint is a directory of `*.safetensors` shards, normally with a `model.safetensors.index.json` whose
+//! `weight_map` names the shard of every tensor. With an index, only the shards holding the requested layer are read;
+//! without one, every shard's header (a few hundred KB) is read to find them. Shards are read whole and parsed by the
+//! `safetensors` crate, which validates the header, the offsets and the file length; tensors are then copied out and
+//! checked against the expected dtype and shape (from [`DeepSeekV3Config::layer_tensor_specs`]). Every problem is an
+//! [`Error::Io`] naming the tensor and the file, never a panic.
+//!
+//! A V3 MoE layer is ≈ 11.4 GB; peak memory is that plus one shard (≈ 4.3 GB for the released checkpoints).
+
+pub mod json;
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use half::bf16;
+use safetensors::{Dtype, SafeTensors, View};
+
+use crate::error::{Error, Result};
+use crate::fp8::E4M3;
+pub use crate::model::synthetic_layer_weights;
+use crate::model::{
+    layer_prefix, DeepSeekV3Config, FfnWeights, Fp8Linear, LayerWeights, MlaWeights, MlpWeights, MoeWeights,
+    TensorDtype, TensorRef,
+};
+
+/// File name of the shard index in Hugging Face checkpoints.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The safetensors header limit (the `safetensors` crate refuses larger headers too).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+fn io_err(msg: impl Into<String>) -> Error {
+    Error::Io(msg.into())
+}
+
+fn dtype_of(d: TensorDtype) -> Dtype {
+    match d {
+        TensorDtype::F8E4M3 => Dtype::F8_E4M3,
+        TensorDtype::Bf16 => Dtype::BF16,
+        TensorDtype::F32 => Dtype::F32,
+    }
+}
+
+/// One tensor as read from a shard: dtype, shape, little-endian bytes, and where it came from (for messages).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor {
+    /// Storage type as written in the file.
+    pub dtype: Dtype,
+    /// Shape as written in the file.
+    pub shape: Vec<usize>,
+    /// The raw little-endian bytes.
+    pub data: Vec<u8>,
+    /// The shard it was read from.
+    pub file: PathBuf,
+}
+
+/// Progress of a load, reported before each shard is read.
+#[derive(Debug, Clone)]
+pub struct LoadProgress {
+    /// The shard about to be read.
+    pub file: PathBuf,
+    /// Its size in bytes.
+    pub file_bytes: u64,
+    /// Shards already read.
+    pub files_done: usize,
+    /// Shards to read in all.
+    pub files_total: usize,
+}
+
+/// A checkpoint directory, with its index when it has one.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    /// Tensor name → shard file name, from the index.
+    index: Option<HashMap<String, String>>,
+}
+
+/// One entry of a safetensors header, parsed without reading the data.
+#[derive(Debug, Clone, PartialEq)]
+struct HeaderEntry {
+    name: String,
+    dtype: String,
+    shape: Vec<usize>,
+    offsets: (u64, u64),
+}
+
+/// Reads and parses only the header of a safetensors file.
+fn read_header(path: &Path) -> Result<Vec<HeaderEntry>> {
+    let what = |msg: String| io_err(format!("{}: not a valid safetensors file: {msg}", path.display()));
+    let mut f = fs::File::open(path).map_err(|e| io_err(format!("{}: {e}", path.display())))?;
+    let len = f.metadata().map_err(|e| io_err(format!("{}: {e}", path.display())))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| what(format!("file is only {len} bytes, shorter than the 8-byte header length")))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER_BYTES || n > len - 8 {
+        return Err(what(format!("header length {n} does not fit in the file ({len} bytes): truncated or corrupt")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| what(e.to_string()))?;
+    let text = std::str::from_utf8(&header).map_err(|e| what(format!("header is not UTF-8 ({e})")))?;
+    let doc = json::parse(text).map_err(|e| what(format!("header is not JSON ({e})")))?;
+    let json::Json::Obj(members) = doc else { return Err(what("header is not a JSON object".into())) };
+    let data_len = len - 8 - n;
+    let mut out = Vec::with_capacity(members.len());
+    for (name, v) in members {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = || what(format!("malformed header entry for `{name}`"));
+        let dtype = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(bad)?.to_string();
+        let nums = |key: &str| -> Result<Vec<u64>> {
+            match v.get(key) {
+                Some(json::Json::Arr(xs)) => xs
+                    .iter()
+                    .map(|x| match x {
+                        json::Json::Num(f) if *f >= 0.0 && f.fract() == 0.0 && *f < 9.0e15 => Ok(*f as u64),
+                        _ => Err(bad()),
+                    })
+                    .collect(),
+                _ => Err(bad()),
+            }
+        };
+        let shape: Vec<usize> = nums("shape")?.into_iter().map(|d| d as usize).collect();
+        let offsets = nums("data_offsets")?;
+        let [begin, end] = offsets[..] else { return Err(bad()) };
+        if begin > end || end > data_len {
+            return Err(what(format!(
+                "tensor `{name}` has data_offsets [{begin}, {end}] outside the {data_len} data bytes: truncated or corrupt"
+            )));
+        }
+        let elem_bytes = match dtype.as_str() {
+            "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" => Some(1u64),
+            "BF16" | "F16" | "I16" | "U16" => Some(2),
+            "F32" | "I32" | "U32" => Some(4),
+            "F64" | "I64" | "U64" => Some(8),
+            _ => None,
+        };
+        let numel = shape.iter().try_fold(1u64, |a: u64, &d: &usize| a.checked_mul(d as u64));
+        if let (Some(size), Some(numel)) = (elem_bytes, numel) {
+            if numel.checked_mul(size) != Some(end - begin) {
+                return Err(what(format!(
+                    "tensor `{name}` ({dtype} {shape:?}) needs {} bytes but data_offsets give {}",
+                    numel.saturating_mul(size),
+                    end - begin
+                )));
+            }
+        }
+        out.push(HeaderEntry { name, dtype, shape, offsets: (begin, end) });
+    }
+    Ok(out)
+}
+
+fn read_index(path: &Path) -> Result<HashMap<String, String>> {
+    let text = fs::read_to_string(path).map_err(|e| io_err(format!("{}: {e}", path.display())))?;
+    let doc = json::parse(&text).map_err(|e| io_err(format!("{}: not valid JSON: {e}", path.display())))?;
+    let Some(json::Json::Obj(map)) = doc.get("weight_map") else {
+        return Err(io_err(format!("{}: no `weight_map` object", path.display())));
+    };
+    let mut out = HashMap::with_capacity(map.len());
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| io_err(format!("{}: weight_map entry for `{name}` is not a string", path.display())))?;
+        out.insert(name.clone(), file.to_string());
+    }
+    Ok(out)
+}
+
+fn list_shards(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = fs::read_dir(dir).map_err(|e| io_err(format!("checkpoint directory {}: {e}", dir.display())))?;
+    let mut shards = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| io_err(format!("{}: {e}", dir.display())))?.path();
+        if path.extension().is_some_and(|x| x == "safetensors") && path.is_file() {
+            shards.push(path);
+        }
+    }
+    shards.sort();
+    Ok(shards)
+}
+
+impl Checkpoint {
+    /// Opens a checkpoint directory, reading `model.safetensors.index.json` when present.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(io_err(format!("checkpoint directory {} does not exist or is not a directory", dir.display())));
+        }
+        let index_path = dir.join(INDEX_FILE);
+        let index = if index_path.is_file() { Some(read_index(&index_path)?) } else { None };
+        Ok(Checkpoint { dir, index })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// True when the directory has a shard index.
+    pub fn has_index(&self) -> bool {
+        self.index.is_some()
+    }
+
+    /// Which shard holds each of `names`: from the index, or by reading every shard's header.
+    fn locate(&self, names: &[String]) -> Result<BTreeMap<PathBuf, Vec<String>>> {
+        let mut by_file: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
+        let mut missing = Vec::new();
+        if let Some(index) = &self.index {
+            for name in names {
+                match index.get(name) {
+                    Some(file) => by_file.entry(self.dir.join(file)).or_default().push(name.clone()),
+                    None => missing.push(name.clone()),
+                }
+            }
+            if !missing.is_empty() {
+                return Err(missing_error(&missing, &format!("not listed in {}", self.dir.join(INDEX_FILE).display())));
+            }
+        } else {
+            let shards = list_shards(&self.dir)?;
+            let mut wanted: HashMap<&str, bool> = names.iter().map(|n| (n.as_str(), false)).collect();
+            for shard in &shards {
+                for entry in read_header(shard)? {
+                    if let Some(found) = wanted.get_mut(entry.name.as_str()) {
+                        if !*found {
+                            *found = true;
+                            by_file.entry(shard.clone()).or_default().push(entry.name);
+                        }
+                    }
+                }
+            }
+            missing.extend(names.iter().filter(|n| !wanted[n.as_str()]).cloned());
+            if !missing.is_empty() {
+                return Err(missing_error(
+                    &missing,
+                    &format!(
+                        "not found in any of the {} safetensors files in {} (which has no {INDEX_FILE})",
+                        shards.len(),
+                        self.dir.display()
+                    ),
+                ));
+            }
+        }
+        Ok(by_file)
+    }
+
+    /// Reads the named tensors, each shard once, calling `progress` before each shard.
+    pub fn read_tensors(&self, names: &[String], mut progress: impl FnMut(&LoadProgress)) -> Result<TensorSet> {
+        let by_file = self.locate(names)?;
+        let mut tensors = HashMap::with_capacity(names.len());
+        let files_total = by_file.len();
+        for (files_done, (file, wanted)) in by_file.into_iter().enumerate() {
+            let file_bytes = fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            progress(&LoadProgress { file: file.clone(), file_bytes, files_done, files_total });
+            let bytes = fs::read(&file).map_err(|e| io_err(format!("{}: {e}", file.display())))?;
+            let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+                io_err(format!("{}: not a valid safetensors file (truncated or corrupt?): {e}", file.display()))
+            })?;
+            for name in wanted {
+                let view = st.tensor(&name).map_err(|_| {
+                    io_err(format!(
+                        "missing tensor `{name}`: the index places it in {}, which does not contain it",
+                        file.display()
+                    ))
+                })?;
+                let raw = RawTensor {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    data: view.data().to_vec(),
+                    file: file.clone(),
+                };
+                tensors.insert(name, raw);
+            }
+        }
+        Ok(TensorSet { tensors })
+    }
+
+    /// Loads every tensor of decoder layer `layer`, checked against `cfg`.
+    pub fn load_layer(&self, cfg: &DeepSeekV3Config, layer: usize) -> Result<LayerWeights> {
+        self.load_layer_with_progress(cfg, layer, |_| {})
+    }
+
+    /// [`Self::load_layer`] with a callback before each shard is read (for a progress indicator).
+    pub fn load_layer_with_progress(
+        &self,
+        cfg: &DeepSeekV3Config,
+        layer: usize,
+        progress: impl FnMut(&LoadProgress),
+    ) -> Result<LayerWeights> {
+        cfg.validate()?;
+        if layer >= cfg.num_layers {
+            return Err(Error::InvalidConfig(format!(
+                "layer {layer} does not exist: the model has {} decoder layers",
+                cfg.num_layers
+            )));
+        }
+        let names: Vec<String> = cfg.layer_tensor_specs(layer).into_iter().map(|s| s.name).collect();
+        let mut set = self.read_tensors(&names, progress)?;
+        set.take_layer(cfg, layer)
+    }
+}
+
+fn missing_error(missing: &[String], why: &str) -> Error {
+    let more = if missing.len() > 1 { format!(" (and {} more)", missing.len() - 1) } else { String::new() };
+    io_err(format!("missing tensor `{}`{more}: {why}", missing[0]))
+}
+
+/// Loads decoder layer `layer` from the checkpoint in `dir` (see [`Checkpoint`]).
+pub fn load_layer(dir: impl AsRef<Path>, cfg: &DeepSeekV3Config, layer: usize) -> Result<LayerWeights> {
+    Checkpoint::open(dir)?.load_layer(cfg, layer)
+}
+
+/// Tensors read from a checkpoint, with typed, checked accessors that move the data out.
+#[derive(Debug, Default)]
+pub struct TensorSet {
+    tensors: HashMap<String, RawTensor>,
+}
+
+impl TensorSet {
+    /// The raw tensor `name`, if it was read.
+    pub fn get(&self, name: &str) -> Option<&RawTensor> {
+        self.tensors.get(name)
+    }
+
+    /// Number of tensors held.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// True when no tensor is held.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    fn take(&mut self, name: &str, dtype: TensorDtype, shape: &[usize]) -> Result<RawTensor> {
+        let t = self.tensors.remove(name).ok_or_else(|| io_err(format!("missing tensor `{name}`")))?;
+        let want = dtype_of(dtype);
+        if t.dtype != want {
+            return Err(io_err(format!(
+                "tensor `{name}` in {}: expected dtype {want}, got {}",
+                t.file.display(),
+                t.dtype
+            )));
+        }
+        if t.shape != shape {
+            return Err(io_err(format!(
+                "tensor `{name}` in {}: expected shape {shape:?}, got {:?}",
+                t.file.display(),
+                t.shape
+            )));
+        }
+        // The safetensors crate checked that the byte length matches dtype × shape.
+        debug_assert_eq!(t.data.len(), shape.iter().product::<usize>() * dtype.size());
+        Ok(t)
+    }
+
+    /// Takes a bf16 tensor of exactly `shape`.
+    pub fn take_bf16(&mut self, name: &str, shape: &[usize]) -> Result<Vec<bf16>> {
+        let t = self.take(name, TensorDtype::Bf16, shape)?;
+        Ok(t.data.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect())
+    }
+
+    /// Takes an f32 tensor of exactly `shape`.
+    pub fn take_f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.take(name, TensorDtype::F32, shape)?;
+        Ok(t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+
+    /// Takes an FP8 E4M3 tensor of exactly `shape`; NaN codes (never produced by quantization) are an error.
+    pub fn take_e4m3(&mut self, name: &str, shape: &[usize]) -> Result<Vec<E4M3>> {
+        let t = self.take(name, TensorDtype::F8E4M3, shape)?;
+        if let Some(i) = t.data.iter().position(|&b| b & 0x7f == 0x7f) {
+            return Err(io_err(format!(
+                "tensor `{name}` in {}: NaN code {:#04x} at element {i}: corrupt weights",
+                t.file.display(),
+                t.data[i]
+            )));
+        }
+        // Same size and alignment: this collect reuses the allocation.
+        Ok(t.data.into_iter().map(E4M3).collect())
+    }
+
+    /// Takes `{prefix}.weight` (`[n, k]` FP8) and `{prefix}.weight_scale_inv` (`[ceil(n/128), ceil(k/128)]` f32,
+    /// finite and non-negative).
+    pub fn take_fp8_linear(&mut self, prefix: &str, n: usize, k: usize) -> Result<Fp8Linear> {
+        let weight = self.take_e4m3(&format!("{prefix}.weight"), &[n, k])?;
+        let scale_name = format!("{prefix}.weight_scale_inv");
+        let file = self.tensors.get(&scale_name).map(|t| t.file.clone());
+        let scales = self
+            .take_f32(&scale_name, &[n.div_ceil(crate::model::WEIGHT_BLOCK), k.div_ceil(crate::model::WEIGHT_BLOCK)])?;
+        if let Some(i) = scales.iter().position(|s| !s.is_finite() || *s < 0.0) {
+            return Err(io_err(format!(
+                "tensor `{scale_name}` in {}: scale {} at block {i} is not a finite non-negative number",
+                file.unwrap_or_default().display(),
+                scales[i]
+            )));
+        }
+        Fp8Linear::new(n, k, weight, scales)
+    }
+
+    fn take_ffn(&mut self, base: &str, inter: usize, hidden: usize) -> Result<FfnWeights> {
+        Ok(FfnWeights {
+            gate_proj: self.take_fp8_linear(&format!("{base}.gate_proj"), inter, hidden)?,
+            up_proj: self.take_fp8_linear(&format!("{base}.up_proj"), inter, hidden)?,
+            down_proj: self.take_fp8_linear(&format!("{base}.down_proj"), hidden, inter)?,
+        })
+    }
+
+    /// Assembles decoder layer `layer` from the tensors held, checking every dtype and shape against `cfg`.
+    pub fn take_layer(&mut self, cfg: &DeepSeekV3Config, layer: usize) -> Result<LayerWeights> {
+        let p = layer_prefix(layer);
+        let h = cfg.num_heads;
+        let d = cfg.hidden;
+        let self_attn = MlaWeights {
+            q_a_proj: self.take_fp8_linear(&format!("{p}self_attn.q_a_proj"), cfg.q_lora_rank, d)?,
+            q_a_layernorm: self.take_bf16(&format!("{p}self_attn.q_a_layernorm.weight"), &[cfg.q_lora_rank])?,
+            q_b_proj: self.take_fp8_linear(
+                &format!("{p}self_attn.q_b_proj"),
+                h * cfg.qk_head_dim(),
+                cfg.q_lora_rank,
+            )?,
+            kv_a_proj_with_mqa: self.take_fp8_linear(
+                &format!("{p}self_attn.kv_a_proj_with_mqa"),
+                cfg.kv_cache_dim(),
+                d,
+            )?,
+            kv_a_layernorm: self.take_bf16(&format!("{p}self_attn.kv_a_layernorm.weight"), &[cfg.kv_lora_rank])?,
+            kv_b_proj: self.take_fp8_linear(
+                &format!("{p}self_attn.kv_b_proj"),
+                h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                cfg.kv_lora_rank,
+            )?,
+            o_proj: self.take_fp8_linear(&format!("{p}self_attn.o_proj"), d, h * cfg.v_head_dim)?,
+        };
+        let mlp = if cfg.is_moe_layer(layer) {
+            let e = cfg.n_routed_experts;
+            let gate_weight = self.take_bf16(&format!("{p}mlp.gate.weight"), &[e, d])?;
+            let e_score_correction_bias = self.take_f32(&format!("{p}mlp.gate.e_score_correction_bias"), &[e])?;
+            let experts = (0..e)
+                .map(|i| self.take_ffn(&format!("{p}mlp.experts.{i}"), cfg.moe_intermediate, d))
+                .collect::<Result<Vec<_>>>()?;
+            let shared_experts = self.take_ffn(&format!("{p}mlp.shared_experts"), cfg.shared_intermediate(), d)?;
+            MlpWeights::Moe(MoeWeights { gate_weight, e_score_correction_bias, experts, shared_experts })
+        } else {
+            MlpWeights::Dense(self.take_ffn(&format!("{p}mlp"), cfg.dense_intermediate, d)?)
+        };
+        Ok(LayerWeights {
+            layer,
+            input_layernorm: self.take_bf16(&format!("{p}input_layernorm.weight"), &[d])?,
+            self_attn,
+            post_attention_layernorm: self.take_bf16(&format!("{p}post_attention_layernorm.weight"), &[d])?,
+            mlp,
+        })
+    }
+}
+
+/// A [`TensorRef`] with its shape, viewed as a safetensors tensor for writing (FP8 data is not copied).
+struct WriteView<'a> {
+    t: TensorRef<'a>,
+    shape: Vec<usize>,
+}
+
+impl View for WriteView<'_> {
+    fn dtype(&self) -> Dtype {
+        dtype_of(self.t.dtype())
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self.t {
+            TensorRef::F8(x) => Cow::Borrowed(bytemuck::cast_slice(x)),
+            other => Cow::Owned(other.to_le_bytes()),
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.t.len() * self.t.dtype().size()
+    }
+}
+
+fn write_shard(path: &Path, tensors: Vec<(String, WriteView<'_>)>) -> Result<()> {
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors, Some(metadata), path)
+        .map_err(|e| io_err(format!("writing {}: {e}", path.display())))
+}
+
+/// Writes `weights` as a small checkpoint in the real layout: the checkpoint's tensor names, dtypes and shapes, in two
+/// shards (`model-layer{N}-attn.safetensors` with the norms, router and attention, `model-layer{N}-mlp.safetensors`
+/// with the MLP linears), and adds their tensors to `model.safetensors.index.json` in `dir` (created or updated, so
+/// several layers can share a directory). Returns the two shard paths.
+pub fn write_layer_checkpoint(
+    dir: impl AsRef<Path>,
+    cfg: &DeepSeekV3Config,
+    weights: &LayerWeights,
+) -> Result<Vec<PathBuf>> {
+    let dir = dir.as_ref();
+    weights.check_against(cfg)?;
+    fs::create_dir_all(dir).map_err(|e| io_err(format!("creating {}: {e}", dir.display())))?;
+    let layer = weights.layer;
+    let attn_file = format!("model-layer{layer}-attn.safetensors");
+    let mlp_file = format!("model-layer{layer}-mlp.safetensors");
+    let mlp_prefix = format!("{}mlp.", layer_prefix(layer));
+    let (mut attn, mut mlp) = (Vec::new(), Vec::new());
+    for (name, shape, t) in weights.named_tensors() {
+        // The router lives with the attention tensors, as the gate is small and read with them.
+        let is_mlp_linear = name.starts_with(&mlp_prefix) && !name.starts_with(&format!("{mlp_prefix}gate."));
+        let entry = (name, WriteView { t, shape });
+        if is_mlp_linear {
+            mlp.push(entry)
+        } else {
+            attn.push(entry)
+        }
+    }
+    let index_path = dir.join(INDEX_FILE);
+    let mut map: BTreeMap<String, String> =
+        if index_path.is_file() { read_index(&index_path)?.into_iter().collect() } else { BTreeMap::new() };
+    map.retain(|_, f| *f != attn_file && *f != mlp_file);
+    for (file, tensors) in [(&attn_file, &attn), (&mlp_file, &mlp)] {
+        for (name, _) in tensors {
+            map.insert(name.clone(), file.clone());
+        }
+    }
+    let paths = vec![dir.join(&attn_file), dir.join(&mlp_file)];
+    write_shard(&paths[0], attn)?;
+    write_shard(&paths[1], mlp)?;
+    write_index(&index_path, dir, &map).map_err(|e| io_err(format!("writing {}: {e}", index_path.display())))?;
+    Ok(paths)
+}
+
+fn write_index(path: &Path, dir: &Path, map: &BTreeMap<String, String>) -> Result<()> {
+    // total_size is the sum of the listed tensors' bytes, read back from the shards' headers.
+    let mut sizes: HashMap<String, u64> = HashMap::new();
+    let files: std::collections::BTreeSet<&String> = map.values().collect();
+    for file in files {
+        let full = dir.join(file);
+        if full.is_file() {
+            for e in read_header(&full)? {
+                sizes.insert(e.name, e.offsets.1.saturating_sub(e.offsets.0));
+            }
+        }
+    }
+    let total: u64 = map.keys().filter_map(|k| sizes.get(k)).sum();
+    let mut text = format!("{{\n  \"metadata\": {{\n    \"total_size\": {total}\n  }},\n  \"weight_map\": {{\n");
+    let last = map.len().saturating_sub(1);
+    for (i, (name, file)) in map.iter().enumerate() {
+        text.push_str(&format!(
+            "    {}: {}{}\n",
+            json::quote(name),
+            json::quote(file),
+            if i < last { "," } else { "" }
+        ));
+    }
+    text.push_str("  }\n}\n");
+    fs::write(path, text).map_err(|e| io_err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_reader_agrees_with_the_crate() {
+        let dir = std::env::temp_dir().join(format!("r1k-ckpt-hdr-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let cfg = DeepSeekV3Config::reduced();
+        let w = synthetic_layer_weights(&cfg, 0, 1).unwrap();
+        let paths = write_layer_checkpoint(&dir, &cfg, &w).unwrap();
+        for p in &paths {
+            let bytes = fs::read(p).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let entries = read_header(p).unwrap();
+            assert_eq!(entries.len(), st.len());
+            for e in entries {
+                let v = st.tensor(&e.name).unwrap();
+                assert_eq!(v.shape(), &e.shape[..]);
+                assert_eq!(v.dtype().to_string(), e.dtype);
+                assert_eq!(v.data().len() as u64, e.offsets.1 - e.offsets.0);
+            }
+        }
+        let index = read_index(&dir.join(INDEX_FILE)).unwrap();
+        assert_eq!(index.len(), cfg.layer_tensor_specs(0).len());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,450 @@
+//! GPU launchers for the small ops of a decode step: RMSNorm, YaRN RoPE (in place), per-head batched matmul (W_UK
+//! absorption / W_UV) and paged-cache append. References: [`crate::reference::decode_ops`].
+
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::reference::decode_ops::RopeConfig;
+use crate::tensor::DeviceTensor;
+
+const MODULE: &str = "decode_ops";
+
+fn to_i32(arg: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::shape(arg, "a value below 2^31", v))
+}
+
+fn launch_rms_norm(
+    gpu: &Gpu,
+    rows: usize,
+    d: usize,
+    pointers: [u64; 5],
+    x_stride: usize,
+    y_stride: usize,
+    eps: f32,
+) -> Result<()> {
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::InvalidConfig(format!("rms_norm eps must be finite and ≥ 0, got {eps}")));
+    }
+    let di = to_i32("d", d)?;
+    let grid = u32::try_from(rows).map_err(|_| Error::shape("x", "fewer than 2^32 rows", rows))?;
+    if rows == 0 || d == 0 {
+        return Ok(());
+    }
+    let (xs, ys) = (x_stride as i64, y_stride as i64);
+    let f = gpu.function(MODULE, "rms_norm_bf16", 0)?;
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let [x, residual, residual_out, weight, y] = pointers;
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(&x).arg(&residual).arg(&residual_out).arg(&weight).arg(&y).arg(&di).arg(&xs).arg(&ys).arg(&eps);
+    // SAFETY: callers pass pointers of tensors whose shapes they checked: rows rows of `x_stride` / `y_stride`
+    // elements with d ≤ both strides, residual tensors [rows, d], weight [d]. Null residual pointers disable the add.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// `y = rms_norm(x) · weight` over the last dimension of `x` [rows, d].
+pub fn rms_norm(
+    gpu: &Gpu,
+    x: &DeviceTensor<bf16>,
+    weight: &DeviceTensor<bf16>,
+    y: &mut DeviceTensor<bf16>,
+    eps: f32,
+) -> Result<()> {
+    let [rows, d] = x.dims::<2>("x")?;
+    weight.expect_shape("weight", &[d])?;
+    y.expect_shape("y", &[rows, d])?;
+    let stream = gpu.stream();
+    let (xp, _gx) = x.buffer().device_ptr(stream);
+    let (wp, _gw) = weight.buffer().device_ptr(stream);
+    let (yp, _gy) = y.buffer_mut().device_ptr_mut(stream);
+    launch_rms_norm(gpu, rows, d, [xp, 0, 0, wp, yp], d, d, eps)
+}
+
+/// Fused residual add + RMSNorm: `h = x + residual` (rounded to bf16, written to `residual_out`), `y = rms_norm(h) ·
+/// weight`. All of x, residual, residual_out, y are [rows, d].
+pub fn add_rms_norm(
+    gpu: &Gpu,
+    x: &DeviceTensor<bf16>,
+    residual: &DeviceTensor<bf16>,
+    residual_out: &mut DeviceTensor<bf16>,
+    weight: &DeviceTensor<bf16>,
+    y: &mut DeviceTensor<bf16>,
+    eps: f32,
+) -> Result<()> {
+    let [rows, d] = x.dims::<2>("x")?;
+    residual.expect_shape("residual", &[rows, d])?;
+    residual_out.expect_shape("residual_out", &[rows, d])?;
+    weight.expect_shape("weight", &[d])?;
+    y.expect_shape("y", &[rows, d])?;
+    let stream = gpu.stream();
+    let (xp, _gx) = x.buffer().device_ptr(stream);
+    let (rp, _gr) = residual.buffer().device_ptr(stream);
+    let (op, _go) = residual_out.buffer_mut().device_ptr_mut(stream);
+    let (wp, _gw) = weight.buffer().device_ptr(stream);
+    let (yp, _gy) = y.buffer_mut().device_ptr_mut(stream);
+    launch_rms_norm(gpu, rows, d, [xp, rp, op, wp, yp], d, d, eps)
+}
+
+/// Normalizes, in place, the first `weight.len()` columns of every row of `x` [rows, row_len] (e.g. the 512-wide
+/// latent of a 576-wide kv_a row, leaving its 64 RoPE columns untouched).
+pub fn rms_norm_prefix_inplace(
+    gpu: &Gpu,
+    x: &mut DeviceTensor<bf16>,
+    weight: &DeviceTensor<bf16>,
+    eps: f32,
+) -> Result<()> {
+    let [rows, row_len] = x.dims::<2>("x")?;
+    let [d] = weight.dims::<1>("weight")?;
+    if d > row_len {
+        return Err(Error::shape("weight", format!("at most {row_len} elements"), d));
+    }
+    let stream = gpu.stream();
+    let (wp, _gw) = weight.buffer().device_ptr(stream);
+    let (xp, _gx) = x.buffer_mut().device_ptr_mut(stream);
+    launch_rms_norm(gpu, rows, d, [xp, 0, 0, wp, xp], row_len, row_len, eps)
+}
+
+/// Copies columns `[src_col, src_col + width)` of `src` [rows, src_len] into columns `[dst_col, dst_col + width)`
+/// of `dst` [rows, dst_len] (rows may be given as any leading shape; only the last dimension is the row length).
+pub fn copy_columns(
+    gpu: &Gpu,
+    src: &DeviceTensor<bf16>,
+    src_col: usize,
+    dst: &mut DeviceTensor<bf16>,
+    dst_col: usize,
+    width: usize,
+) -> Result<()> {
+    let src_len = *src.shape().last().ok_or_else(|| Error::shape("src", "rank ≥ 1", "rank 0"))?;
+    let dst_len = *dst.shape().last().ok_or_else(|| Error::shape("dst", "rank ≥ 1", "rank 0"))?;
+    let leading = |shape: &[usize]| shape[..shape.len() - 1].iter().product::<usize>();
+    let (rows, dst_rows) = (leading(src.shape()), leading(dst.shape()));
+    if rows != dst_rows {
+        return Err(Error::shape("dst", format!("{rows} rows"), dst_rows));
+    }
+    if src_col + width > src_len {
+        return Err(Error::shape("src", format!("rows of at least {} elements", src_col + width), src_len));
+    }
+    if dst_col + width > dst_len {
+        return Err(Error::shape("dst", format!("rows of at least {} elements", dst_col + width), dst_len));
+    }
+    let args = (rows as i64, to_i32("width", width)?, to_i32("src", src_len)?, to_i32("src_col", src_col)?);
+    let args2 = (to_i32("dst", dst_len)?, to_i32("dst_col", dst_col)?);
+    let total = rows as u64 * width as u64;
+    if total == 0 {
+        return Ok(());
+    }
+    let blocks = u32::try_from(total.div_ceil(256)).map_err(|_| Error::shape("src", "fewer elements", total))?;
+    let f = gpu.function(MODULE, "copy_columns_bf16", 0)?;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (sv, mut dv) = (src.view(), dst.view_mut());
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(&sv).arg(&mut dv).arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args2.0).arg(&args2.1);
+    // SAFETY: both column windows lie inside their rows (checked) and both tensors have `rows` rows.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// `out = a + b`, elementwise, bf16 (one rounding).
+pub fn add(gpu: &Gpu, a: &DeviceTensor<bf16>, b: &DeviceTensor<bf16>, out: &mut DeviceTensor<bf16>) -> Result<()> {
+    b.expect_shape("b", a.shape())?;
+    out.expect_shape("out", a.shape())?;
+    let n = a.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let blocks = u32::try_from((n as u64).div_ceil(256)).map_err(|_| Error::shape("a", "fewer elements", n))?;
+    let f = gpu.function(MODULE, "add_bf16", 0)?;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (av, bv, mut ov, ni) = (a.view(), b.view(), out.view_mut(), n as i64);
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(&av).arg(&bv).arg(&mut ov).arg(&ni);
+    // SAFETY: all three tensors have n elements (checked); threads past n return.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// Where RoPE applies inside each row of `x`: `count` slices of `cfg.dim` elements starting at `offset`, `stride`
+/// apart (e.g. q [t, 128·192] has count 128, stride 192, offset 128; kv_a [t, 576] has count 1, offset 512).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RopeSlices {
+    /// Slices per row.
+    pub count: usize,
+    /// Distance between slices, in elements.
+    pub stride: usize,
+    /// Start of the first slice.
+    pub offset: usize,
+}
+
+/// Precomputed YaRN inverse frequencies on the device.
+pub struct RopeTables {
+    cfg: RopeConfig,
+    inv_freq: DeviceTensor<f32>,
+}
+
+impl RopeTables {
+    /// Uploads `cfg.inv_freq()`.
+    pub fn new(gpu: &Gpu, cfg: RopeConfig) -> Result<Self> {
+        if cfg.dim == 0 || !cfg.dim.is_multiple_of(2) {
+            return Err(Error::InvalidConfig(format!("rope dim must be even and positive, got {}", cfg.dim)));
+        }
+        let freqs = cfg.inv_freq();
+        let inv_freq = DeviceTensor::from_host(gpu, &freqs, &[freqs.len()])?;
+        Ok(RopeTables { cfg, inv_freq })
+    }
+    /// The configuration.
+    pub fn config(&self) -> &RopeConfig {
+        &self.cfg
+    }
+}
+
+/// Rotates interleaved pairs of `x` [rows, row_len] in place at `positions` [rows] (see
+/// [`crate::reference::decode_ops::rope`]).
+pub fn rope_inplace(
+    gpu: &Gpu,
+    x: &mut DeviceTensor<bf16>,
+    positions: &DeviceTensor<i32>,
+    tables: &RopeTables,
+    slices: RopeSlices,
+) -> Result<()> {
+    let [rows, row_len] = x.dims::<2>("x")?;
+    positions.expect_shape("positions", &[rows])?;
+    let dim = tables.cfg.dim;
+    if slices.count > 0 {
+        let end = slices
+            .stride
+            .checked_mul(slices.count - 1)
+            .and_then(|v| v.checked_add(slices.offset + dim))
+            .ok_or_else(|| Error::shape("slices", "in-row extents", format!("{slices:?}")))?;
+        if end > row_len {
+            return Err(Error::shape("x", format!("rows of at least {end} elements for {slices:?}"), row_len));
+        }
+        if slices.count > 1 && slices.stride < dim {
+            return Err(Error::InvalidConfig(format!("rope slices overlap: stride {} < dim {dim}", slices.stride)));
+        }
+    }
+    let args = (
+        to_i32("rows", rows)?,
+        to_i32("row_len", row_len)?,
+        to_i32("count", slices.count)?,
+        to_i32("stride", slices.stride)?,
+        to_i32("offset", slices.offset)?,
+        to_i32("dim", dim)?,
+        tables.cfg.cos_sin_scale() as f32,
+    );
+    let total = rows as u64 * slices.count as u64 * (dim / 2) as u64;
+    if total == 0 {
+        return Ok(());
+    }
+    let blocks = u32::try_from(total.div_ceil(256)).map_err(|_| Error::shape("x", "fewer than 2^40 pairs", total))?;
+    let f = gpu.function(MODULE, "rope_bf16_inplace", 0)?;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (mut xv, pv, fv) = (x.view_mut(), positions.view(), tables.inv_freq.view());
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(&mut xv).arg(&pv).arg(&fv);
+    launch.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4).arg(&args.5).arg(&args.6);
+    // SAFETY: every slice lies inside its row (checked above); the grid covers rows·count·dim/2 pairs exactly and the
+    // kernel returns for indices past that; positions has one entry per row.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// Strides of the per-head weight in [`head_bmm`], in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadWeightStrides {
+    /// Between heads.
+    pub head: usize,
+    /// Along the reduction dimension.
+    pub i: usize,
+    /// Along the output dimension.
+    pub j: usize,
+}
+
+/// Output element types of [`head_bmm`]: bf16, or f32 (e.g. router logits, which DeepSeek computes in fp32).
+pub trait BmmOutput: cudarc::driver::DeviceRepr + private::Sealed {
+    /// Passed to the kernel: 1 for f32 output.
+    const F32_FLAG: i32;
+}
+impl BmmOutput for bf16 {
+    const F32_FLAG: i32 = 0;
+}
+impl BmmOutput for f32 {
+    const F32_FLAG: i32 = 1;
+}
+mod private {
+    pub trait Sealed {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for f32 {}
+}
+
+/// A window of columns `[col, col + len)` in the last dimension of a rank-3 tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Columns {
+    /// First column.
+    pub col: usize,
+    /// Number of columns.
+    pub len: usize,
+}
+
+/// `out[t, h, out.col + j] = Σ_i x[t, h, x.col + i] · w[h·s.head + i·s.i + j·s.j]` for `i < x_cols.len`,
+/// `j < out_cols.len`; fp32 accumulation, bf16 out. `x` is [t, heads, x_len] and `out` [t, heads, out_len]; columns
+/// outside `out_cols` are not touched. With whole-row windows this is a plain per-head batched matmul.
+pub fn head_bmm_windows<O: BmmOutput>(
+    gpu: &Gpu,
+    x: &DeviceTensor<bf16>,
+    x_cols: Columns,
+    w: &DeviceTensor<bf16>,
+    strides: HeadWeightStrides,
+    out: &mut DeviceTensor<O>,
+    out_cols: Columns,
+) -> Result<()> {
+    let [t, heads, x_len] = x.dims::<3>("x")?;
+    let [ot, oh, out_len] = out.dims::<3>("out")?;
+    if (ot, oh) != (t, heads) {
+        return Err(Error::shape("out", format!("[{t}, {heads}, _]"), format!("{:?}", out.shape())));
+    }
+    if x_cols.col + x_cols.len > x_len {
+        return Err(Error::shape("x", format!("rows of at least {} elements", x_cols.col + x_cols.len), x_len));
+    }
+    if out_cols.col + out_cols.len > out_len {
+        return Err(Error::shape("out", format!("rows of at least {} elements", out_cols.col + out_cols.len), out_len));
+    }
+    let (k, n) = (x_cols.len, out_cols.len);
+    if heads > 0 && k > 0 && n > 0 {
+        let last = (heads - 1)
+            .checked_mul(strides.head)
+            .and_then(|a| (k - 1).checked_mul(strides.i).and_then(|b| a.checked_add(b)))
+            .and_then(|a| (n - 1).checked_mul(strides.j).and_then(|b| a.checked_add(b)))
+            .ok_or_else(|| Error::shape("w", "strides whose extent fits in usize", format!("{strides:?}")))?;
+        if last >= w.numel() {
+            return Err(Error::shape("w", format!("more than {last} elements for {strides:?}"), w.numel()));
+        }
+    }
+    let smem = 16 * k * 4;
+    let smem_u32 = u32::try_from(smem).map_err(|_| Error::shape("x", "a smaller k", k))?;
+    let (ti, hi, ki, ni) = (to_i32("t", t)?, to_i32("heads", heads)?, to_i32("k", k)?, to_i32("n", n)?);
+    let (sh, si, sj) = (strides.head as i64, strides.i as i64, strides.j as i64);
+    let windows =
+        (to_i32("x", x_len)?, to_i32("x_col", x_cols.col)?, to_i32("out", out_len)?, to_i32("out_col", out_cols.col)?);
+    if t == 0 || heads == 0 || n == 0 {
+        return Ok(());
+    }
+    let grid_z =
+        u32::try_from(heads).ok().filter(|&z| z <= 65_535).ok_or_else(|| Error::shape("x", "≤ 65535 heads", heads))?;
+    let grid_y = u32::try_from(t.div_ceil(16))
+        .ok()
+        .filter(|&y| y <= 65_535)
+        .ok_or_else(|| Error::shape("x", "t ≤ 1048560", t))?;
+    let f = gpu.function(MODULE, "head_bmm_bf16", smem_u32)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(128) as u32, grid_y, grid_z),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem_u32,
+    };
+    let (xv, wv, mut ov) = (x.view(), w.view(), out.view_mut());
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(&xv).arg(&wv).arg(&mut ov).arg(&ti).arg(&hi).arg(&ki).arg(&ni).arg(&sh).arg(&si).arg(&sj);
+    launch.arg(&windows.0).arg(&windows.1).arg(&windows.2).arg(&windows.3).arg(&O::F32_FLAG);
+    // SAFETY: x and out windows lie inside their rows and the largest weight index is below w.numel() (checked);
+    // the grid covers exactly the output window and threads past n or t return.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// `out[t, h, j] = Σ_i x[t, h, i] · w[h·s.head + i·s.i + j·s.j]` with `x` [t, heads, k], `out` [t, heads, n].
+pub fn head_bmm<O: BmmOutput>(
+    gpu: &Gpu,
+    x: &DeviceTensor<bf16>,
+    w: &DeviceTensor<bf16>,
+    strides: HeadWeightStrides,
+    out: &mut DeviceTensor<O>,
+) -> Result<()> {
+    let k = x.shape().last().copied().unwrap_or(0);
+    let n = out.shape().last().copied().unwrap_or(0);
+    head_bmm_windows(gpu, x, Columns { col: 0, len: k }, w, strides, out, Columns { col: 0, len: n })
+}
+
+/// Appends `rows` [t, width] into `cache` [num_blocks, page, width] at `(seq_ids[r], positions[r])` through
+/// `block_table` [batch, max_blocks]. When `host_table` (a host copy of block_table, seq_ids and positions) is
+/// given, every index is validated before launch; the kernel also bounds-checks on the device and skips rows whose
+/// slot is out of range, so a bad device table never writes out of bounds.
+#[allow(clippy::too_many_arguments)]
+pub fn cache_append(
+    gpu: &Gpu,
+    rows: &DeviceTensor<bf16>,
+    cache: &mut DeviceTensor<bf16>,
+    block_table: &DeviceTensor<i32>,
+    seq_ids: &DeviceTensor<i32>,
+    positions: &DeviceTensor<i32>,
+    host_table: Option<(&[i32], &[i32], &[i32])>,
+) -> Result<()> {
+    let [t, width] = rows.dims::<2>("rows")?;
+    let [num_blocks, page, cw] = cache.dims::<3>("cache")?;
+    if cw != width {
+        return Err(Error::shape("cache", format!("[num_blocks, page, {width}]"), format!("{:?}", cache.shape())));
+    }
+    let [batch, max_blocks] = block_table.dims::<2>("block_table")?;
+    seq_ids.expect_shape("seq_ids", &[t])?;
+    positions.expect_shape("positions", &[t])?;
+    if page == 0 {
+        return Err(Error::shape("cache", "a non-zero page size", 0));
+    }
+    if let Some((table, seqs, pos)) = host_table {
+        if table.len() != batch * max_blocks || seqs.len() != t || pos.len() != t {
+            return Err(Error::shape("host_table", "host copies matching the device tensors", "different lengths"));
+        }
+        // Validate with the reference's index logic (on a zero-sized scratch cache view of the same geometry).
+        for r in 0..t {
+            let (s, p) = (seqs[r], pos[r]);
+            if s < 0 || s as usize >= batch {
+                return Err(Error::IndexOutOfRange {
+                    arg: "seq_ids",
+                    position: r,
+                    value: s as i64,
+                    bound: batch as i64,
+                });
+            }
+            if p < 0 || p as usize / page >= max_blocks {
+                return Err(Error::IndexOutOfRange {
+                    arg: "positions",
+                    position: r,
+                    value: p as i64,
+                    bound: (max_blocks * page) as i64,
+                });
+            }
+            let entry = s as usize * max_blocks + p as usize / page;
+            let b = table[entry];
+            if b < 0 || b as usize >= num_blocks {
+                return Err(Error::IndexOutOfRange {
+                    arg: "block_table",
+                    position: entry,
+                    value: b as i64,
+                    bound: num_blocks as i64,
+                });
+            }
+        }
+    }
+    let args = (
+        to_i32("width", width)?,
+        to_i32("page", page)?,
+        to_i32("num_blocks", num_blocks)?,
+        to_i32("batch", batch)?,
+        to_i32("max_blocks", max_blocks)?,
+    );
+    let grid = u32::try_from(t).map_err(|_| Error::shape("rows", "fewer than 2^32 rows", t))?;
+    if t == 0 || width == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(MODULE, "cache_append_bf16", 0)?;
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let (rv, mut cv, bv, sv, pv) =
+        (rows.view(), cache.view_mut(), block_table.view(), seq_ids.view(), positions.view());
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(&rv).arg(&mut cv).arg(&bv).arg(&sv).arg(&pv);
+    launch.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4);
+    // SAFETY: the kernel checks seq, position and block id against batch, max_blocks and num_blocks before writing,
+    // so every write is inside the cache; reads are bounded by the checked shapes.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
