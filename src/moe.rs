@@ -302,6 +302,17 @@ pub fn permute(
     Ok(())
 }
 
+/// Segment offsets `[E + 1]` = `e · max_m` for activations that arrive already in the masked layout
+/// (e.g. from DeepEP's low-latency dispatch: `[E, max_m, H]` viewed as `[E · max_m, H]` rows, with its device
+/// `counts[E]`), so they can go straight into [`grouped_gemm`]. `max_m` must be a multiple of [`GEMM_BLOCK_M`].
+pub fn masked_offsets(gpu: &Gpu, num_experts: usize, max_m: usize) -> Result<DeviceTensor<i64>> {
+    if max_m == 0 || !max_m.is_multiple_of(GEMM_BLOCK_M) {
+        return Err(Error::Alignment { arg: "max_m", required: GEMM_BLOCK_M, got: max_m });
+    }
+    let offsets: Vec<i64> = (0..=num_experts).map(|e| to_i64("E·max_m", e * max_m)).collect::<Result<_>>()?;
+    DeviceTensor::from_host(gpu, &offsets, &[num_experts + 1])
+}
+
 /// FP8 expert weights on the device: `w13` `[E, 2I, H]`, `w2` `[E, H, I]` with 128×128 block scales.
 #[derive(Debug)]
 pub struct ExpertWeights {

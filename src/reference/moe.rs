@@ -1028,6 +1028,9 @@ mod tests {
         let (d, ds) = (q.dequantize().unwrap(), qs.dequantize().unwrap());
         let want = moe_forward_f32(&x, t, &ids, &w, k, &d, Some(&ds)).unwrap();
         let got = moe_forward_fp8(&x, t, &ids, &w, k, &q, Some(&qs)).unwrap();
+        // Two E4M3 activation roundings (x, then the SwiGLU output; ~2.5 % rms each, the first one doubled by the
+        // product silu(g)·u) put this metric near 1e-3 by nature: 9.83e-4 with these inputs. The weights are the
+        // same (dequantized) on both sides, so weight quantization does not count here.
         let diff = calc_diff(&want, &got);
         eprintln!("fp8 vs f32 layer diff {diff:e}");
         assert!(diff < 1e-3, "diff {diff}");
