@@ -334,7 +334,51 @@ fn gpu_grouped_gemm_matches_reference() {
         }
         check_grouped_gemm(&gpu, backend, 64, 2, 8, 128, 256, Layout::Masked { max_m: 64 }, 77);
         check_grouped_gemm(&gpu, backend, 200, 2, 4, 384, 1024, Layout::Masked { max_m: 192 }, 78);
+        external_masked_gemm(&gpu, backend);
     }
+}
+
+/// Masked activations built on the host (as an all-to-all would deliver them) through `masked_offsets`.
+fn external_masked_gemm(gpu: &Gpu, backend: GemmBackend) {
+    let (e, max_m, n, kdim) = (3, 128, 256, 512);
+    let counts = vec![0i32, 77, 128];
+    let rows = e * max_m;
+    let w = random_experts(e, kdim, n / 2, 5);
+    let x = uniform(rows * kdim, 1.5, 6);
+    let (aq, asc) = quantize_per_token_group(&x, rows, kdim, 128).unwrap();
+    let as_mn = r1_kernels::reference::quant::scales_to_mn_major(&asc, rows, kdim / 128).unwrap();
+    let ad = DeviceTensor::from_host(gpu, &aq, &[rows, kdim]).unwrap();
+    let sd = DeviceTensor::from_host(gpu, &as_mn, &activation_scale_shape(rows, kdim)).unwrap();
+    let wd = ExpertWeights::from_reference(gpu, &w).unwrap();
+    let off = r1_kernels::moe::masked_offsets(gpu, e, max_m).unwrap();
+    let cd = DeviceTensor::from_host(gpu, &counts, &[e]).unwrap();
+    let mut out = DeviceTensor::from_host(gpu, &vec![bf16::NAN; rows * n], &[rows, n]).unwrap();
+    grouped_gemm_with(gpu, &ad, &sd, &wd.w13, &wd.w13_scales, &off, &cd, &mut out, backend).unwrap();
+    let got = from_bf16(&out.to_host(gpu).unwrap());
+    let (kb, s13) = (kdim / 128, (n / 128) * (kdim / 128));
+    let (mut gv, mut rv) = (Vec::new(), Vec::new());
+    for ex in 0..e {
+        for r in 0..max_m {
+            let row = ex * max_m + r;
+            let out_row = &got[row * n..(row + 1) * n];
+            if r >= counts[ex] as usize {
+                assert!(out_row.iter().all(|v| v.is_nan()), "rows past counts are not written ({backend:?})");
+                continue;
+            }
+            let want = fp8_row_times_matrix(
+                &aq[row * kdim..(row + 1) * kdim],
+                &asc[row * kb..(row + 1) * kb],
+                &w.w13[ex * n * kdim..(ex + 1) * n * kdim],
+                &w.w13_scales[ex * s13..(ex + 1) * s13],
+                n,
+                kdim,
+            );
+            rv.extend(want.iter().map(|&v| v as f32));
+            gv.extend_from_slice(out_row);
+        }
+    }
+    let diff = calc_diff(&gv, &rv);
+    assert!(diff < 1e-5, "external masked GEMM diff {diff} ({backend:?})");
 }
 
 fn layer_case(gpu: &Gpu, cfg: &RouterConfig, t: usize, h: usize, i: usize, layout: Layout, seed: u64) {
