@@ -357,11 +357,11 @@ fn external_masked_gemm(gpu: &Gpu, backend: GemmBackend) {
     let got = from_bf16(&out.to_host(gpu).unwrap());
     let (kb, s13) = (kdim / 128, (n / 128) * (kdim / 128));
     let (mut gv, mut rv) = (Vec::new(), Vec::new());
-    for ex in 0..e {
+    for (ex, &count) in counts.iter().enumerate() {
         for r in 0..max_m {
             let row = ex * max_m + r;
             let out_row = &got[row * n..(row + 1) * n];
-            if r >= counts[ex] as usize {
+            if r >= count as usize {
                 assert!(out_row.iter().all(|v| v.is_nan()), "rows past counts are not written ({backend:?})");
                 continue;
             }
