@@ -36,7 +36,14 @@ fn fill_repeated<T: cudarc::driver::DeviceRepr + Copy>(gpu: &Gpu, dst: &mut Devi
 }
 
 fn weights(gpu: &Gpu, e: usize, n: usize, k: usize) -> (DeviceTensor<E4M3>, DeviceTensor<f32>) {
-    let codes: Vec<E4M3> = random_f32((1 << 22) + 7, 448.0, 1).into_iter().map(E4M3::from_f32).collect();
+    // Random non-NaN codes straight from bits (E4M3::from_f32 on millions of values is slow on the host).
+    let codes: Vec<E4M3> = random_f32((1 << 22) + 7, 1.0, 1)
+        .into_iter()
+        .map(|v| {
+            let b = (v.to_bits() >> 7) as u8;
+            E4M3(if b & 0x7f == 0x7f { b - 1 } else { b })
+        })
+        .collect();
     let scales: Vec<f32> = random_f32(4099, 1.0, 2).into_iter().map(|v| (1.5 + v) / 448.0 / 60.0).collect();
     let mut w = DeviceTensor::zeros(gpu, &[e, n, k]).expect("alloc");
     let mut s = DeviceTensor::zeros(gpu, &[e, n / 128, k / 128]).expect("alloc");

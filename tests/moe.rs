@@ -8,10 +8,10 @@ use r1_kernels::moe::{
     GemmBackend, Layout, MoeWorkspace, Permuted, RouterConfig, Routing, GEMM_BLOCK_M,
 };
 use r1_kernels::quant::{activation_scale_shape, quantize_activations};
-use r1_kernels::reference::moe::{self as rm, calc_diff, combine_token, fp8_row_times_matrix, ExpertsF32, ExpertsFp8};
+use r1_kernels::reference::moe::{self as rm, calc_diff, combine_token, fp8_row_times_matrix, ExpertsFp8};
 use r1_kernels::reference::quant::{quantize_per_token_group, scales_from_mn_major, ScaleFormat};
 use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 
 fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -30,17 +30,29 @@ fn from_bf16(v: &[bf16]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
 
+/// Random FP8 experts drawn directly as codes + block scales (quantizing f32 weights on the CPU is far too slow at
+/// DeepSeek sizes): dequantized weights have rms ≈ 1/sqrt(fan-in).
 fn random_experts(e: usize, h: usize, i: usize, seed: u64) -> ExpertsFp8 {
-    let (s1, s2) = (1.7 / (h as f32).sqrt(), 1.7 / (i as f32).sqrt());
-    ExpertsF32 {
-        num_experts: e,
-        hidden: h,
-        intermediate: i,
-        w13: uniform(e * 2 * i * h, s1, seed),
-        w2: uniform(e * h * i, s2, seed + 1),
-    }
-    .quantize()
-    .unwrap()
+    let mut rng = StdRng::seed_from_u64(seed);
+    // Codes: random bytes, NaN patterns (0x7f, 0xff) moved to ±448; their rms sets the scale.
+    let lut: Vec<f32> = (0..=255u8).map(|b| E4M3(b).to_f32()).collect();
+    let valid: Vec<u8> = (0..=255u8).filter(|b| b & 0x7f != 0x7f).collect();
+    let code_rms = (valid.iter().map(|&b| (lut[b as usize] as f64).powi(2)).sum::<f64>() / valid.len() as f64).sqrt();
+    let mut codes = |n: usize| -> Vec<E4M3> {
+        let mut bytes = vec![0u8; n];
+        rng.fill_bytes(&mut bytes);
+        bytes.into_iter().map(|b| E4M3(if b & 0x7f == 0x7f { b - 1 } else { b })).collect()
+    };
+    let w13 = codes(e * 2 * i * h);
+    let w2 = codes(e * h * i);
+    let mut rng = StdRng::seed_from_u64(seed + 1);
+    let mut scales = |n: usize, fan_in: usize| -> Vec<f32> {
+        let base = 1.0 / ((fan_in as f64).sqrt() * code_rms);
+        (0..n).map(|_| (base * (0.5 + rng.random::<f64>())) as f32).collect()
+    };
+    let w13_scales = scales(e * (2 * i / 128) * (h / 128), h);
+    let w2_scales = scales(e * (h / 128) * (i / 128), i);
+    ExpertsFp8 { num_experts: e, hidden: h, intermediate: i, w13, w13_scales, w2, w2_scales }
 }
 
 fn random_ids(t: usize, k: usize, e: usize, holes: bool, seed: u64) -> Vec<i32> {
@@ -534,8 +546,10 @@ fn fill_repeated<T: cudarc::driver::DeviceRepr + Copy>(gpu: &Gpu, dst: &mut Devi
 fn deepseek_weights(gpu: &Gpu, e: usize) -> ExpertWeights {
     let (h, i) = (7168, 2048);
     let mut rng = StdRng::seed_from_u64(9);
-    let codes: Vec<E4M3> =
-        (0..(1 << 24) + 13).map(|_| E4M3::from_f32((rng.random::<f32>() * 2.0 - 1.0) * 448.0)).collect();
+    let codes: Vec<E4M3> = (0..(1 << 24) + 13)
+        .map(|_| rng.random::<u8>())
+        .map(|b| E4M3(if b & 0x7f == 0x7f { b - 1 } else { b }))
+        .collect();
     let scales: Vec<f32> = (0..4099).map(|_| (0.5 + rng.random::<f32>()) / 448.0 / 60.0).collect();
     let mut w = ExpertWeights {
         w13: DeviceTensor::zeros(gpu, &[e, 2 * i, h]).unwrap(),

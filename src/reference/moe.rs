@@ -565,13 +565,14 @@ fn matvec_f64(a: &[f32], w: &[f32], n_rows: usize, kdim: usize) -> Vec<f64> {
 /// kdim/128]` scales.
 pub fn fp8_row_times_matrix(a: &[E4M3], sa: &[f32], w: &[E4M3], sw: &[f32], n_rows: usize, kdim: usize) -> Vec<f64> {
     let kb = kdim / QBLOCK;
-    let af: Vec<f64> = a.iter().map(|c| c.to_f32() as f64).collect();
+    let lut: [f64; 256] = std::array::from_fn(|b| E4M3(b as u8).to_f32() as f64);
+    let af: Vec<f64> = a.iter().map(|c| lut[c.0 as usize]).collect();
     (0..n_rows)
         .map(|n| {
             let row = &w[n * kdim..(n + 1) * kdim];
             (0..kb)
                 .map(|g| {
-                    let partial: f64 = (g * QBLOCK..(g + 1) * QBLOCK).map(|c| af[c] * row[c].to_f32() as f64).sum();
+                    let partial: f64 = (g * QBLOCK..(g + 1) * QBLOCK).map(|c| af[c] * lut[row[c].0 as usize]).sum();
                     partial * sa[g] as f64 * sw[(n / QBLOCK) * kb + g] as f64
                 })
                 .sum()
