@@ -18,6 +18,7 @@ pub mod fp8;
 pub mod gemm;
 pub mod kernels;
 pub mod model;
+pub mod moe;
 pub mod quant;
 pub mod reference;
 pub mod report;

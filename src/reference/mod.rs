@@ -2,4 +2,5 @@
 
 pub mod decode_ops;
 pub mod gemm;
+pub mod moe;
 pub mod quant;
