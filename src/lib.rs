@@ -14,6 +14,7 @@ pub mod device;
 pub mod error;
 pub mod fp8;
 pub mod kernels;
+pub mod mla;
 pub mod quant;
 pub mod reference;
 pub mod tensor;
