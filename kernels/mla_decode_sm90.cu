@@ -1,0 +1,448 @@
+// MLA decode fast path for sm_90a (H100/H200/H800/H20): TMA + mbarrier ring, bf16 wgmma for QKᵀ and P·V.
+//
+// Numbers (b sequences, s_q queries, h heads, s_k keys): flops = 2·b·h·s_q·s_k·(576 + 512); minimum bytes = KV once
+// (s_k·1152 B) + q (b·s_q·h·1152 B) + o (b·s_q·h·1024 B). Memory-bound for s_q·h ≤ 64 rows per KV byte ratio
+// (h = 16, s_q = 1: 64·16·1088·2 / 1152 ≈ 30 flop/B ≪ the ~200 flop/B balance point), compute-bound when many rows
+// (h = 128, s_q = 2) share each KV tile.
+//
+// Tiling: a CTA of 2 warpgroups (256 threads) owns 64 query rows (row = query·h + head; h·s_q is padded to 64, grid.y
+// = row groups) and walks the work items of the host scheduler (src/mla/sched.rs). Q [64 × 576] bf16 sits in shared
+// memory for the whole item (9 column blocks of 64, each [64 rows × 128 B] 128B-swizzled, loaded by TMA). K tiles of
+// 64 tokens × 576 columns stream through a 2-stage ring (73,728 B per stage; smem total ≈ 217 KiB):
+//   S = Q·Kᵀ : 36 × wgmma.m64n64k16 (A = Q, B = K, both K-major from smem); each warpgroup computes all of S
+//              (redundant; the warpgroups own different V columns and must see the same P),
+//   online softmax in fp32, log2 domain (scale·log2 e folded in, exp2), row stats reduced over the 4-lane quads,
+//   O += P·V : 4 × wgmma.m64n256k16 per warpgroup, P from registers (the S accumulator re-packed to bf16 A
+//              fragments), V = the first 512 columns of the same K tile read as an MN-major operand, warpgroup g
+//              owning output columns 256·g .. 256·g + 255 (128 fp32 accumulators per thread).
+// Pipeline: thread 0 is also the producer: while the warpgroups compute tile i it issues the TMA loads of tile i + 1
+// into the other stage after both warpgroups released it (empty mbarrier, 2 arrivals). One TMA box is 64 columns ×
+// min(page, 64) tokens, so pages of 8, 16, 32, 64 or any multiple of 64 tokens work. Table entries are bounds-checked
+// on the device; rows of a tile that are past the sequence (or on a bad page) are zeroed in shared memory before the
+// MMAs (the tail of a page may hold NaN) and masked to −inf in S.
+// Output: fp32 partial O (normalized) and partial lse per split, merged by mla_combine (kernels/mla_decode.cu).
+//
+// r1k-sass: mla_decode_sm90_bf16 HGMMA
+// r1k-sass: mla_sm90_probe_wgmma HGMMA
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "common/mla.cuh"
+
+using namespace r1k_mla;
+
+namespace {
+
+constexpr int kRowsCta = 64;
+constexpr int kTileN = 64;
+constexpr int kBlocks = 9;                              // 576 / 64 column blocks
+constexpr uint32_t kBlockBytes = 64 * 128;              // [64 rows][64 bf16]
+constexpr uint32_t kTileBytes = kBlocks * kBlockBytes;  // 73,728
+constexpr int kStages = 2;
+constexpr int kThreads = 256;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Shared memory: [Q | stage 0 | stage 1 | barriers], base aligned to 1024 (required by the 128B swizzle).
+struct Smem {
+    uint8_t* q;
+    __device__ __forceinline__ uint8_t* stage(int i) const { return q + kTileBytes * (1 + i); }
+    uint64_t* full;   // [kStages]
+    uint64_t* empty;  // [kStages]
+    uint64_t* qbar;
+};
+
+__device__ __forceinline__ Smem carve(uint8_t* raw) {
+    const uint32_t addr = smem_u32(raw);
+    uint8_t* base = raw + ((1024u - (addr & 1023u)) & 1023u);
+    Smem s;
+    s.q = base;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(base + kTileBytes * (1 + kStages));
+    s.full = bars;
+    s.empty = bars + kStages;
+    s.qbar = bars + 2 * kStages;
+    return s;
+}
+
+// Keeps the compiler from moving accumulator registers across the asynchronous wgmma.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+struct SeqView {
+    const int* table_row;  // block_table + b·max_blocks
+    int page;
+    int num_blocks;
+    int tok_end;
+};
+
+// Page id of token `pos`, or -1 (past the end of the piece, or a bad table entry).
+__device__ __forceinline__ int page_id(const SeqView& v, int pos) {
+    if (pos >= v.tok_end) return -1;
+    const int id = v.table_row[pos / v.page];
+    return (id >= 0 && id < v.num_blocks) ? id : -1;
+}
+
+// Producer: issue the TMA boxes of the 64-token tile starting at t0 into `dst`, arming `bar` with the bytes issued.
+__device__ __forceinline__ void issue_tile(const TmaDesc* kv, const SeqView& v, int box_rows, int t0, uint8_t* dst,
+                                           uint64_t* bar) {
+    const int chunks = kTileN / box_rows;
+    uint32_t bytes = 0;
+    for (int c = 0; c < chunks; ++c) bytes += page_id(v, t0 + c * box_rows) >= 0 ? kBlocks * box_rows * 128u : 0u;
+    mbar_arrive_expect_tx(bar, bytes);
+    for (int c = 0; c < chunks; ++c) {
+        const int pos = t0 + c * box_rows;
+        const int id = page_id(v, pos);
+        if (id < 0) continue;
+        const int row = id * v.page + pos % v.page;
+        for (int kb = 0; kb < kBlocks; ++kb)
+            tma_load_2d(dst + kb * kBlockBytes + c * box_rows * 128, kv, kb * 64, row, bar);
+    }
+}
+
+// True when every token row of the tile is a real token on a valid page (no fix-up needed).
+__device__ __forceinline__ bool tile_clean(const SeqView& v, int box_rows, int t0) {
+    if (t0 + kTileN > v.tok_end) return false;
+    for (int c = 0; c < kTileN / box_rows; ++c)
+        if (page_id(v, t0 + c * box_rows) < 0) return false;
+    return true;
+}
+
+// Zeroes the token rows of a stage that hold no valid token (all 256 threads; ends with a barrier).
+__device__ __forceinline__ void zero_bad_rows(const SeqView& v, int box_rows, int t0, uint8_t* stage, int tid) {
+    for (int idx = tid; idx < kTileN * kBlocks * 8; idx += kThreads) {
+        const int r = idx / (kBlocks * 8);
+        const int rest = idx % (kBlocks * 8);
+        const int kb = rest / 8;
+        const int chunk = rest % 8;
+        const int pos = t0 + r;
+        const bool bad = pos >= v.tok_end || page_id(v, t0 + (r / box_rows) * box_rows) < 0;
+        if (bad) *reinterpret_cast<uint4*>(stage + kb * kBlockBytes + r * 128 + chunk * 16) = make_uint4(0, 0, 0, 0);
+    }
+    fence_proxy_async();
+    named_barrier_sync(1, kThreads);
+}
+
+// S[64 × 64] = Q · Kᵀ over 576 columns (36 k-steps). Both operands K-major, 128B swizzle: a k-step of 16 bf16 is
+// 32 bytes inside a 128-byte row, so its descriptor start advances by 32 within a column block and by 8 KiB across.
+__device__ __forceinline__ void qk_tile(float (&s)[32], const uint8_t* q, const uint8_t* k) {
+    const uint32_t qa = smem_u32(q);
+    const uint32_t ka = smem_u32(k);
+    fence_regs(s);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlocks * 4; ++kk) {
+        const uint32_t off = (kk / 4) * kBlockBytes + (kk % 4) * 32;
+        wgmma_m64n64k16_ss(s, smem_desc(qa + off, 16, 1024), smem_desc(ka + off, 16, 1024), kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_regs(s);
+}
+
+// O[64 × 256] += P · V[tokens, 256·wg ..]: V is MN-major (token rows of 128 B, 8-token atoms 1 KiB apart = SBO,
+// 64-column blocks 8 KiB apart = LBO); k-step c covers tokens 16c .. 16c + 15 (start + 2 KiB per step).
+__device__ __forceinline__ void pv_tile(float (&o)[128], const uint32_t (&p)[4][4], const uint8_t* k, int wg) {
+    const uint32_t va = smem_u32(k) + 4 * wg * kBlockBytes;
+    fence_regs(o);
+    wgmma_fence();
+#pragma unroll
+    for (int c = 0; c < 4; ++c) wgmma_m64n256k16_rs_tb(o, p[c], smem_desc(va + c * 2048, kBlockBytes, 1024), 1);
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_regs(o);
+}
+
+// Online-softmax step on one S tile (already scaled to the log2 domain and masked with −inf). Accumulator layout of
+// m64nNk16: thread (warp w, lane l) holds rows r0 = 16w + l/4 and r1 = r0 + 8; s[4j + e] is (r0, 8j + 2(l%4) + e)
+// and s[4j + 2 + e] is (r1, same column). Updates the running max m (log2 units) and the thread's partial row sum l
+// (the quad sum is taken at the end), returns the factor each O row is rescaled by and P packed as bf16 A fragments:
+// k-step c takes S columns 16c .. 16c + 15, i.e. accumulator chunks j = 2c, 2c + 1.
+__device__ __forceinline__ void softmax_step(const float (&s)[32], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                             uint32_t (&p)[4][4]) {
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+    float pv[32];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        const float m_new = fmaxf(m[h], mx[h]);
+        alpha[h] = m_new == -INFINITY ? 1.0f : exp2f(m[h] - m_new);
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float x = s[4 * j + 2 * h + e];
+                const float pe = m_new == -INFINITY ? 0.0f : exp2f(x - m_new);
+                pv[4 * j + 2 * h + e] = pe;
+                sum += pe;
+            }
+        }
+        l[h] = l[h] * alpha[h] + sum;
+        m[h] = m_new;
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        p[c][0] = pack_bf16x2(pv[8 * c + 0], pv[8 * c + 1]);
+        p[c][1] = pack_bf16x2(pv[8 * c + 2], pv[8 * c + 3]);
+        p[c][2] = pack_bf16x2(pv[8 * c + 4], pv[8 * c + 5]);
+        p[c][3] = pack_bf16x2(pv[8 * c + 6], pv[8 * c + 7]);
+    }
+}
+
+__device__ __forceinline__ void init_barriers(const Smem& sm) {
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < kStages; ++i) {
+            mbar_init(&sm.full[i], 1);
+            mbar_init(&sm.empty[i], 2);
+        }
+        mbar_init(sm.qbar, 1);
+        mbar_init_fence();
+    }
+    __syncthreads();
+}
+
+}  // namespace
+
+// tmap_q: q viewed as [b·s_q·h, 576] bf16, box 64 × 64, 128B swizzle. tmap_kv: cache viewed as
+// [num_blocks·page, 576] bf16, box 64 × box_rows (box_rows = min(page, 64)), 128B swizzle.
+// items / cta_offsets / split_offsets: the plan (see mla_decode.cu). o_part [splits, s_q·h, 512], lse_part
+// [splits, s_q·h].
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_sm90_bf16(const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_kv,
+                         const int* __restrict__ block_table, const int* __restrict__ seqlens,
+                         const int4* __restrict__ items, const int* __restrict__ cta_offsets,
+                         const int* __restrict__ split_offsets, float* __restrict__ o_part,
+                         float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks,
+                         int max_blocks, float scale_log2, int causal, int box_rows) {
+    extern __shared__ uint8_t smem_raw[];
+    const Smem sm = carve(smem_raw);
+    init_barriers(sm);
+
+    const int tid = threadIdx.x;
+    const int wg = tid / 128;
+    const int t = tid % 128;
+    const int warp = t / 32;
+    const int lane = t % 32;
+    const int quad = lane % 4;
+    const int rows = s_q * h;
+    const int row0 = blockIdx.y * kRowsCta;
+    const int my_row[2] = {row0 + 16 * warp + lane / 4, row0 + 16 * warp + lane / 4 + 8};
+
+    uint32_t n = 0;  // tiles consumed by this CTA so far (stage = n % 2, phase = (n / 2) & 1)
+    uint32_t q_phase = 0;
+    const int first = cta_offsets[blockIdx.x];
+    const int last = cta_offsets[blockIdx.x + 1];
+    for (int item = first; item < last; ++item) {
+        const int4 it = items[item];
+        const int b = it.x;
+        if (b < 0 || b >= batch) continue;
+        const int seqlen = min(max(seqlens[b], 0), max_blocks * page);
+        SeqView v;
+        v.table_row = block_table + static_cast<size_t>(b) * max_blocks;
+        v.page = page;
+        v.num_blocks = num_blocks;
+        v.tok_end = min(min(it.z, max_blocks) * page, seqlen);
+        const int tok_begin = max(it.y, 0) * page;
+        const int num_tiles = v.tok_end > tok_begin ? (v.tok_end - tok_begin + kTileN - 1) / kTileN : 0;
+        const size_t slot = static_cast<size_t>(split_offsets[b]) + it.w;
+
+        __syncthreads();  // Q and both stages are free: the previous item's MMAs have completed
+        if (tid == 0) {
+            mbar_arrive_expect_tx(sm.qbar, kTileBytes);
+            for (int kb = 0; kb < kBlocks; ++kb)
+                tma_load_2d(sm.q + kb * kBlockBytes, &tmap_q, kb * 64, b * rows + row0, sm.qbar);
+            if (num_tiles > 0) issue_tile(&tmap_kv, v, box_rows, tok_begin, sm.stage(n % 2), &sm.full[n % 2]);
+        }
+        int limit[2];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int qi = my_row[hh] / h;
+            limit[hh] = my_row[hh] >= rows ? 0 : causal ? min(max(seqlen - s_q + qi + 1, 0), seqlen) : seqlen;
+        }
+        float o[128];
+#pragma unroll
+        for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+        float m[2] = {-INFINITY, -INFINITY};
+        float l[2] = {0.0f, 0.0f};
+        mbar_wait(sm.qbar, q_phase);
+        q_phase ^= 1;
+
+        for (int i = 0; i < num_tiles; ++i, ++n) {
+            const int s = n % 2;
+            const int t0 = tok_begin + i * kTileN;
+            if (tid == 0 && i + 1 < num_tiles) {
+                if (i >= 1) mbar_wait(&sm.empty[(n + 1) % 2], ((n - 1) / 2) & 1);
+                issue_tile(&tmap_kv, v, box_rows, t0 + kTileN, sm.stage((n + 1) % 2), &sm.full[(n + 1) % 2]);
+            }
+            mbar_wait(&sm.full[s], (n / 2) & 1);
+            const bool clean = tile_clean(v, box_rows, t0);
+            if (!clean) zero_bad_rows(v, box_rows, t0, sm.stage(s), tid);
+
+            float sacc[32];
+#pragma unroll
+            for (int x = 0; x < 32; ++x) sacc[x] = 0.0f;
+            qk_tile(sacc, sm.q, sm.stage(s));
+
+            // Scale into the log2 domain and mask: causal limit per row, end of piece / bad pages per column.
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int pos = t0 + 8 * j + 2 * quad + e;
+                    const bool col_ok = clean || page_id(v, t0 + ((pos - t0) / box_rows) * box_rows) >= 0;
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        float& x = sacc[4 * j + 2 * hh + e];
+                        x = (col_ok && pos < limit[hh]) ? x * scale_log2 : -INFINITY;
+                    }
+                }
+            }
+            float alpha[2];
+            uint32_t pf[4][4];
+            softmax_step(sacc, m, l, alpha, pf);
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+                o[4 * j + 0] *= alpha[0];
+                o[4 * j + 1] *= alpha[0];
+                o[4 * j + 2] *= alpha[1];
+                o[4 * j + 3] *= alpha[1];
+            }
+            pv_tile(o, pf, sm.stage(s), wg);
+            if (t == 0) mbar_arrive(&sm.empty[s]);
+        }
+
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+            l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
+            const int row = my_row[hh];
+            if (row >= rows) continue;
+            const float inv = l[hh] > 0.0f ? 1.0f / l[hh] : 0.0f;
+            float* dst = o_part + (slot * rows + row) * 512 + 256 * wg + 2 * quad;
+#pragma unroll
+            for (int j = 0; j < 32; ++j)
+                *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv);
+            if (wg == 0 && quad == 0)
+                lse_part[slot * rows + row] = l[hh] > 0.0f ? (m[hh] + log2f(l[hh])) * kLn2 : -INFINITY;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Primitive probes for GPU tests: each exercises one building block of the kernel above in isolation.
+
+// Tile load: TMA-loads the 64-token tile starting at token t0 of a sequence (table row `table_row`, `tok_end`
+// tokens) into shared memory, applies the bad-row fix-up and copies the raw (swizzled) 73,728-byte stage to `out`.
+// Expected bytes: sm90::tile_image in Rust.
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    mla_sm90_probe_tile_load(const __grid_constant__ TmaDesc tmap_kv, const int* __restrict__ table_row,
+                             uint8_t* __restrict__ out, int page, int num_blocks, int box_rows, int t0, int tok_end) {
+    extern __shared__ uint8_t smem_raw[];
+    const Smem sm = carve(smem_raw);
+    init_barriers(sm);
+    SeqView v{table_row, page, num_blocks, tok_end};
+    if (threadIdx.x == 0) issue_tile(&tmap_kv, v, box_rows, t0, sm.stage(0), &sm.full[0]);
+    mbar_wait(&sm.full[0], 0);
+    if (!tile_clean(v, box_rows, t0)) zero_bad_rows(v, box_rows, t0, sm.stage(0), threadIdx.x);
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < kTileBytes / 16; i += kThreads)
+        reinterpret_cast<uint4*>(out)[i] = reinterpret_cast<const uint4*>(sm.stage(0))[i];
+}
+
+// wgmma: loads Q rows 0..63 of tmap_q and the first 64 tokens of the cache (pages 0, 1, ... in order), computes
+// S = Q·Kᵀ (written [64, 64] fp32 by warpgroup 0) and O = bf16(S)·V (written [64, 512] fp32, each warpgroup its
+// 256 columns) with the same wgmma paths as the decode kernel.
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    mla_sm90_probe_wgmma(const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_kv,
+                         const int* __restrict__ table_row, float* __restrict__ s_out, float* __restrict__ o_out,
+                         int page, int num_blocks, int box_rows) {
+    extern __shared__ uint8_t smem_raw[];
+    const Smem sm = carve(smem_raw);
+    init_barriers(sm);
+    const int tid = threadIdx.x, wg = tid / 128, t = tid % 128, warp = t / 32, lane = t % 32, quad = lane % 4;
+    SeqView v{table_row, page, num_blocks, kTileN};
+    if (tid == 0) {
+        mbar_arrive_expect_tx(sm.qbar, kTileBytes);
+        for (int kb = 0; kb < kBlocks; ++kb) tma_load_2d(sm.q + kb * kBlockBytes, &tmap_q, kb * 64, 0, sm.qbar);
+        issue_tile(&tmap_kv, v, box_rows, 0, sm.stage(0), &sm.full[0]);
+    }
+    mbar_wait(sm.qbar, 0);
+    mbar_wait(&sm.full[0], 0);
+    float s[32];
+#pragma unroll
+    for (int x = 0; x < 32; ++x) s[x] = 0.0f;
+    qk_tile(s, sm.q, sm.stage(0));
+    const int r0 = 16 * warp + lane / 4;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (wg == 0) s_out[(r0 + 8 * (e / 2)) * 64 + 8 * j + 2 * quad + e % 2] = s[4 * j + e];
+    uint32_t p[4][4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        p[c][0] = pack_bf16x2(s[8 * c + 0], s[8 * c + 1]);
+        p[c][1] = pack_bf16x2(s[8 * c + 2], s[8 * c + 3]);
+        p[c][2] = pack_bf16x2(s[8 * c + 4], s[8 * c + 5]);
+        p[c][3] = pack_bf16x2(s[8 * c + 6], s[8 * c + 7]);
+    }
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+    pv_tile(o, p, sm.stage(0), wg);
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            o_out[(r0 + 8 * (e / 2)) * 512 + 256 * wg + 8 * j + 2 * quad + e % 2] = o[4 * j + e];
+}
+
+// Online-softmax merge: one warpgroup runs softmax_step over two 64-column tiles of s_in [64, 128] (log2 domain,
+// −inf allowed) and writes each row's final max m (log2 units), total l = Σ exp2(s − m) and the bf16 P of the
+// second tile unpacked from the A fragments ([64, 64] fp32) plus the rescale factor applied to the first tile.
+extern "C" __global__ void __launch_bounds__(128)
+    mla_sm90_probe_softmax(const float* __restrict__ s_in, float* __restrict__ m_out, float* __restrict__ l_out,
+                           float* __restrict__ p_out, float* __restrict__ alpha_out) {
+    const int t = threadIdx.x, warp = t / 32, lane = t % 32, quad = lane % 4;
+    const int r0 = 16 * warp + lane / 4;
+    float m[2] = {-INFINITY, -INFINITY};
+    float l[2] = {0.0f, 0.0f};
+    float alpha[2];
+    uint32_t p[4][4];
+    for (int tile = 0; tile < 2; ++tile) {
+        float s[32];
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[4 * j + e] = s_in[(r0 + 8 * (e / 2)) * 128 + 64 * tile + 8 * j + 2 * quad + e % 2];
+        softmax_step(s, m, l, alpha, p);
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
+        if (quad == 0) {
+            m_out[r0 + 8 * hh] = m[hh];
+            l_out[r0 + 8 * hh] = l[hh];
+            alpha_out[r0 + 8 * hh] = alpha[hh];
+        }
+    }
+    // A fragment register k of step c holds (row r0 + 8·(k % 2), column 16c + 8·(k / 2) + 2·quad + {0, 1}).
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(&p[c][k]);
+            float* dst = p_out + (r0 + 8 * (k % 2)) * 64 + 16 * c + 8 * (k / 2) + 2 * quad;
+            dst[0] = __bfloat162float(v.x);
+            dst[1] = __bfloat162float(v.y);
+        }
+}
