@@ -274,6 +274,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
         float l[2] = {0.0f, 0.0f};
         mbar_wait(sm.qbar, q_phase);
         q_phase ^= 1;
+        __syncwarp();
 
         for (int i = 0; i < num_tiles; ++i, ++n) {
             const int s = n % 2;
@@ -283,6 +284,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
                 issue_tile(&tmap_kv, v, box_rows, t0 + kTileN, sm.stage((n + 1) % 2), &sm.full[(n + 1) % 2]);
             }
             mbar_wait(&sm.full[s], (n / 2) & 1);
+            __syncwarp();  // the wgmma below are warp-synchronous (.aligned): reconverge after producer work and spins
             const bool clean = tile_clean(v, box_rows, t0);
             if (!clean) zero_bad_rows(v, box_rows, t0, sm.stage(s), tid);
 
@@ -297,7 +299,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int pos = t0 + 8 * j + 2 * quad + e;
-                    const bool col_ok = clean || page_id(v, t0 + ((pos - t0) / box_rows) * box_rows) >= 0;
+                    const bool col_ok =
+                        clean || (pos < v.tok_end && page_id(v, t0 + ((pos - t0) / box_rows) * box_rows) >= 0);
 #pragma unroll
                     for (int hh = 0; hh < 2; ++hh) {
                         float& x = sacc[4 * j + 2 * hh + e];
@@ -376,6 +379,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     }
     mbar_wait(sm.qbar, 0);
     mbar_wait(&sm.full[0], 0);
+    __syncwarp();
     float s[32];
 #pragma unroll
     for (int x = 0; x < 32; ++x) s[x] = 0.0f;

@@ -420,3 +420,104 @@ fn cpu_reference_sweep_consistency() {
         assert!((a - b).abs() < 0.05, "{a} vs {b}");
     }
 }
+
+// ---- sm_90a primitive probes: each checks one building block of the fast kernel in isolation. ----
+
+fn random_bf16_bits(n: usize, rng: &mut StdRng, scale: f32) -> Vec<bf16> {
+    (0..n).map(|_| bf16::from_f32(rng.random_range(-scale..scale))).collect()
+}
+
+#[test]
+fn gpu_sm90_primitive_tma_tile_load() {
+    let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: TMA tile load (128B swizzle)") else { return };
+    let mut rng = StdRng::seed_from_u64(200);
+    for &(page, ref table, t0, tok_end) in &[
+        (64usize, vec![3i32, 1], 0usize, 64usize),
+        (64, vec![3, 1], 64, 100), // tail rows past the piece are zeroed
+        (32, vec![2, 0, 5], 0, 64),
+        (16, vec![4, 1, i32::MAX, 0, 2], 0, 70), // a bad page in the middle of the tile
+        (128, vec![1, 2], 64, 128),              // second half of a 128-token page
+    ] {
+        let num_blocks = 6usize;
+        let cache = random_bf16_bits(num_blocks * page * D_QK, &mut rng, 4.0);
+        let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
+        let dt = DeviceTensor::from_host(&gpu, table, &[table.len()]).unwrap();
+        let got = mla::sm90::probe_tile_load(&gpu, &dc, &dt, t0, tok_end).unwrap();
+        let bits: Vec<u16> = cache.iter().map(|x| x.to_bits()).collect();
+        let want = mla::sm90::tile_image(&bits, table, page, t0, tok_end);
+        assert!(got == want, "page {page} t0 {t0} tok_end {tok_end}: stage image differs");
+    }
+}
+
+#[test]
+fn gpu_sm90_primitive_wgmma_qk_and_pv() {
+    let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: bf16 wgmma QK^T (K-major) and PV (MN-major)")
+    else {
+        return;
+    };
+    let mut rng = StdRng::seed_from_u64(201);
+    for page in [64usize, 16] {
+        let num_blocks = 64 / page + 2;
+        let q = random_bf16_bits(64 * D_QK, &mut rng, 1.0);
+        let cache = random_bf16_bits(num_blocks * page * D_QK, &mut rng, 1.0);
+        let table: Vec<i32> = (0..(64 / page) as i32).rev().collect();
+        let dq = DeviceTensor::from_host(&gpu, &q, &[64, D_QK]).unwrap();
+        let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
+        let dt = DeviceTensor::from_host(&gpu, &table, &[table.len()]).unwrap();
+        let (s, o) = mla::sm90::probe_wgmma(&gpu, &dq, &dc, &dt).unwrap();
+        let key = |t: usize| {
+            let off = (table[t / page] as usize * page + t % page) * D_QK;
+            &cache[off..off + D_QK]
+        };
+        for r in 0..64 {
+            for t in 0..64 {
+                let want: f64 = (0..D_QK).map(|d| q[r * D_QK + d].to_f64() * key(t)[d].to_f64()).sum();
+                let got = s[r * 64 + t] as f64;
+                assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "S[{r},{t}] page {page}: {got} vs {want}");
+            }
+            for n in 0..D_V {
+                let want: f64 = (0..64).map(|t| bf16::from_f32(s[r * 64 + t]).to_f64() * key(t)[n].to_f64()).sum();
+                let got = o[r * D_V + n] as f64;
+                assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "O[{r},{n}] page {page}: {got} vs {want}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_sm90_primitive_online_softmax_merge() {
+    let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: online softmax merge") else { return };
+    let mut rng = StdRng::seed_from_u64(202);
+    let mut s: Vec<f32> = (0..64 * 128).map(|_| rng.random_range(-8.0f32..8.0)).collect();
+    for r in 0..64 {
+        if r % 7 == 0 {
+            s[r * 128 + 64..(r + 1) * 128].fill(f32::NEG_INFINITY); // second tile fully masked
+        }
+        if r % 11 == 5 {
+            s[r * 128..r * 128 + 64].fill(f32::NEG_INFINITY); // first tile fully masked
+        }
+        if r == 63 {
+            s[r * 128..(r + 1) * 128].fill(f32::NEG_INFINITY); // nothing visible
+        }
+    }
+    let (m, l, alpha, p) = mla::sm90::probe_softmax(&gpu, &s).unwrap();
+    for r in 0..64 {
+        let row = &s[r * 128..(r + 1) * 128];
+        let m1 = row[..64].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mt = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(m[r], mt, "row {r} max");
+        if mt == f32::NEG_INFINITY {
+            assert_eq!(l[r], 0.0);
+            assert!(p[r * 64..(r + 1) * 64].iter().all(|&x| x == 0.0));
+            continue;
+        }
+        let lt: f64 = row.iter().map(|&x| ((x - mt) as f64).exp2()).sum();
+        assert!(((l[r] as f64) - lt).abs() < 1e-5 * lt, "row {r}: l {} vs {lt}", l[r]);
+        let want_alpha = if m1 == f32::NEG_INFINITY { 0.0 } else { ((m1 - mt) as f64).exp2() };
+        assert!((alpha[r] as f64 - want_alpha).abs() < 1e-6, "row {r}: alpha {} vs {want_alpha}", alpha[r]);
+        for c in 0..64 {
+            let want = bf16::from_f32(((row[64 + c] - mt) as f64).exp2() as f32).to_f32();
+            assert!((p[r * 64 + c] - want).abs() <= want * 2f32.powi(-7), "P[{r},{c}]");
+        }
+    }
+}

@@ -178,8 +178,8 @@ fn validate(
         ));
     }
     // The kernels form token positions as i32 and combine indices up to batch·rows.
-    to_i32("block_table", max_blocks.checked_mul(page).unwrap_or(usize::MAX))?;
-    to_i32("batch·s_q·heads", b.checked_mul(rows).unwrap_or(usize::MAX))?;
+    to_i32("block_table", max_blocks.saturating_mul(page))?;
+    to_i32("batch·s_q·heads", b.saturating_mul(rows))?;
     let table = opts.block_table_host;
     if let Some(t) = table {
         if t.len() != b * max_blocks {

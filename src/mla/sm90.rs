@@ -99,7 +99,7 @@ pub const fn p_source(c: usize, k: usize, e: usize) -> usize {
 /// multiples of 64. `None` for page sizes this path does not take (use the portable kernel).
 pub const fn box_rows(page: usize) -> Option<usize> {
     if page >= 64 {
-        if page % 64 == 0 {
+        if page.is_multiple_of(64) {
             Some(64)
         } else {
             None
@@ -254,18 +254,19 @@ pub fn probe_tile_load(
     let kvv = kv.view();
     let (kv_ptr, _g) = kvv.device_ptr(stream);
     let tmap = encode_rows_576(kv_ptr, num_blocks * page, box_rows)?;
-    let (tv, mut ov) = (table_row.view(), out.view_mut());
-    let args = [page as i32, num_blocks as i32, box_rows as i32, t0 as i32, tok_end as i32];
-    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
-    let mut launch = stream.launch_builder(&f);
-    launch.arg(&tmap).arg(&tv).arg(&mut ov);
-    for a in &args {
-        launch.arg(a);
+    {
+        let (tv, mut ov) = (table_row.view(), out.view_mut());
+        let args = [page as i32, num_blocks as i32, box_rows as i32, t0 as i32, tok_end as i32];
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&tmap).arg(&tv).arg(&mut ov);
+        for a in &args {
+            launch.arg(a);
+        }
+        // SAFETY: one CTA; the table row is read below tok_end / page (checked); the cache through the tensor map;
+        // `out` holds exactly TILE_BYTES.
+        unsafe { launch.launch(cfg) }?;
     }
-    // SAFETY: one CTA; the table row is read below tok_end / page (checked); the cache through the tensor map;
-    // `out` holds exactly TILE_BYTES.
-    unsafe { launch.launch(cfg) }?;
-    drop(ov);
     out.to_host(gpu)
 }
 
@@ -297,25 +298,29 @@ pub fn probe_wgmma(
     let (kv_ptr, _g2) = kvv.device_ptr(stream);
     let tmap_q = encode_rows_576(q_ptr, q_rows, 64)?;
     let tmap_kv = encode_rows_576(kv_ptr, num_blocks * page, box_rows)?;
-    let (tv, mut sv, mut ov) = (table_row.view(), s.view_mut(), o.view_mut());
-    let args = [page as i32, num_blocks as i32, box_rows as i32];
-    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
-    let mut launch = stream.launch_builder(&f);
-    launch.arg(&tmap_q).arg(&tmap_kv).arg(&tv).arg(&mut sv).arg(&mut ov);
-    for a in &args {
-        launch.arg(a);
+    {
+        let (tv, mut sv, mut ov) = (table_row.view(), s.view_mut(), o.view_mut());
+        let args = [page as i32, num_blocks as i32, box_rows as i32];
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&tmap_q).arg(&tmap_kv).arg(&tv).arg(&mut sv).arg(&mut ov);
+        for a in &args {
+            launch.arg(a);
+        }
+        // SAFETY: one CTA reading through the tensor maps and 64 / page table entries (checked); writes 64·64 and
+        // 64·512 floats, the sizes of s and o.
+        unsafe { launch.launch(cfg) }?;
     }
-    // SAFETY: one CTA reading through the tensor maps and 64 / page table entries (checked); writes 64·64 and
-    // 64·512 floats, the sizes of s and o.
-    unsafe { launch.launch(cfg) }?;
-    drop((sv, ov));
     Ok((s.to_host(gpu)?, o.to_host(gpu)?))
 }
+
+/// (m, l, alpha, p) from [`probe_softmax`].
+pub type SoftmaxProbe = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// Runs the online-softmax probe on `s` [64, 128] (log2 domain): returns per row (m, l, alpha of the second tile)
 /// and the bf16 P of the second tile [64, 64].
 #[doc(hidden)]
-pub fn probe_softmax(gpu: &Gpu, s: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> {
+pub fn probe_softmax(gpu: &Gpu, s: &[f32]) -> Result<SoftmaxProbe> {
     gpu.require_hopper("MLA sm_90a softmax probe")?;
     if s.len() != 64 * 128 {
         return Err(Error::shape("s", 64 * 128, s.len()));
@@ -327,12 +332,14 @@ pub fn probe_softmax(gpu: &Gpu, s: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f3
     let mut p = DeviceTensor::<f32>::zeros(gpu, &[64, 64])?;
     let f = gpu.function(MODULE, "mla_sm90_probe_softmax", 0)?;
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    let (sv, mut mv, mut lv, mut pv, mut av) = (sd.view(), m.view_mut(), l.view_mut(), p.view_mut(), a.view_mut());
-    let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&sv).arg(&mut mv).arg(&mut lv).arg(&mut pv).arg(&mut av);
-    // SAFETY: one warpgroup reading 64·128 floats and writing 64, 64, 64·64 and 64 floats: the buffer sizes.
-    unsafe { launch.launch(cfg) }?;
-    drop((mv, lv, pv, av));
+    {
+        let (sv, mut mv, mut lv) = (sd.view(), m.view_mut(), l.view_mut());
+        let (mut pv, mut av) = (p.view_mut(), a.view_mut());
+        let mut launch = gpu.stream().launch_builder(&f);
+        launch.arg(&sv).arg(&mut mv).arg(&mut lv).arg(&mut pv).arg(&mut av);
+        // SAFETY: one warpgroup reading 64·128 floats and writing 64, 64, 64·64 and 64 floats: the buffer sizes.
+        unsafe { launch.launch(cfg) }?;
+    }
     Ok((m.to_host(gpu)?, l.to_host(gpu)?, a.to_host(gpu)?, p.to_host(gpu)?))
 }
 

@@ -138,14 +138,14 @@ pub fn validate_inputs(
     if q_len != cfg.q_len() {
         return Err(Error::shape("q", format!("[{}, {}, {}, {D_QK}]", cfg.batch, cfg.s_q, cfg.heads), q_len));
     }
-    if cache_tokens % cfg.page_size != 0 {
+    if !cache_tokens.is_multiple_of(cfg.page_size) {
         return Err(Error::shape("kv_cache", format!("a whole number of {}-token pages", cfg.page_size), cache_tokens));
     }
     let num_blocks = cache_tokens / cfg.page_size;
     if seqlens.len() != cfg.batch {
         return Err(Error::shape("seqlens", cfg.batch, seqlens.len()));
     }
-    let max_blocks = if cfg.batch == 0 { 0 } else { block_table.len() / cfg.batch };
+    let max_blocks = block_table.len().checked_div(cfg.batch).unwrap_or(0);
     if block_table.len() != cfg.batch * max_blocks {
         return Err(Error::shape("block_table", format!("[{}, max_blocks]", cfg.batch), block_table.len()));
     }
@@ -180,7 +180,7 @@ pub fn mla_decode(
     cfg: &MlaConfig,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     cfg.validate()?;
-    if kv_cache.len() % D_QK != 0 {
+    if !kv_cache.len().is_multiple_of(D_QK) {
         return Err(Error::shape("kv_cache", format!("[num_blocks, {}, {D_QK}]", cfg.page_size), kv_cache.len()));
     }
     let dims = validate_inputs(q.len(), kv_cache.len() / D_QK, block_table, seqlens, cfg)?;
@@ -232,7 +232,7 @@ pub fn mla_decode(
 /// 128-wide latent tile gets `scale = max(amax, 1e-4) / 448` and codes `E4M3(x / scale)` (as
 /// [`crate::reference::quant`]); the RoPE part is rounded to bf16.
 pub fn quantize_kv_cache_fp8(kv_cache: &[f32]) -> Result<Vec<u8>> {
-    if kv_cache.len() % D_QK != 0 {
+    if !kv_cache.len().is_multiple_of(D_QK) {
         return Err(Error::shape("kv_cache", format!("a multiple of {D_QK} elements"), kv_cache.len()));
     }
     let tokens = kv_cache.len() / D_QK;
@@ -259,7 +259,7 @@ pub fn quantize_kv_cache_fp8(kv_cache: &[f32]) -> Result<Vec<u8>> {
 /// Dequantizes an FP8 cache (`tokens` × 656 bytes) back to `tokens` × 576 f32: `code · scale` for the latent (one
 /// f32 product, exactly what the kernels compute), the bf16 RoPE widened.
 pub fn dequantize_kv_cache_fp8(bytes: &[u8]) -> Result<Vec<f32>> {
-    if bytes.len() % FP8_TOKEN_BYTES != 0 {
+    if !bytes.len().is_multiple_of(FP8_TOKEN_BYTES) {
         return Err(Error::shape("kv_cache", format!("a multiple of {FP8_TOKEN_BYTES} bytes"), bytes.len()));
     }
     let mut out = Vec::with_capacity(bytes.len() / FP8_TOKEN_BYTES * D_QK);
