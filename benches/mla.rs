@@ -29,8 +29,7 @@ struct Setup {
     q: DeviceTensor<bf16>,
     table: DeviceTensor<i32>,
     seqlens: DeviceTensor<i32>,
-    plan: MlaPlan,
-    ws: MlaWorkspace,
+    seqlens_host: Vec<i32>,
     out: DeviceTensor<bf16>,
     lse: DeviceTensor<f32>,
     blocks: usize,
@@ -44,15 +43,12 @@ fn setup(gpu: &Gpu, b: usize, h: usize, s_q: usize, s_k: usize) -> Setup {
     let table: Vec<i32> = (0..blocks).map(|i| ((i % b) * per_seq + i / b) as i32).collect();
     let q = pattern(b * s_q * h * D_QK, |s| bf16::from_f32((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5));
     let seqlens = vec![s_k as i32; b];
-    let plan = MlaPlan::balanced(gpu, &seqlens, PAGE).expect("plan");
-    let ws = MlaWorkspace::new(gpu, &plan, &cfg).expect("workspace");
     Setup {
         cfg,
         q: DeviceTensor::from_host(gpu, &q, &[b, s_q, h, D_QK]).expect("q"),
         table: DeviceTensor::from_host(gpu, &table, &[b, per_seq]).expect("table"),
         seqlens: DeviceTensor::from_host(gpu, &seqlens, &[b]).expect("seqlens"),
-        plan,
-        ws,
+        seqlens_host: seqlens,
         out: DeviceTensor::zeros(gpu, &[b, s_q, h, D_V]).expect("out"),
         lse: DeviceTensor::zeros(gpu, &[b, h, s_q]).expect("lse"),
         blocks,
@@ -88,6 +84,8 @@ fn bench_mla(c: &mut Criterion) {
         let flops = 2.0 * (b * h * s_q * s_k) as f64 * (D_QK + D_V) as f64;
         let qo = b * s_q * h * (2 * D_QK + 2 * D_V);
         for &backend in &backends {
+            let plan = MlaPlan::for_backend(&gpu, &s.seqlens_host, &s.cfg, backend).expect("plan");
+            let mut ws = MlaWorkspace::new(&gpu, &plan, &s.cfg).expect("workspace");
             for fp8 in [false, true] {
                 if fp8 && backend == Backend::Hopper {
                     continue; // the sm_90a path takes bf16 caches only for now
@@ -96,7 +94,8 @@ fn bench_mla(c: &mut Criterion) {
                 let bytes = kv_bytes + qo;
                 let opts = MlaOptions { block_table_host: None, backend };
                 let cfg = s.cfg;
-                let Setup { q, table, seqlens, plan, ws, out, lse, .. } = &mut s;
+                let Setup { q, table, seqlens, out, lse, .. } = &mut s;
+                let (plan, ws) = (&plan, &mut ws);
                 let mut launch = || {
                     if fp8 {
                         mla_decode_fp8(&gpu, q, &cache8, table, seqlens, plan, &cfg, out, lse, ws, &opts)

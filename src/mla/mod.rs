@@ -57,6 +57,18 @@ impl MlaPlan {
         Self::new(gpu, seqlens, page_size, SplitMode::Balanced { target_ctas: gpu.info().sm_count.max(1) as usize })
     }
 
+    /// Balanced plan sized for `backend`: the decode grid is (CTAs, row groups), so aim for about one CTA per SM
+    /// in total (`sm_count / row_groups` pieces, at least one).
+    pub fn for_backend(gpu: &Gpu, seqlens: &[i32], cfg: &MlaConfig, backend: Backend) -> Result<Self> {
+        let rows = cfg.s_q.saturating_mul(cfg.heads).max(1);
+        let groups = match backend {
+            Backend::Portable => rows.div_ceil(PLAIN_ROWS_PER_CTA),
+            Backend::Hopper => rows.div_ceil(sm90::ROWS_PER_CTA),
+        };
+        let target = (gpu.info().sm_count as usize / groups).max(1);
+        Self::new(gpu, seqlens, cfg.page_size, SplitMode::Balanced { target_ctas: target })
+    }
+
     /// The host-side schedule.
     pub fn split(&self) -> &SplitPlan {
         &self.split
