@@ -145,7 +145,8 @@ __device__ void decode_body(const __nv_bfloat16* __restrict__ q, const uint8_t* 
                             const float scale = *reinterpret_cast<const float*>(tok + kFp8ScalesOff + 4 * (c / 8));
                             const uint8_t* codes = reinterpret_cast<const uint8_t*>(&raw);
 #pragma unroll
-                            for (int e = 0; e < 16; ++e) v[e] = r1k::e4m3_to_f32(codes[e]) * scale;
+                            for (int e = 0; e < 16; ++e)  // bf16(code · scale): the FP8 cache's defined values
+                                v[e] = __bfloat162float(__float2bfloat16_rn(r1k::e4m3_to_f32(codes[e]) * scale));
                         }
 #pragma unroll
                         for (int e = 0; e < 16; ++e) k_s[tt * kKStride + c * 16 + e] = v[e];

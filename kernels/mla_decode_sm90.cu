@@ -20,13 +20,20 @@
 // min(page, 64) tokens, so pages of 8, 16, 32, 64 or any multiple of 64 tokens work. Table entries are bounds-checked
 // on the device; rows of a tile that are past the sequence (or on a bad page) are zeroed in shared memory before the
 // MMAs (the tail of a page may hold NaN) and masked to −inf in S.
+// FP8 cache (mla_decode_sm90_fp8): TMA brings each tile's raw E4M3 codes + fp32 scales (unswizzled) and its bf16
+// RoPE block (swizzled) into double-buffered raw stages; all 256 threads dequantize the codes to bf16(code·scale)
+// into a single swizzled latent stage (after both warpgroups finished the previous tile), then the same MMAs run.
+// The RoPE block lives apart from the latent blocks, so QKᵀ takes its last 4 k-steps from there. Shared memory:
+// Q 72 KiB + latent 64 KiB + 2 × 8 KiB RoPE + 2 × 33 KiB raw ≈ 219 KiB.
 // Output: fp32 partial O (normalized) and partial lse per split, merged by mla_combine (kernels/mla_decode.cu).
 //
 // r1k-sass: mla_decode_sm90_bf16 HGMMA
+// r1k-sass: mla_decode_sm90_fp8 HGMMA
 // r1k-sass: mla_sm90_probe_wgmma HGMMA
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "common/fp8.cuh"
 #include "common/mla.cuh"
 
 using namespace r1k_mla;
@@ -42,21 +49,42 @@ constexpr int kStages = 2;
 constexpr int kThreads = 256;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Shared memory: [Q | stage 0 | stage 1 | barriers], base aligned to 1024 (required by the 128B swizzle).
+// Shared memory, base aligned to 1024 (required by the 128B swizzle).
+//   bf16 cache: [Q | stage 0 | stage 1 | barriers]; a stage is the 9 column blocks of one K tile.
+//   FP8 cache:  [Q | latent (8 blocks, single) | rope 0 | rope 1 | raw 0 | raw 1 | barriers]: TMA brings the raw
+//               E4M3 codes + scales (raw stage: codes [2][64][256 B], scales [64][16 B]) and the bf16 RoPE block
+//               (swizzled, double-buffered); the consumers dequantize the codes into the single latent stage.
+constexpr uint32_t kLatentBytes = 8 * kBlockBytes;        // 65,536
+constexpr uint32_t kRawCodesHalf = 64 * 256;              // 16,384
+constexpr uint32_t kRawBytes = 2 * kRawCodesHalf + 64 * 16;  // 33,792
+constexpr uint32_t kFp8LatentOff = kTileBytes;
+constexpr uint32_t kFp8RopeOff = kFp8LatentOff + kLatentBytes;
+constexpr uint32_t kFp8RawOff = kFp8RopeOff + kStages * kBlockBytes;
+constexpr uint32_t kFp8BarOff = kFp8RawOff + kStages * kRawBytes;  // 223,232
+
+template <bool kFp8>
 struct Smem {
     uint8_t* q;
-    __device__ __forceinline__ uint8_t* stage(int i) const { return q + kTileBytes * (1 + i); }
+    // K column blocks 0..7 (the latent, also V) and block 8 (RoPE) of the tile in stage i.
+    __device__ __forceinline__ uint8_t* latent(int i) const {
+        return kFp8 ? q + kFp8LatentOff : q + kTileBytes * (1 + i);
+    }
+    __device__ __forceinline__ uint8_t* rope(int i) const {
+        return kFp8 ? q + kFp8RopeOff + kBlockBytes * i : latent(i) + 8 * kBlockBytes;
+    }
+    __device__ __forceinline__ uint8_t* raw(int i) const { return q + kFp8RawOff + kRawBytes * i; }
     uint64_t* full;   // [kStages]
     uint64_t* empty;  // [kStages]
     uint64_t* qbar;
 };
 
-__device__ __forceinline__ Smem carve(uint8_t* raw) {
+template <bool kFp8>
+__device__ __forceinline__ Smem<kFp8> carve(uint8_t* raw) {
     const uint32_t addr = smem_u32(raw);
     uint8_t* base = raw + ((1024u - (addr & 1023u)) & 1023u);
-    Smem s;
+    Smem<kFp8> s;
     s.q = base;
-    uint64_t* bars = reinterpret_cast<uint64_t*>(base + kTileBytes * (1 + kStages));
+    uint64_t* bars = reinterpret_cast<uint64_t*>(base + (kFp8 ? kFp8BarOff : kTileBytes * (1 + kStages)));
     s.full = bars;
     s.empty = bars + kStages;
     s.qbar = bars + 2 * kStages;
@@ -101,6 +129,60 @@ __device__ __forceinline__ void issue_tile(const TmaDesc* kv, const SeqView& v, 
     }
 }
 
+// FP8 producer: per valid chunk, codes as two 256-byte boxes, the 16 bytes of scales, and the RoPE block (bf16,
+// swizzled) into its own double-buffered block.
+__device__ __forceinline__ void issue_tile_fp8(const TmaDesc* codes, const TmaDesc* scales, const TmaDesc* rope,
+                                               const SeqView& v, int box_rows, int t0, uint8_t* raw,
+                                               uint8_t* rope_dst, uint64_t* bar) {
+    const int chunks = kTileN / box_rows;
+    uint32_t bytes = 0;
+    for (int c = 0; c < chunks; ++c) bytes += page_id(v, t0 + c * box_rows) >= 0 ? 656u * box_rows : 0u;
+    mbar_arrive_expect_tx(bar, bytes);
+    for (int c = 0; c < chunks; ++c) {
+        const int pos = t0 + c * box_rows;
+        const int id = page_id(v, pos);
+        if (id < 0) continue;
+        const int row = id * v.page + pos % v.page;
+        const int r0 = c * box_rows;
+        tma_load_2d(raw + r0 * 256, codes, 0, row, bar);
+        tma_load_2d(raw + kRawCodesHalf + r0 * 256, codes, 256, row, bar);
+        tma_load_2d(raw + 2 * kRawCodesHalf + r0 * 16, scales, 512, row, bar);
+        tma_load_2d(rope_dst + r0 * 128, rope, 0, row, bar);
+    }
+}
+
+// Dequantizes the raw FP8 stage into the (single) latent stage: bf16(code · scale), the value
+// reference::mla::dequantize_kv_cache_fp8 defines; rows without a valid token become zeros (latent and RoPE).
+// All 256 threads; the caller has made sure no MMA still reads the latent stage. Ends with a barrier.
+__device__ __forceinline__ void dequant_tile(const SeqView& v, int box_rows, int t0, const uint8_t* raw,
+                                             uint8_t* latent, uint8_t* rope, int tid) {
+    for (int idx = tid; idx < kTileN * 32; idx += kThreads) {
+        const int r = idx / 32;
+        const int g = idx % 32;  // 16-code group: columns 16g .. 16g + 15
+        const bool bad = t0 + r >= v.tok_end || page_id(v, t0 + (r / box_rows) * box_rows) < 0;
+        uint32_t packed[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (!bad) {
+            const uint4 raw_codes = *reinterpret_cast<const uint4*>(raw + (g / 16) * kRawCodesHalf + r * 256 + (g % 16) * 16);
+            const float scale = *reinterpret_cast<const float*>(raw + 2 * kRawCodesHalf + r * 16 + (g / 8) * 4);
+            const uint8_t* c8 = reinterpret_cast<const uint8_t*>(&raw_codes);
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                packed[e] = pack_bf16x2(r1k::e4m3_to_f32(c8[2 * e]) * scale, r1k::e4m3_to_f32(c8[2 * e + 1]) * scale);
+        }
+        uint8_t* blk = latent + (g / 4) * kBlockBytes;
+        *reinterpret_cast<uint4*>(blk + swizzle128(r, (g % 4) * 32)) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        *reinterpret_cast<uint4*>(blk + swizzle128(r, (g % 4) * 32 + 16)) =
+            make_uint4(packed[4], packed[5], packed[6], packed[7]);
+    }
+    for (int idx = tid; idx < kTileN * 8; idx += kThreads) {
+        const int r = idx / 8;
+        const bool bad = t0 + r >= v.tok_end || page_id(v, t0 + (r / box_rows) * box_rows) < 0;
+        if (bad) *reinterpret_cast<uint4*>(rope + r * 128 + (idx % 8) * 16) = make_uint4(0, 0, 0, 0);
+    }
+    fence_proxy_async();
+    named_barrier_sync(1, kThreads);
+}
+
 // True when every token row of the tile is a real token on a valid page (no fix-up needed).
 __device__ __forceinline__ bool tile_clean(const SeqView& v, int box_rows, int t0) {
     if (t0 + kTileN > v.tok_end) return false;
@@ -126,15 +208,19 @@ __device__ __forceinline__ void zero_bad_rows(const SeqView& v, int box_rows, in
 
 // S[64 × 64] = Q · Kᵀ over 576 columns (36 k-steps). Both operands K-major, 128B swizzle: a k-step of 16 bf16 is
 // 32 bytes inside a 128-byte row, so its descriptor start advances by 32 within a column block and by 8 KiB across.
-__device__ __forceinline__ void qk_tile(float (&s)[32], const uint8_t* q, const uint8_t* k) {
+// The RoPE block (block 8) of K may live apart from the latent blocks (FP8 path).
+__device__ __forceinline__ void qk_tile(float (&s)[32], const uint8_t* q, const uint8_t* k_latent,
+                                        const uint8_t* k_rope) {
     const uint32_t qa = smem_u32(q);
-    const uint32_t ka = smem_u32(k);
+    const uint32_t la = smem_u32(k_latent);
+    const uint32_t ra = smem_u32(k_rope);
     fence_regs(s);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlocks * 4; ++kk) {
         const uint32_t off = (kk / 4) * kBlockBytes + (kk % 4) * 32;
-        wgmma_m64n64k16_ss(s, smem_desc(qa + off, 16, 1024), smem_desc(ka + off, 16, 1024), kk > 0 ? 1 : 0);
+        const uint32_t koff = kk < 32 ? la + off : ra + (kk % 4) * 32;
+        wgmma_m64n64k16_ss(s, smem_desc(qa + off, 16, 1024), smem_desc(koff, 16, 1024), kk > 0 ? 1 : 0);
     }
     wgmma_commit();
     wgmma_wait_all();
@@ -197,7 +283,8 @@ __device__ __forceinline__ void softmax_step(const float (&s)[32], float (&m)[2]
     }
 }
 
-__device__ __forceinline__ void init_barriers(const Smem& sm) {
+template <bool kFp8>
+__device__ __forceinline__ void init_barriers(const Smem<kFp8>& sm) {
     if (threadIdx.x == 0) {
         for (int i = 0; i < kStages; ++i) {
             mbar_init(&sm.full[i], 1);
@@ -215,16 +302,25 @@ __device__ __forceinline__ void init_barriers(const Smem& sm) {
 // [num_blocks·page, 576] bf16, box 64 × box_rows (box_rows = min(page, 64)), 128B swizzle.
 // items / cta_offsets / split_offsets: the plan (see mla_decode.cu). o_part [splits, s_q·h, 512], lse_part
 // [splits, s_q·h].
-extern "C" __global__ void __launch_bounds__(kThreads, 1)
-    mla_decode_sm90_bf16(const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_kv,
-                         const int* __restrict__ block_table, const int* __restrict__ seqlens,
-                         const int4* __restrict__ items, const int* __restrict__ cta_offsets,
-                         const int* __restrict__ split_offsets, float* __restrict__ o_part,
-                         float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks,
-                         int max_blocks, float scale_log2, int causal, int box_rows) {
+template <bool kFp8>
+__device__ __forceinline__ void decode_body(const TmaDesc* tmap_q, const TmaDesc* tmap_kv, const TmaDesc* tmap_scales,
+                                            const TmaDesc* tmap_rope, const int* __restrict__ block_table,
+                                            const int* __restrict__ seqlens, const int4* __restrict__ items,
+                                            const int* __restrict__ cta_offsets, const int* __restrict__ split_offsets,
+                                            float* __restrict__ o_part, float* __restrict__ lse_part, int batch,
+                                            int s_q, int h, int page, int num_blocks, int max_blocks,
+                                            float scale_log2, int causal, int box_rows) {
     extern __shared__ uint8_t smem_raw[];
-    const Smem sm = carve(smem_raw);
+    const Smem<kFp8> sm = carve<kFp8>(smem_raw);
     init_barriers(sm);
+    auto issue = [&](const SeqView& v, int t0, int stage) {
+        if constexpr (kFp8) {
+            issue_tile_fp8(tmap_kv, tmap_scales, tmap_rope, v, box_rows, t0, sm.raw(stage), sm.rope(stage),
+                           &sm.full[stage]);
+        } else {
+            issue_tile(tmap_kv, v, box_rows, t0, sm.latent(stage), &sm.full[stage]);
+        }
+    };
 
     const int tid = threadIdx.x;
     const int wg = tid / 128;
@@ -258,8 +354,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
         if (tid == 0) {
             mbar_arrive_expect_tx(sm.qbar, kTileBytes);
             for (int kb = 0; kb < kBlocks; ++kb)
-                tma_load_2d(sm.q + kb * kBlockBytes, &tmap_q, kb * 64, b * rows + row0, sm.qbar);
-            if (num_tiles > 0) issue_tile(&tmap_kv, v, box_rows, tok_begin, sm.stage(n % 2), &sm.full[n % 2]);
+                tma_load_2d(sm.q + kb * kBlockBytes, tmap_q, kb * 64, b * rows + row0, sm.qbar);
+            if (num_tiles > 0) issue(v, tok_begin, n % 2);
         }
         int limit[2];
 #pragma unroll
@@ -281,17 +377,22 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
             const int t0 = tok_begin + i * kTileN;
             if (tid == 0 && i + 1 < num_tiles) {
                 if (i >= 1) mbar_wait(&sm.empty[(n + 1) % 2], ((n - 1) / 2) & 1);
-                issue_tile(&tmap_kv, v, box_rows, t0 + kTileN, sm.stage((n + 1) % 2), &sm.full[(n + 1) % 2]);
+                issue(v, t0 + kTileN, (n + 1) % 2);
             }
             mbar_wait(&sm.full[s], (n / 2) & 1);
             __syncwarp();  // the wgmma below are warp-synchronous (.aligned): reconverge after producer work and spins
             const bool clean = tile_clean(v, box_rows, t0);
-            if (!clean) zero_bad_rows(v, box_rows, t0, sm.stage(s), tid);
+            if constexpr (kFp8) {
+                named_barrier_sync(2, kThreads);  // both warpgroups are done with the previous tile's latent stage
+                dequant_tile(v, box_rows, t0, sm.raw(s), sm.latent(s), sm.rope(s), tid);
+            } else {
+                if (!clean) zero_bad_rows(v, box_rows, t0, sm.latent(s), tid);
+            }
 
             float sacc[32];
 #pragma unroll
             for (int x = 0; x < 32; ++x) sacc[x] = 0.0f;
-            qk_tile(sacc, sm.q, sm.stage(s));
+            qk_tile(sacc, sm.q, sm.latent(s), sm.rope(s));
 
             // Scale into the log2 domain and mask: causal limit per row, end of piece / bad pages per column.
 #pragma unroll
@@ -318,7 +419,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
                 o[4 * j + 2] *= alpha[1];
                 o[4 * j + 3] *= alpha[1];
             }
-            pv_tile(o, pf, sm.stage(s), wg);
+            pv_tile(o, pf, sm.latent(s), wg);
             if (t == 0) mbar_arrive(&sm.empty[s]);
         }
 
@@ -339,6 +440,32 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     }
 }
 
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_sm90_bf16(const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_kv,
+                         const int* __restrict__ block_table, const int* __restrict__ seqlens,
+                         const int4* __restrict__ items, const int* __restrict__ cta_offsets,
+                         const int* __restrict__ split_offsets, float* __restrict__ o_part,
+                         float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks,
+                         int max_blocks, float scale_log2, int causal, int box_rows) {
+    decode_body<false>(&tmap_q, &tmap_kv, nullptr, nullptr, block_table, seqlens, items, cta_offsets, split_offsets,
+                       o_part, lse_part, batch, s_q, h, page, num_blocks, max_blocks, scale_log2, causal, box_rows);
+}
+
+// FP8 cache ([num_blocks·page, 656] bytes): tmap_codes u8 box 256 × box_rows, tmap_scales u8 box 16 × box_rows
+// (both unswizzled), tmap_rope bf16 over cache + 528 with a 656-byte row stride, box 64 × box_rows, 128B swizzle.
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_sm90_fp8(const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_codes,
+                        const __grid_constant__ TmaDesc tmap_scales, const __grid_constant__ TmaDesc tmap_rope,
+                        const int* __restrict__ block_table, const int* __restrict__ seqlens,
+                        const int4* __restrict__ items, const int* __restrict__ cta_offsets,
+                        const int* __restrict__ split_offsets, float* __restrict__ o_part,
+                        float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks,
+                        int max_blocks, float scale_log2, int causal, int box_rows) {
+    decode_body<true>(&tmap_q, &tmap_codes, &tmap_scales, &tmap_rope, block_table, seqlens, items, cta_offsets,
+                      split_offsets, o_part, lse_part, batch, s_q, h, page, num_blocks, max_blocks, scale_log2, causal,
+                      box_rows);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Primitive probes for GPU tests: each exercises one building block of the kernel above in isolation.
 
@@ -349,15 +476,15 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     mla_sm90_probe_tile_load(const __grid_constant__ TmaDesc tmap_kv, const int* __restrict__ table_row,
                              uint8_t* __restrict__ out, int page, int num_blocks, int box_rows, int t0, int tok_end) {
     extern __shared__ uint8_t smem_raw[];
-    const Smem sm = carve(smem_raw);
+    const Smem<false> sm = carve<false>(smem_raw);
     init_barriers(sm);
     SeqView v{table_row, page, num_blocks, tok_end};
-    if (threadIdx.x == 0) issue_tile(&tmap_kv, v, box_rows, t0, sm.stage(0), &sm.full[0]);
+    if (threadIdx.x == 0) issue_tile(&tmap_kv, v, box_rows, t0, sm.latent(0), &sm.full[0]);
     mbar_wait(&sm.full[0], 0);
-    if (!tile_clean(v, box_rows, t0)) zero_bad_rows(v, box_rows, t0, sm.stage(0), threadIdx.x);
+    if (!tile_clean(v, box_rows, t0)) zero_bad_rows(v, box_rows, t0, sm.latent(0), threadIdx.x);
     __syncthreads();
     for (uint32_t i = threadIdx.x; i < kTileBytes / 16; i += kThreads)
-        reinterpret_cast<uint4*>(out)[i] = reinterpret_cast<const uint4*>(sm.stage(0))[i];
+        reinterpret_cast<uint4*>(out)[i] = reinterpret_cast<const uint4*>(sm.latent(0))[i];
 }
 
 // wgmma: loads Q rows 0..63 of tmap_q and the first 64 tokens of the cache (pages 0, 1, ... in order), computes
@@ -368,14 +495,14 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
                          const int* __restrict__ table_row, float* __restrict__ s_out, float* __restrict__ o_out,
                          int page, int num_blocks, int box_rows) {
     extern __shared__ uint8_t smem_raw[];
-    const Smem sm = carve(smem_raw);
+    const Smem<false> sm = carve<false>(smem_raw);
     init_barriers(sm);
     const int tid = threadIdx.x, wg = tid / 128, t = tid % 128, warp = t / 32, lane = t % 32, quad = lane % 4;
     SeqView v{table_row, page, num_blocks, kTileN};
     if (tid == 0) {
         mbar_arrive_expect_tx(sm.qbar, kTileBytes);
         for (int kb = 0; kb < kBlocks; ++kb) tma_load_2d(sm.q + kb * kBlockBytes, &tmap_q, kb * 64, 0, sm.qbar);
-        issue_tile(&tmap_kv, v, box_rows, 0, sm.stage(0), &sm.full[0]);
+        issue_tile(&tmap_kv, v, box_rows, 0, sm.latent(0), &sm.full[0]);
     }
     mbar_wait(sm.qbar, 0);
     mbar_wait(&sm.full[0], 0);
@@ -383,7 +510,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     float s[32];
 #pragma unroll
     for (int x = 0; x < 32; ++x) s[x] = 0.0f;
-    qk_tile(s, sm.q, sm.stage(0));
+    qk_tile(s, sm.q, sm.latent(0), sm.rope(0));
     const int r0 = 16 * warp + lane / 4;
 #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -401,7 +528,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-    pv_tile(o, p, sm.stage(0), wg);
+    pv_tile(o, p, sm.latent(0), wg);
 #pragma unroll
     for (int j = 0; j < 32; ++j)
 #pragma unroll

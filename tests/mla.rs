@@ -270,16 +270,26 @@ fn gpu_noncausal_and_odd_shapes() {
 #[test]
 fn gpu_fp8_cache_matches_reference_on_dequantized_cache() {
     let Some(gpu) = r1_kernels::device::test_gpu("mla fp8 kv cache") else { return };
-    for (i, &(b, s_q, h, s_k)) in
-        [(2usize, 1usize, 16usize, 700i32), (6, 2, 128, 140), (64, 1, 16, 65)].iter().enumerate()
-    {
-        let case = make_case(30 + i as u64, b, s_q, h, 64, lens(b, s_k, true, 31), true);
-        let bytes = quantize_kv_cache_fp8(&case.cache).unwrap();
-        let deq = dequantize_kv_cache_fp8(&bytes).unwrap();
-        let d = upload(&gpu, &case, Some(&bytes));
-        let (want_o, want_l) = reference(&case, &deq);
-        let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::Portable, true);
-        check_close(&format!("fp8 case {i}"), &o, &l, &want_o, &want_l);
+    for backend in backends(&gpu) {
+        for (i, &(b, s_q, h, s_k, page)) in [
+            (2usize, 1usize, 16usize, 700i32, 64usize),
+            (6, 2, 128, 140, 16),
+            (64, 1, 16, 65, 64),
+            (3, 4, 16, 300, 128),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let case = make_case(30 + i as u64, b, s_q, h, page, lens(b, s_k, true, 31), true);
+            let bytes = quantize_kv_cache_fp8(&case.cache).unwrap();
+            let deq = dequantize_kv_cache_fp8(&bytes).unwrap();
+            let d = upload(&gpu, &case, Some(&bytes));
+            let (want_o, want_l) = reference(&case, &deq);
+            let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), backend, true);
+            check_close(&format!("{backend:?} fp8 case {i}"), &o, &l, &want_o, &want_l);
+            let (o2, l2) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), backend, true);
+            assert!(o == o2 && l.iter().zip(&l2).all(|(a, b)| a.to_bits() == b.to_bits()), "repeat differs");
+        }
     }
 }
 

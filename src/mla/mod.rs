@@ -300,8 +300,9 @@ fn launch(
     if ctas > 0 {
         match backend {
             Backend::Hopper => {
-                let Cache::Bf16(kv) = cache else {
-                    return Err(Error::InvalidConfig("the sm_90a MLA path takes a bf16 cache only (for now)".into()));
+                let kv = match cache {
+                    Cache::Bf16(kv) => sm90::FastCache::Bf16(kv),
+                    Cache::Fp8(kv) => sm90::FastCache::Fp8(kv),
                 };
                 sm90::launch_decode(gpu, q, kv, block_table, seqlens, plan, c, ws)?;
             }

@@ -3,7 +3,7 @@
 //! descriptor, swizzle and register-fragment formulas, unit-tested on the CPU. The `probe_*` launchers run the
 //! primitive-test kernels (one tile load, one wgmma pair, one online-softmax merge) for the GPU tests.
 //!
-//! Supported on this path: bf16 cache, page sizes 8, 16, 32, 64 or any multiple of 64 ([`box_rows`]).
+//! Supported on this path: bf16 and FP8 caches, page sizes 8, 16, 32, 64 or any multiple of 64 ([`box_rows`]).
 
 use std::mem::MaybeUninit;
 
@@ -14,7 +14,7 @@ use half::bf16;
 use super::{Checked, MlaPlan, MlaWorkspace};
 use crate::device::Gpu;
 use crate::error::{Error, Result};
-use crate::reference::mla::D_QK;
+use crate::reference::mla::{D_QK, D_ROPE, FP8_ROPE_OFFSET, FP8_TOKEN_BYTES};
 use crate::tensor::DeviceTensor;
 
 const MODULE: &str = "mla_decode_sm90";
@@ -28,6 +28,10 @@ pub const BLOCK_BYTES: usize = 64 * 128;
 pub const TILE_BYTES: usize = 9 * BLOCK_BYTES;
 /// Dynamic shared memory: 1 KiB alignment slack + Q + 2 stages + barriers.
 pub const SMEM_BYTES: usize = 1024 + 3 * TILE_BYTES + 64;
+/// Bytes of a raw FP8 stage: codes [2][64][256 B] + scales [64][16 B].
+pub const FP8_RAW_BYTES: usize = 2 * 64 * 256 + 64 * 16;
+/// Dynamic shared memory of the FP8 kernel: slack + Q + latent (8 blocks) + 2 RoPE blocks + 2 raw stages + barriers.
+pub const SMEM_BYTES_FP8: usize = 1024 + TILE_BYTES + 8 * BLOCK_BYTES + 2 * BLOCK_BYTES + 2 * FP8_RAW_BYTES + 64;
 const THREADS: u32 = 256;
 
 /// Byte offset of (row, byte-in-row) in a 128B-swizzled region (1 KiB-aligned base): the 16-byte chunk index is
@@ -89,6 +93,12 @@ pub const fn a_frag_coord(w: usize, lane: usize, k: usize, e: usize) -> (usize, 
     (16 * w + lane / 4 + 8 * (k % 2), 8 * (k / 2) + 2 * (lane % 4) + e)
 }
 
+/// Where the FP8 dequantizer writes the bf16 values 8·`half` .. 8·`half` + 7 of 16-code group `g` (columns 16g..)
+/// of token row `r` in the latent stage (the kernel's `dequant_tile`).
+pub const fn fp8_latent_offset(r: usize, g: usize, half: usize) -> usize {
+    (g / 4) * BLOCK_BYTES + swizzle128(r, (g % 4) * 32 + 16 * half)
+}
+
 /// The accumulator register of S that feeds element `e` of A-fragment register `k` of P·V step `c` (the kernel's
 /// `p[c][k] = pack(pv[8c + 2k], pv[8c + 2k + 1])`).
 pub const fn p_source(c: usize, k: usize, e: usize) -> usize {
@@ -144,19 +154,30 @@ pub struct TmaDesc([u64; 16]);
 // SAFETY: a plain 128-byte, 64-byte-aligned value the kernel reads as its `TmaDesc` parameter.
 unsafe impl DeviceRepr for TmaDesc {}
 
-/// Encodes a 2-D bf16 tensor map over `rows × 576` (row stride 1152 B) with box 64 × `box_rows`, 128B swizzle.
-fn encode_rows_576(ptr: sys::CUdeviceptr, rows: usize, box_rows: usize) -> Result<TmaDesc> {
-    let dims = [D_QK as u64, rows as u64];
-    let strides = [(D_QK * 2) as u64];
-    let boxes = [64u32, box_rows as u32];
+/// Encodes a 2-D tensor map: `inner` elements of `elem_bytes` per row, `rows` rows `row_stride` bytes apart, box
+/// `box_inner` × `box_rows`.
+#[allow(clippy::too_many_arguments)]
+fn encode_2d(
+    ptr: sys::CUdeviceptr,
+    dtype: sys::CUtensorMapDataType,
+    inner: usize,
+    rows: usize,
+    row_stride: usize,
+    box_inner: usize,
+    box_rows: usize,
+    swizzle: sys::CUtensorMapSwizzle,
+) -> Result<TmaDesc> {
+    let dims = [inner as u64, rows as u64];
+    let strides = [row_stride as u64];
+    let boxes = [box_inner as u32, box_rows as u32];
     let elem = [1u32, 1u32];
     let mut map = MaybeUninit::<sys::CUtensorMap>::uninit();
-    // SAFETY: all arrays have rank (or rank − 1) entries; the address is a live device allocation of rows·1152
-    // bytes (checked by the callers), 16-byte aligned, and the stride is a multiple of 16.
+    // SAFETY: all arrays have rank (or rank − 1) entries; callers pass a live device allocation covering
+    // rows · row_stride bytes from `ptr` (16-byte aligned) and strides that are multiples of 16.
     unsafe {
         sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
-            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            dtype,
             2,
             ptr as *mut std::ffi::c_void,
             dims.as_ptr(),
@@ -164,7 +185,7 @@ fn encode_rows_576(ptr: sys::CUdeviceptr, rows: usize, box_rows: usize) -> Resul
             boxes.as_ptr(),
             elem.as_ptr(),
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            swizzle,
             sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
@@ -173,17 +194,44 @@ fn encode_rows_576(ptr: sys::CUdeviceptr, rows: usize, box_rows: usize) -> Resul
     }
 }
 
+/// A bf16 `rows × 576` tensor (row stride 1152 B) with box 64 × `box_rows`, 128B swizzle.
+fn encode_rows_576(ptr: sys::CUdeviceptr, rows: usize, box_rows: usize) -> Result<TmaDesc> {
+    let bf16_t = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    encode_2d(ptr, bf16_t, D_QK, rows, 2 * D_QK, 64, box_rows, sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B)
+}
+
+/// The three maps of an FP8 cache (`rows` tokens of 656 bytes): codes (u8, box 256 × box_rows), scales (u8, box
+/// 16 × box_rows), both unswizzled, and the RoPE part (bf16 at byte 528, box 64 × box_rows, 128B swizzle).
+fn encode_fp8_cache(ptr: sys::CUdeviceptr, rows: usize, box_rows: usize) -> Result<[TmaDesc; 3]> {
+    let u8_t = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8;
+    let bf16_t = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    let none = sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE;
+    let sw128 = sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B;
+    let t = FP8_TOKEN_BYTES;
+    Ok([
+        encode_2d(ptr, u8_t, t, rows, t, 256, box_rows, none)?,
+        encode_2d(ptr, u8_t, t, rows, t, 16, box_rows, none)?,
+        encode_2d(ptr + FP8_ROPE_OFFSET as u64, bf16_t, D_ROPE, rows, t, 64, box_rows, sw128)?,
+    ])
+}
+
 fn unsupported_page(page: usize) -> Error {
     Error::InvalidConfig(format!(
         "the sm_90a MLA path takes pages of 8, 16, 32, 64 or a multiple of 64 tokens, not {page}; use Backend::Portable"
     ))
 }
 
+/// The cache the fast kernel reads.
+pub(crate) enum FastCache<'a> {
+    Bf16(&'a DeviceTensor<bf16>),
+    Fp8(&'a DeviceTensor<u8>),
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_decode(
     gpu: &Gpu,
     q: &DeviceTensor<bf16>,
-    kv: &DeviceTensor<bf16>,
+    kv: FastCache,
     block_table: &DeviceTensor<i32>,
     seqlens: &DeviceTensor<i32>,
     plan: &MlaPlan,
@@ -204,27 +252,49 @@ pub(crate) fn launch_decode(
         .ok_or_else(|| Error::shape("q", "s_q·heads ≤ 65535·64", c.rows))?;
     let ctas = plan.split.num_ctas();
     let grid_x = u32::try_from(ctas).map_err(|_| Error::shape("plan", "fewer than 2^32 CTAs", ctas))?;
-    let f = gpu.function(MODULE, "mla_decode_sm90_bf16", SMEM_BYTES as u32)?;
+    let (name, smem) = match kv {
+        FastCache::Bf16(_) => ("mla_decode_sm90_bf16", SMEM_BYTES),
+        FastCache::Fp8(_) => ("mla_decode_sm90_fp8", SMEM_BYTES_FP8),
+    };
+    let f = gpu.function(MODULE, name, smem as u32)?;
     let stream = gpu.stream();
-    let (qv, kvv) = (q.view(), kv.view());
+    let qv = q.view();
     let (q_ptr, _q_guard) = qv.device_ptr(stream);
-    let (kv_ptr, _kv_guard) = kvv.device_ptr(stream);
     let tmap_q = encode_rows_576(q_ptr, q_rows, 64)?;
-    let tmap_kv = encode_rows_576(kv_ptr, kv_rows, box_rows)?;
     let box_i = box_rows as i32;
-    let cfg =
-        LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
+    let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     let (tv, sv) = (block_table.view(), seqlens.view());
     let (iv, cv, ov) = (plan.items.view(), plan.cta_offsets.view(), plan.split_offsets.view());
     let (mut opv, mut lpv) = (ws.o_part.view_mut(), ws.lse_part.view_mut());
     let mut launch = stream.launch_builder(&f);
-    launch.arg(&tmap_q).arg(&tmap_kv).arg(&tv).arg(&sv).arg(&iv).arg(&cv).arg(&ov).arg(&mut opv).arg(&mut lpv);
+    let maps: Vec<TmaDesc>;
+    let (kb, k8);
+    let _kv_guard;
+    launch.arg(&tmap_q);
+    match kv {
+        FastCache::Bf16(t) => {
+            kb = t.view();
+            let (ptr, g) = kb.device_ptr(stream);
+            _kv_guard = g;
+            maps = vec![encode_rows_576(ptr, kv_rows, box_rows)?];
+        }
+        FastCache::Fp8(t) => {
+            k8 = t.view();
+            let (ptr, g) = k8.device_ptr(stream);
+            _kv_guard = g;
+            maps = encode_fp8_cache(ptr, kv_rows, box_rows)?.to_vec();
+        }
+    }
+    for m in &maps {
+        launch.arg(m);
+    }
+    launch.arg(&tv).arg(&sv).arg(&iv).arg(&cv).arg(&ov).arg(&mut opv).arg(&mut lpv);
     launch.arg(&c.batch).arg(&c.s_q).arg(&c.heads).arg(&c.page).arg(&c.num_blocks).arg(&c.max_blocks);
     launch.arg(&c.scale_log2).arg(&c.causal).arg(&box_i);
-    // SAFETY: the tensor maps cover exactly q ([b·s_q·h, 576]) and the cache ([num_blocks·page, 576]); TMA clips
-    // boxes at the tensor edge (zero fill). Table entries are bounds-checked against num_blocks in the kernel, which
-    // reads only columns below min(seqlen, max_blocks·page) / page; partial slots and rows are bounded as for the
-    // portable kernel (checked in `validate`).
+    // SAFETY: the tensor maps cover exactly q ([b·s_q·h, 576]) and the cache ([num_blocks·page] tokens of 1152 or
+    // 656 bytes, validated); TMA clips boxes at the tensor edge (zero fill). Table entries are bounds-checked
+    // against num_blocks in the kernel, which reads only columns below min(seqlen, max_blocks·page) / page; partial
+    // slots and rows are bounded as for the portable kernel (checked in `validate`).
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
@@ -451,6 +521,20 @@ mod tests {
     }
 
     #[test]
+    fn fp8_dequant_writes_where_tma_would() {
+        for r in 0..64 {
+            for g in 0..32 {
+                for half in 0..2 {
+                    assert_eq!(fp8_latent_offset(r, g, half), tile_offset(r, 16 * g + 8 * half));
+                }
+            }
+        }
+        // The 656-byte token: the RoPE map starts 16-byte aligned and its rows are 16-byte multiples apart.
+        assert_eq!(FP8_ROPE_OFFSET % 16, 0);
+        assert_eq!(FP8_TOKEN_BYTES % 16, 0);
+    }
+
+    #[test]
     fn page_sizes_and_tile_image() {
         assert_eq!(box_rows(64), Some(64));
         assert_eq!(box_rows(128), Some(64));
@@ -479,5 +563,7 @@ mod tests {
         assert_eq!(at(39, 7), cache[(7) * D_QK + 7]);
         assert_eq!(at(40, 7), 0); // past the piece
         assert_eq!(SMEM_BYTES, 222_272);
+        assert_eq!(SMEM_BYTES_FP8, 1024 + 223_232 + 64);
+        assert!(SMEM_BYTES_FP8 <= 232_448 && SMEM_BYTES <= 232_448, "H100/H200 opt-in shared memory");
     }
 }

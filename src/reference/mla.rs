@@ -256,8 +256,9 @@ pub fn quantize_kv_cache_fp8(kv_cache: &[f32]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Dequantizes an FP8 cache (`tokens` × 656 bytes) back to `tokens` × 576 f32: `code · scale` for the latent (one
-/// f32 product, exactly what the kernels compute), the bf16 RoPE widened.
+/// Dequantizes an FP8 cache (`tokens` × 656 bytes) back to `tokens` × 576 f32: `bf16(code · scale)` for the latent
+/// (one f32 product rounded to nearest-even bf16, exactly what the kernels feed their bf16 MMAs), the bf16 RoPE
+/// widened. This defines the FP8 cache's values: the GPU kernels are tested against the reference on this cache.
 pub fn dequantize_kv_cache_fp8(bytes: &[u8]) -> Result<Vec<f32>> {
     if !bytes.len().is_multiple_of(FP8_TOKEN_BYTES) {
         return Err(Error::shape("kv_cache", format!("a multiple of {FP8_TOKEN_BYTES} bytes"), bytes.len()));
@@ -268,7 +269,7 @@ pub fn dequantize_kv_cache_fp8(bytes: &[u8]) -> Result<Vec<f32>> {
             let at = FP8_SCALES_OFFSET + 4 * t;
             f32::from_le_bytes([tok[at], tok[at + 1], tok[at + 2], tok[at + 3]])
         };
-        out.extend((0..D_V).map(|c| E4M3::from_bits(tok[c]).to_f32() * scale(c / FP8_TILE)));
+        out.extend((0..D_V).map(|c| bf16::from_f32(E4M3::from_bits(tok[c]).to_f32() * scale(c / FP8_TILE)).to_f32()));
         out.extend((0..D_ROPE).map(|i| {
             let at = FP8_ROPE_OFFSET + 2 * i;
             bf16::from_bits(u16::from_le_bytes([tok[at], tok[at + 1]])).to_f32()
@@ -525,8 +526,8 @@ mod tests {
                 let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
                 for (i, &x) in xs.iter().enumerate() {
                     let y = back[t * D_QK + tile * 128 + i];
-                    // E4M3 has 3 mantissa bits: relative error ≤ 2^-4, plus subnormal steps near zero.
-                    assert!((x - y).abs() <= x.abs() / 16.0 + amax / 448.0 / 64.0, "{x} vs {y}");
+                    // E4M3 has 3 mantissa bits: relative error ≤ 2^-4 (+ bf16 rounding), plus subnormal steps.
+                    assert!((x - y).abs() <= x.abs() / 15.0 + amax / 448.0 / 64.0, "{x} vs {y}");
                 }
             }
             for e in 0..D_ROPE {
