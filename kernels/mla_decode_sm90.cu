@@ -8,13 +8,17 @@
 // Tiling: a CTA of 2 warpgroups (256 threads) owns 64 query rows (row = query·h + head; h·s_q is padded to 64, grid.y
 // = row groups) and walks the work items of the host scheduler (src/mla/sched.rs). Q [64 × 576] bf16 sits in shared
 // memory for the whole item (9 column blocks of 64, each [64 rows × 128 B] 128B-swizzled, loaded by TMA). K tiles of
-// 64 tokens × 576 columns stream through a 2-stage ring (73,728 B per stage; smem total ≈ 217 KiB):
-//   S = Q·Kᵀ : 36 × wgmma.m64n64k16 (A = Q, B = K, both K-major from smem); each warpgroup computes all of S
-//              (redundant; the warpgroups own different V columns and must see the same P),
-//   online softmax in fp32, log2 domain (scale·log2 e folded in, exp2), row stats reduced over the 4-lane quads,
-//   O += P·V : 4 × wgmma.m64n256k16 per warpgroup, P from registers (the S accumulator re-packed to bf16 A
-//              fragments), V = the first 512 columns of the same K tile read as an MN-major operand, warpgroup g
-//              owning output columns 256·g .. 256·g + 255 (128 fp32 accumulators per thread).
+// 64 tokens × 576 columns stream through a 2-stage ring (73,728 B per stage; smem total ≈ 225 KiB):
+//   S = Q·Kᵀ : warpgroup g computes the 64 × 32 half of S for tokens 32g .. 32g + 31 with 36 × wgmma.m64n32k16
+//              (A = Q, B = K, both K-major from smem),
+//   online softmax in fp32, log2 domain (scale·log2 e folded in, exp2): row maxima reduced over the 4-lane quads,
+//              then exchanged between the warpgroups through 512 B of shared memory (named barrier), so both apply
+//              the same running max; each keeps its own partial row sums (summed across warpgroups at the end),
+//   O += P·V : 4 × wgmma.m64n256k16 per warpgroup, P from registers: each warpgroup re-packs its S half into the bf16
+//              A fragments of 2 k-steps and swaps them with the other warpgroup through 8 KiB of shared memory (the
+//              fragment layout depends only on the thread's index in its warpgroup), V = the first 512 columns of
+//              the same K tile read as an MN-major operand, warpgroup g owning output columns 256·g .. 256·g + 255
+//              (128 fp32 accumulators per thread).
 // Pipeline: thread 0 is also the producer: while the warpgroups compute tile i it issues the TMA loads of tile i + 1
 // into the other stage after both warpgroups released it (empty mbarrier, 2 arrivals). One TMA box is 64 columns ×
 // min(page, 64) tokens, so pages of 8, 16, 32, 64 or any multiple of 64 tokens work. Table entries are bounds-checked
@@ -24,7 +28,8 @@
 // RoPE block (swizzled) into double-buffered raw stages; all 256 threads dequantize the codes to bf16(code·scale)
 // into a single swizzled latent stage (after both warpgroups finished the previous tile), then the same MMAs run.
 // The RoPE block lives apart from the latent blocks, so QKᵀ takes its last 4 k-steps from there. Shared memory:
-// Q 72 KiB + latent 64 KiB + 2 × 8 KiB RoPE + 2 × 33 KiB raw ≈ 219 KiB.
+// Q 72 KiB + latent 64 KiB + 2 × 8 KiB RoPE + 2 × 33 KiB raw ≈ 219 KiB; the P exchange uses the raw stage of
+// the tile being computed (free once dequantized).
 // Output: fp32 partial O (normalized) and partial lse per split, merged by mla_combine (kernels/mla_decode.cu).
 //
 // r1k-sass: mla_decode_sm90_bf16 HGMMA
@@ -37,6 +42,8 @@
 #include "common/mla.cuh"
 
 using namespace r1k_mla;
+
+extern __shared__ __align__(16) uint8_t smem_raw[];
 
 namespace {
 
@@ -61,6 +68,14 @@ constexpr uint32_t kFp8LatentOff = kTileBytes;
 constexpr uint32_t kFp8RopeOff = kFp8LatentOff + kLatentBytes;
 constexpr uint32_t kFp8RawOff = kFp8RopeOff + kStages * kBlockBytes;
 constexpr uint32_t kFp8BarOff = kFp8RawOff + kStages * kRawBytes;  // 223,232
+constexpr uint32_t kBarBytes = 64;
+constexpr uint32_t kRedBytes = 2 * 64 * 4;
+constexpr uint32_t kXBytes = 4 * 4 * 128 * 4;  // 8 KiB
+// Dynamic shared memory (host: sm90::SMEM_BYTES / SMEM_BYTES_FP8), 1 KiB alignment slack included.
+constexpr uint32_t kSmemBf16 = 1024 + kTileBytes * (1 + kStages) + kBarBytes + kRedBytes + kXBytes;
+constexpr uint32_t kSmemFp8 = 1024 + kFp8BarOff + kBarBytes + kRedBytes;
+static_assert(kSmemBf16 == 230976 && kSmemFp8 == 224832, "keep src/mla/sm90.rs in sync");
+static_assert(kSmemBf16 <= 232448 && kSmemFp8 <= 232448, "sm_90 opt-in shared memory per block");
 
 template <bool kFp8>
 struct Smem {
@@ -73,9 +88,14 @@ struct Smem {
         return kFp8 ? q + kFp8RopeOff + kBlockBytes * i : latent(i) + 8 * kBlockBytes;
     }
     __device__ __forceinline__ uint8_t* raw(int i) const { return q + kFp8RawOff + kRawBytes * i; }
+    // Where the warpgroups swap P fragments while computing the tile of stage i: [4 k-steps][4 regs][128 threads].
+    __device__ __forceinline__ uint32_t* xbuf(int i) const {
+        return reinterpret_cast<uint32_t*>(kFp8 ? raw(i) : q + kTileBytes * (1 + kStages) + kBarBytes + kRedBytes);
+    }
     uint64_t* full;   // [kStages]
     uint64_t* empty;  // [kStages]
     uint64_t* qbar;
+    float* red;       // [2 warpgroups][64 rows]: row maxima, then row sums
 };
 
 template <bool kFp8>
@@ -88,6 +108,7 @@ __device__ __forceinline__ Smem<kFp8> carve(uint8_t* raw) {
     s.full = bars;
     s.empty = bars + kStages;
     s.qbar = bars + 2 * kStages;
+    s.red = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(bars) + kBarBytes);
     return s;
 }
 
@@ -208,19 +229,20 @@ __device__ __forceinline__ void zero_bad_rows(const SeqView& v, int box_rows, in
 
 // S[64 × 64] = Q · Kᵀ over 576 columns (36 k-steps). Both operands K-major, 128B swizzle: a k-step of 16 bf16 is
 // 32 bytes inside a 128-byte row, so its descriptor start advances by 32 within a column block and by 8 KiB across.
-// The RoPE block (block 8) of K may live apart from the latent blocks (FP8 path).
-__device__ __forceinline__ void qk_tile(float (&s)[32], const uint8_t* q, const uint8_t* k_latent,
-                                        const uint8_t* k_rope) {
+// The RoPE block (block 8) of K may live apart from the latent blocks (FP8 path). Warpgroup `half` takes token
+// rows 32·half .. 32·half + 31: 4 KiB further into every block (a multiple of the 1 KiB swizzle atom).
+__device__ __forceinline__ void qk_half_tile(float (&s)[16], const uint8_t* q, const uint8_t* k_latent,
+                                             const uint8_t* k_rope, int half) {
     const uint32_t qa = smem_u32(q);
-    const uint32_t la = smem_u32(k_latent);
-    const uint32_t ra = smem_u32(k_rope);
+    const uint32_t la = smem_u32(k_latent) + half * 4096;
+    const uint32_t ra = smem_u32(k_rope) + half * 4096;
     fence_regs(s);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlocks * 4; ++kk) {
         const uint32_t off = (kk / 4) * kBlockBytes + (kk % 4) * 32;
         const uint32_t koff = kk < 32 ? la + off : ra + (kk % 4) * 32;
-        wgmma_m64n64k16_ss(s, smem_desc(qa + off, 16, 1024), smem_desc(koff, 16, 1024), kk > 0 ? 1 : 0);
+        wgmma_m64n32k16_ss(s, smem_desc(qa + off, 16, 1024), smem_desc(koff, 16, 1024), kk > 0 ? 1 : 0);
     }
     wgmma_commit();
     wgmma_wait_all();
@@ -240,33 +262,41 @@ __device__ __forceinline__ void pv_tile(float (&o)[128], const uint32_t (&p)[4][
     fence_regs(o);
 }
 
-// Online-softmax step on one S tile (already scaled to the log2 domain and masked with −inf). Accumulator layout of
+// Online softmax over one 64-token tile whose S halves live in the two warpgroups. Accumulator layout of
 // m64nNk16: thread (warp w, lane l) holds rows r0 = 16w + l/4 and r1 = r0 + 8; s[4j + e] is (r0, 8j + 2(l%4) + e)
-// and s[4j + 2 + e] is (r1, same column). Updates the running max m (log2 units) and the thread's partial row sum l
-// (the quad sum is taken at the end), returns the factor each O row is rescaled by and P packed as bf16 A fragments:
-// k-step c takes S columns 16c .. 16c + 15, i.e. accumulator chunks j = 2c, 2c + 1.
-__device__ __forceinline__ void softmax_step(const float (&s)[32], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                             uint32_t (&p)[4][4]) {
-    float mx[2] = {-INFINITY, -INFINITY};
+// and s[4j + 2 + e] is (r1, same column), columns relative to the warpgroup's 32 tokens. Inputs are already scaled
+// to the log2 domain and masked with −inf.
+// Step 1: the quad-reduced maxima of this warpgroup's half, published to red[wg][row] (then a barrier).
+__device__ __forceinline__ void half_row_max(const float (&s)[16], float (&mx)[2]) {
+    mx[0] = mx[1] = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 4; ++j) {
         mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
         mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
     }
-    float pv[32];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-        const float m_new = fmaxf(m[h], mx[h]);
+    }
+}
+
+// Step 2: with the tile maxima of both halves, update the running max m (log2 units) and this thread's partial row
+// sum l, return the factor each O row is rescaled by and this half's P as bf16 A fragments of its 2 k-steps
+// (k-step c' takes columns 16c' .. 16c' + 15, i.e. accumulator chunks 2c', 2c' + 1).
+__device__ __forceinline__ void softmax_half(const float (&s)[16], const float (&tile_max)[2], float (&m)[2],
+                                             float (&l)[2], float (&alpha)[2], uint32_t (&p)[2][4]) {
+    float pv[16];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const float m_new = fmaxf(m[h], tile_max[h]);
         alpha[h] = m_new == -INFINITY ? 1.0f : exp2f(m[h] - m_new);
         float sum = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < 4; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const float x = s[4 * j + 2 * h + e];
-                const float pe = m_new == -INFINITY ? 0.0f : exp2f(x - m_new);
+                const float pe = m_new == -INFINITY ? 0.0f : exp2f(s[4 * j + 2 * h + e] - m_new);
                 pv[4 * j + 2 * h + e] = pe;
                 sum += pe;
             }
@@ -275,12 +305,66 @@ __device__ __forceinline__ void softmax_step(const float (&s)[32], float (&m)[2]
         m[h] = m_new;
     }
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
+    for (int c = 0; c < 2; ++c) {
         p[c][0] = pack_bf16x2(pv[8 * c + 0], pv[8 * c + 1]);
         p[c][1] = pack_bf16x2(pv[8 * c + 2], pv[8 * c + 3]);
         p[c][2] = pack_bf16x2(pv[8 * c + 4], pv[8 * c + 5]);
         p[c][3] = pack_bf16x2(pv[8 * c + 6], pv[8 * c + 7]);
     }
+}
+
+// Warpgroup wg holds P·V k-steps 2wg, 2wg + 1 (its token half) as A fragments; the other two come from the other
+// warpgroup's thread with the same index t. Ends with all 4 k-steps in `pf`.
+__device__ __forceinline__ void swap_p(const uint32_t (&mine)[2][4], uint32_t (&pf)[4][4], uint32_t* xbuf, int wg,
+                                       int t) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) xbuf[((2 * wg + c) * 4 + k) * 128 + t] = mine[c][k];
+    named_barrier_sync(3, 256);
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) pf[c][k] = (c / 2 == wg) ? mine[c % 2][k] : xbuf[(c * 4 + k) * 128 + t];
+}
+
+// The cross-warpgroup part of a tile's softmax: publish this half's maxima, combine with the other half's, run
+// softmax_half, swap P fragments, and return all 4 k-steps of P in `pf`. `red` is [2][64] floats, `xbuf`
+// [4][4][128] words; both are reused every tile (the two barriers order the reuse).
+__device__ __forceinline__ void softmax_tile(const float (&s)[16], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                             uint32_t (&pf)[4][4], float* red, uint32_t* xbuf, int wg, int t,
+                                             int r0) {
+    float mx[2];
+    half_row_max(s, mx);
+    if ((t & 3) == 0) {
+        red[wg * 64 + r0] = mx[0];
+        red[wg * 64 + r0 + 8] = mx[1];
+    }
+    named_barrier_sync(3, 256);
+    mx[0] = fmaxf(mx[0], red[(1 - wg) * 64 + r0]);
+    mx[1] = fmaxf(mx[1], red[(1 - wg) * 64 + r0 + 8]);
+    uint32_t mine[2][4];
+    softmax_half(s, mx, m, l, alpha, mine);
+    swap_p(mine, pf, xbuf, wg, t);
+}
+
+// Final row sums: quad-reduce, then add the other warpgroup's (through red; a barrier before and after).
+__device__ __forceinline__ void total_row_sums(float (&l)[2], float* red, int wg, int t, int r0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    }
+    named_barrier_sync(3, 256);  // everyone has read the last tile's maxima
+    if ((t & 3) == 0) {
+        red[wg * 64 + r0] = l[0];
+        red[wg * 64 + r0 + 8] = l[1];
+    }
+    named_barrier_sync(3, 256);
+    // Same summation order in both warpgroups (warpgroup 0's part first), so both normalize identically.
+    const float a0 = red[r0], a1 = red[r0 + 8], b0 = red[64 + r0], b1 = red[64 + r0 + 8];
+    l[0] = a0 + b0;
+    l[1] = a1 + b1;
 }
 
 template <bool kFp8>
@@ -310,7 +394,6 @@ __device__ __forceinline__ void decode_body(const TmaDesc* tmap_q, const TmaDesc
                                             float* __restrict__ o_part, float* __restrict__ lse_part, int batch,
                                             int s_q, int h, int page, int num_blocks, int max_blocks,
                                             float scale_log2, int causal, int box_rows) {
-    extern __shared__ uint8_t smem_raw[];
     const Smem<kFp8> sm = carve<kFp8>(smem_raw);
     init_barriers(sm);
     auto issue = [&](const SeqView& v, int t0, int stage) {
@@ -389,17 +472,17 @@ __device__ __forceinline__ void decode_body(const TmaDesc* tmap_q, const TmaDesc
                 if (!clean) zero_bad_rows(v, box_rows, t0, sm.latent(s), tid);
             }
 
-            float sacc[32];
+            float sacc[16];
 #pragma unroll
-            for (int x = 0; x < 32; ++x) sacc[x] = 0.0f;
-            qk_tile(sacc, sm.q, sm.latent(s), sm.rope(s));
+            for (int x = 0; x < 16; ++x) sacc[x] = 0.0f;
+            qk_half_tile(sacc, sm.q, sm.latent(s), sm.rope(s), wg);
 
             // Scale into the log2 domain and mask: causal limit per row, end of piece / bad pages per column.
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < 4; ++j) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const int pos = t0 + 8 * j + 2 * quad + e;
+                    const int pos = t0 + 32 * wg + 8 * j + 2 * quad + e;
                     const bool col_ok =
                         clean || (pos < v.tok_end && page_id(v, t0 + ((pos - t0) / box_rows) * box_rows) >= 0);
 #pragma unroll
@@ -411,7 +494,8 @@ __device__ __forceinline__ void decode_body(const TmaDesc* tmap_q, const TmaDesc
             }
             float alpha[2];
             uint32_t pf[4][4];
-            softmax_step(sacc, m, l, alpha, pf);
+            softmax_tile(sacc, m, l, alpha, pf, sm.red, sm.xbuf(s), wg, t, my_row[0] - row0);
+            if constexpr (kFp8) fence_proxy_async();  // P went through the raw stage, which TMA refills next
 #pragma unroll
             for (int j = 0; j < 32; ++j) {
                 o[4 * j + 0] *= alpha[0];
@@ -423,10 +507,9 @@ __device__ __forceinline__ void decode_body(const TmaDesc* tmap_q, const TmaDesc
             if (t == 0) mbar_arrive(&sm.empty[s]);
         }
 
+        total_row_sums(l, sm.red, wg, t, my_row[0] - row0);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-            l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
-            l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
             const int row = my_row[hh];
             if (row >= rows) continue;
             const float inv = l[hh] > 0.0f ? 1.0f / l[hh] : 0.0f;
@@ -475,7 +558,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     mla_sm90_probe_tile_load(const __grid_constant__ TmaDesc tmap_kv, const int* __restrict__ table_row,
                              uint8_t* __restrict__ out, int page, int num_blocks, int box_rows, int t0, int tok_end) {
-    extern __shared__ uint8_t smem_raw[];
     const Smem<false> sm = carve<false>(smem_raw);
     init_barriers(sm);
     SeqView v{table_row, page, num_blocks, tok_end};
@@ -487,14 +569,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
         reinterpret_cast<uint4*>(out)[i] = reinterpret_cast<const uint4*>(sm.latent(0))[i];
 }
 
-// wgmma: loads Q rows 0..63 of tmap_q and the first 64 tokens of the cache (pages 0, 1, ... in order), computes
-// S = Q·Kᵀ (written [64, 64] fp32 by warpgroup 0) and O = bf16(S)·V (written [64, 512] fp32, each warpgroup its
-// 256 columns) with the same wgmma paths as the decode kernel.
+// wgmma: loads Q rows 0..63 of tmap_q and the first 64 tokens of the cache (table pages in order), computes
+// S = Q·Kᵀ (warpgroup g its token half, written to s_out [64, 64] fp32) and O = bf16(S)·V (P halves swapped
+// between the warpgroups as in the decode kernel; written [64, 512] fp32, each warpgroup its 256 columns).
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     mla_sm90_probe_wgmma(const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_kv,
                          const int* __restrict__ table_row, float* __restrict__ s_out, float* __restrict__ o_out,
                          int page, int num_blocks, int box_rows) {
-    extern __shared__ uint8_t smem_raw[];
     const Smem<false> sm = carve<false>(smem_raw);
     init_barriers(sm);
     const int tid = threadIdx.x, wg = tid / 128, t = tid % 128, warp = t / 32, lane = t % 32, quad = lane % 4;
@@ -507,24 +588,25 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(sm.qbar, 0);
     mbar_wait(&sm.full[0], 0);
     __syncwarp();
-    float s[32];
+    float s[16];
 #pragma unroll
-    for (int x = 0; x < 32; ++x) s[x] = 0.0f;
-    qk_tile(s, sm.q, sm.latent(0), sm.rope(0));
+    for (int x = 0; x < 16; ++x) s[x] = 0.0f;
+    qk_half_tile(s, sm.q, sm.latent(0), sm.rope(0), wg);
     const int r0 = 16 * warp + lane / 4;
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+    for (int j = 0; j < 4; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-            if (wg == 0) s_out[(r0 + 8 * (e / 2)) * 64 + 8 * j + 2 * quad + e % 2] = s[4 * j + e];
-    uint32_t p[4][4];
+        for (int e = 0; e < 4; ++e) s_out[(r0 + 8 * (e / 2)) * 64 + 32 * wg + 8 * j + 2 * quad + e % 2] = s[4 * j + e];
+    uint32_t mine[2][4];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-        p[c][0] = pack_bf16x2(s[8 * c + 0], s[8 * c + 1]);
-        p[c][1] = pack_bf16x2(s[8 * c + 2], s[8 * c + 3]);
-        p[c][2] = pack_bf16x2(s[8 * c + 4], s[8 * c + 5]);
-        p[c][3] = pack_bf16x2(s[8 * c + 6], s[8 * c + 7]);
+    for (int c = 0; c < 2; ++c) {
+        mine[c][0] = pack_bf16x2(s[8 * c + 0], s[8 * c + 1]);
+        mine[c][1] = pack_bf16x2(s[8 * c + 2], s[8 * c + 3]);
+        mine[c][2] = pack_bf16x2(s[8 * c + 4], s[8 * c + 5]);
+        mine[c][3] = pack_bf16x2(s[8 * c + 6], s[8 * c + 7]);
     }
+    uint32_t p[4][4];
+    swap_p(mine, p, sm.xbuf(0), wg, t);
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
@@ -536,39 +618,44 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
             o_out[(r0 + 8 * (e / 2)) * 512 + 256 * wg + 8 * j + 2 * quad + e % 2] = o[4 * j + e];
 }
 
-// Online-softmax merge: one warpgroup runs softmax_step over two 64-column tiles of s_in [64, 128] (log2 domain,
-// −inf allowed) and writes each row's final max m (log2 units), total l = Σ exp2(s − m) and the bf16 P of the
-// second tile unpacked from the A fragments ([64, 64] fp32) plus the rescale factor applied to the first tile.
-extern "C" __global__ void __launch_bounds__(128)
+// Online softmax across warpgroups: two 64-column tiles of s_in [64, 128] (log2 domain, −inf allowed), warpgroup g
+// taking columns 32g .. 32g + 31 of each tile, through softmax_tile and total_row_sums as in the decode kernel.
+// Writes each row's final max m (log2 units), total l = Σ exp2(s − m), the rescale factor of the second tile, and
+// the bf16 P of the second tile [64, 64] unpacked from the A fragments each warpgroup received from the other.
+extern "C" __global__ void __launch_bounds__(kThreads)
     mla_sm90_probe_softmax(const float* __restrict__ s_in, float* __restrict__ m_out, float* __restrict__ l_out,
                            float* __restrict__ p_out, float* __restrict__ alpha_out) {
-    const int t = threadIdx.x, warp = t / 32, lane = t % 32, quad = lane % 4;
+    __shared__ float red[128];
+    __shared__ uint32_t xbuf[4 * 4 * 128];
+    const int tid = threadIdx.x, wg = tid / 128, t = tid % 128, warp = t / 32, lane = t % 32, quad = lane % 4;
     const int r0 = 16 * warp + lane / 4;
     float m[2] = {-INFINITY, -INFINITY};
     float l[2] = {0.0f, 0.0f};
     float alpha[2];
     uint32_t p[4][4];
     for (int tile = 0; tile < 2; ++tile) {
-        float s[32];
+        float s[16];
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < 4; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[4 * j + e] = s_in[(r0 + 8 * (e / 2)) * 128 + 64 * tile + 8 * j + 2 * quad + e % 2];
-        softmax_step(s, m, l, alpha, p);
+            for (int e = 0; e < 4; ++e)
+                s[4 * j + e] = s_in[(r0 + 8 * (e / 2)) * 128 + 64 * tile + 32 * wg + 8 * j + 2 * quad + e % 2];
+        softmax_tile(s, m, l, alpha, p, red, xbuf, wg, t, r0);
     }
+    total_row_sums(l, red, wg, t, r0);
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
-        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
-        if (quad == 0) {
+        if (wg == 0 && quad == 0) {
             m_out[r0 + 8 * hh] = m[hh];
             l_out[r0 + 8 * hh] = l[hh];
             alpha_out[r0 + 8 * hh] = alpha[hh];
         }
     }
-    // A fragment register k of step c holds (row r0 + 8·(k % 2), column 16c + 8·(k / 2) + 2·quad + {0, 1}).
+    // A fragment register k of step c holds (row r0 + 8·(k % 2), column 16c + 8·(k / 2) + 2·quad + {0, 1}); each
+    // warpgroup writes the two k-steps it received from the other one.
 #pragma unroll
-    for (int c = 0; c < 4; ++c)
+    for (int c = 0; c < 4; ++c) {
+        if (c / 2 == wg) continue;
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
             const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(&p[c][k]);
@@ -576,4 +663,5 @@ extern "C" __global__ void __launch_bounds__(128)
             dst[0] = __bfloat162float(v.x);
             dst[1] = __bfloat162float(v.y);
         }
+    }
 }

@@ -26,12 +26,18 @@ pub const TILE_N: usize = 64;
 pub const BLOCK_BYTES: usize = 64 * 128;
 /// Bytes of a Q tile or K stage: 9 column blocks.
 pub const TILE_BYTES: usize = 9 * BLOCK_BYTES;
-/// Dynamic shared memory: 1 KiB alignment slack + Q + 2 stages + barriers.
-pub const SMEM_BYTES: usize = 1024 + 3 * TILE_BYTES + 64;
+/// Bytes of the cross-warpgroup exchange: row maxima / sums [2][64] f32.
+pub const RED_BYTES: usize = 2 * 64 * 4;
+/// Bytes of the P-fragment exchange: [4 k-steps][4 registers][128 threads] u32.
+pub const XBUF_BYTES: usize = 4 * 4 * 128 * 4;
+/// Dynamic shared memory: 1 KiB alignment slack + Q + 2 stages + barriers + exchange buffers.
+pub const SMEM_BYTES: usize = 1024 + 3 * TILE_BYTES + 64 + RED_BYTES + XBUF_BYTES;
 /// Bytes of a raw FP8 stage: codes [2][64][256 B] + scales [64][16 B].
 pub const FP8_RAW_BYTES: usize = 2 * 64 * 256 + 64 * 16;
 /// Dynamic shared memory of the FP8 kernel: slack + Q + latent (8 blocks) + 2 RoPE blocks + 2 raw stages + barriers.
-pub const SMEM_BYTES_FP8: usize = 1024 + TILE_BYTES + 8 * BLOCK_BYTES + 2 * BLOCK_BYTES + 2 * FP8_RAW_BYTES + 64;
+/// (The P exchange of the FP8 kernel goes through the raw stage of the tile being computed.)
+pub const SMEM_BYTES_FP8: usize =
+    1024 + TILE_BYTES + 8 * BLOCK_BYTES + 2 * BLOCK_BYTES + 2 * FP8_RAW_BYTES + 64 + RED_BYTES;
 const THREADS: u32 = 256;
 
 /// Byte offset of (row, byte-in-row) in a 128B-swizzled region (1 KiB-aligned base): the 16-byte chunk index is
@@ -69,6 +75,12 @@ pub const fn smem_desc_fields(desc: u64) -> (u32, u32, u32, u32) {
 /// Offset (from the tile base) of the descriptor start of QKᵀ k-step `kk` (0..36), for both Q and K (K-major).
 pub const fn qk_step_offset(kk: usize) -> usize {
     (kk / 4) * BLOCK_BYTES + (kk % 4) * 32
+}
+
+/// Offset of the K descriptor start of QKᵀ k-step `kk` for warpgroup `wg`, which computes S for token rows
+/// 32·wg .. 32·wg + 31 (m64n32: 4 groups of 8 token rows at SBO = 1 KiB).
+pub const fn k_half_step_offset(wg: usize, kk: usize) -> usize {
+    qk_step_offset(kk) + wg * 4096
 }
 
 /// Offset of the V descriptor start for warpgroup `wg` (output columns 256·wg..) and P·V k-step `c` (tokens
@@ -401,13 +413,13 @@ pub fn probe_softmax(gpu: &Gpu, s: &[f32]) -> Result<SoftmaxProbe> {
     let mut a = DeviceTensor::<f32>::zeros(gpu, &[64])?;
     let mut p = DeviceTensor::<f32>::zeros(gpu, &[64, 64])?;
     let f = gpu.function(MODULE, "mla_sm90_probe_softmax", 0)?;
-    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     {
         let (sv, mut mv, mut lv) = (sd.view(), m.view_mut(), l.view_mut());
         let (mut pv, mut av) = (p.view_mut(), a.view_mut());
         let mut launch = gpu.stream().launch_builder(&f);
         launch.arg(&sv).arg(&mut mv).arg(&mut lv).arg(&mut pv).arg(&mut av);
-        // SAFETY: one warpgroup reading 64·128 floats and writing 64, 64, 64·64 and 64 floats: the buffer sizes.
+        // SAFETY: two warpgroups reading 64·128 floats and writing 64, 64, 64·64 and 64 floats: the buffer sizes.
         unsafe { launch.launch(cfg) }?;
     }
     Ok((m.to_host(gpu)?, l.to_host(gpu)?, a.to_host(gpu)?, p.to_host(gpu)?))
@@ -462,6 +474,40 @@ mod tests {
                     let atom = logical & !1023;
                     let hw = atom + swizzle128_addr(logical - atom);
                     assert_eq!(hw, tile_offset(row, 16 * kk + k), "kk {kk} row {row} k {k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn half_tile_k_descriptors_address_the_tma_layout() {
+        for wg in 0..2 {
+            for kk in 0..36 {
+                let start = k_half_step_offset(wg, kk);
+                for n in 0..32 {
+                    for k in 0..16 {
+                        let logical = start + (n / 8) * 1024 + (n % 8) * 128 + 2 * k;
+                        let atom = logical & !1023;
+                        let hw = atom + swizzle128_addr(logical - atom);
+                        assert_eq!(hw, tile_offset(32 * wg + n, 16 * kk + k));
+                    }
+                }
+            }
+        }
+        // The swapped P fragments: warpgroup wg owns k-steps 2wg, 2wg + 1 (tokens 32wg..); its local step c' is the
+        // global step 2wg + c', and the accumulator of its S half (columns relative to 32wg) feeds it.
+        for w in 0..4 {
+            for lane in 0..32 {
+                for wg in 0..2 {
+                    for cl in 0..2 {
+                        for k in 0..4 {
+                            for e in 0..2 {
+                                let (ar, ak) = a_frag_coord(w, lane, k, e);
+                                let (sr, sc) = accum_coord(w, lane, p_source(cl, k, e));
+                                assert_eq!((sr, 32 * wg + sc), (ar, 16 * (2 * wg + cl) + ak));
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -562,8 +608,9 @@ mod tests {
         };
         assert_eq!(at(39, 7), cache[(7) * D_QK + 7]);
         assert_eq!(at(40, 7), 0); // past the piece
-        assert_eq!(SMEM_BYTES, 222_272);
-        assert_eq!(SMEM_BYTES_FP8, 1024 + 223_232 + 64);
+        assert_eq!(SMEM_BYTES, 230_976);
+        assert_eq!(SMEM_BYTES_FP8, 224_832);
+        assert!(XBUF_BYTES <= FP8_RAW_BYTES);
         assert!(SMEM_BYTES_FP8 <= 232_448 && SMEM_BYTES <= 232_448, "H100/H200 opt-in shared memory");
     }
 }
