@@ -382,8 +382,9 @@ __device__ __forceinline__ void init_barriers(const Smem<kFp8>& sm) {
 
 }  // namespace
 
-// tmap_q: q viewed as [b·s_q·h, 576] bf16, box 64 × 64, 128B swizzle. tmap_kv: cache viewed as
-// [num_blocks·page, 576] bf16, box 64 × box_rows (box_rows = min(page, 64)), 128B swizzle.
+// tmap_q: q viewed as [b·s_q·h, 576] bf16, box 64 × q_box_rows (= min(64, b·s_q·h)), 128B swizzle; Q rows past
+// the box are stale shared memory, which only feeds padding rows (masked by replacement, never stored).
+// tmap_kv: cache viewed as [num_blocks·page, 576] bf16, box 64 × box_rows (box_rows = min(page, 64)), 128B swizzle.
 // items / cta_offsets / split_offsets: the plan (see mla_decode.cu). o_part [splits, s_q·h, 512], lse_part
 // [splits, s_q·h].
 template <bool kFp8>
@@ -393,7 +394,8 @@ __device__ __forceinline__ void decode_body(const TmaDesc* tmap_q, const TmaDesc
                                             const int* __restrict__ cta_offsets, const int* __restrict__ split_offsets,
                                             float* __restrict__ o_part, float* __restrict__ lse_part, int batch,
                                             int s_q, int h, int page, int num_blocks, int max_blocks,
-                                            float scale_log2, int causal, int box_rows) {
+                                            float scale_log2, int causal, int box_rows,
+                                            int q_box_rows) {
     const Smem<kFp8> sm = carve<kFp8>(smem_raw);
     init_barriers(sm);
     auto issue = [&](const SeqView& v, int t0, int stage) {
@@ -435,7 +437,7 @@ __device__ __forceinline__ void decode_body(const TmaDesc* tmap_q, const TmaDesc
 
         __syncthreads();  // Q and both stages are free: the previous item's MMAs have completed
         if (tid == 0) {
-            mbar_arrive_expect_tx(sm.qbar, kTileBytes);
+            mbar_arrive_expect_tx(sm.qbar, kBlocks * q_box_rows * 128u);
             for (int kb = 0; kb < kBlocks; ++kb)
                 tma_load_2d(sm.q + kb * kBlockBytes, tmap_q, kb * 64, b * rows + row0, sm.qbar);
             if (num_tiles > 0) issue(v, tok_begin, n % 2);
@@ -529,9 +531,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
                          const int4* __restrict__ items, const int* __restrict__ cta_offsets,
                          const int* __restrict__ split_offsets, float* __restrict__ o_part,
                          float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks,
-                         int max_blocks, float scale_log2, int causal, int box_rows) {
+                         int max_blocks, float scale_log2, int causal, int box_rows, int q_box_rows) {
     decode_body<false>(&tmap_q, &tmap_kv, nullptr, nullptr, block_table, seqlens, items, cta_offsets, split_offsets,
-                       o_part, lse_part, batch, s_q, h, page, num_blocks, max_blocks, scale_log2, causal, box_rows);
+                       o_part, lse_part, batch, s_q, h, page, num_blocks, max_blocks, scale_log2, causal, box_rows,
+                       q_box_rows);
 }
 
 // FP8 cache ([num_blocks·page, 656] bytes): tmap_codes u8 box 256 × box_rows, tmap_scales u8 box 16 × box_rows
@@ -543,10 +546,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
                         const int4* __restrict__ items, const int* __restrict__ cta_offsets,
                         const int* __restrict__ split_offsets, float* __restrict__ o_part,
                         float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks,
-                        int max_blocks, float scale_log2, int causal, int box_rows) {
+                        int max_blocks, float scale_log2, int causal, int box_rows, int q_box_rows) {
     decode_body<true>(&tmap_q, &tmap_codes, &tmap_scales, &tmap_rope, block_table, seqlens, items, cta_offsets,
                       split_offsets, o_part, lse_part, batch, s_q, h, page, num_blocks, max_blocks, scale_log2, causal,
-                      box_rows);
+                      box_rows, q_box_rows);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

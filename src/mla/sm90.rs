@@ -272,8 +272,10 @@ pub(crate) fn launch_decode(
     let stream = gpu.stream();
     let qv = q.view();
     let (q_ptr, _q_guard) = qv.device_ptr(stream);
-    let tmap_q = encode_rows_576(q_ptr, q_rows, 64)?;
-    let box_i = box_rows as i32;
+    // A box taller than the tensor is avoided: tiny batches load only their rows.
+    let q_box = q_rows.min(ROWS_PER_CTA);
+    let tmap_q = encode_rows_576(q_ptr, q_rows, q_box)?;
+    let (box_i, q_box_i) = (box_rows as i32, q_box as i32);
     let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     let (tv, sv) = (block_table.view(), seqlens.view());
     let (iv, cv, ov) = (plan.items.view(), plan.cta_offsets.view(), plan.split_offsets.view());
@@ -302,7 +304,7 @@ pub(crate) fn launch_decode(
     }
     launch.arg(&tv).arg(&sv).arg(&iv).arg(&cv).arg(&ov).arg(&mut opv).arg(&mut lpv);
     launch.arg(&c.batch).arg(&c.s_q).arg(&c.heads).arg(&c.page).arg(&c.num_blocks).arg(&c.max_blocks);
-    launch.arg(&c.scale_log2).arg(&c.causal).arg(&box_i);
+    launch.arg(&c.scale_log2).arg(&c.causal).arg(&box_i).arg(&q_box_i);
     // SAFETY: the tensor maps cover exactly q ([b·s_q·h, 576]) and the cache ([num_blocks·page] tokens of 1152 or
     // 656 bytes, validated); TMA clips boxes at the tensor edge (zero fill). Table entries are bounds-checked
     // against num_blocks in the kernel, which reads only columns below min(seqlen, max_blocks·page) / page; partial
@@ -364,8 +366,8 @@ pub fn probe_wgmma(
     gpu.require_hopper("MLA sm_90a wgmma probe")?;
     let [num_blocks, page, width] = kv.dims::<3>("kv_cache")?;
     let [q_rows, q_width] = q.dims::<2>("q")?;
-    if width != D_QK || q_width != D_QK || num_blocks == 0 || q_rows == 0 {
-        return Err(Error::shape("q / kv_cache", "576 columns, non-empty", format!("{:?}", kv.shape())));
+    if width != D_QK || q_width != D_QK || num_blocks == 0 || q_rows < 64 {
+        return Err(Error::shape("q / kv_cache", "576 columns, ≥ 64 q rows, ≥ 1 page", format!("{:?}", kv.shape())));
     }
     let box_rows = box_rows(page).ok_or_else(|| unsupported_page(page))?;
     if table_row.numel() * page < TILE_N {
