@@ -213,8 +213,9 @@ __device__ __forceinline__ bool tile_clean(const SeqView& v, int box_rows, int t
 }
 
 // Zeroes the token rows of a stage that hold no valid token (all 256 threads; ends with a barrier).
+template <int kT = kThreads>
 __device__ __forceinline__ void zero_bad_rows(const SeqView& v, int box_rows, int t0, uint8_t* stage, int tid) {
-    for (int idx = tid; idx < kTileN * kBlocks * 8; idx += kThreads) {
+    for (int idx = tid; idx < kTileN * kBlocks * 8; idx += kT) {
         const int r = idx / (kBlocks * 8);
         const int rest = idx % (kBlocks * 8);
         const int kb = rest / 8;
@@ -224,7 +225,7 @@ __device__ __forceinline__ void zero_bad_rows(const SeqView& v, int box_rows, in
         if (bad) *reinterpret_cast<uint4*>(stage + kb * kBlockBytes + r * 128 + chunk * 16) = make_uint4(0, 0, 0, 0);
     }
     fence_proxy_async();
-    named_barrier_sync(1, kThreads);
+    named_barrier_sync(1, kT);
 }
 
 // S[64 × 64] = Q · Kᵀ over 576 columns (36 k-steps). Both operands K-major, 128B swizzle: a k-step of 16 bf16 is
@@ -551,6 +552,330 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
                       split_offsets, o_part, lse_part, batch, s_q, h, page, num_blocks, max_blocks, scale_log2, causal,
                       box_rows, q_box_rows);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Narrow variant for few query rows per sequence (h·s_q ≤ 32, e.g. h = 16, s_q = 1, the memory-bound decode case).
+// Padding 16 rows to the 64 of wgmma's M wastes 3/4 of the tensor work and makes that case compute-bound, so here
+// the products are transposed and the query rows are the N dimension (kN = 16 or 32 rows per CTA):
+//   Sᵀ [64 tokens × kN] = K · Qᵀ : 36 × wgmma.m64nNk16, A = the K tile (K-major, as above), B = Q (kN rows × 576,
+//                                  K-major, 9 blocks of kN × 128 B, 128B swizzle);
+//   softmax per query row = per column of Sᵀ: maxima reduced over the 8 lanes and 4 warps holding a column (shuffles
+//                                  + 512 B of shared memory), sums kept per thread until the end;
+//   Pᵀ is stored to shared memory as a K-major B operand [kN rows × 64 tokens] (128B swizzle);
+//   Oᵀ [512 × kN] += Vᵀ · Pᵀ : 8 column tiles × 4 k-steps of wgmma.m64nNk16 with A = Vᵀ read M-major (trans_a) from
+//                                  the same K tile.
+// One warpgroup (128 threads; thread 0 also produces) and the same 2-stage TMA ring, item loop, masking and outputs
+// as the wide kernel. Tensor work per 64-token tile: 64·kN·(576 + 512) MACs (kN = 16: 1.1 M, ≈ 0.6 µs) against
+// ≈ 2 µs of HBM time for the tile's 72 KiB at the per-SM share of 4.8 TB/s.
+//
+// r1k-sass: mla_decode_sm90_narrow16_bf16 HGMMA
+// r1k-sass: mla_decode_sm90_narrow32_bf16 HGMMA
+
+constexpr int kNarrowThreads = 128;
+
+template <int kN>
+struct NarrowMma;
+template <>
+struct NarrowMma<16> {
+    static __device__ __forceinline__ void s(float (&d)[8], uint64_t a, uint64_t b, int sd) {
+        wgmma_m64n16k16_ss(d, a, b, sd);
+    }
+    static __device__ __forceinline__ void o(float (&d)[8], uint64_t a, uint64_t b, int sd) {
+        wgmma_m64n16k16_ss_ta(d, a, b, sd);
+    }
+};
+template <>
+struct NarrowMma<32> {
+    static __device__ __forceinline__ void s(float (&d)[16], uint64_t a, uint64_t b, int sd) {
+        wgmma_m64n32k16_ss(d, a, b, sd);
+    }
+    static __device__ __forceinline__ void o(float (&d)[16], uint64_t a, uint64_t b, int sd) {
+        wgmma_m64n32k16_ss_ta(d, a, b, sd);
+    }
+};
+
+// Shared memory: [stage 0 | stage 1 | Q (9 × kN·128 B) | Pᵀ (kN·128 B) | barriers | red (4 warps × kN f32)].
+template <int kN>
+struct NarrowSmem {
+    uint8_t* base;
+    __device__ __forceinline__ uint8_t* latent(int i) const { return base + kTileBytes * i; }
+    __device__ __forceinline__ uint8_t* rope(int i) const { return latent(i) + 8 * kBlockBytes; }
+    __device__ __forceinline__ uint8_t* q() const { return base + kTileBytes * kStages; }
+    __device__ __forceinline__ uint8_t* p() const { return q() + kBlocks * kN * 128; }
+    __device__ __forceinline__ uint64_t* bars() const { return reinterpret_cast<uint64_t*>(p() + kN * 128); }
+    __device__ __forceinline__ uint64_t* full() const { return bars(); }
+    __device__ __forceinline__ uint64_t* empty() const { return bars() + kStages; }
+    __device__ __forceinline__ uint64_t* qbar() const { return bars() + 2 * kStages; }
+    __device__ __forceinline__ float* red() const { return reinterpret_cast<float*>(bars() + 8); }
+};
+// Twin: sm90::narrow_smem_bytes.
+template <int kN>
+constexpr uint32_t narrow_smem_bytes() {
+    return 1024 + kTileBytes * kStages + kBlocks * kN * 128 + kN * 128 + 64 + 4 * kN * 4;
+}
+static_assert(narrow_smem_bytes<16>() == 169280 && narrow_smem_bytes<32>() == 190016, "keep sm90.rs in sync");
+
+template <int kN>
+__device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc* tmap_kv,
+                                            const int* __restrict__ block_table, const int* __restrict__ seqlens,
+                                            const int4* __restrict__ items, const int* __restrict__ cta_offsets,
+                                            const int* __restrict__ split_offsets, float* __restrict__ o_part,
+                                            float* __restrict__ lse_part, int batch, int s_q, int h, int page,
+                                            int num_blocks, int max_blocks, float scale_log2, int causal,
+                                            int box_rows, int q_box_rows) {
+    constexpr int kC = kN / 8;       // 8-column chunks of the accumulators
+    constexpr int kAcc = kN / 2;     // accumulator registers per m64nN tile
+    NarrowSmem<kN> sm;
+    {
+        const uint32_t addr = smem_u32(smem_raw);
+        sm.base = smem_raw + ((1024u - (addr & 1023u)) & 1023u);
+    }
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        for (int i = 0; i < kStages; ++i) {
+            mbar_init(&sm.full()[i], 1);
+            mbar_init(&sm.empty()[i], 1);
+        }
+        mbar_init(sm.qbar(), 1);
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    const int quad = lane % 4;
+    const int tr0 = 16 * warp + lane / 4;  // token rows tr0, tr0 + 8 of the Sᵀ accumulator (V columns of Oᵀ)
+    const int rows = s_q * h;
+    const int row0 = blockIdx.y * kN;
+    float* red = sm.red();
+
+    uint32_t n = 0;
+    uint32_t q_phase = 0;
+    const int first = cta_offsets[blockIdx.x];
+    const int last = cta_offsets[blockIdx.x + 1];
+    for (int item = first; item < last; ++item) {
+        const int4 it = items[item];
+        const int b = it.x;
+        if (b < 0 || b >= batch) continue;
+        const int seqlen = min(max(seqlens[b], 0), max_blocks * page);
+        SeqView v;
+        v.table_row = block_table + static_cast<size_t>(b) * max_blocks;
+        v.page = page;
+        v.num_blocks = num_blocks;
+        v.tok_end = min(min(it.z, max_blocks) * page, seqlen);
+        const int tok_begin = max(it.y, 0) * page;
+        const int num_tiles = v.tok_end > tok_begin ? (v.tok_end - tok_begin + kTileN - 1) / kTileN : 0;
+        const size_t slot = static_cast<size_t>(split_offsets[b]) + it.w;
+
+        __syncthreads();  // Q, both stages, Pᵀ and red are free
+        if (tid == 0) {
+            mbar_arrive_expect_tx(sm.qbar(), kBlocks * q_box_rows * 128u);
+            for (int kb = 0; kb < kBlocks; ++kb)
+                tma_load_2d(sm.q() + kb * kN * 128, tmap_q, kb * 64, b * rows + row0, sm.qbar());
+            if (num_tiles > 0) issue_tile(tmap_kv, v, box_rows, tok_begin, sm.latent(n % 2), &sm.full()[n % 2]);
+        }
+        // This thread's query rows (columns of Sᵀ / Oᵀ): row0 + 8j + 2·quad + e.
+        int limit[kC][2];
+#pragma unroll
+        for (int j = 0; j < kC; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int row = row0 + 8 * j + 2 * quad + e;
+                const int qi = row / h;
+                limit[j][e] = row >= rows ? 0 : causal ? min(max(seqlen - s_q + qi + 1, 0), seqlen) : seqlen;
+            }
+        float o[8][kAcc];
+#pragma unroll
+        for (int mt = 0; mt < 8; ++mt)
+#pragma unroll
+            for (int x = 0; x < kAcc; ++x) o[mt][x] = 0.0f;
+        float m[kC][2], l[kC][2];
+#pragma unroll
+        for (int j = 0; j < kC; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                m[j][e] = -INFINITY;
+                l[j][e] = 0.0f;
+            }
+        mbar_wait(sm.qbar(), q_phase);
+        q_phase ^= 1;
+        __syncwarp();
+
+        for (int i = 0; i < num_tiles; ++i, ++n) {
+            const int s = n % 2;
+            const int t0 = tok_begin + i * kTileN;
+            if (tid == 0 && i + 1 < num_tiles) {
+                if (i >= 1) mbar_wait(&sm.empty()[(n + 1) % 2], ((n - 1) / 2) & 1);
+                issue_tile(tmap_kv, v, box_rows, t0 + kTileN, sm.latent((n + 1) % 2), &sm.full()[(n + 1) % 2]);
+            }
+            mbar_wait(&sm.full()[s], (n / 2) & 1);
+            __syncwarp();
+            const bool clean = tile_clean(v, box_rows, t0);
+            if (!clean) zero_bad_rows<kNarrowThreads>(v, box_rows, t0, sm.latent(s), tid);
+
+            // Sᵀ = K · Qᵀ.
+            float st[kAcc];
+#pragma unroll
+            for (int x = 0; x < kAcc; ++x) st[x] = 0.0f;
+            {
+                const uint32_t la = smem_u32(sm.latent(s)), ra = smem_u32(sm.rope(s)), qa = smem_u32(sm.q());
+                fence_regs(st);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < kBlocks * 4; ++kk) {
+                    const uint32_t ka = kk < 32 ? la + (kk / 4) * kBlockBytes + (kk % 4) * 32 : ra + (kk % 4) * 32;
+                    const uint32_t qb = qa + (kk / 4) * kN * 128 + (kk % 4) * 32;
+                    NarrowMma<kN>::s(st, smem_desc(ka, 16, 1024), smem_desc(qb, 16, 1024), kk > 0 ? 1 : 0);
+                }
+                wgmma_commit();
+                wgmma_wait_all();
+                fence_regs(st);
+            }
+            // Mask and scale: register 4j + 2hh + e is (token tr0 + 8hh, query row 8j + 2·quad + e).
+            float cmax[kC][2];
+#pragma unroll
+            for (int j = 0; j < kC; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) cmax[j][e] = -INFINITY;
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int pos = t0 + tr0 + 8 * hh;
+                const bool tok_ok = clean || (pos < v.tok_end && page_id(v, t0 + ((pos - t0) / box_rows) * box_rows) >= 0);
+#pragma unroll
+                for (int j = 0; j < kC; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        float& x = st[4 * j + 2 * hh + e];
+                        x = (tok_ok && pos < limit[j][e]) ? x * scale_log2 : -INFINITY;
+                        cmax[j][e] = fmaxf(cmax[j][e], x);
+                    }
+            }
+            // Column maxima: the 8 lanes of a warp sharing `quad`, then the 4 warps.
+#pragma unroll
+            for (int j = 0; j < kC; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+#pragma unroll
+                    for (int off = 4; off < 32; off <<= 1)
+                        cmax[j][e] = fmaxf(cmax[j][e], __shfl_xor_sync(0xffffffffu, cmax[j][e], off));
+                    if (lane < 4) red[warp * kN + 8 * j + 2 * quad + e] = cmax[j][e];
+                }
+            named_barrier_sync(1, kNarrowThreads);
+            float alpha[kC][2];
+#pragma unroll
+            for (int j = 0; j < kC; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = 8 * j + 2 * quad + e;
+                    const float tmax = fmaxf(fmaxf(red[col], red[kN + col]), fmaxf(red[2 * kN + col], red[3 * kN + col]));
+                    const float m_new = fmaxf(m[j][e], tmax);
+                    alpha[j][e] = m_new == -INFINITY ? 1.0f : exp2f(m[j][e] - m_new);
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        float& x = st[4 * j + 2 * hh + e];
+                        x = m_new == -INFINITY ? 0.0f : exp2f(x - m_new);
+                        sum += x;
+                    }
+                    l[j][e] = l[j][e] * alpha[j][e] + sum;
+                    m[j][e] = m_new;
+                }
+            // Pᵀ as a K-major B operand: element (query row r, token k) at swizzle128(r, 2k).
+            {
+                __nv_bfloat16* pb = reinterpret_cast<__nv_bfloat16*>(sm.p());
+#pragma unroll
+                for (int j = 0; j < kC; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+#pragma unroll
+                        for (int hh = 0; hh < 2; ++hh) {
+                            const int col = 8 * j + 2 * quad + e;
+                            pb[swizzle128(col, 2 * (tr0 + 8 * hh)) / 2] = __float2bfloat16_rn(st[4 * j + 2 * hh + e]);
+                        }
+            }
+            fence_proxy_async();
+            named_barrier_sync(1, kNarrowThreads);  // Pᵀ complete; also orders this tile's reads of red before reuse
+#pragma unroll
+            for (int mt = 0; mt < 8; ++mt)
+#pragma unroll
+                for (int j = 0; j < kC; ++j)
+#pragma unroll
+                    for (int x = 0; x < 4; ++x) o[mt][4 * j + x] *= alpha[j][x % 2];
+            // Oᵀ += Vᵀ · Pᵀ.
+            {
+                const uint32_t va = smem_u32(sm.latent(s)), pa = smem_u32(sm.p());
+#pragma unroll
+                for (int mt = 0; mt < 8; ++mt) fence_regs(o[mt]);
+                wgmma_fence();
+#pragma unroll
+                for (int mt = 0; mt < 8; ++mt)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c)
+                        NarrowMma<kN>::o(o[mt], smem_desc(va + mt * kBlockBytes + c * 2048, kBlockBytes, 1024),
+                                         smem_desc(pa + c * 32, 16, 1024), 1);
+                wgmma_commit();
+                wgmma_wait_all();
+#pragma unroll
+                for (int mt = 0; mt < 8; ++mt) fence_regs(o[mt]);
+            }
+            if (tid == 0) mbar_arrive(&sm.empty()[s]);
+        }
+
+        // Row sums: the 8 lanes sharing `quad`, then the 4 warps (fixed order).
+#pragma unroll
+        for (int j = 0; j < kC; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+#pragma unroll
+                for (int off = 4; off < 32; off <<= 1) l[j][e] += __shfl_xor_sync(0xffffffffu, l[j][e], off);
+                if (lane < 4) red[warp * kN + 8 * j + 2 * quad + e] = l[j][e];
+            }
+        named_barrier_sync(1, kNarrowThreads);
+        float inv[kC][2];
+#pragma unroll
+        for (int j = 0; j < kC; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int col = 8 * j + 2 * quad + e;
+                l[j][e] = ((red[col] + red[kN + col]) + red[2 * kN + col]) + red[3 * kN + col];
+                inv[j][e] = l[j][e] > 0.0f ? 1.0f / l[j][e] : 0.0f;
+            }
+#pragma unroll
+        for (int mt = 0; mt < 8; ++mt)
+#pragma unroll
+            for (int x = 0; x < kAcc; ++x) {
+                const int row = row0 + 8 * (x / 4) + 2 * quad + x % 2;
+                const int vcol = 64 * mt + tr0 + 8 * ((x % 4) / 2);
+                if (row < rows) o_part[(slot * rows + row) * 512 + vcol] = o[mt][x] * inv[x / 4][x % 2];
+            }
+        if (warp == 0 && lane < 4) {
+#pragma unroll
+            for (int j = 0; j < kC; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int row = row0 + 8 * j + 2 * quad + e;
+                    if (row < rows) lse_part[slot * rows + row] = l[j][e] > 0.0f ? (m[j][e] + log2f(l[j][e])) * kLn2 : -INFINITY;
+                }
+        }
+    }
+}
+
+// As mla_decode_sm90_bf16 with kN (16 or 32) query rows per CTA (grid.y = ceil(s_q·h / kN)); tmap_q's box is
+// 64 × q_box_rows with q_box_rows = min(kN, b·s_q·h).
+#define R1K_NARROW_KERNEL(KN)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1) mla_decode_sm90_narrow##KN##_bf16(              \
+        const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_kv,                            \
+        const int* __restrict__ block_table, const int* __restrict__ seqlens, const int4* __restrict__ items,       \
+        const int* __restrict__ cta_offsets, const int* __restrict__ split_offsets, float* __restrict__ o_part,     \
+        float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks, int max_blocks,          \
+        float scale_log2, int causal, int box_rows, int q_box_rows) {                                               \
+        narrow_body<KN>(&tmap_q, &tmap_kv, block_table, seqlens, items, cta_offsets, split_offsets, o_part,         \
+                        lse_part, batch, s_q, h, page, num_blocks, max_blocks, scale_log2, causal, box_rows,        \
+                        q_box_rows);                                                                                \
+    }
+R1K_NARROW_KERNEL(16)
+R1K_NARROW_KERNEL(32)
+#undef R1K_NARROW_KERNEL
 
 // ---------------------------------------------------------------------------------------------------------------
 // Primitive probes for GPU tests: each exercises one building block of the kernel above in isolation.

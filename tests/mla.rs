@@ -199,6 +199,7 @@ fn backends(gpu: &Gpu) -> Vec<Backend> {
     let mut v = vec![Backend::Portable];
     if gpu.info().is_hopper() && std::env::var("R1K_MLA_SKIP_SM90").is_err() {
         v.push(Backend::Hopper);
+        v.push(Backend::HopperWide);
     }
     v
 }
@@ -243,6 +244,19 @@ fn gpu_plain_sweep_matches_reference() {
 fn gpu_sm90_sweep_matches_reference() {
     let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 sweep") else { return };
     sweep(&gpu, Backend::Hopper, "sm90");
+}
+
+#[test]
+fn gpu_sm90_wide_kernel_on_narrow_shapes() {
+    // The 64-row kernel on the shapes the narrow kernel normally takes (h·s_q ≤ 32).
+    let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 wide kernel, few rows") else { return };
+    for (i, &(b, s_q, s_k)) in [(2usize, 1usize, 4096i32), (6, 2, 140), (64, 1, 65)].iter().enumerate() {
+        let case = make_case(40 + i as u64, b, s_q, 16, 64, lens(b, s_k, true, 41), true);
+        let d = upload(&gpu, &case, None);
+        let (want_o, want_l) = reference(&case, &case.cache);
+        let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::HopperWide, false);
+        check_close(&format!("wide case {i}"), &o, &l, &want_o, &want_l);
+    }
 }
 
 #[test]

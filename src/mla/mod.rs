@@ -63,7 +63,8 @@ impl MlaPlan {
         let rows = cfg.s_q.saturating_mul(cfg.heads).max(1);
         let groups = match backend {
             Backend::Portable => rows.div_ceil(PLAIN_ROWS_PER_CTA),
-            Backend::Hopper => rows.div_ceil(sm90::ROWS_PER_CTA),
+            Backend::Hopper => rows.div_ceil(sm90::rows_per_cta(rows, false)),
+            Backend::HopperWide => rows.div_ceil(sm90::ROWS_PER_CTA),
         };
         let target = (gpu.info().sm_count as usize / groups).max(1);
         Self::new(gpu, seqlens, cfg.page_size, SplitMode::Balanced { target_ctas: target })
@@ -106,8 +107,11 @@ pub enum Backend {
     /// The plain SIMT kernel (any sm_80+ GPU). The default until the sm_90a path is verified on a device.
     #[default]
     Portable,
-    /// The sm_90a wgmma kernel ([`sm90`]); errors on other GPUs or unsupported configs.
+    /// The sm_90a wgmma kernels ([`sm90`]): the narrow (transposed) kernel when s_q·h ≤ 32 with a bf16 cache, the
+    /// 64-row kernel otherwise; errors on other GPUs or unsupported page sizes.
     Hopper,
+    /// The sm_90a 64-row kernel even for few query rows (for comparisons in tests and benchmarks).
+    HopperWide,
 }
 
 /// Optional launcher settings.
@@ -299,12 +303,13 @@ fn launch(
     let ctas = plan.split.num_ctas();
     if ctas > 0 {
         match backend {
-            Backend::Hopper => {
+            Backend::Hopper | Backend::HopperWide => {
                 let kv = match cache {
                     Cache::Bf16(kv) => sm90::FastCache::Bf16(kv),
                     Cache::Fp8(kv) => sm90::FastCache::Fp8(kv),
                 };
-                sm90::launch_decode(gpu, q, kv, block_table, seqlens, plan, c, ws)?;
+                let wide = backend == Backend::HopperWide;
+                sm90::launch_decode(gpu, q, kv, block_table, seqlens, plan, c, ws, wide)?;
             }
             Backend::Portable => {
                 let row_groups = c.rows.div_ceil(PLAIN_ROWS_PER_CTA);

@@ -32,6 +32,41 @@ pub const RED_BYTES: usize = 2 * 64 * 4;
 pub const XBUF_BYTES: usize = 4 * 4 * 128 * 4;
 /// Dynamic shared memory: 1 KiB alignment slack + Q + 2 stages + barriers + exchange buffers.
 pub const SMEM_BYTES: usize = 1024 + 3 * TILE_BYTES + 64 + RED_BYTES + XBUF_BYTES;
+/// Dynamic shared memory of the narrow kernel with `kn` (16 or 32) query rows per CTA: slack + 2 stages + Q
+/// (9 × kn·128 B) + Pᵀ (kn·128 B) + barriers + the column-max exchange (4 warps × kn f32).
+pub const fn narrow_smem_bytes(kn: usize) -> usize {
+    1024 + 2 * TILE_BYTES + 9 * kn * 128 + kn * 128 + 64 + 4 * kn * 4
+}
+
+/// The narrow kernel's row count per CTA for `rows` = s_q·h query rows (bf16 cache), or `None` for the wide kernel.
+pub const fn narrow_rows(rows: usize, fp8: bool) -> Option<usize> {
+    if fp8 || rows > 32 {
+        None
+    } else if rows <= 16 {
+        Some(16)
+    } else {
+        Some(32)
+    }
+}
+
+/// Query rows per CTA of the sm_90a kernel chosen for `rows` query rows per sequence.
+pub const fn rows_per_cta(rows: usize, fp8: bool) -> usize {
+    match narrow_rows(rows, fp8) {
+        Some(kn) => kn,
+        None => ROWS_PER_CTA,
+    }
+}
+
+/// Descriptor start (from the Q base) of narrow-kernel QKᵀ k-step `kk`: Q is 9 blocks of `kn` rows × 128 B.
+pub const fn narrow_q_step_offset(kn: usize, kk: usize) -> usize {
+    (kk / 4) * kn * 128 + (kk % 4) * 32
+}
+
+/// Where the narrow kernel stores Pᵀ element (query row `r`, token `k`): a K-major B operand of `kn` rows × 128 B.
+pub const fn narrow_p_offset(r: usize, k: usize) -> usize {
+    swizzle128(r, 2 * k)
+}
+
 /// Bytes of a raw FP8 stage: codes [2][64][256 B] + scales [64][16 B].
 pub const FP8_RAW_BYTES: usize = 2 * 64 * 256 + 64 * 16;
 /// Dynamic shared memory of the FP8 kernel: slack + Q + latent (8 blocks) + 2 RoPE blocks + 2 raw stages + barriers.
@@ -234,6 +269,7 @@ fn unsupported_page(page: usize) -> Error {
 }
 
 /// The cache the fast kernel reads.
+#[derive(Clone, Copy)]
 pub(crate) enum FastCache<'a> {
     Bf16(&'a DeviceTensor<bf16>),
     Fp8(&'a DeviceTensor<u8>),
@@ -249,6 +285,7 @@ pub(crate) fn launch_decode(
     plan: &MlaPlan,
     c: &Checked,
     ws: &mut MlaWorkspace,
+    force_wide: bool,
 ) -> Result<()> {
     gpu.require_hopper("MLA decode sm_90a")?;
     let page = c.page as usize;
@@ -258,25 +295,30 @@ pub(crate) fn launch_decode(
     if q_rows + ROWS_PER_CTA > i32::MAX as usize || kv_rows > i32::MAX as usize {
         return Err(Error::shape("kv_cache", "fewer than 2^31 rows (TMA coordinates are i32)", kv_rows.max(q_rows)));
     }
-    let grid_y = u32::try_from(c.rows.div_ceil(ROWS_PER_CTA))
+    let fp8 = matches!(kv, FastCache::Fp8(_));
+    let narrow = if force_wide { None } else { narrow_rows(c.rows, fp8) };
+    let per_cta = narrow.unwrap_or(ROWS_PER_CTA);
+    let grid_y = u32::try_from(c.rows.div_ceil(per_cta))
         .ok()
         .filter(|&y| y <= 65_535)
         .ok_or_else(|| Error::shape("q", "s_q·heads ≤ 65535·64", c.rows))?;
     let ctas = plan.split.num_ctas();
     let grid_x = u32::try_from(ctas).map_err(|_| Error::shape("plan", "fewer than 2^32 CTAs", ctas))?;
-    let (name, smem) = match kv {
-        FastCache::Bf16(_) => ("mla_decode_sm90_bf16", SMEM_BYTES),
-        FastCache::Fp8(_) => ("mla_decode_sm90_fp8", SMEM_BYTES_FP8),
+    let (name, smem, threads) = match (kv, narrow) {
+        (FastCache::Fp8(_), _) => ("mla_decode_sm90_fp8", SMEM_BYTES_FP8, THREADS),
+        (FastCache::Bf16(_), Some(16)) => ("mla_decode_sm90_narrow16_bf16", narrow_smem_bytes(16), 128),
+        (FastCache::Bf16(_), Some(_)) => ("mla_decode_sm90_narrow32_bf16", narrow_smem_bytes(32), 128),
+        (FastCache::Bf16(_), None) => ("mla_decode_sm90_bf16", SMEM_BYTES, THREADS),
     };
     let f = gpu.function(MODULE, name, smem as u32)?;
     let stream = gpu.stream();
     let qv = q.view();
     let (q_ptr, _q_guard) = qv.device_ptr(stream);
     // A box taller than the tensor is avoided: tiny batches load only their rows.
-    let q_box = q_rows.min(ROWS_PER_CTA);
+    let q_box = q_rows.min(per_cta);
     let tmap_q = encode_rows_576(q_ptr, q_rows, q_box)?;
     let (box_i, q_box_i) = (box_rows as i32, q_box as i32);
-    let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
     let (tv, sv) = (block_table.view(), seqlens.view());
     let (iv, cv, ov) = (plan.items.view(), plan.cta_offsets.view(), plan.split_offsets.view());
     let (mut opv, mut lpv) = (ws.o_part.view_mut(), ws.lse_part.view_mut());
@@ -513,6 +555,58 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn narrow_kernel_layouts() {
+        assert_eq!(narrow_smem_bytes(16), 169_280);
+        assert_eq!(narrow_smem_bytes(32), 190_016);
+        assert_eq!(
+            (narrow_rows(16, false), narrow_rows(17, false), narrow_rows(33, false)),
+            (Some(16), Some(32), None)
+        );
+        assert_eq!(narrow_rows(8, true), None);
+        for kn in [16, 32] {
+            // Q as the K-major B operand of Sᵀ = K·Qᵀ: rows (N) at 128 B, 8-row groups at SBO = 1 KiB; TMA puts
+            // element (row, col) of the [kn, 576] box sequence at block col / 64 (kn·128 B each), swizzled.
+            for kk in 0..36 {
+                for r in 0..kn {
+                    for k in 0..16 {
+                        let logical = narrow_q_step_offset(kn, kk) + (r / 8) * 1024 + (r % 8) * 128 + 2 * k;
+                        let atom = logical & !1023;
+                        let col = 16 * kk + k;
+                        assert_eq!(
+                            atom + swizzle128_addr(logical - atom),
+                            (col / 64) * kn * 128 + swizzle128(r, (col % 64) * 2)
+                        );
+                    }
+                }
+            }
+            // Pᵀ as the K-major B operand of Oᵀ = Vᵀ·Pᵀ, k-step c = tokens 16c..16c+15 at start + 32c.
+            for c in 0..4 {
+                for r in 0..kn {
+                    for k in 0..16 {
+                        let logical = 32 * c + (r / 8) * 1024 + (r % 8) * 128 + 2 * k;
+                        let atom = logical & !1023;
+                        assert_eq!(atom + swizzle128_addr(logical - atom), narrow_p_offset(r, 16 * c + k));
+                    }
+                }
+            }
+        }
+        // Vᵀ as the M-major A operand: column tile mt, k-step c starts at mt·8 KiB + 2 KiB·c; element (m, k) sits at
+        // start + 2m + (k / 8)·SBO + (k % 8)·128 before the swizzle.
+        for mt in 0..8 {
+            for c in 0..4 {
+                for m in 0..64 {
+                    for k in 0..16 {
+                        let logical = mt * BLOCK_BYTES + 2048 * c + 2 * m + (k / 8) * 1024 + (k % 8) * 128;
+                        let atom = logical & !1023;
+                        assert_eq!(atom + swizzle128_addr(logical - atom), tile_offset(16 * c + k, 64 * mt + m));
+                    }
+                }
+            }
+        }
+        assert!(narrow_smem_bytes(32) <= 232_448);
     }
 
     /// MN-major V operand of P·V (B, transposed): element (token k, column n) of step c for warpgroup wg sits at
