@@ -175,9 +175,10 @@ __device__ __forceinline__ void issue_tile_fp8(const TmaDesc* codes, const TmaDe
 // Dequantizes the raw FP8 stage into the (single) latent stage: bf16(code · scale), the value
 // reference::mla::dequantize_kv_cache_fp8 defines; rows without a valid token become zeros (latent and RoPE).
 // All 256 threads; the caller has made sure no MMA still reads the latent stage. Ends with a barrier.
+template <int kT = kThreads>
 __device__ __forceinline__ void dequant_tile(const SeqView& v, int box_rows, int t0, const uint8_t* raw,
                                              uint8_t* latent, uint8_t* rope, int tid) {
-    for (int idx = tid; idx < kTileN * 32; idx += kThreads) {
+    for (int idx = tid; idx < kTileN * 32; idx += kT) {
         const int r = idx / 32;
         const int g = idx % 32;  // 16-code group: columns 16g .. 16g + 15
         const bool bad = t0 + r >= v.tok_end || page_id(v, t0 + (r / box_rows) * box_rows) < 0;
@@ -195,13 +196,13 @@ __device__ __forceinline__ void dequant_tile(const SeqView& v, int box_rows, int
         *reinterpret_cast<uint4*>(blk + swizzle128(r, (g % 4) * 32 + 16)) =
             make_uint4(packed[4], packed[5], packed[6], packed[7]);
     }
-    for (int idx = tid; idx < kTileN * 8; idx += kThreads) {
+    for (int idx = tid; idx < kTileN * 8; idx += kT) {
         const int r = idx / 8;
         const bool bad = t0 + r >= v.tok_end || page_id(v, t0 + (r / box_rows) * box_rows) < 0;
         if (bad) *reinterpret_cast<uint4*>(rope + r * 128 + (idx % 8) * 16) = make_uint4(0, 0, 0, 0);
     }
     fence_proxy_async();
-    named_barrier_sync(1, kThreads);
+    named_barrier_sync(1, kT);
 }
 
 // True when every token row of the tile is a real token on a valid page (no fix-up needed).
@@ -568,8 +569,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 // as the wide kernel. Tensor work per 64-token tile: 64·kN·(576 + 512) MACs (kN = 16: 1.1 M, ≈ 0.6 µs) against
 // ≈ 2 µs of HBM time for the tile's 72 KiB at the per-SM share of 4.8 TB/s.
 //
+// FP8 cache: the same dequantization into a single latent stage as the wide FP8 kernel (no barrier needed before
+// it: the previous tile's wgmma have completed for the whole warpgroup).
+//
 // r1k-sass: mla_decode_sm90_narrow16_bf16 HGMMA
 // r1k-sass: mla_decode_sm90_narrow32_bf16 HGMMA
+// r1k-sass: mla_decode_sm90_narrow16_fp8 HGMMA
+// r1k-sass: mla_decode_sm90_narrow32_fp8 HGMMA
 
 constexpr int kNarrowThreads = 128;
 
@@ -594,30 +600,40 @@ struct NarrowMma<32> {
     }
 };
 
-// Shared memory: [stage 0 | stage 1 | Q (9 × kN·128 B) | Pᵀ (kN·128 B) | barriers | red (4 warps × kN f32)].
-template <int kN>
+// Shared memory, bf16 cache: [stage 0 | stage 1 | Q (9 × kN·128 B) | Pᵀ (kN·128 B) | barriers | red];
+// FP8 cache: [Q | latent (single) | RoPE 0 | RoPE 1 | raw 0 | raw 1 | Pᵀ | barriers | red] (as the wide FP8 kernel).
+// red holds 4 warps × kN f32.
+template <int kN, bool kFp8>
 struct NarrowSmem {
+    static constexpr uint32_t kQ = kFp8 ? 0 : kTileBytes * kStages;
+    static constexpr uint32_t kLat = kBlocks * kN * 128;  // FP8 only
+    static constexpr uint32_t kRope = kLat + kLatentBytes;
+    static constexpr uint32_t kRaw = kRope + kStages * kBlockBytes;
+    static constexpr uint32_t kP = kFp8 ? kRaw + kStages * kRawBytes : kQ + kBlocks * kN * 128;
+    static constexpr uint32_t kBar = kP + kN * 128;
+    static constexpr uint32_t kBytes = 1024 + kBar + 64 + 4 * kN * 4;  // Twin: sm90::narrow_smem_bytes
     uint8_t* base;
-    __device__ __forceinline__ uint8_t* latent(int i) const { return base + kTileBytes * i; }
-    __device__ __forceinline__ uint8_t* rope(int i) const { return latent(i) + 8 * kBlockBytes; }
-    __device__ __forceinline__ uint8_t* q() const { return base + kTileBytes * kStages; }
-    __device__ __forceinline__ uint8_t* p() const { return q() + kBlocks * kN * 128; }
-    __device__ __forceinline__ uint64_t* bars() const { return reinterpret_cast<uint64_t*>(p() + kN * 128); }
+    __device__ __forceinline__ uint8_t* latent(int i) const { return kFp8 ? base + kLat : base + kTileBytes * i; }
+    __device__ __forceinline__ uint8_t* rope(int i) const {
+        return kFp8 ? base + kRope + kBlockBytes * i : latent(i) + 8 * kBlockBytes;
+    }
+    __device__ __forceinline__ uint8_t* raw(int i) const { return base + kRaw + kRawBytes * i; }
+    __device__ __forceinline__ uint8_t* q() const { return base + kQ; }
+    __device__ __forceinline__ uint8_t* p() const { return base + kP; }
+    __device__ __forceinline__ uint64_t* bars() const { return reinterpret_cast<uint64_t*>(base + kBar); }
     __device__ __forceinline__ uint64_t* full() const { return bars(); }
     __device__ __forceinline__ uint64_t* empty() const { return bars() + kStages; }
     __device__ __forceinline__ uint64_t* qbar() const { return bars() + 2 * kStages; }
     __device__ __forceinline__ float* red() const { return reinterpret_cast<float*>(bars() + 8); }
 };
-// Twin: sm90::narrow_smem_bytes.
-template <int kN>
-constexpr uint32_t narrow_smem_bytes() {
-    return 1024 + kTileBytes * kStages + kBlocks * kN * 128 + kN * 128 + 64 + 4 * kN * 4;
-}
-static_assert(narrow_smem_bytes<16>() == 169280 && narrow_smem_bytes<32>() == 190016, "keep sm90.rs in sync");
+static_assert(NarrowSmem<16, false>::kBytes == 169280 && NarrowSmem<32, false>::kBytes == 190016 &&
+                  NarrowSmem<16, true>::kBytes == 171328 && NarrowSmem<32, true>::kBytes == 192064,
+              "keep sm90.rs in sync");
 
-template <int kN>
-__device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc* tmap_kv,
-                                            const int* __restrict__ block_table, const int* __restrict__ seqlens,
+template <int kN, bool kFp8>
+__device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc* tmap_kv, const TmaDesc* tmap_scales,
+                                            const TmaDesc* tmap_rope, const int* __restrict__ block_table,
+                                            const int* __restrict__ seqlens,
                                             const int4* __restrict__ items, const int* __restrict__ cta_offsets,
                                             const int* __restrict__ split_offsets, float* __restrict__ o_part,
                                             float* __restrict__ lse_part, int batch, int s_q, int h, int page,
@@ -625,7 +641,7 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
                                             int box_rows, int q_box_rows) {
     constexpr int kC = kN / 8;       // 8-column chunks of the accumulators
     constexpr int kAcc = kN / 2;     // accumulator registers per m64nN tile
-    NarrowSmem<kN> sm;
+    NarrowSmem<kN, kFp8> sm;
     {
         const uint32_t addr = smem_u32(smem_raw);
         sm.base = smem_raw + ((1024u - (addr & 1023u)) & 1023u);
@@ -648,6 +664,14 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
     const int rows = s_q * h;
     const int row0 = blockIdx.y * kN;
     float* red = sm.red();
+    auto issue = [&](const SeqView& v, int t0, int stage) {
+        if constexpr (kFp8) {
+            issue_tile_fp8(tmap_kv, tmap_scales, tmap_rope, v, box_rows, t0, sm.raw(stage), sm.rope(stage),
+                           &sm.full()[stage]);
+        } else {
+            issue_tile(tmap_kv, v, box_rows, t0, sm.latent(stage), &sm.full()[stage]);
+        }
+    };
 
     uint32_t n = 0;
     uint32_t q_phase = 0;
@@ -672,7 +696,7 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
             mbar_arrive_expect_tx(sm.qbar(), kBlocks * q_box_rows * 128u);
             for (int kb = 0; kb < kBlocks; ++kb)
                 tma_load_2d(sm.q() + kb * kN * 128, tmap_q, kb * 64, b * rows + row0, sm.qbar());
-            if (num_tiles > 0) issue_tile(tmap_kv, v, box_rows, tok_begin, sm.latent(n % 2), &sm.full()[n % 2]);
+            if (num_tiles > 0) issue(v, tok_begin, n % 2);
         }
         // This thread's query rows (columns of Sᵀ / Oᵀ): row0 + 8j + 2·quad + e.
         int limit[kC][2];
@@ -706,12 +730,18 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
             const int t0 = tok_begin + i * kTileN;
             if (tid == 0 && i + 1 < num_tiles) {
                 if (i >= 1) mbar_wait(&sm.empty()[(n + 1) % 2], ((n - 1) / 2) & 1);
-                issue_tile(tmap_kv, v, box_rows, t0 + kTileN, sm.latent((n + 1) % 2), &sm.full()[(n + 1) % 2]);
+                issue(v, t0 + kTileN, (n + 1) % 2);
             }
             mbar_wait(&sm.full()[s], (n / 2) & 1);
             __syncwarp();
             const bool clean = tile_clean(v, box_rows, t0);
-            if (!clean) zero_bad_rows<kNarrowThreads>(v, box_rows, t0, sm.latent(s), tid);
+            if constexpr (kFp8) {
+                // The previous tile's MMAs have completed (wgmma waits are warpgroup-wide), so the single latent
+                // stage can be rewritten.
+                dequant_tile<kNarrowThreads>(v, box_rows, t0, sm.raw(s), sm.latent(s), sm.rope(s), tid);
+            } else {
+                if (!clean) zero_bad_rows<kNarrowThreads>(v, box_rows, t0, sm.latent(s), tid);
+            }
 
             // Sᵀ = K · Qᵀ.
             float st[kAcc];
@@ -860,8 +890,8 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
     }
 }
 
-// As mla_decode_sm90_bf16 with kN (16 or 32) query rows per CTA (grid.y = ceil(s_q·h / kN)); tmap_q's box is
-// 64 × q_box_rows with q_box_rows = min(kN, b·s_q·h).
+// As mla_decode_sm90_bf16 / _fp8 with kN (16 or 32) query rows per CTA (grid.y = ceil(s_q·h / kN)); tmap_q's
+// box is 64 × q_box_rows with q_box_rows = min(kN, b·s_q·h).
 #define R1K_NARROW_KERNEL(KN)                                                                                        \
     extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1) mla_decode_sm90_narrow##KN##_bf16(              \
         const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_kv,                            \
@@ -869,9 +899,20 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
         const int* __restrict__ cta_offsets, const int* __restrict__ split_offsets, float* __restrict__ o_part,     \
         float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks, int max_blocks,          \
         float scale_log2, int causal, int box_rows, int q_box_rows) {                                               \
-        narrow_body<KN>(&tmap_q, &tmap_kv, block_table, seqlens, items, cta_offsets, split_offsets, o_part,         \
-                        lse_part, batch, s_q, h, page, num_blocks, max_blocks, scale_log2, causal, box_rows,        \
-                        q_box_rows);                                                                                \
+        narrow_body<KN, false>(&tmap_q, &tmap_kv, nullptr, nullptr, block_table, seqlens, items, cta_offsets,       \
+                               split_offsets, o_part, lse_part, batch, s_q, h, page, num_blocks, max_blocks,        \
+                               scale_log2, causal, box_rows, q_box_rows);                                           \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1) mla_decode_sm90_narrow##KN##_fp8(               \
+        const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_codes,                         \
+        const __grid_constant__ TmaDesc tmap_scales, const __grid_constant__ TmaDesc tmap_rope,                     \
+        const int* __restrict__ block_table, const int* __restrict__ seqlens, const int4* __restrict__ items,       \
+        const int* __restrict__ cta_offsets, const int* __restrict__ split_offsets, float* __restrict__ o_part,     \
+        float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks, int max_blocks,          \
+        float scale_log2, int causal, int box_rows, int q_box_rows) {                                               \
+        narrow_body<KN, true>(&tmap_q, &tmap_codes, &tmap_scales, &tmap_rope, block_table, seqlens, items,          \
+                              cta_offsets, split_offsets, o_part, lse_part, batch, s_q, h, page, num_blocks,        \
+                              max_blocks, scale_log2, causal, box_rows, q_box_rows);                                \
     }
 R1K_NARROW_KERNEL(16)
 R1K_NARROW_KERNEL(32)
