@@ -90,9 +90,6 @@ fn bench_mla(c: &mut Criterion) {
             let plan = MlaPlan::for_backend(&gpu, &s.seqlens_host, &s.cfg, backend).expect("plan");
             let mut ws = MlaWorkspace::new(&gpu, &plan, &s.cfg).expect("workspace");
             for fp8 in [false, true] {
-                if fp8 && backend == Backend::HopperWide {
-                    continue; // FP8 always runs the 64-row kernel
-                }
                 let kv_bytes = b * s_k * if fp8 { FP8_TOKEN_BYTES } else { 2 * D_QK };
                 let bytes = kv_bytes + qo;
                 let opts = MlaOptions { block_table_host: None, backend };

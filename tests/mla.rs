@@ -256,6 +256,12 @@ fn gpu_sm90_wide_kernel_on_narrow_shapes() {
         let (want_o, want_l) = reference(&case, &case.cache);
         let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::HopperWide, false);
         check_close(&format!("wide case {i}"), &o, &l, &want_o, &want_l);
+        let bytes = quantize_kv_cache_fp8(&case.cache).unwrap();
+        let deq = dequantize_kv_cache_fp8(&bytes).unwrap();
+        let d8 = upload(&gpu, &case, Some(&bytes));
+        let (want_o, want_l) = reference(&case, &deq);
+        let (o, l) = run_gpu(&gpu, &case, &d8, sm_mode(&gpu), Backend::HopperWide, true);
+        check_close(&format!("wide fp8 case {i}"), &o, &l, &want_o, &want_l);
     }
 }
 

@@ -32,15 +32,18 @@ pub const RED_BYTES: usize = 2 * 64 * 4;
 pub const XBUF_BYTES: usize = 4 * 4 * 128 * 4;
 /// Dynamic shared memory: 1 KiB alignment slack + Q + 2 stages + barriers + exchange buffers.
 pub const SMEM_BYTES: usize = 1024 + 3 * TILE_BYTES + 64 + RED_BYTES + XBUF_BYTES;
-/// Dynamic shared memory of the narrow kernel with `kn` (16 or 32) query rows per CTA: slack + 2 stages + Q
-/// (9 × kn·128 B) + Pᵀ (kn·128 B) + barriers + the column-max exchange (4 warps × kn f32).
-pub const fn narrow_smem_bytes(kn: usize) -> usize {
-    1024 + 2 * TILE_BYTES + 9 * kn * 128 + kn * 128 + 64 + 4 * kn * 4
+/// Dynamic shared memory of the narrow kernel with `kn` (16 or 32) query rows per CTA: slack + K storage (bf16: 2
+/// stages; FP8: latent + 2 RoPE blocks + 2 raw stages) + Q (9 × kn·128 B) + Pᵀ (kn·128 B) + barriers + the
+/// column-max exchange (4 warps × kn f32).
+pub const fn narrow_smem_bytes(kn: usize, fp8: bool) -> usize {
+    let k = if fp8 { 8 * BLOCK_BYTES + 2 * BLOCK_BYTES + 2 * FP8_RAW_BYTES } else { 2 * TILE_BYTES };
+    1024 + k + 9 * kn * 128 + kn * 128 + 64 + 4 * kn * 4
 }
 
-/// The narrow kernel's row count per CTA for `rows` = s_q·h query rows (bf16 cache), or `None` for the wide kernel.
-pub const fn narrow_rows(rows: usize, fp8: bool) -> Option<usize> {
-    if fp8 || rows > 32 {
+/// The narrow kernel's row count per CTA for `rows` = s_q·h query rows (either cache), or `None` for the wide
+/// kernel.
+pub const fn narrow_rows(rows: usize, _fp8: bool) -> Option<usize> {
+    if rows > 32 {
         None
     } else if rows <= 16 {
         Some(16)
@@ -305,9 +308,11 @@ pub(crate) fn launch_decode(
     let ctas = plan.split.num_ctas();
     let grid_x = u32::try_from(ctas).map_err(|_| Error::shape("plan", "fewer than 2^32 CTAs", ctas))?;
     let (name, smem, threads) = match (kv, narrow) {
-        (FastCache::Fp8(_), _) => ("mla_decode_sm90_fp8", SMEM_BYTES_FP8, THREADS),
-        (FastCache::Bf16(_), Some(16)) => ("mla_decode_sm90_narrow16_bf16", narrow_smem_bytes(16), 128),
-        (FastCache::Bf16(_), Some(_)) => ("mla_decode_sm90_narrow32_bf16", narrow_smem_bytes(32), 128),
+        (FastCache::Fp8(_), None) => ("mla_decode_sm90_fp8", SMEM_BYTES_FP8, THREADS),
+        (FastCache::Fp8(_), Some(16)) => ("mla_decode_sm90_narrow16_fp8", narrow_smem_bytes(16, true), 128),
+        (FastCache::Fp8(_), Some(_)) => ("mla_decode_sm90_narrow32_fp8", narrow_smem_bytes(32, true), 128),
+        (FastCache::Bf16(_), Some(16)) => ("mla_decode_sm90_narrow16_bf16", narrow_smem_bytes(16, false), 128),
+        (FastCache::Bf16(_), Some(_)) => ("mla_decode_sm90_narrow32_bf16", narrow_smem_bytes(32, false), 128),
         (FastCache::Bf16(_), None) => ("mla_decode_sm90_bf16", SMEM_BYTES, THREADS),
     };
     let f = gpu.function(MODULE, name, smem as u32)?;
@@ -559,13 +564,15 @@ mod tests {
 
     #[test]
     fn narrow_kernel_layouts() {
-        assert_eq!(narrow_smem_bytes(16), 169_280);
-        assert_eq!(narrow_smem_bytes(32), 190_016);
+        assert_eq!(narrow_smem_bytes(16, false), 169_280);
+        assert_eq!(narrow_smem_bytes(32, false), 190_016);
+        assert_eq!(narrow_smem_bytes(16, true), 171_328);
+        assert_eq!(narrow_smem_bytes(32, true), 192_064);
         assert_eq!(
             (narrow_rows(16, false), narrow_rows(17, false), narrow_rows(33, false)),
             (Some(16), Some(32), None)
         );
-        assert_eq!(narrow_rows(8, true), None);
+        assert_eq!(narrow_rows(8, true), Some(16));
         for kn in [16, 32] {
             // Q as the K-major B operand of Sᵀ = K·Qᵀ: rows (N) at 128 B, 8-row groups at SBO = 1 KiB; TMA puts
             // element (row, col) of the [kn, 576] box sequence at block col / 64 (kn·128 B each), swizzled.
@@ -606,7 +613,7 @@ mod tests {
                 }
             }
         }
-        assert!(narrow_smem_bytes(32) <= 232_448);
+        assert!(narrow_smem_bytes(32, true) <= 232_448 && narrow_smem_bytes(32, false) <= 232_448);
     }
 
     /// MN-major V operand of P·V (B, transposed): element (token k, column n) of step c for warpgroup wg sits at
