@@ -1,4 +1,7 @@
 // MLA decode fast path for sm_90a (H100/H200/H800/H20): TMA + mbarrier ring, bf16 wgmma for QKᵀ and P·V.
+// Two kernel families share the pipeline: the wide kernels (64 query rows per CTA, 2 warpgroups; bf16 and FP8
+// cache) described first, and the narrow kernels (16 or 32 query rows per CTA, 1 warpgroup, transposed products;
+// further down) that the launcher picks when s_q·h ≤ 32, the memory-bound decode shapes.
 //
 // Numbers (b sequences, s_q queries, h heads, s_k keys): flops = 2·b·h·s_q·s_k·(576 + 512); minimum bytes = KV once
 // (s_k·1152 B) + q (b·s_q·h·1152 B) + o (b·s_q·h·1024 B). Memory-bound for s_q·h ≤ 64 rows per KV byte ratio
@@ -569,8 +572,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 // as the wide kernel. Tensor work per 64-token tile: 64·kN·(576 + 512) MACs (kN = 16: 1.1 M, ≈ 0.6 µs) against
 // ≈ 2 µs of HBM time for the tile's 72 KiB at the per-SM share of 4.8 TB/s.
 //
-// FP8 cache: the same dequantization into a single latent stage as the wide FP8 kernel (no barrier needed before
-// it: the previous tile's wgmma have completed for the whole warpgroup).
+// FP8 cache: the same dequantization into a single latent stage as the wide FP8 kernel.
 //
 // r1k-sass: mla_decode_sm90_narrow16_bf16 HGMMA
 // r1k-sass: mla_decode_sm90_narrow32_bf16 HGMMA
@@ -736,8 +738,9 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
             __syncwarp();
             const bool clean = tile_clean(v, box_rows, t0);
             if constexpr (kFp8) {
-                // The previous tile's MMAs have completed (wgmma waits are warpgroup-wide), so the single latent
-                // stage can be rewritten.
+                // Every warp has waited for the previous tile's MMAs; the barrier makes the reuse of the single
+                // latent stage explicit rather than relying on wgmma completion being warpgroup-wide.
+                named_barrier_sync(2, kNarrowThreads);
                 dequant_tile<kNarrowThreads>(v, box_rows, t0, sm.raw(s), sm.latent(s), sm.rope(s), tid);
             } else {
                 if (!clean) zero_bad_rows<kNarrowThreads>(v, box_rows, t0, sm.latent(s), tid);
