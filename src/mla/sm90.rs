@@ -613,7 +613,7 @@ mod tests {
                 }
             }
         }
-        assert!(narrow_smem_bytes(32, true) <= 232_448 && narrow_smem_bytes(32, false) <= 232_448);
+        const { assert!(narrow_smem_bytes(32, true) <= 232_448 && narrow_smem_bytes(32, false) <= 232_448) };
     }
 
     /// MN-major V operand of P·V (B, transposed): element (token k, column n) of step c for warpgroup wg sits at
@@ -713,7 +713,7 @@ mod tests {
         assert_eq!(at(40, 7), 0); // past the piece
         assert_eq!(SMEM_BYTES, 230_976);
         assert_eq!(SMEM_BYTES_FP8, 224_832);
-        assert!(XBUF_BYTES <= FP8_RAW_BYTES);
-        assert!(SMEM_BYTES_FP8 <= 232_448 && SMEM_BYTES <= 232_448, "H100/H200 opt-in shared memory");
+        const { assert!(XBUF_BYTES <= FP8_RAW_BYTES) };
+        const { assert!(SMEM_BYTES_FP8 <= 232_448 && SMEM_BYTES <= 232_448, "H100/H200 opt-in shared memory") };
     }
 }
