@@ -145,39 +145,56 @@ pub(crate) struct Checked {
     pub causal: i32,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn validate(
-    q: &DeviceTensor<bf16>,
-    cache_dims: [usize; 3],
-    token_width: usize,
-    block_table: &DeviceTensor<i32>,
-    seqlens: &DeviceTensor<i32>,
-    plan: &MlaPlan,
+/// The shapes a launch is checked against, apart from the device buffers so the checks run (and are tested)
+/// without a GPU.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LaunchShapes<'a> {
+    pub q: &'a [usize],
+    pub cache: &'a [usize],
+    pub token_width: usize,
+    pub block_table: &'a [usize],
+    pub seqlens: &'a [usize],
+    pub out: &'a [usize],
+    pub lse: &'a [usize],
+    /// (splits, rows) the workspace holds.
+    pub workspace: (usize, usize),
+}
+
+fn expect(arg: &'static str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(Error::shape(arg, format!("{want:?}"), format!("{got:?}")));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_launch(
+    sh: &LaunchShapes,
+    split: &SplitPlan,
     cfg: &MlaConfig,
-    out: &DeviceTensor<bf16>,
-    lse: &DeviceTensor<f32>,
-    ws: &MlaWorkspace,
-    opts: &MlaOptions,
+    block_table_host: Option<&[i32]>,
 ) -> Result<Checked> {
     cfg.validate()?;
     let (b, s_q, h) = (cfg.batch, cfg.s_q, cfg.heads);
-    q.expect_shape("q", &[b, s_q, h, D_QK])?;
-    let [num_blocks, page, width] = cache_dims;
-    if page != cfg.page_size || width != token_width {
+    expect("q", sh.q, &[b, s_q, h, D_QK])?;
+    let &[num_blocks, page, width] = sh.cache else {
+        return Err(Error::shape("kv_cache", "a rank-3 tensor", format!("{:?}", sh.cache)));
+    };
+    if page != cfg.page_size || width != sh.token_width {
         return Err(Error::shape(
             "kv_cache",
-            format!("[num_blocks, {}, {token_width}]", cfg.page_size),
-            format!("{cache_dims:?}"),
+            format!("[num_blocks, {}, {}]", cfg.page_size, sh.token_width),
+            format!("{:?}", sh.cache),
         ));
     }
-    let [tb, max_blocks] = block_table.dims::<2>("block_table")?;
+    let &[tb, max_blocks] = sh.block_table else {
+        return Err(Error::shape("block_table", "a rank-2 tensor", format!("{:?}", sh.block_table)));
+    };
     if tb != b {
-        return Err(Error::shape("block_table", format!("[{b}, max_blocks]"), format!("{:?}", block_table.shape())));
+        return Err(Error::shape("block_table", format!("[{b}, max_blocks]"), format!("{:?}", sh.block_table)));
     }
-    seqlens.expect_shape("seqlens", &[b])?;
-    out.expect_shape("out", &[b, s_q, h, D_V])?;
-    lse.expect_shape("lse", &[b, h, s_q])?;
-    let split = &plan.split;
+    expect("seqlens", sh.seqlens, &[b])?;
+    expect("out", sh.out, &[b, s_q, h, D_V])?;
+    expect("lse", sh.lse, &[b, h, s_q])?;
     if split.batch() != b || split.page_size != page {
         return Err(Error::InvalidConfig(format!(
             "plan was made for batch {} / page {}, not {b} / {page}",
@@ -186,47 +203,48 @@ fn validate(
         )));
     }
     let rows = s_q.checked_mul(h).ok_or_else(|| Error::shape("q", "s_q·heads below 2^31", "overflow"))?;
-    if ws.rows != rows || ws.splits < split.total_splits() {
+    let (ws_splits, ws_rows) = sh.workspace;
+    if ws_rows != rows || ws_splits < split.total_splits() {
         return Err(Error::shape(
             "workspace",
             format!("{} splits of {rows} rows", split.total_splits()),
-            format!("{} splits of {} rows", ws.splits, ws.rows),
+            format!("{ws_splits} splits of {ws_rows} rows"),
         ));
     }
     // The kernels form token positions as i32 and combine indices up to batch·rows.
     to_i32("block_table", max_blocks.saturating_mul(page))?;
     to_i32("batch·s_q·heads", b.saturating_mul(rows))?;
-    let table = opts.block_table_host;
-    if let Some(t) = table {
-        if t.len() != b * max_blocks {
-            return Err(Error::shape("block_table_host", b * max_blocks, t.len()));
-        }
-    }
-    // Lengths (and, with a host table, entries) are validated against the plan's copy of seqlens.
-    let dummy;
-    let table = match table {
-        Some(t) => t,
-        None => {
-            dummy = vec![0i32; b * max_blocks];
-            &dummy[..]
-        }
-    };
     let q_len = b * s_q * h * D_QK;
-    if opts.block_table_host.is_some() {
-        validate_inputs(q_len, num_blocks * page, table, &split.seqlens, cfg)?;
-    } else {
-        // Without the table only lengths are checked: pretend every entry is page 0 (exists when num_blocks > 0).
-        if num_blocks == 0 {
-            if let Some(b0) = split.seqlens.iter().position(|&l| l > 0) {
-                return Err(Error::IndexOutOfRange {
-                    arg: "block_table",
-                    position: b0 * max_blocks,
-                    value: 0,
-                    bound: 0,
-                });
+    // Lengths (and, with a host table, entries) are validated against the plan's copy of seqlens.
+    match block_table_host {
+        Some(t) => {
+            if t.len() != b * max_blocks {
+                return Err(Error::shape("block_table_host", b * max_blocks, t.len()));
+            }
+            validate_inputs(q_len, num_blocks * page, t, &split.seqlens, cfg)?;
+        }
+        None => {
+            // Only lengths can be checked (no allocation: this runs every decode step).
+            let cap = (max_blocks * page) as i64;
+            for (i, &len) in split.seqlens.iter().enumerate() {
+                if len < 0 || len as i64 > cap {
+                    return Err(Error::IndexOutOfRange {
+                        arg: "seqlens",
+                        position: i,
+                        value: len as i64,
+                        bound: cap + 1,
+                    });
+                }
+                if len > 0 && num_blocks == 0 {
+                    return Err(Error::IndexOutOfRange {
+                        arg: "block_table",
+                        position: i * max_blocks,
+                        value: 0,
+                        bound: 0,
+                    });
+                }
             }
         }
-        validate_inputs(q_len, num_blocks.max(1) * page, table, &split.seqlens, cfg)?;
     }
     Ok(Checked {
         batch: to_i32("batch", b)?,
@@ -239,6 +257,33 @@ fn validate(
         scale_log2: cfg.softmax_scale * std::f32::consts::LOG2_E,
         causal: i32::from(cfg.causal),
     })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn validate(
+    q: &DeviceTensor<bf16>,
+    cache_shape: &[usize],
+    token_width: usize,
+    block_table: &DeviceTensor<i32>,
+    seqlens: &DeviceTensor<i32>,
+    plan: &MlaPlan,
+    cfg: &MlaConfig,
+    out: &DeviceTensor<bf16>,
+    lse: &DeviceTensor<f32>,
+    ws: &MlaWorkspace,
+    opts: &MlaOptions,
+) -> Result<Checked> {
+    let sh = LaunchShapes {
+        q: q.shape(),
+        cache: cache_shape,
+        token_width,
+        block_table: block_table.shape(),
+        seqlens: seqlens.shape(),
+        out: out.shape(),
+        lse: lse.shape(),
+        workspace: (ws.splits, ws.rows),
+    };
+    check_launch(&sh, &plan.split, cfg, opts.block_table_host)
 }
 
 /// MLA decode with a bf16 cache `[num_blocks, page_size, 576]`. Writes `out` `[b, s_q, h, 512]` bf16 and `lse`
@@ -257,8 +302,7 @@ pub fn mla_decode(
     workspace: &mut MlaWorkspace,
     opts: &MlaOptions,
 ) -> Result<()> {
-    let dims = kv_cache.dims::<3>("kv_cache")?;
-    let c = validate(q, dims, D_QK, block_table, seqlens, plan, cfg, out, lse, workspace, opts)?;
+    let c = validate(q, kv_cache.shape(), D_QK, block_table, seqlens, plan, cfg, out, lse, workspace, opts)?;
     launch(gpu, q, Cache::Bf16(kv_cache), block_table, seqlens, plan, &c, out, lse, workspace, opts.backend)
 }
 
@@ -278,8 +322,7 @@ pub fn mla_decode_fp8(
     workspace: &mut MlaWorkspace,
     opts: &MlaOptions,
 ) -> Result<()> {
-    let dims = kv_cache.dims::<3>("kv_cache")?;
-    let c = validate(q, dims, FP8_TOKEN_BYTES, block_table, seqlens, plan, cfg, out, lse, workspace, opts)?;
+    let c = validate(q, kv_cache.shape(), FP8_TOKEN_BYTES, block_table, seqlens, plan, cfg, out, lse, workspace, opts)?;
     launch(gpu, q, Cache::Fp8(kv_cache), block_table, seqlens, plan, &c, out, lse, workspace, opts.backend)
 }
 
@@ -378,4 +421,109 @@ pub(crate) fn combine(
     // (split_offsets[b] .. split_offsets[b+1] ≤ workspace splits) and writes its row of out and one lse entry.
     unsafe { launch.launch(cfg) }?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Shapes {
+        q: Vec<usize>,
+        cache: Vec<usize>,
+        width: usize,
+        table: Vec<usize>,
+        seqlens: Vec<usize>,
+        out: Vec<usize>,
+        lse: Vec<usize>,
+        ws: (usize, usize),
+    }
+
+    impl Shapes {
+        fn good(cfg: &MlaConfig, num_blocks: usize, max_blocks: usize, splits: usize) -> Self {
+            let (b, s_q, h) = (cfg.batch, cfg.s_q, cfg.heads);
+            Shapes {
+                q: vec![b, s_q, h, D_QK],
+                cache: vec![num_blocks, cfg.page_size, D_QK],
+                width: D_QK,
+                table: vec![b, max_blocks],
+                seqlens: vec![b],
+                out: vec![b, s_q, h, D_V],
+                lse: vec![b, h, s_q],
+                ws: (splits, s_q * h),
+            }
+        }
+        fn check(&self, split: &SplitPlan, cfg: &MlaConfig, table: Option<&[i32]>) -> Result<Checked> {
+            let sh = LaunchShapes {
+                q: &self.q,
+                cache: &self.cache,
+                token_width: self.width,
+                block_table: &self.table,
+                seqlens: &self.seqlens,
+                out: &self.out,
+                lse: &self.lse,
+                workspace: self.ws,
+            };
+            check_launch(&sh, split, cfg, table)
+        }
+    }
+
+    #[test]
+    fn launch_validation_without_a_gpu() {
+        let cfg = MlaConfig { batch: 2, s_q: 2, heads: 16, page_size: 64, softmax_scale: 0.1, causal: true };
+        let lens = [100, 0];
+        let split = plan_splits(&lens, 64, SplitMode::Balanced { target_ctas: 4 }).unwrap();
+        let n = split.total_splits();
+        let table = [3, 1, i32::MAX, -7]; // seq 0 reads pages 3 and 1; seq 1 reads nothing
+        let good = Shapes::good(&cfg, 4, 2, n);
+        let c = good.check(&split, &cfg, Some(&table)).unwrap();
+        assert_eq!((c.batch, c.rows, c.num_blocks, c.max_blocks, c.causal), (2, 32, 4, 2, 1));
+        assert!((c.scale_log2 - 0.1 * std::f32::consts::LOG2_E).abs() < 1e-7);
+        assert!(good.check(&split, &cfg, None).is_ok());
+
+        // Each shape wrong in turn.
+        let bad = |f: &dyn Fn(&mut Shapes)| {
+            let mut s = Shapes::good(&cfg, 4, 2, n);
+            f(&mut s);
+            s.check(&split, &cfg, Some(&table))
+        };
+        assert!(matches!(bad(&|s| s.q[2] = 8), Err(Error::Shape { arg: "q", .. })));
+        assert!(matches!(bad(&|s| s.cache[1] = 32), Err(Error::Shape { arg: "kv_cache", .. })));
+        assert!(matches!(bad(&|s| s.cache = vec![4, 64]), Err(Error::Shape { arg: "kv_cache", .. })));
+        assert!(matches!(bad(&|s| s.width = 656), Err(Error::Shape { arg: "kv_cache", .. })));
+        assert!(matches!(bad(&|s| s.table = vec![3, 2]), Err(Error::Shape { arg: "block_table", .. })));
+        assert!(matches!(bad(&|s| s.seqlens = vec![3]), Err(Error::Shape { arg: "seqlens", .. })));
+        assert!(matches!(bad(&|s| s.out[3] = 576), Err(Error::Shape { arg: "out", .. })));
+        assert!(matches!(bad(&|s| s.lse = vec![2, 2, 16]), Err(Error::Shape { arg: "lse", .. })));
+        assert!(matches!(bad(&|s| s.ws = (n - 1, 32)), Err(Error::Shape { arg: "workspace", .. })));
+        assert!(matches!(bad(&|s| s.ws = (n, 16)), Err(Error::Shape { arg: "workspace", .. })));
+
+        // Config: scale required and finite.
+        for scale in [f32::NAN, f32::INFINITY, 0.0] {
+            let bad_cfg = MlaConfig { softmax_scale: scale, ..cfg };
+            assert!(matches!(good.check(&split, &bad_cfg, None), Err(Error::InvalidConfig(_))));
+        }
+        // Plan for another batch / page size.
+        let other = plan_splits(&[100], 64, SplitMode::Balanced { target_ctas: 4 }).unwrap();
+        assert!(matches!(good.check(&other, &cfg, None), Err(Error::InvalidConfig(_))));
+        // Host table: an entry that will be read is out of range; a short table.
+        let t2 = [3, 4, 0, 0];
+        assert!(matches!(
+            good.check(&split, &cfg, Some(&t2)),
+            Err(Error::IndexOutOfRange { arg: "block_table", position: 1, .. })
+        ));
+        assert!(matches!(good.check(&split, &cfg, Some(&t2[..3])), Err(Error::Shape { .. })));
+        // Sequence longer than the table's capacity (2 pages of 64).
+        let long = plan_splits(&[129, 0], 64, SplitMode::Balanced { target_ctas: 4 }).unwrap();
+        let s_long = Shapes::good(&cfg, 4, 2, long.total_splits());
+        assert!(matches!(s_long.check(&long, &cfg, None), Err(Error::IndexOutOfRange { arg: "seqlens", .. })));
+        // No pages at all but tokens to read.
+        let s_empty = Shapes::good(&cfg, 0, 2, n);
+        assert!(matches!(s_empty.check(&split, &cfg, None), Err(Error::IndexOutOfRange { .. })));
+        // ... which is fine when nothing is read.
+        let none = plan_splits(&[0, 0], 64, SplitMode::Balanced { target_ctas: 4 }).unwrap();
+        assert!(Shapes::good(&cfg, 0, 2, 0).check(&none, &cfg, None).is_ok());
+        // i32 overflow of max_blocks·page.
+        let huge = Shapes { table: vec![2, 1 << 26], ..Shapes::good(&cfg, 4, 2, n) };
+        assert!(huge.check(&split, &cfg, None).is_err());
+    }
 }
