@@ -3,4 +3,5 @@
 pub mod decode_ops;
 pub mod gemm;
 pub mod moe;
+pub mod mla;
 pub mod quant;

@@ -1,0 +1,529 @@
+//! MLA decode on the GPU: paged latent KV cache (bf16 or FP8), split-KV with a combine pass, causal MTP queries.
+//!
+//! Semantics and shapes are those of [`crate::reference::mla`]. A decode step is:
+//! 1. [`MlaPlan::new`] cuts the batch into work items (host scheduler, [`sched`]) and uploads them; build it once per
+//!    step from the host-side sequence lengths (the same values as the device `seqlens`).
+//! 2. [`MlaWorkspace::new`] allocates the fp32 partials the plan needs (reuse it across steps when large enough).
+//! 3. [`mla_decode`] / [`mla_decode_fp8`] enqueue the split kernel and the combine kernel. No host synchronization.
+//!
+//! The launchers validate every shape, the config and the plan on the host; with [`MlaOptions::block_table_host`]
+//! they also check every block-table entry that will be read. The kernels bounds-check table entries against the
+//! cache on the device anyway, so a garbage table never causes an out-of-bounds read (its pages are skipped).
+
+pub mod sched;
+pub mod sm90;
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+pub use crate::reference::mla::MlaConfig;
+use crate::reference::mla::{validate_inputs, D_QK, D_V, FP8_TOKEN_BYTES};
+use crate::tensor::DeviceTensor;
+pub use sched::{plan_splits, SplitMode, SplitPlan, WorkItem};
+
+const MODULE: &str = "mla_decode";
+/// Query rows (head × query token) per CTA of the plain kernel.
+pub const PLAIN_ROWS_PER_CTA: usize = 16;
+const PLAIN_TILE: usize = 16;
+const PLAIN_THREADS: u32 = 256;
+/// Dynamic shared memory of the plain kernel: q rows and one K tile as fp32 (stride 577) plus 16 token flags.
+pub const PLAIN_SMEM_BYTES: usize = 4 * (PLAIN_ROWS_PER_CTA * D_QK + PLAIN_TILE * (D_QK + 1) + PLAIN_TILE);
+
+/// A split plan resident on the device.
+#[derive(Debug)]
+pub struct MlaPlan {
+    split: SplitPlan,
+    items: DeviceTensor<i32>,
+    cta_offsets: DeviceTensor<i32>,
+    split_offsets: DeviceTensor<i32>,
+}
+
+impl MlaPlan {
+    /// Schedules `seqlens` (host copy of the device `seqlens`) for pages of `page_size` tokens and uploads the plan.
+    pub fn new(gpu: &Gpu, seqlens: &[i32], page_size: usize, mode: SplitMode) -> Result<Self> {
+        let split = plan_splits(seqlens, page_size, mode)?;
+        let flat: Vec<i32> =
+            split.items.iter().flat_map(|it| [it.seq, it.start_block, it.end_block, it.split]).collect();
+        let items = DeviceTensor::from_host(gpu, &flat, &[split.items.len(), 4])?;
+        let cta_offsets = DeviceTensor::from_host(gpu, &split.cta_offsets, &[split.cta_offsets.len()])?;
+        let split_offsets = DeviceTensor::from_host(gpu, &split.split_offsets, &[split.split_offsets.len()])?;
+        Ok(MlaPlan { split, items, cta_offsets, split_offsets })
+    }
+
+    /// Balanced plan with one piece per SM of `gpu`.
+    pub fn balanced(gpu: &Gpu, seqlens: &[i32], page_size: usize) -> Result<Self> {
+        Self::new(gpu, seqlens, page_size, SplitMode::Balanced { target_ctas: gpu.info().sm_count.max(1) as usize })
+    }
+
+    /// Balanced plan sized for `backend`: the decode grid is (CTAs, row groups), so aim for about one CTA per SM
+    /// in total (`sm_count / row_groups` pieces, at least one).
+    pub fn for_backend(gpu: &Gpu, seqlens: &[i32], cfg: &MlaConfig, backend: Backend) -> Result<Self> {
+        let rows = cfg.s_q.saturating_mul(cfg.heads).max(1);
+        let groups = match backend {
+            Backend::Portable => rows.div_ceil(PLAIN_ROWS_PER_CTA),
+            Backend::Hopper => rows.div_ceil(sm90::rows_per_cta(rows, false)),
+            Backend::HopperWide => rows.div_ceil(sm90::ROWS_PER_CTA),
+        };
+        let target = (gpu.info().sm_count as usize / groups).max(1);
+        Self::new(gpu, seqlens, cfg.page_size, SplitMode::Balanced { target_ctas: target })
+    }
+
+    /// The host-side schedule.
+    pub fn split(&self) -> &SplitPlan {
+        &self.split
+    }
+}
+
+/// fp32 partial outputs `[total_splits, s_q·h, 512]` and partial lse `[total_splits, s_q·h]`.
+#[derive(Debug)]
+pub struct MlaWorkspace {
+    o_part: DeviceTensor<f32>,
+    lse_part: DeviceTensor<f32>,
+    splits: usize,
+    rows: usize,
+}
+
+impl MlaWorkspace {
+    /// Allocates the partials for `plan` and `cfg` (`s_q · heads` rows per split).
+    pub fn new(gpu: &Gpu, plan: &MlaPlan, cfg: &MlaConfig) -> Result<Self> {
+        Self::with_capacity(gpu, plan.split.total_splits(), cfg.s_q * cfg.heads)
+    }
+
+    /// Allocates room for `splits` splits of `rows` rows each.
+    pub fn with_capacity(gpu: &Gpu, splits: usize, rows: usize) -> Result<Self> {
+        let splits = splits.max(1);
+        // SAFETY: every partial the combine reads is written by the decode kernel of the same launch first.
+        let o_part = unsafe { DeviceTensor::uninit(gpu, &[splits, rows, D_V])? };
+        let lse_part = unsafe { DeviceTensor::uninit(gpu, &[splits, rows])? };
+        Ok(MlaWorkspace { o_part, lse_part, splits, rows })
+    }
+}
+
+/// Which decode kernel to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The plain SIMT kernel (any sm_80+ GPU). The default until the sm_90a path is verified on a device.
+    #[default]
+    Portable,
+    /// The sm_90a wgmma kernels ([`sm90`]): the narrow (transposed) kernel when s_q·h ≤ 32 with a bf16 cache, the
+    /// 64-row kernel otherwise; errors on other GPUs or unsupported page sizes.
+    Hopper,
+    /// The sm_90a 64-row kernel even for few query rows (for comparisons in tests and benchmarks).
+    HopperWide,
+}
+
+/// Optional launcher settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MlaOptions<'a> {
+    /// Host copy of the block table: when given, every entry that will be read is checked to be a valid page.
+    pub block_table_host: Option<&'a [i32]>,
+    /// Kernel choice.
+    pub backend: Backend,
+}
+
+fn to_i32(arg: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::shape(arg, "a value below 2^31", v))
+}
+
+enum Cache<'a> {
+    Bf16(&'a DeviceTensor<bf16>),
+    Fp8(&'a DeviceTensor<u8>),
+}
+
+/// Validated launch parameters shared by the kernels.
+pub(crate) struct Checked {
+    pub batch: i32,
+    pub s_q: i32,
+    pub heads: i32,
+    pub page: i32,
+    pub num_blocks: i32,
+    pub max_blocks: i32,
+    pub rows: usize,
+    pub scale_log2: f32,
+    pub causal: i32,
+}
+
+/// The shapes a launch is checked against, apart from the device buffers so the checks run (and are tested)
+/// without a GPU.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LaunchShapes<'a> {
+    pub q: &'a [usize],
+    pub cache: &'a [usize],
+    pub token_width: usize,
+    pub block_table: &'a [usize],
+    pub seqlens: &'a [usize],
+    pub out: &'a [usize],
+    pub lse: &'a [usize],
+    /// (splits, rows) the workspace holds.
+    pub workspace: (usize, usize),
+}
+
+fn expect(arg: &'static str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(Error::shape(arg, format!("{want:?}"), format!("{got:?}")));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_launch(
+    sh: &LaunchShapes,
+    split: &SplitPlan,
+    cfg: &MlaConfig,
+    block_table_host: Option<&[i32]>,
+) -> Result<Checked> {
+    cfg.validate()?;
+    let (b, s_q, h) = (cfg.batch, cfg.s_q, cfg.heads);
+    expect("q", sh.q, &[b, s_q, h, D_QK])?;
+    let &[num_blocks, page, width] = sh.cache else {
+        return Err(Error::shape("kv_cache", "a rank-3 tensor", format!("{:?}", sh.cache)));
+    };
+    if page != cfg.page_size || width != sh.token_width {
+        return Err(Error::shape(
+            "kv_cache",
+            format!("[num_blocks, {}, {}]", cfg.page_size, sh.token_width),
+            format!("{:?}", sh.cache),
+        ));
+    }
+    let &[tb, max_blocks] = sh.block_table else {
+        return Err(Error::shape("block_table", "a rank-2 tensor", format!("{:?}", sh.block_table)));
+    };
+    if tb != b {
+        return Err(Error::shape("block_table", format!("[{b}, max_blocks]"), format!("{:?}", sh.block_table)));
+    }
+    expect("seqlens", sh.seqlens, &[b])?;
+    expect("out", sh.out, &[b, s_q, h, D_V])?;
+    expect("lse", sh.lse, &[b, h, s_q])?;
+    if split.batch() != b || split.page_size != page {
+        return Err(Error::InvalidConfig(format!(
+            "plan was made for batch {} / page {}, not {b} / {page}",
+            split.batch(),
+            split.page_size
+        )));
+    }
+    let rows = s_q.checked_mul(h).ok_or_else(|| Error::shape("q", "s_q·heads below 2^31", "overflow"))?;
+    let (ws_splits, ws_rows) = sh.workspace;
+    if ws_rows != rows || ws_splits < split.total_splits() {
+        return Err(Error::shape(
+            "workspace",
+            format!("{} splits of {rows} rows", split.total_splits()),
+            format!("{ws_splits} splits of {ws_rows} rows"),
+        ));
+    }
+    // The kernels form token positions as i32 and combine indices up to batch·rows.
+    to_i32("block_table", max_blocks.saturating_mul(page))?;
+    to_i32("batch·s_q·heads", b.saturating_mul(rows))?;
+    let q_len = b * s_q * h * D_QK;
+    // Lengths (and, with a host table, entries) are validated against the plan's copy of seqlens.
+    match block_table_host {
+        Some(t) => {
+            if t.len() != b * max_blocks {
+                return Err(Error::shape("block_table_host", b * max_blocks, t.len()));
+            }
+            validate_inputs(q_len, num_blocks * page, t, &split.seqlens, cfg)?;
+        }
+        None => {
+            // Only lengths can be checked (no allocation: this runs every decode step).
+            let cap = (max_blocks * page) as i64;
+            for (i, &len) in split.seqlens.iter().enumerate() {
+                if len < 0 || len as i64 > cap {
+                    return Err(Error::IndexOutOfRange {
+                        arg: "seqlens",
+                        position: i,
+                        value: len as i64,
+                        bound: cap + 1,
+                    });
+                }
+                if len > 0 && num_blocks == 0 {
+                    return Err(Error::IndexOutOfRange {
+                        arg: "block_table",
+                        position: i * max_blocks,
+                        value: 0,
+                        bound: 0,
+                    });
+                }
+            }
+        }
+    }
+    Ok(Checked {
+        batch: to_i32("batch", b)?,
+        s_q: to_i32("s_q", s_q)?,
+        heads: to_i32("heads", h)?,
+        page: to_i32("page_size", page)?,
+        num_blocks: to_i32("num_blocks", num_blocks)?,
+        max_blocks: to_i32("max_blocks", max_blocks)?,
+        rows,
+        scale_log2: cfg.softmax_scale * std::f32::consts::LOG2_E,
+        causal: i32::from(cfg.causal),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn validate(
+    q: &DeviceTensor<bf16>,
+    cache_shape: &[usize],
+    token_width: usize,
+    block_table: &DeviceTensor<i32>,
+    seqlens: &DeviceTensor<i32>,
+    plan: &MlaPlan,
+    cfg: &MlaConfig,
+    out: &DeviceTensor<bf16>,
+    lse: &DeviceTensor<f32>,
+    ws: &MlaWorkspace,
+    opts: &MlaOptions,
+) -> Result<Checked> {
+    let sh = LaunchShapes {
+        q: q.shape(),
+        cache: cache_shape,
+        token_width,
+        block_table: block_table.shape(),
+        seqlens: seqlens.shape(),
+        out: out.shape(),
+        lse: lse.shape(),
+        workspace: (ws.splits, ws.rows),
+    };
+    check_launch(&sh, &plan.split, cfg, opts.block_table_host)
+}
+
+/// MLA decode with a bf16 cache `[num_blocks, page_size, 576]`. Writes `out` `[b, s_q, h, 512]` bf16 and `lse`
+/// `[b, h, s_q]` f32 (natural log; +inf for rows that attend no key). Enqueued on the GPU's stream.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_decode(
+    gpu: &Gpu,
+    q: &DeviceTensor<bf16>,
+    kv_cache: &DeviceTensor<bf16>,
+    block_table: &DeviceTensor<i32>,
+    seqlens: &DeviceTensor<i32>,
+    plan: &MlaPlan,
+    cfg: &MlaConfig,
+    out: &mut DeviceTensor<bf16>,
+    lse: &mut DeviceTensor<f32>,
+    workspace: &mut MlaWorkspace,
+    opts: &MlaOptions,
+) -> Result<()> {
+    let c = validate(q, kv_cache.shape(), D_QK, block_table, seqlens, plan, cfg, out, lse, workspace, opts)?;
+    launch(gpu, q, Cache::Bf16(kv_cache), block_table, seqlens, plan, &c, out, lse, workspace, opts.backend)
+}
+
+/// MLA decode with the FP8 cache `[num_blocks, page_size, 656]` bytes (layout:
+/// [`crate::reference::mla::fp8_token_layout`]), dequantized in the kernel. Otherwise as [`mla_decode`].
+#[allow(clippy::too_many_arguments)]
+pub fn mla_decode_fp8(
+    gpu: &Gpu,
+    q: &DeviceTensor<bf16>,
+    kv_cache: &DeviceTensor<u8>,
+    block_table: &DeviceTensor<i32>,
+    seqlens: &DeviceTensor<i32>,
+    plan: &MlaPlan,
+    cfg: &MlaConfig,
+    out: &mut DeviceTensor<bf16>,
+    lse: &mut DeviceTensor<f32>,
+    workspace: &mut MlaWorkspace,
+    opts: &MlaOptions,
+) -> Result<()> {
+    let c = validate(q, kv_cache.shape(), FP8_TOKEN_BYTES, block_table, seqlens, plan, cfg, out, lse, workspace, opts)?;
+    launch(gpu, q, Cache::Fp8(kv_cache), block_table, seqlens, plan, &c, out, lse, workspace, opts.backend)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    gpu: &Gpu,
+    q: &DeviceTensor<bf16>,
+    cache: Cache,
+    block_table: &DeviceTensor<i32>,
+    seqlens: &DeviceTensor<i32>,
+    plan: &MlaPlan,
+    c: &Checked,
+    out: &mut DeviceTensor<bf16>,
+    lse: &mut DeviceTensor<f32>,
+    ws: &mut MlaWorkspace,
+    backend: Backend,
+) -> Result<()> {
+    if c.batch == 0 {
+        return Ok(());
+    }
+    let ctas = plan.split.num_ctas();
+    if ctas > 0 {
+        match backend {
+            Backend::Hopper | Backend::HopperWide => {
+                let kv = match cache {
+                    Cache::Bf16(kv) => sm90::FastCache::Bf16(kv),
+                    Cache::Fp8(kv) => sm90::FastCache::Fp8(kv),
+                };
+                let wide = backend == Backend::HopperWide;
+                sm90::launch_decode(gpu, q, kv, block_table, seqlens, plan, c, ws, wide)?;
+            }
+            Backend::Portable => {
+                let row_groups = c.rows.div_ceil(PLAIN_ROWS_PER_CTA);
+                let grid_y = u32::try_from(row_groups)
+                    .ok()
+                    .filter(|&y| y <= 65_535)
+                    .ok_or_else(|| Error::shape("q", "s_q·heads ≤ 65535·16", c.rows))?;
+                let grid_x = u32::try_from(ctas).map_err(|_| Error::shape("plan", "fewer than 2^32 CTAs", ctas))?;
+                let name = match cache {
+                    Cache::Bf16(_) => "mla_decode_plain_bf16",
+                    Cache::Fp8(_) => "mla_decode_plain_fp8",
+                };
+                let f = gpu.function(MODULE, name, PLAIN_SMEM_BYTES as u32)?;
+                let cfg = LaunchConfig {
+                    grid_dim: (grid_x, grid_y, 1),
+                    block_dim: (PLAIN_THREADS, 1, 1),
+                    shared_mem_bytes: PLAIN_SMEM_BYTES as u32,
+                };
+                let (qv, tv, sv) = (q.view(), block_table.view(), seqlens.view());
+                let (iv, cv, ov) = (plan.items.view(), plan.cta_offsets.view(), plan.split_offsets.view());
+                let (mut opv, mut lpv) = (ws.o_part.view_mut(), ws.lse_part.view_mut());
+                let mut launch = gpu.stream().launch_builder(&f);
+                launch.arg(&qv);
+                let (kb, k8);
+                match cache {
+                    Cache::Bf16(kv) => {
+                        kb = kv.view();
+                        launch.arg(&kb);
+                    }
+                    Cache::Fp8(kv) => {
+                        k8 = kv.view();
+                        launch.arg(&k8);
+                    }
+                }
+                launch.arg(&tv).arg(&sv).arg(&iv).arg(&cv).arg(&ov).arg(&mut opv).arg(&mut lpv);
+                launch.arg(&c.batch).arg(&c.s_q).arg(&c.heads).arg(&c.page).arg(&c.num_blocks).arg(&c.max_blocks);
+                launch.arg(&c.scale_log2).arg(&c.causal);
+                // SAFETY: shapes were validated: q is [b, s_q, h, 576], the cache [num_blocks, page, width], the table
+                // [b, max_blocks], seqlens [b]. The kernel clamps seqlens to max_blocks·page, reads table columns
+                // below that only, skips entries outside 0..num_blocks, and writes partial slots
+                // split_offsets[b] + split < total_splits ≤ workspace splits (checked), rows < s_q·h.
+                unsafe { launch.launch(cfg) }?;
+            }
+        }
+    }
+    combine(gpu, plan, c, out, lse, ws)
+}
+
+pub(crate) fn combine(
+    gpu: &Gpu,
+    plan: &MlaPlan,
+    c: &Checked,
+    out: &mut DeviceTensor<bf16>,
+    lse: &mut DeviceTensor<f32>,
+    ws: &MlaWorkspace,
+) -> Result<()> {
+    let warps = c.batch as u64 * c.rows as u64;
+    let blocks = u32::try_from(warps.div_ceil(8)).map_err(|_| Error::shape("q", "fewer rows", warps))?;
+    let f = gpu.function(MODULE, "mla_combine", 0)?;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (opv, lpv, sov) = (ws.o_part.view(), ws.lse_part.view(), plan.split_offsets.view());
+    let (mut outv, mut lsev) = (out.view_mut(), lse.view_mut());
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(&opv).arg(&lpv).arg(&sov).arg(&mut outv).arg(&mut lsev).arg(&c.batch).arg(&c.s_q).arg(&c.heads);
+    // SAFETY: one warp per (sequence, row) below batch·s_q·h; it reads partial slots of its sequence
+    // (split_offsets[b] .. split_offsets[b+1] ≤ workspace splits) and writes its row of out and one lse entry.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Shapes {
+        q: Vec<usize>,
+        cache: Vec<usize>,
+        width: usize,
+        table: Vec<usize>,
+        seqlens: Vec<usize>,
+        out: Vec<usize>,
+        lse: Vec<usize>,
+        ws: (usize, usize),
+    }
+
+    impl Shapes {
+        fn good(cfg: &MlaConfig, num_blocks: usize, max_blocks: usize, splits: usize) -> Self {
+            let (b, s_q, h) = (cfg.batch, cfg.s_q, cfg.heads);
+            Shapes {
+                q: vec![b, s_q, h, D_QK],
+                cache: vec![num_blocks, cfg.page_size, D_QK],
+                width: D_QK,
+                table: vec![b, max_blocks],
+                seqlens: vec![b],
+                out: vec![b, s_q, h, D_V],
+                lse: vec![b, h, s_q],
+                ws: (splits, s_q * h),
+            }
+        }
+        fn check(&self, split: &SplitPlan, cfg: &MlaConfig, table: Option<&[i32]>) -> Result<Checked> {
+            let sh = LaunchShapes {
+                q: &self.q,
+                cache: &self.cache,
+                token_width: self.width,
+                block_table: &self.table,
+                seqlens: &self.seqlens,
+                out: &self.out,
+                lse: &self.lse,
+                workspace: self.ws,
+            };
+            check_launch(&sh, split, cfg, table)
+        }
+    }
+
+    #[test]
+    fn launch_validation_without_a_gpu() {
+        let cfg = MlaConfig { batch: 2, s_q: 2, heads: 16, page_size: 64, softmax_scale: 0.1, causal: true };
+        let lens = [100, 0];
+        let split = plan_splits(&lens, 64, SplitMode::Balanced { target_ctas: 4 }).unwrap();
+        let n = split.total_splits();
+        let table = [3, 1, i32::MAX, -7]; // seq 0 reads pages 3 and 1; seq 1 reads nothing
+        let good = Shapes::good(&cfg, 4, 2, n);
+        let c = good.check(&split, &cfg, Some(&table)).unwrap();
+        assert_eq!((c.batch, c.rows, c.num_blocks, c.max_blocks, c.causal), (2, 32, 4, 2, 1));
+        assert!((c.scale_log2 - 0.1 * std::f32::consts::LOG2_E).abs() < 1e-7);
+        assert!(good.check(&split, &cfg, None).is_ok());
+
+        // Each shape wrong in turn.
+        let bad = |f: &dyn Fn(&mut Shapes)| {
+            let mut s = Shapes::good(&cfg, 4, 2, n);
+            f(&mut s);
+            s.check(&split, &cfg, Some(&table))
+        };
+        assert!(matches!(bad(&|s| s.q[2] = 8), Err(Error::Shape { arg: "q", .. })));
+        assert!(matches!(bad(&|s| s.cache[1] = 32), Err(Error::Shape { arg: "kv_cache", .. })));
+        assert!(matches!(bad(&|s| s.cache = vec![4, 64]), Err(Error::Shape { arg: "kv_cache", .. })));
+        assert!(matches!(bad(&|s| s.width = 656), Err(Error::Shape { arg: "kv_cache", .. })));
+        assert!(matches!(bad(&|s| s.table = vec![3, 2]), Err(Error::Shape { arg: "block_table", .. })));
+        assert!(matches!(bad(&|s| s.seqlens = vec![3]), Err(Error::Shape { arg: "seqlens", .. })));
+        assert!(matches!(bad(&|s| s.out[3] = 576), Err(Error::Shape { arg: "out", .. })));
+        assert!(matches!(bad(&|s| s.lse = vec![2, 2, 16]), Err(Error::Shape { arg: "lse", .. })));
+        assert!(matches!(bad(&|s| s.ws = (n - 1, 32)), Err(Error::Shape { arg: "workspace", .. })));
+        assert!(matches!(bad(&|s| s.ws = (n, 16)), Err(Error::Shape { arg: "workspace", .. })));
+
+        // Config: scale required and finite.
+        for scale in [f32::NAN, f32::INFINITY, 0.0] {
+            let bad_cfg = MlaConfig { softmax_scale: scale, ..cfg };
+            assert!(matches!(good.check(&split, &bad_cfg, None), Err(Error::InvalidConfig(_))));
+        }
+        // Plan for another batch / page size.
+        let other = plan_splits(&[100], 64, SplitMode::Balanced { target_ctas: 4 }).unwrap();
+        assert!(matches!(good.check(&other, &cfg, None), Err(Error::InvalidConfig(_))));
+        // Host table: an entry that will be read is out of range; a short table.
+        let t2 = [3, 4, 0, 0];
+        assert!(matches!(
+            good.check(&split, &cfg, Some(&t2)),
+            Err(Error::IndexOutOfRange { arg: "block_table", position: 1, .. })
+        ));
+        assert!(matches!(good.check(&split, &cfg, Some(&t2[..3])), Err(Error::Shape { .. })));
+        // Sequence longer than the table's capacity (2 pages of 64).
+        let long = plan_splits(&[129, 0], 64, SplitMode::Balanced { target_ctas: 4 }).unwrap();
+        let s_long = Shapes::good(&cfg, 4, 2, long.total_splits());
+        assert!(matches!(s_long.check(&long, &cfg, None), Err(Error::IndexOutOfRange { arg: "seqlens", .. })));
+        // No pages at all but tokens to read.
+        let s_empty = Shapes::good(&cfg, 0, 2, n);
+        assert!(matches!(s_empty.check(&split, &cfg, None), Err(Error::IndexOutOfRange { .. })));
+        // ... which is fine when nothing is read.
+        let none = plan_splits(&[0, 0], 64, SplitMode::Balanced { target_ctas: 4 }).unwrap();
+        assert!(Shapes::good(&cfg, 0, 2, 0).check(&none, &cfg, None).is_ok());
+        // i32 overflow of max_blocks·page.
+        let huge = Shapes { table: vec![2, 1 << 26], ..Shapes::good(&cfg, 4, 2, n) };
+        assert!(huge.check(&split, &cfg, None).is_err());
+    }
+}

@@ -1,0 +1,552 @@
+//! MLA decode: CPU checks of the reference, scheduler and FP8 cache format, and GPU checks (skipped without a GPU) of
+//! the plain and sm_90a kernels against the reference over the sweep.
+
+use r1_kernels::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace, SplitMode};
+use r1_kernels::reference::mla::{
+    dequantize_kv_cache_fp8, mla_decode as ref_decode, quantize_kv_cache_fp8, MlaConfig, D_QK, D_V, FP8_TOKEN_BYTES,
+};
+use r1_kernels::{bf16, DeviceTensor, Error, Gpu};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// One randomly generated problem: bf16-representable values, a permuted block table whose unused entries are huge,
+/// and NaN in tail tokens and unused pages.
+struct Case {
+    cfg: MlaConfig,
+    seqlens: Vec<i32>,
+    q: Vec<f32>,
+    cache: Vec<f32>,
+    num_blocks: usize,
+    max_blocks: usize,
+    table: Vec<i32>,
+}
+
+fn bf16_round(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+fn make_case(seed: u64, batch: usize, s_q: usize, heads: usize, page: usize, seqlens: Vec<i32>, causal: bool) -> Case {
+    assert_eq!(seqlens.len(), batch);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let pages: Vec<usize> = seqlens.iter().map(|&l| (l as usize).div_ceil(page)).collect();
+    let max_blocks = pages.iter().copied().max().unwrap_or(0) + 1;
+    let used: usize = pages.iter().sum();
+    let num_blocks = used + 3; // a few pages nobody owns
+    let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
+    for i in (1..perm.len()).rev() {
+        perm.swap(i, rng.random_range(0..=i));
+    }
+    let mut table = vec![0i32; batch * max_blocks];
+    let mut next = 0;
+    for b in 0..batch {
+        for j in 0..max_blocks {
+            table[b * max_blocks + j] = if j < pages[b] {
+                next += 1;
+                perm[next - 1]
+            } else {
+                i32::MAX - rng.random_range(0..1000)
+            };
+        }
+    }
+    let mut cache = vec![f32::NAN; num_blocks * page * D_QK];
+    for b in 0..batch {
+        for t in 0..seqlens[b] as usize {
+            let blk = table[b * max_blocks + t / page] as usize;
+            let off = (blk * page + t % page) * D_QK;
+            for x in &mut cache[off..off + D_QK] {
+                *x = bf16_round(rng.random_range(-1.0f32..1.0));
+            }
+        }
+    }
+    let cfg = MlaConfig { batch, s_q, heads, page_size: page, softmax_scale: 1.5 / (D_QK as f32).sqrt(), causal };
+    let q = (0..cfg.q_len()).map(|_| bf16_round(rng.random_range(-2.0f32..2.0))).collect();
+    Case { cfg, seqlens, q, cache, num_blocks, max_blocks, table }
+}
+
+/// The reference, one thread per group of sequences (the big sweeps need it).
+fn reference(case: &Case, cache: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let c = &case.cfg;
+    let per_o = c.s_q * c.heads * D_V;
+    let per_l = c.heads * c.s_q;
+    let per_q = c.s_q * c.heads * D_QK;
+    let mut o = vec![0f32; c.o_len()];
+    let mut lse = vec![0f32; c.lse_len()];
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(c.batch.max(1));
+    let chunk = c.batch.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        for ((ob, lb), b0) in o.chunks_mut(per_o * chunk).zip(lse.chunks_mut(per_l * chunk)).zip((0..).step_by(chunk)) {
+            s.spawn(move || {
+                let nb = ob.len() / per_o;
+                let sub = MlaConfig { batch: nb, ..*c };
+                let table = &case.table[b0 * case.max_blocks..(b0 + nb) * case.max_blocks];
+                let (o1, l1) =
+                    ref_decode(&case.q[b0 * per_q..(b0 + nb) * per_q], cache, table, &case.seqlens[b0..b0 + nb], &sub)
+                        .expect("reference");
+                ob.copy_from_slice(&o1);
+                lb.copy_from_slice(&l1);
+            });
+        }
+    });
+    (o, lse)
+}
+
+fn check_close(what: &str, got_o: &[f32], got_lse: &[f32], want_o: &[f32], want_lse: &[f32]) {
+    assert_eq!(got_o.len(), want_o.len());
+    assert_eq!(got_lse.len(), want_lse.len());
+    for (i, (&g, &w)) in got_o.iter().zip(want_o).enumerate() {
+        if !w.is_finite() || !g.is_finite() {
+            assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "{what}: o[{i}] {g} vs {w}");
+            continue;
+        }
+        let err = (g - w).abs();
+        assert!(err < 8e-4 || err < 2.0 / 128.0 * w.abs(), "{what}: o[{i}] {g} vs {w}");
+    }
+    for (i, (&g, &w)) in got_lse.iter().zip(want_lse).enumerate() {
+        if !w.is_finite() || !g.is_finite() {
+            assert!(g == w || (g.is_nan() && w.is_nan()), "{what}: lse[{i}] {g} vs {w}");
+            continue;
+        }
+        let err = (g - w).abs();
+        assert!(err < 1e-6 || err < 8.0 / 65536.0 * w.abs(), "{what}: lse[{i}] {g} vs {w}");
+    }
+}
+
+struct DeviceCase {
+    q: DeviceTensor<bf16>,
+    cache: DeviceTensor<bf16>,
+    cache_fp8: DeviceTensor<u8>,
+    table: DeviceTensor<i32>,
+    seqlens: DeviceTensor<i32>,
+}
+
+fn upload(gpu: &Gpu, case: &Case, fp8: Option<&[u8]>) -> DeviceCase {
+    let page = case.cfg.page_size;
+    let qb: Vec<bf16> = case.q.iter().map(|&x| bf16::from_f32(x)).collect();
+    let cb: Vec<bf16> = case.cache.iter().map(|&x| bf16::from_f32(x)).collect();
+    let c = &case.cfg;
+    let f8 = fp8.unwrap_or(&[]);
+    DeviceCase {
+        q: DeviceTensor::from_host(gpu, &qb, &[c.batch, c.s_q, c.heads, D_QK]).unwrap(),
+        cache: DeviceTensor::from_host(gpu, &cb, &[case.num_blocks, page, D_QK]).unwrap(),
+        cache_fp8: DeviceTensor::from_host(gpu, f8, &[if fp8.is_some() { case.num_blocks } else { 0 }, page, 656])
+            .unwrap(),
+        table: DeviceTensor::from_host(gpu, &case.table, &[c.batch, case.max_blocks]).unwrap(),
+        seqlens: DeviceTensor::from_host(gpu, &case.seqlens, &[c.batch]).unwrap(),
+    }
+}
+
+/// Runs the GPU decode (poisoned outputs) and returns (o as f32, lse).
+fn run_gpu(
+    gpu: &Gpu,
+    case: &Case,
+    d: &DeviceCase,
+    mode: SplitMode,
+    backend: Backend,
+    fp8: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let c = &case.cfg;
+    let plan = MlaPlan::new(gpu, &case.seqlens, c.page_size, mode).unwrap();
+    let mut ws = MlaWorkspace::new(gpu, &plan, c).unwrap();
+    let mut out = DeviceTensor::<bf16>::zeros(gpu, &[c.batch, c.s_q, c.heads, D_V]).unwrap();
+    let mut lse = DeviceTensor::<f32>::zeros(gpu, &[c.batch, c.heads, c.s_q]).unwrap();
+    out.copy_from_host(gpu, &vec![bf16::NAN; c.o_len()]).unwrap();
+    lse.copy_from_host(gpu, &vec![f32::NAN; c.lse_len()]).unwrap();
+    let opts = MlaOptions { block_table_host: Some(&case.table), backend };
+    if fp8 {
+        mla::mla_decode_fp8(
+            gpu,
+            &d.q,
+            &d.cache_fp8,
+            &d.table,
+            &d.seqlens,
+            &plan,
+            c,
+            &mut out,
+            &mut lse,
+            &mut ws,
+            &opts,
+        )
+        .unwrap();
+    } else {
+        mla::mla_decode(gpu, &d.q, &d.cache, &d.table, &d.seqlens, &plan, c, &mut out, &mut lse, &mut ws, &opts)
+            .unwrap();
+    }
+    let o = out.to_host(gpu).unwrap().iter().map(|x| x.to_f32()).collect();
+    (o, lse.to_host(gpu).unwrap())
+}
+
+fn sm_mode(gpu: &Gpu) -> SplitMode {
+    SplitMode::Balanced { target_ctas: gpu.info().sm_count as usize }
+}
+
+/// Sequence lengths for a sweep point: `base` for most sequences, with some variation and zero-length sequences when
+/// `varlen`.
+fn lens(batch: usize, base: i32, varlen: bool, seed: u64) -> Vec<i32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..batch)
+        .map(|b| {
+            if !varlen {
+                base
+            } else if b % 5 == 1 {
+                0
+            } else {
+                rng.random_range(1..=base.max(1) * 2)
+            }
+        })
+        .collect()
+}
+
+fn backends(gpu: &Gpu) -> Vec<Backend> {
+    let mut v = vec![Backend::Portable];
+    if gpu.info().is_hopper() && std::env::var("R1K_MLA_SKIP_SM90").is_err() {
+        v.push(Backend::Hopper);
+        v.push(Backend::HopperWide);
+    }
+    v
+}
+
+fn sweep(gpu: &Gpu, backends: &[Backend]) {
+    // The sweep, sampled so the f64 reference stays affordable (b·h·s_q·s_k ≤ 2^23 per point); the
+    // reference is computed once per point and every backend is compared with it.
+    let mut seed = 100;
+    for &b in &[1usize, 2, 6, 64, 128] {
+        for &s_q in &[1usize, 2, 4] {
+            for &h in &[16usize, 128] {
+                for &s_k in &[1i32, 20, 63, 64, 65, 140, 4096, 16384] {
+                    let work = b * h * s_q * s_k as usize;
+                    if work > (1 << 23) {
+                        continue;
+                    }
+                    for varlen in [false, true] {
+                        if varlen && b == 1 {
+                            continue;
+                        }
+                        seed += 1;
+                        let page = if seed % 3 == 0 { 16 } else { 64 };
+                        let case = make_case(seed, b, s_q, h, page, lens(b, s_k, varlen, seed), true);
+                        let d = upload(gpu, &case, None);
+                        let (want_o, want_l) = reference(&case, &case.cache);
+                        for &backend in backends {
+                            let (o, l) = run_gpu(gpu, &case, &d, sm_mode(gpu), backend, false);
+                            let what = format!("{backend:?} b{b} s_q{s_q} h{h} s_k{s_k} varlen{varlen} page{page}");
+                            check_close(&what, &o, &l, &want_o, &want_l);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_sweep_matches_reference() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla sweep (plain, and sm90 narrow/wide on Hopper)") else {
+        return;
+    };
+    sweep(&gpu, &backends(&gpu));
+}
+
+#[test]
+fn gpu_sm90_wide_kernel_on_narrow_shapes() {
+    // The 64-row kernel on the shapes the narrow kernel normally takes (h·s_q ≤ 32).
+    let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 wide kernel, few rows") else { return };
+    for (i, &(b, s_q, s_k)) in [(2usize, 1usize, 4096i32), (6, 2, 140), (64, 1, 65)].iter().enumerate() {
+        let case = make_case(40 + i as u64, b, s_q, 16, 64, lens(b, s_k, true, 41), true);
+        let d = upload(&gpu, &case, None);
+        let (want_o, want_l) = reference(&case, &case.cache);
+        let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::HopperWide, false);
+        check_close(&format!("wide case {i}"), &o, &l, &want_o, &want_l);
+        let bytes = quantize_kv_cache_fp8(&case.cache).unwrap();
+        let deq = dequantize_kv_cache_fp8(&bytes).unwrap();
+        let d8 = upload(&gpu, &case, Some(&bytes));
+        let (want_o, want_l) = reference(&case, &deq);
+        let (o, l) = run_gpu(&gpu, &case, &d8, sm_mode(&gpu), Backend::HopperWide, true);
+        check_close(&format!("wide fp8 case {i}"), &o, &l, &want_o, &want_l);
+    }
+}
+
+#[test]
+fn gpu_noncausal_and_odd_shapes() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla non-causal / odd heads / odd pages") else { return };
+    for backend in backends(&gpu) {
+        for (i, &(b, s_q, h, page, causal)) in
+            [(3usize, 1usize, 32usize, 64usize, false), (2, 3, 64, 16, false), (4, 2, 16, 64, true)].iter().enumerate()
+        {
+            let case = make_case(7 + i as u64, b, s_q, h, page, lens(b, 300, true, 9), causal);
+            let d = upload(&gpu, &case, None);
+            let (want_o, want_l) = reference(&case, &case.cache);
+            let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), backend, false);
+            check_close(&format!("{backend:?} case {i}"), &o, &l, &want_o, &want_l);
+        }
+    }
+    // Any head count and page size on the plain path.
+    let case = make_case(8, 2, 2, 5, 7, vec![50, 13], true);
+    let d = upload(&gpu, &case, None);
+    let (want_o, want_l) = reference(&case, &case.cache);
+    let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::Portable, false);
+    check_close("plain h5 page7", &o, &l, &want_o, &want_l);
+}
+
+#[test]
+fn gpu_fp8_cache_matches_reference_on_dequantized_cache() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla fp8 kv cache") else { return };
+    for backend in backends(&gpu) {
+        for (i, &(b, s_q, h, s_k, page)) in [
+            (2usize, 1usize, 16usize, 700i32, 64usize),
+            (6, 2, 128, 140, 16),
+            (64, 1, 16, 65, 64),
+            (3, 4, 16, 300, 128),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let case = make_case(30 + i as u64, b, s_q, h, page, lens(b, s_k, true, 31), true);
+            let bytes = quantize_kv_cache_fp8(&case.cache).unwrap();
+            let deq = dequantize_kv_cache_fp8(&bytes).unwrap();
+            let d = upload(&gpu, &case, Some(&bytes));
+            let (want_o, want_l) = reference(&case, &deq);
+            let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), backend, true);
+            check_close(&format!("{backend:?} fp8 case {i}"), &o, &l, &want_o, &want_l);
+            let (o2, l2) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), backend, true);
+            assert!(o == o2 && l.iter().zip(&l2).all(|(a, b)| a.to_bits() == b.to_bits()), "repeat differs");
+        }
+    }
+}
+
+#[test]
+fn gpu_results_are_deterministic_and_batch_invariant() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla determinism / batch invariance") else { return };
+    let mode = SplitMode::BatchInvariant { chunk_blocks: 4 };
+    for backend in backends(&gpu) {
+        let (h, s_q, page) = (16usize, 2usize, 64usize);
+        let big = make_case(50, 6, s_q, h, page, vec![3000, 0, 129, 1, 777, 2048], true);
+        let d = upload(&gpu, &big, None);
+        let (o1, l1) = run_gpu(&gpu, &big, &d, mode, backend, false);
+        let (o2, l2) = run_gpu(&gpu, &big, &d, mode, backend, false);
+        assert_eq!(
+            o1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            o2.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            l1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            l2.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        // Sequence 4 alone: same bits as inside the batch.
+        let b = 4;
+        let mut alone = make_case(51, 1, s_q, h, page, vec![big.seqlens[b]], true);
+        let (per_q, per_o, per_l) = (s_q * h * D_QK, s_q * h * D_V, h * s_q);
+        alone.q = big.q[b * per_q..(b + 1) * per_q].to_vec();
+        // Same keys: copy the sequence's tokens into the fresh cache's layout.
+        for t in 0..big.seqlens[b] as usize {
+            let src = (big.table[b * big.max_blocks + t / page] as usize * page + t % page) * D_QK;
+            let dst = (alone.table[t / page] as usize * page + t % page) * D_QK;
+            let row = big.cache[src..src + D_QK].to_vec();
+            alone.cache[dst..dst + D_QK].copy_from_slice(&row);
+        }
+        let da = upload(&gpu, &alone, None);
+        let (oa, la) = run_gpu(&gpu, &alone, &da, mode, backend, false);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&oa), bits(&o1[b * per_o..(b + 1) * per_o]), "{backend:?}: o differs when batched");
+        assert_eq!(bits(&la), bits(&l1[b * per_l..(b + 1) * per_l]), "{backend:?}: lse differs when batched");
+        let (want_o, want_l) = reference(&big, &big.cache);
+        check_close("batch-invariant mode", &o1, &l1, &want_o, &want_l);
+    }
+}
+
+#[test]
+fn gpu_garbage_table_without_host_copy_never_faults() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla garbage block table") else { return };
+    let mut case = make_case(60, 3, 1, 16, 64, vec![200, 130, 90], false);
+    let (want_o, want_l) = reference(&case, &case.cache);
+    // Corrupt a page of sequence 1 only; the device must skip it (no fault) and the other sequences stay exact.
+    case.table[case.max_blocks + 1] = i32::MAX;
+    let d = upload(&gpu, &case, None);
+    let c = case.cfg;
+    let plan = MlaPlan::balanced(&gpu, &case.seqlens, 64).unwrap();
+    let mut ws = MlaWorkspace::new(&gpu, &plan, &c).unwrap();
+    let mut out = DeviceTensor::<bf16>::zeros(&gpu, &[3, 1, 16, D_V]).unwrap();
+    let mut lse = DeviceTensor::<f32>::zeros(&gpu, &[3, 16, 1]).unwrap();
+    let opts = MlaOptions::default();
+    mla::mla_decode(&gpu, &d.q, &d.cache, &d.table, &d.seqlens, &plan, &c, &mut out, &mut lse, &mut ws, &opts).unwrap();
+    gpu.synchronize().expect("no device fault");
+    let o: Vec<f32> = out.to_host(&gpu).unwrap().iter().map(|x| x.to_f32()).collect();
+    let l = lse.to_host(&gpu).unwrap();
+    let (po, pl) = (16 * D_V, 16);
+    check_close("seq 0", &o[..po], &l[..pl], &want_o[..po], &want_l[..pl]);
+    check_close("seq 2", &o[2 * po..], &l[2 * pl..], &want_o[2 * po..], &want_l[2 * pl..]);
+    // With the host copy the same table is an error.
+    let opts = MlaOptions { block_table_host: Some(&case.table), ..Default::default() };
+    let r = mla::mla_decode(&gpu, &d.q, &d.cache, &d.table, &d.seqlens, &plan, &c, &mut out, &mut lse, &mut ws, &opts);
+    assert!(matches!(r, Err(Error::IndexOutOfRange { arg: "block_table", .. })), "{r:?}");
+}
+
+#[test]
+fn gpu_bad_inputs_are_errors() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla bad inputs") else { return };
+    let case = make_case(70, 2, 1, 16, 64, vec![100, 5], false);
+    let d = upload(&gpu, &case, None);
+    let c = case.cfg;
+    let plan = MlaPlan::balanced(&gpu, &case.seqlens, 64).unwrap();
+    let mut ws = MlaWorkspace::new(&gpu, &plan, &c).unwrap();
+    let mut out = DeviceTensor::<bf16>::zeros(&gpu, &[2, 1, 16, D_V]).unwrap();
+    let mut lse = DeviceTensor::<f32>::zeros(&gpu, &[2, 16, 1]).unwrap();
+    let opts = MlaOptions { block_table_host: Some(&case.table), ..Default::default() };
+    let mut run = |cfg: &MlaConfig, plan: &MlaPlan, ws: &mut MlaWorkspace| {
+        mla::mla_decode(&gpu, &d.q, &d.cache, &d.table, &d.seqlens, plan, cfg, &mut out, &mut lse, ws, &opts)
+    };
+    assert!(run(&c, &plan, &mut ws).is_ok());
+    for s in [f32::NAN, f32::INFINITY, 0.0] {
+        assert!(matches!(run(&MlaConfig { softmax_scale: s, ..c }, &plan, &mut ws), Err(Error::InvalidConfig(_))));
+    }
+    assert!(matches!(run(&MlaConfig { heads: 32, ..c }, &plan, &mut ws), Err(Error::Shape { .. })));
+    assert!(matches!(run(&MlaConfig { s_q: 2, ..c }, &plan, &mut ws), Err(Error::Shape { .. })));
+    assert!(matches!(run(&MlaConfig { page_size: 16, ..c }, &plan, &mut ws), Err(Error::Shape { .. })));
+    // Plan for other lengths: seqlen beyond the table's capacity.
+    let long = MlaPlan::balanced(&gpu, &[100, 10_000], 64).unwrap();
+    let mut ws_long = MlaWorkspace::new(&gpu, &long, &c).unwrap();
+    assert!(run(&c, &long, &mut ws_long).is_err());
+    // Plan for another batch size / a workspace that is too small.
+    let other = MlaPlan::balanced(&gpu, &[100], 64).unwrap();
+    assert!(run(&c, &other, &mut ws).is_err());
+    let mut tiny = MlaWorkspace::with_capacity(&gpu, 1, 16).unwrap();
+    assert!(run(&c, &plan, &mut tiny).is_err());
+    // Wrong cache width for the FP8 entry point.
+    let fake = DeviceTensor::<u8>::zeros(&gpu, &[case.num_blocks, 64, FP8_TOKEN_BYTES - 16]).unwrap();
+    let r = mla::mla_decode_fp8(&gpu, &d.q, &fake, &d.table, &d.seqlens, &plan, &c, &mut out, &mut lse, &mut ws, &opts);
+    assert!(matches!(r, Err(Error::Shape { .. })));
+}
+
+#[test]
+fn gpu_empty_batch_and_all_zero_lengths() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla empty batch") else { return };
+    for backend in backends(&gpu) {
+        let case = make_case(80, 3, 2, 16, 64, vec![0, 0, 0], true);
+        let d = upload(&gpu, &case, None);
+        let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), backend, false);
+        assert!(o.iter().all(|&x| x == 0.0));
+        assert!(l.iter().all(|&x| x == f32::INFINITY));
+    }
+    let case = make_case(81, 0, 1, 16, 64, vec![], false);
+    let d = upload(&gpu, &case, None);
+    let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::Portable, false);
+    assert!(o.is_empty() && l.is_empty());
+}
+
+#[test]
+fn cpu_reference_sweep_consistency() {
+    // CPU-only: the reference over a small varlen causal batch equals per-sequence runs (threading in `reference`
+    // is a pure partition) and the FP8 reference path round-trips through the byte format.
+    let case = make_case(90, 5, 2, 4, 16, vec![33, 0, 1, 64, 17], true);
+    let (o, l) = reference(&case, &case.cache);
+    let (o1, l1) = ref_decode(&case.q, &case.cache, &case.table, &case.seqlens, &case.cfg).unwrap();
+    assert_eq!(o, o1);
+    assert_eq!(l, l1);
+    assert!(o.iter().all(|x| x.is_finite()));
+    let bytes = quantize_kv_cache_fp8(&case.cache).unwrap();
+    assert_eq!(bytes.len(), case.num_blocks * case.cfg.page_size * FP8_TOKEN_BYTES);
+    let deq = dequantize_kv_cache_fp8(&bytes).unwrap();
+    let (o8, _) = reference(&case, &deq);
+    for (a, b) in o8.iter().zip(&o) {
+        assert!((a - b).abs() < 0.05, "{a} vs {b}");
+    }
+}
+
+// ---- sm_90a primitive probes: each checks one building block of the fast kernel in isolation. ----
+
+fn random_bf16_bits(n: usize, rng: &mut StdRng, scale: f32) -> Vec<bf16> {
+    (0..n).map(|_| bf16::from_f32(rng.random_range(-scale..scale))).collect()
+}
+
+#[test]
+fn gpu_sm90_primitive_tma_tile_load() {
+    let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: TMA tile load (128B swizzle)") else { return };
+    let mut rng = StdRng::seed_from_u64(200);
+    for &(page, ref table, t0, tok_end) in &[
+        (64usize, vec![3i32, 1], 0usize, 64usize),
+        (64, vec![3, 1], 64, 100), // tail rows past the piece are zeroed
+        (32, vec![2, 0, 5], 0, 64),
+        (16, vec![4, 1, i32::MAX, 0, 2], 0, 70), // a bad page in the middle of the tile
+        (128, vec![1, 2], 64, 128),              // second half of a 128-token page
+    ] {
+        let num_blocks = 6usize;
+        let cache = random_bf16_bits(num_blocks * page * D_QK, &mut rng, 4.0);
+        let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
+        let dt = DeviceTensor::from_host(&gpu, table, &[table.len()]).unwrap();
+        let got = mla::sm90::probe_tile_load(&gpu, &dc, &dt, t0, tok_end).unwrap();
+        let bits: Vec<u16> = cache.iter().map(|x| x.to_bits()).collect();
+        let want = mla::sm90::tile_image(&bits, table, page, t0, tok_end);
+        assert!(got == want, "page {page} t0 {t0} tok_end {tok_end}: stage image differs");
+    }
+}
+
+#[test]
+fn gpu_sm90_primitive_wgmma_qk_and_pv() {
+    let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: bf16 wgmma QK^T (K-major) and PV (MN-major)")
+    else {
+        return;
+    };
+    let mut rng = StdRng::seed_from_u64(201);
+    for page in [64usize, 16] {
+        let num_blocks = 64 / page + 2;
+        let q = random_bf16_bits(64 * D_QK, &mut rng, 1.0);
+        let cache = random_bf16_bits(num_blocks * page * D_QK, &mut rng, 1.0);
+        let table: Vec<i32> = (0..(64 / page) as i32).rev().collect();
+        let dq = DeviceTensor::from_host(&gpu, &q, &[64, D_QK]).unwrap();
+        let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
+        let dt = DeviceTensor::from_host(&gpu, &table, &[table.len()]).unwrap();
+        let (s, o) = mla::sm90::probe_wgmma(&gpu, &dq, &dc, &dt).unwrap();
+        let key = |t: usize| {
+            let off = (table[t / page] as usize * page + t % page) * D_QK;
+            &cache[off..off + D_QK]
+        };
+        for r in 0..64 {
+            for t in 0..64 {
+                let want: f64 = (0..D_QK).map(|d| q[r * D_QK + d].to_f64() * key(t)[d].to_f64()).sum();
+                let got = s[r * 64 + t] as f64;
+                assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "S[{r},{t}] page {page}: {got} vs {want}");
+            }
+            for n in 0..D_V {
+                let want: f64 = (0..64).map(|t| bf16::from_f32(s[r * 64 + t]).to_f64() * key(t)[n].to_f64()).sum();
+                let got = o[r * D_V + n] as f64;
+                assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "O[{r},{n}] page {page}: {got} vs {want}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_sm90_primitive_online_softmax_merge() {
+    let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: online softmax merge") else { return };
+    let mut rng = StdRng::seed_from_u64(202);
+    let mut s: Vec<f32> = (0..64 * 128).map(|_| rng.random_range(-8.0f32..8.0)).collect();
+    for r in 0..64 {
+        if r % 7 == 0 {
+            s[r * 128 + 64..(r + 1) * 128].fill(f32::NEG_INFINITY); // second tile fully masked
+        }
+        if r % 11 == 5 {
+            s[r * 128..r * 128 + 64].fill(f32::NEG_INFINITY); // first tile fully masked
+        }
+        if r == 63 {
+            s[r * 128..(r + 1) * 128].fill(f32::NEG_INFINITY); // nothing visible
+        }
+    }
+    let (m, l, alpha, p) = mla::sm90::probe_softmax(&gpu, &s).unwrap();
+    for r in 0..64 {
+        let row = &s[r * 128..(r + 1) * 128];
+        let m1 = row[..64].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mt = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(m[r], mt, "row {r} max");
+        if mt == f32::NEG_INFINITY {
+            assert_eq!(l[r], 0.0);
+            assert!(p[r * 64..(r + 1) * 64].iter().all(|&x| x == 0.0));
+            continue;
+        }
+        let lt: f64 = row.iter().map(|&x| ((x - mt) as f64).exp2()).sum();
+        assert!(((l[r] as f64) - lt).abs() < 1e-5 * lt, "row {r}: l {} vs {lt}", l[r]);
+        let want_alpha = if m1 == f32::NEG_INFINITY { 0.0 } else { ((m1 - mt) as f64).exp2() };
+        assert!((alpha[r] as f64 - want_alpha).abs() < 1e-6, "row {r}: alpha {} vs {want_alpha}", alpha[r]);
+        for c in 0..64 {
+            let want = bf16::from_f32(((row[64 + c] - mt) as f64).exp2() as f32).to_f32();
+            assert!((p[r * 64 + c] - want).abs() <= want * 2f32.powi(-7), "P[{r},{c}]");
+        }
+    }
+}
