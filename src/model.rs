@@ -203,6 +203,27 @@ impl DeepSeekV3Config {
         }
     }
 
+    /// Small dimensions that every GPU kernel of the decode step accepts (hidden and intermediate multiples of 128,
+    /// 16 heads, the real 576-wide MLA latent), for tests and the example's short mode.
+    pub fn small() -> Self {
+        DeepSeekV3Config {
+            hidden: 512,
+            num_layers: 4,
+            num_heads: 16,
+            q_lora_rank: 256,
+            moe_intermediate: 256,
+            n_routed_experts: 16,
+            n_shared_experts: 1,
+            top_k: 4,
+            n_group: 4,
+            topk_group: 2,
+            first_k_dense: 1,
+            dense_intermediate: 512,
+            vocab_size: 1024,
+            ..Self::deepseek_v3()
+        }
+    }
+
     /// Checks the relations the layer relies on (non-zero dimensions, routing parameters that can be satisfied).
     pub fn validate(&self) -> Result<()> {
         let dims = [

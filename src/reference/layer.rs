@@ -97,7 +97,11 @@ fn fuse_experts(ffns: Vec<FfnWeights>, hidden: usize, intermediate: usize) -> Re
             ("down_proj", &f.down_proj, hidden, intermediate),
         ] {
             if (lin.n, lin.k) != (n, k) {
-                return Err(Error::shape("expert", format!("{name} of expert {i}: [{n}, {k}]"), format!("[{}, {}]", lin.n, lin.k)));
+                return Err(Error::shape(
+                    "expert",
+                    format!("{name} of expert {i}: [{n}, {k}]"),
+                    format!("[{}, {}]", lin.n, lin.k),
+                ));
             }
         }
         let FfnWeights { gate_proj, up_proj, down_proj } = f;
@@ -134,7 +138,7 @@ impl PreparedLayer {
         let experts = fuse_experts(moe_w.experts, cfg.hidden, cfg.moe_intermediate)?;
         let shared = fuse_experts(vec![moe_w.shared_experts], cfg.hidden, cfg.shared_intermediate())?;
         Ok(PreparedLayer {
-            cfg: *cfg,
+            cfg: cfg.clone(),
             input_layernorm,
             attn: self_attn,
             kv_b_bf16,
@@ -234,7 +238,16 @@ pub fn decode_layer(layer: &PreparedLayer, x: &[f32], kv_cache: &mut [f32], step
     round_bf16(&mut q);
     round_bf16(&mut kv);
     let seq_ids: Vec<i32> = (0..b as i32).collect();
-    decode_ops::cache_append(kv_cache, &kv, width, step.page_size, step.block_table, step.max_blocks, &seq_ids, &positions)?;
+    decode_ops::cache_append(
+        kv_cache,
+        &kv,
+        width,
+        step.page_size,
+        step.block_table,
+        step.max_blocks,
+        &seq_ids,
+        &positions,
+    )?;
 
     // Absorb W_UK: q_mla[:, h, :512] = q_nope[:, h] · W_UK_h, q_mla[:, h, 512:] = q_rope.
     let kv_b = bf16_to_f32(&layer.kv_b_bf16);

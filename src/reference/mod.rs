@@ -2,6 +2,7 @@
 
 pub mod decode_ops;
 pub mod gemm;
-pub mod moe;
+pub mod layer;
 pub mod mla;
+pub mod moe;
 pub mod quant;
