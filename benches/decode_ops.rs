@@ -31,7 +31,7 @@ fn bench_decode_ops(c: &mut Criterion) {
         let x = DeviceTensor::from_host(&gpu, &filled(t * heads * nope), &[t, heads, nope]).expect("upload");
         let w = DeviceTensor::from_host(&gpu, &filled(heads * 256 * latent), &[heads * 256, latent]).expect("upload");
         let mut out = DeviceTensor::<bf16>::zeros(&gpu, &[t, heads, latent]).expect("alloc");
-        let strides = HeadWeightStrides { head: 256 * latent, i: latent, j: 1 };
+        let strides = HeadWeightStrides { offset: 0, head: 256 * latent, i: latent, j: 1 };
         group.throughput(Throughput::Elements((2 * t * heads * nope * latent) as u64));
         group.bench_with_input(BenchmarkId::new("absorb_w_uk_flops", t), &(), |b, _| {
             b.iter_custom(|iters| {

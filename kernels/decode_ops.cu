@@ -7,7 +7,7 @@
 // copy_columns_bf16 / add_bf16: plumbing for the decode layer (q_pe into the MLA query, residual adds).
 // rope_bf16_inplace: one thread per (row, head, pair); angle = float(pos) · inv_freq[i] in fp32 (the Rust
 //   reference makes the same f32 product), sincosf (full precision). Bytes: 4 per pair read + written.
-// head_bmm_bf16: out[t, h, j] = Σ_i x[t, h, i] · w[h·ws_h + i·ws_i + j·ws_j], fp32 accumulate, bf16 out. One CTA per
+// head_bmm_bf16: out[t, h, j] = Σ_i x[t, h, i] · w[off + h·ws_h + i·ws_i + j·ws_j], fp32 accumulate, bf16 out. One CTA per
 //   (head, 16-token tile, 128-column tile); the 16 x rows of the head are staged in smem; each thread owns one
 //   column j and walks i in order (deterministic). Flops: 2·t·h·k·n. SIMT: this is the W_UK/W_UV absorption, a small
 //   share of a decode step.
@@ -110,7 +110,7 @@ extern "C" __global__ void __launch_bounds__(128) head_bmm_bf16(const __nv_bfloa
                                                                void* __restrict__ out, int t, int heads, int k,
                                                                int n, long long ws_h, long long ws_i, long long ws_j,
                                                                int x_len, int x_col, int out_len, int out_col,
-                                                               int out_f32) {
+                                                               int out_f32, long long w_offset) {
     extern __shared__ float xs[];  // [kBmmTokens][k]
     const int h = blockIdx.z;
     const int t0 = blockIdx.y * kBmmTokens;
@@ -125,7 +125,7 @@ extern "C" __global__ void __launch_bounds__(128) head_bmm_bf16(const __nv_bfloa
     float acc[kBmmTokens];
 #pragma unroll
     for (int tt = 0; tt < kBmmTokens; ++tt) acc[tt] = 0.0f;
-    const __nv_bfloat16* wp = w + h * ws_h + j * ws_j;
+    const __nv_bfloat16* wp = w + w_offset + h * ws_h + j * ws_j;
     for (int i = 0; i < k; ++i) {
         const float wv = __bfloat162float(wp[i * ws_i]);
 #pragma unroll

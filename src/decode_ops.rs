@@ -253,6 +253,8 @@ pub fn rope_inplace(
 /// Strides of the per-head weight in [`head_bmm`], in elements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeadWeightStrides {
+    /// Index of element (0, 0, 0) (e.g. W_UV starts `nope` rows into each head's block of kv_b_proj).
+    pub offset: usize,
     /// Between heads.
     pub head: usize,
     /// Along the reduction dimension.
@@ -287,7 +289,7 @@ pub struct Columns {
     pub len: usize,
 }
 
-/// `out[t, h, out.col + j] = Σ_i x[t, h, x.col + i] · w[h·s.head + i·s.i + j·s.j]` for `i < x_cols.len`,
+/// `out[t, h, out.col + j] = Σ_i x[t, h, x.col + i] · w[s.offset + h·s.head + i·s.i + j·s.j]` for `i < x_cols.len`,
 /// `j < out_cols.len`; fp32 accumulation, bf16 out. `x` is [t, heads, x_len] and `out` [t, heads, out_len]; columns
 /// outside `out_cols` are not touched. With whole-row windows this is a plain per-head batched matmul.
 pub fn head_bmm_windows<O: BmmOutput>(
@@ -314,6 +316,7 @@ pub fn head_bmm_windows<O: BmmOutput>(
     if heads > 0 && k > 0 && n > 0 {
         let last = (heads - 1)
             .checked_mul(strides.head)
+            .and_then(|a| a.checked_add(strides.offset))
             .and_then(|a| (k - 1).checked_mul(strides.i).and_then(|b| a.checked_add(b)))
             .and_then(|a| (n - 1).checked_mul(strides.j).and_then(|b| a.checked_add(b)))
             .ok_or_else(|| Error::shape("w", "strides whose extent fits in usize", format!("{strides:?}")))?;
@@ -324,7 +327,7 @@ pub fn head_bmm_windows<O: BmmOutput>(
     let smem = 16 * k * 4;
     let smem_u32 = u32::try_from(smem).map_err(|_| Error::shape("x", "a smaller k", k))?;
     let (ti, hi, ki, ni) = (to_i32("t", t)?, to_i32("heads", heads)?, to_i32("k", k)?, to_i32("n", n)?);
-    let (sh, si, sj) = (strides.head as i64, strides.i as i64, strides.j as i64);
+    let (sh, si, sj, so) = (strides.head as i64, strides.i as i64, strides.j as i64, strides.offset as i64);
     let windows =
         (to_i32("x", x_len)?, to_i32("x_col", x_cols.col)?, to_i32("out", out_len)?, to_i32("out_col", out_cols.col)?);
     if t == 0 || heads == 0 || n == 0 {
@@ -345,14 +348,14 @@ pub fn head_bmm_windows<O: BmmOutput>(
     let (xv, wv, mut ov) = (x.view(), w.view(), out.view_mut());
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&xv).arg(&wv).arg(&mut ov).arg(&ti).arg(&hi).arg(&ki).arg(&ni).arg(&sh).arg(&si).arg(&sj);
-    launch.arg(&windows.0).arg(&windows.1).arg(&windows.2).arg(&windows.3).arg(&O::F32_FLAG);
+    launch.arg(&windows.0).arg(&windows.1).arg(&windows.2).arg(&windows.3).arg(&O::F32_FLAG).arg(&so);
     // SAFETY: x and out windows lie inside their rows and the largest weight index is below w.numel() (checked);
     // the grid covers exactly the output window and threads past n or t return.
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
 
-/// `out[t, h, j] = Σ_i x[t, h, i] · w[h·s.head + i·s.i + j·s.j]` with `x` [t, heads, k], `out` [t, heads, n].
+/// `out[t, h, j] = Σ_i x[t, h, i] · w[s.offset + h·s.head + i·s.i + j·s.j]` with `x` [t, heads, k], `out` [t, heads, n].
 pub fn head_bmm<O: BmmOutput>(
     gpu: &Gpu,
     x: &DeviceTensor<bf16>,

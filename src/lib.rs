@@ -17,6 +17,7 @@ pub mod error;
 pub mod fp8;
 pub mod gemm;
 pub mod kernels;
+pub mod layer;
 pub mod mla;
 pub mod model;
 pub mod moe;

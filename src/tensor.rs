@@ -151,6 +151,16 @@ impl<T: DeviceRepr> DeviceTensor<T> {
             .map_err(|_| Error::shape(arg, format!("a rank-{N} tensor"), format!("{:?}", self.shape)))
     }
 
+    /// Changes the shape in place (same element count), e.g. to view a GEMM's [m, h·d] output as [m, h, d].
+    pub fn set_shape(&mut self, shape: &[usize]) -> Result<()> {
+        let n = numel(shape)?;
+        if n != self.numel {
+            return Err(Error::shape("set_shape", format!("{} elements", self.numel), format!("{shape:?}")));
+        }
+        self.shape = shape.to_vec();
+        Ok(())
+    }
+
     /// Reinterprets with a new shape of the same element count.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
         let n = numel(shape)?;

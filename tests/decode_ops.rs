@@ -86,7 +86,7 @@ fn head_bmm_absorbs_w_uk_and_applies_w_uv() {
     for &t in &[1usize, 17, 64] {
         let q_nope = random(t * heads * nope, 10 + t as u64, 1.0);
         // Absorb: q_lat[t,h,c] = Σ_d q_nope[t,h,d] · W_UK_h[d, c]
-        let uk = HeadWeightStrides { head: (nope + v) * latent, i: latent, j: 1 };
+        let uk = HeadWeightStrides { offset: 0, head: (nope + v) * latent, i: latent, j: 1 };
         let reference =
             reference::head_bmm(&to_f32(&q_nope), &to_f32(&w), t, heads, nope, latent, uk.head, uk.i, uk.j).unwrap();
         let xd = DeviceTensor::from_host(&gpu, &q_nope, &[t, heads, nope]).unwrap();
@@ -97,7 +97,7 @@ fn head_bmm_absorbs_w_uk_and_applies_w_uv() {
         // W_UV: o[t,h,d] = Σ_c o_lat[t,h,c] · W_UV_h[d, c], W_UV_h starting at row h·256 + 128.
         let o_lat = random(t * heads * latent, 20 + t as u64, 1.0);
         let w_uv = &w[nope * latent..];
-        let uv = HeadWeightStrides { head: (nope + v) * latent, i: 1, j: latent };
+        let uv = HeadWeightStrides { offset: 0, head: (nope + v) * latent, i: 1, j: latent };
         let reference =
             reference::head_bmm(&to_f32(&o_lat), &to_f32(w_uv), t, heads, latent, v, uv.head, uv.i, uv.j).unwrap();
         let wuv = DeviceTensor::from_host(&gpu, w_uv, &[w_uv.len()]).unwrap();
@@ -109,7 +109,7 @@ fn head_bmm_absorbs_w_uk_and_applies_w_uv() {
     // A stride that would read past the weight is rejected before launch.
     let xd = DeviceTensor::from_host(&gpu, &random(2 * heads * nope, 1, 1.0), &[2, heads, nope]).unwrap();
     let mut out = DeviceTensor::<bf16>::zeros(&gpu, &[2, heads, latent]).unwrap();
-    let too_far = HeadWeightStrides { head: (nope + v) * latent + 1, i: latent, j: 1 };
+    let too_far = HeadWeightStrides { offset: 0, head: (nope + v) * latent + 1, i: latent, j: 1 };
     assert!(matches!(decode_ops::head_bmm(&gpu, &xd, &wd, too_far, &mut out), Err(Error::Shape { .. })));
 }
 
@@ -199,7 +199,7 @@ fn fused_add_norm_prefix_norm_and_column_copies() {
     // Windowed bmm: absorb q_nope (first 128 of each 192) into the first 512 of the 576-wide query.
     let w = random(heads * 256 * 512, 37, 0.05);
     let wdev = DeviceTensor::from_host(&gpu, &w, &[heads * 256, 512]).unwrap();
-    let uk = HeadWeightStrides { head: 256 * 512, i: 512, j: 1 };
+    let uk = HeadWeightStrides { offset: 0, head: 256 * 512, i: 512, j: 1 };
     let q_nope: Vec<f32> = (0..t * heads).flat_map(|row| to_f32(&q[row * 192..row * 192 + 128])).collect();
     let reference = reference::head_bmm(&q_nope, &to_f32(&w), t, heads, 128, 512, uk.head, uk.i, uk.j).unwrap();
     decode_ops::head_bmm_windows(
@@ -229,7 +229,7 @@ fn head_bmm_with_f32_output_computes_router_logits() {
     let (t, hidden, experts) = (5usize, 7168usize, 256usize);
     let x = random(t * hidden, 41, 1.0);
     let w = random(experts * hidden, 42, 0.02);
-    let strides = HeadWeightStrides { head: 0, i: 1, j: hidden };
+    let strides = HeadWeightStrides { offset: 0, head: 0, i: 1, j: hidden };
     let reference = reference::head_bmm(&to_f32(&x), &to_f32(&w), t, 1, hidden, experts, 0, 1, hidden).unwrap();
     let xd = DeviceTensor::from_host(&gpu, &x, &[t, 1, hidden]).unwrap();
     let wd = DeviceTensor::from_host(&gpu, &w, &[experts, hidden]).unwrap();

@@ -1,0 +1,392 @@
+//! One DeepSeek-V3 MoE layer's decode step on the GPU, chaining the crate's kernels in the order of
+//! [`crate::reference::layer`] (which documents the math). No host synchronization inside [`DecodeLayer::forward`];
+//! the MLA split plan is built on the host from host-visible sequence lengths, as an engine knows them.
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaEvent;
+use half::bf16;
+
+use crate::decode_ops::{self, Columns, HeadWeightStrides, RopeSlices, RopeTables};
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::fp8::E4M3;
+use crate::gemm::{self, GemmOptions};
+use crate::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace};
+use crate::model::{DeepSeekV3Config, Fp8Linear};
+use crate::moe::{self, ExpertWeights, MoeWorkspace, Routing};
+use crate::quant::{self, activation_scale_shape};
+use crate::reference::layer::{rope_config, router_config, PreparedLayer};
+use crate::reference::mla::MlaConfig;
+use crate::reference::moe::{Layout, RouterConfig};
+use crate::reference::quant::ScaleFormat;
+use crate::tensor::DeviceTensor;
+
+/// An FP8 linear layer on the device.
+pub struct DeviceLinear {
+    /// Codes `[n, k]`.
+    pub weight: DeviceTensor<E4M3>,
+    /// Block scales `[ceil(n/128), ceil(k/128)]`.
+    pub scales: DeviceTensor<f32>,
+}
+
+impl DeviceLinear {
+    /// Uploads `lin`.
+    pub fn upload(gpu: &Gpu, lin: &Fp8Linear) -> Result<Self> {
+        Ok(DeviceLinear {
+            weight: DeviceTensor::from_host(gpu, &lin.weight, &[lin.n, lin.k])?,
+            scales: DeviceTensor::from_host(gpu, &lin.weight_scale_inv, &[lin.n.div_ceil(128), lin.k.div_ceil(128)])?,
+        })
+    }
+    /// Output features.
+    pub fn n(&self) -> usize {
+        self.weight.shape()[0]
+    }
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.weight.shape()[1]
+    }
+}
+
+/// A layer's weights on the device.
+pub struct DecodeLayer {
+    cfg: DeepSeekV3Config,
+    router: RouterConfig,
+    input_layernorm: DeviceTensor<bf16>,
+    q_a: DeviceLinear,
+    q_a_layernorm: DeviceTensor<bf16>,
+    q_b: DeviceLinear,
+    kv_a: DeviceLinear,
+    kv_a_layernorm: DeviceTensor<bf16>,
+    kv_b: DeviceTensor<bf16>,
+    o_proj: DeviceLinear,
+    post_attention_layernorm: DeviceTensor<bf16>,
+    gate_weight: DeviceTensor<bf16>,
+    bias: DeviceTensor<f32>,
+    experts: ExpertWeights,
+    shared: ExpertWeights,
+    rope: RopeTables,
+    /// Kernel choices (defaults: automatic GEMM choice, portable MLA until the sm_90a path is verified on a device).
+    pub options: LayerOptions,
+}
+
+/// Kernel choices of a decode step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LayerOptions {
+    /// Dense FP8 GEMMs.
+    pub gemm: GemmOptions,
+    /// MLA decode kernel.
+    pub mla_backend: Backend,
+}
+
+/// Preallocated activations of a decode step for a fixed batch size.
+pub struct DecodeWorkspace {
+    batch: usize,
+    xn: DeviceTensor<bf16>,
+    xq: DeviceTensor<E4M3>,
+    xs: DeviceTensor<f32>,
+    q_a: DeviceTensor<bf16>,
+    q_an: DeviceTensor<bf16>,
+    q_aq: DeviceTensor<E4M3>,
+    q_as: DeviceTensor<f32>,
+    q: DeviceTensor<bf16>,
+    kv: DeviceTensor<bf16>,
+    q_mla: DeviceTensor<bf16>,
+    o_latent: DeviceTensor<bf16>,
+    lse: DeviceTensor<f32>,
+    o: DeviceTensor<bf16>,
+    oq: DeviceTensor<E4M3>,
+    os: DeviceTensor<f32>,
+    attn: DeviceTensor<bf16>,
+    h: DeviceTensor<bf16>,
+    hn: DeviceTensor<bf16>,
+    moe_out: DeviceTensor<bf16>,
+    moe: MoeWorkspace,
+    seq_ids: DeviceTensor<i32>,
+}
+
+/// Per-sequence state of one step: the device copies plus the host copies the plan and validation need.
+pub struct DecodeBatch<'a> {
+    /// `[batch, max_blocks]` page ids on the device.
+    pub block_table: &'a DeviceTensor<i32>,
+    /// Host copy of the block table (validated before launch).
+    pub block_table_host: &'a [i32],
+    /// `[batch]` context lengths including the new token, on the device.
+    pub seqlens: &'a DeviceTensor<i32>,
+    /// Host copy of `seqlens`.
+    pub seqlens_host: &'a [i32],
+    /// `[batch]` positions of the new tokens (`seqlens − 1`), on the device.
+    pub positions: &'a DeviceTensor<i32>,
+}
+
+/// GPU time of each stage of a step, in launch order.
+#[derive(Debug, Clone, Default)]
+pub struct StageTimes {
+    /// `(stage, milliseconds)`.
+    pub stages: Vec<(&'static str, f64)>,
+}
+
+struct Marks {
+    events: Vec<(&'static str, CudaEvent)>,
+}
+
+impl Marks {
+    fn new(gpu: &Gpu, enabled: bool) -> Result<Option<Self>> {
+        if !enabled {
+            return Ok(None);
+        }
+        let start = gpu.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        Ok(Some(Marks { events: vec![("start", start)] }))
+    }
+}
+
+fn mark(gpu: &Gpu, marks: &mut Option<Marks>, stage: &'static str) -> Result<()> {
+    if let Some(m) = marks {
+        m.events.push((stage, gpu.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?));
+    }
+    Ok(())
+}
+
+impl DecodeLayer {
+    /// Uploads a prepared layer.
+    pub fn upload(gpu: &Gpu, layer: &PreparedLayer) -> Result<Self> {
+        let cfg = layer.cfg.clone();
+        let up = |v: &[bf16], shape: &[usize]| DeviceTensor::from_host(gpu, v, shape);
+        let a = &layer.attn;
+        Ok(DecodeLayer {
+            router: router_config(&cfg),
+            input_layernorm: up(&layer.input_layernorm, &[cfg.hidden])?,
+            q_a: DeviceLinear::upload(gpu, &a.q_a_proj)?,
+            q_a_layernorm: up(&a.q_a_layernorm, &[cfg.q_lora_rank])?,
+            q_b: DeviceLinear::upload(gpu, &a.q_b_proj)?,
+            kv_a: DeviceLinear::upload(gpu, &a.kv_a_proj_with_mqa)?,
+            kv_a_layernorm: up(&a.kv_a_layernorm, &[cfg.kv_lora_rank])?,
+            kv_b: up(&layer.kv_b_bf16, &[a.kv_b_proj.n, a.kv_b_proj.k])?,
+            o_proj: DeviceLinear::upload(gpu, &a.o_proj)?,
+            post_attention_layernorm: up(&layer.post_attention_layernorm, &[cfg.hidden])?,
+            gate_weight: up(&layer.gate_weight, &[cfg.n_routed_experts, cfg.hidden])?,
+            bias: DeviceTensor::from_host(gpu, &layer.e_score_correction_bias, &[cfg.n_routed_experts])?,
+            experts: ExpertWeights::from_reference(gpu, &layer.experts)?,
+            shared: ExpertWeights::from_reference(gpu, &layer.shared)?,
+            rope: RopeTables::new(gpu, rope_config(&cfg))?,
+            options: LayerOptions::default(),
+            cfg,
+        })
+    }
+
+    /// The dimensions.
+    pub fn config(&self) -> &DeepSeekV3Config {
+        &self.cfg
+    }
+
+    /// Activation buffers for `batch` sequences.
+    pub fn workspace(&self, gpu: &Gpu, batch: usize) -> Result<DecodeWorkspace> {
+        let c = &self.cfg;
+        let (b, heads) = (batch, c.num_heads);
+        let width = c.kv_lora_rank + c.qk_rope_head_dim;
+        let z16 = |shape: &[usize]| DeviceTensor::<bf16>::zeros(gpu, shape);
+        let zq = |shape: &[usize]| DeviceTensor::<E4M3>::zeros(gpu, shape);
+        let zf = |shape: &[usize]| DeviceTensor::<f32>::zeros(gpu, shape);
+        let seq_ids: Vec<i32> = (0..b as i32).collect();
+        Ok(DecodeWorkspace {
+            batch,
+            xn: z16(&[b, c.hidden])?,
+            xq: zq(&[b, c.hidden])?,
+            xs: zf(&activation_scale_shape(b, c.hidden))?,
+            q_a: z16(&[b, c.q_lora_rank])?,
+            q_an: z16(&[b, c.q_lora_rank])?,
+            q_aq: zq(&[b, c.q_lora_rank])?,
+            q_as: zf(&activation_scale_shape(b, c.q_lora_rank))?,
+            q: z16(&[b, heads * c.qk_head_dim()])?,
+            kv: z16(&[b, width])?,
+            q_mla: z16(&[b, 1, heads, width])?,
+            o_latent: z16(&[b, 1, heads, c.kv_lora_rank])?,
+            lse: zf(&[b, heads, 1])?,
+            o: z16(&[b, heads, c.v_head_dim])?,
+            oq: zq(&[b, heads * c.v_head_dim])?,
+            os: zf(&activation_scale_shape(b, heads * c.v_head_dim))?,
+            attn: z16(&[b, c.hidden])?,
+            h: z16(&[b, c.hidden])?,
+            hn: z16(&[b, c.hidden])?,
+            moe_out: z16(&[b, c.hidden])?,
+            moe: MoeWorkspace::new(
+                gpu,
+                &self.router,
+                b,
+                c.hidden,
+                c.moe_intermediate,
+                Some(c.shared_intermediate()),
+                Layout::Contiguous { block_m: moe::GEMM_BLOCK_M },
+            )?,
+            seq_ids: DeviceTensor::from_host(gpu, &seq_ids, &[b])?,
+        })
+    }
+
+    fn linear(
+        &self,
+        gpu: &Gpu,
+        x: &DeviceTensor<bf16>,
+        xq: &mut DeviceTensor<E4M3>,
+        xs: &mut DeviceTensor<f32>,
+        lin: &DeviceLinear,
+        out: &mut DeviceTensor<bf16>,
+    ) -> Result<()> {
+        quant::quantize_activations(gpu, x, xq, xs, ScaleFormat::F32)?;
+        gemm::fp8_gemm(gpu, xq, xs, &lin.weight, &lin.scales, out, &self.options.gemm)
+    }
+
+    /// Runs the step: `x` [b, hidden] → `out` [b, hidden], appending each sequence's kv row to `kv_cache`
+    /// [num_blocks, page, 576]. With `timed`, returns per-stage GPU times (this synchronizes at the end).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        ws: &mut DecodeWorkspace,
+        x: &DeviceTensor<bf16>,
+        kv_cache: &mut DeviceTensor<bf16>,
+        batch: &DecodeBatch,
+        out: &mut DeviceTensor<bf16>,
+        timed: bool,
+    ) -> Result<Option<StageTimes>> {
+        let c = &self.cfg;
+        let b = ws.batch;
+        let (heads, nope, rope_d, v_dim, latent) =
+            (c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
+        let (qk, width) = (nope + rope_d, latent + rope_d);
+        x.expect_shape("x", &[b, c.hidden])?;
+        out.expect_shape("out", &[b, c.hidden])?;
+        let [_, page, cache_width] = kv_cache.dims::<3>("kv_cache")?;
+        if cache_width != width {
+            return Err(Error::shape(
+                "kv_cache",
+                format!("[num_blocks, page, {width}]"),
+                format!("{:?}", kv_cache.shape()),
+            ));
+        }
+        batch.seqlens.expect_shape("seqlens", &[b])?;
+        batch.positions.expect_shape("positions", &[b])?;
+        if batch.seqlens_host.len() != b {
+            return Err(Error::shape("seqlens_host", b, batch.seqlens_host.len()));
+        }
+        if let Some((i, &s)) = batch.seqlens_host.iter().enumerate().find(|(_, &s)| s < 1) {
+            return Err(Error::IndexOutOfRange {
+                arg: "seqlens",
+                position: i,
+                value: s as i64,
+                bound: i32::MAX as i64,
+            });
+        }
+        let mla_cfg =
+            MlaConfig { batch: b, s_q: 1, heads, page_size: page, softmax_scale: c.softmax_scale(), causal: true };
+        let plan = MlaPlan::for_backend(gpu, batch.seqlens_host, &mla_cfg, self.options.mla_backend)?;
+        let mut mla_ws = MlaWorkspace::new(gpu, &plan, &mla_cfg)?;
+        let positions_host: Vec<i32> = batch.seqlens_host.iter().map(|&s| s - 1).collect();
+        let seq_ids_host: Vec<i32> = (0..b as i32).collect();
+        let eps = c.rms_norm_eps;
+        // Views are reshaped below; a call that failed half-way may have left one reshaped.
+        ws.q.set_shape(&[b, heads * qk])?;
+        ws.q_mla.set_shape(&[b, 1, heads, width])?;
+        ws.o_latent.set_shape(&[b, 1, heads, latent])?;
+        ws.o.set_shape(&[b, heads, v_dim])?;
+        let mut marks = Marks::new(gpu, timed)?;
+
+        decode_ops::rms_norm(gpu, x, &self.input_layernorm, &mut ws.xn, eps)?;
+        self.linear(gpu, &ws.xn, &mut ws.xq, &mut ws.xs, &self.q_a, &mut ws.q_a)?;
+        decode_ops::rms_norm(gpu, &ws.q_a, &self.q_a_layernorm, &mut ws.q_an, eps)?;
+        self.linear(gpu, &ws.q_an, &mut ws.q_aq, &mut ws.q_as, &self.q_b, &mut ws.q)?;
+        // xn is still quantized in xq/xs from q_a: kv_a reads the same codes.
+        gemm::fp8_gemm(gpu, &ws.xq, &ws.xs, &self.kv_a.weight, &self.kv_a.scales, &mut ws.kv, &self.options.gemm)?;
+        mark(gpu, &mut marks, "q/kv projections (FP8 GEMM)")?;
+
+        decode_ops::rms_norm_prefix_inplace(gpu, &mut ws.kv, &self.kv_a_layernorm, eps)?;
+        decode_ops::rope_inplace(
+            gpu,
+            &mut ws.q,
+            batch.positions,
+            &self.rope,
+            RopeSlices { count: heads, stride: qk, offset: nope },
+        )?;
+        decode_ops::rope_inplace(
+            gpu,
+            &mut ws.kv,
+            batch.positions,
+            &self.rope,
+            RopeSlices { count: 1, stride: width, offset: latent },
+        )?;
+        decode_ops::cache_append(
+            gpu,
+            &ws.kv,
+            kv_cache,
+            batch.block_table,
+            &ws.seq_ids,
+            batch.positions,
+            Some((batch.block_table_host, &seq_ids_host, &positions_host)),
+        )?;
+        ws.q.set_shape(&[b, heads, qk])?;
+        ws.q_mla.set_shape(&[b, heads, width])?;
+        let uk = HeadWeightStrides { offset: 0, head: (nope + v_dim) * latent, i: latent, j: 1 };
+        decode_ops::head_bmm_windows(
+            gpu,
+            &ws.q,
+            Columns { col: 0, len: nope },
+            &self.kv_b,
+            uk,
+            &mut ws.q_mla,
+            Columns { col: 0, len: latent },
+        )?;
+        decode_ops::copy_columns(gpu, &ws.q, nope, &mut ws.q_mla, latent, rope_d)?;
+        ws.q.set_shape(&[b, heads * qk])?;
+        ws.q_mla.set_shape(&[b, 1, heads, width])?;
+        mark(gpu, &mut marks, "norm + RoPE + cache append + W_UK absorb")?;
+
+        mla::mla_decode(
+            gpu,
+            &ws.q_mla,
+            kv_cache,
+            batch.block_table,
+            batch.seqlens,
+            &plan,
+            &mla_cfg,
+            &mut ws.o_latent,
+            &mut ws.lse,
+            &mut mla_ws,
+            &MlaOptions { block_table_host: Some(batch.block_table_host), backend: self.options.mla_backend },
+        )?;
+        mark(gpu, &mut marks, "MLA decode")?;
+
+        ws.o_latent.set_shape(&[b, heads, latent])?;
+        let uv = HeadWeightStrides { offset: nope * latent, head: (nope + v_dim) * latent, i: 1, j: latent };
+        decode_ops::head_bmm(gpu, &ws.o_latent, &self.kv_b, uv, &mut ws.o)?;
+        ws.o_latent.set_shape(&[b, 1, heads, latent])?;
+        ws.o.set_shape(&[b, heads * v_dim])?;
+        self.linear(gpu, &ws.o, &mut ws.oq, &mut ws.os, &self.o_proj, &mut ws.attn)?;
+        ws.o.set_shape(&[b, heads, v_dim])?;
+        mark(gpu, &mut marks, "W_UV + o_proj (FP8 GEMM)")?;
+
+        decode_ops::add_rms_norm(gpu, &ws.attn, x, &mut ws.h, &self.post_attention_layernorm, &mut ws.hn, eps)?;
+        moe::moe_forward(
+            gpu,
+            &self.router,
+            &self.experts,
+            Some(&self.shared),
+            &ws.hn,
+            Routing::Gate(&self.gate_weight, Some(&self.bias)),
+            &mut ws.moe,
+            &mut ws.moe_out,
+        )?;
+        decode_ops::add(gpu, &ws.h, &ws.moe_out, out)?;
+        mark(gpu, &mut marks, "MoE (router, experts, shared expert, combine)")?;
+
+        let Some(m) = marks else { return Ok(None) };
+        gpu.synchronize()?;
+        let mut stages = Vec::new();
+        for w in m.events.windows(2) {
+            stages.push((w[1].0, w[0].1.elapsed_ms(&w[1].1)? as f64));
+        }
+        Ok(Some(StageTimes { stages }))
+    }
+
+    /// Routing chosen in the last [`Self::forward`] with this workspace: `(topk_ids, topk_weights)` (syncs).
+    pub fn last_routing(&self, gpu: &Gpu, ws: &DecodeWorkspace) -> Result<(Vec<i32>, Vec<f32>)> {
+        Ok((ws.moe.topk_ids.to_host(gpu)?, ws.moe.topk_weights.to_host(gpu)?))
+    }
+}
