@@ -603,15 +603,17 @@ struct NarrowMma<32> {
 };
 
 // Shared memory, bf16 cache: [stage 0 | stage 1 | Q (9 × kN·128 B) | Pᵀ (kN·128 B) | barriers | red];
-// FP8 cache: [Q | latent (single) | RoPE 0 | RoPE 1 | raw 0 | raw 1 | Pᵀ | barriers | red] (as the wide FP8 kernel).
+// FP8 cache: [Q | latent (single) | RoPE × kS | raw × kS | Pᵀ | barriers | red] (as the wide FP8 kernel, with a
+// 3-deep ring when it fits: FP8 tiles are small, so more of them must be in flight to cover HBM latency).
 // red holds 4 warps × kN f32.
 template <int kN, bool kFp8>
 struct NarrowSmem {
-    static constexpr uint32_t kQ = kFp8 ? 0 : kTileBytes * kStages;
+    static constexpr int kS = (kFp8 && kN == 16) ? 3 : 2;  // ring depth (Twin: sm90::narrow_stages)
+    static constexpr uint32_t kQ = kFp8 ? 0 : kTileBytes * kS;
     static constexpr uint32_t kLat = kBlocks * kN * 128;  // FP8 only
     static constexpr uint32_t kRope = kLat + kLatentBytes;
-    static constexpr uint32_t kRaw = kRope + kStages * kBlockBytes;
-    static constexpr uint32_t kP = kFp8 ? kRaw + kStages * kRawBytes : kQ + kBlocks * kN * 128;
+    static constexpr uint32_t kRaw = kRope + kS * kBlockBytes;
+    static constexpr uint32_t kP = kFp8 ? kRaw + kS * kRawBytes : kQ + kBlocks * kN * 128;
     static constexpr uint32_t kBar = kP + kN * 128;
     static constexpr uint32_t kBytes = 1024 + kBar + 64 + 4 * kN * 4;  // Twin: sm90::narrow_smem_bytes
     uint8_t* base;
@@ -624,13 +626,15 @@ struct NarrowSmem {
     __device__ __forceinline__ uint8_t* p() const { return base + kP; }
     __device__ __forceinline__ uint64_t* bars() const { return reinterpret_cast<uint64_t*>(base + kBar); }
     __device__ __forceinline__ uint64_t* full() const { return bars(); }
-    __device__ __forceinline__ uint64_t* empty() const { return bars() + kStages; }
-    __device__ __forceinline__ uint64_t* qbar() const { return bars() + 2 * kStages; }
+    __device__ __forceinline__ uint64_t* empty() const { return bars() + kS; }
+    __device__ __forceinline__ uint64_t* qbar() const { return bars() + 2 * kS; }
     __device__ __forceinline__ float* red() const { return reinterpret_cast<float*>(bars() + 8); }
+    static_assert(2 * kS + 1 <= 8, "barriers fit in 64 bytes");
 };
 static_assert(NarrowSmem<16, false>::kBytes == 169280 && NarrowSmem<32, false>::kBytes == 190016 &&
-                  NarrowSmem<16, true>::kBytes == 171328 && NarrowSmem<32, true>::kBytes == 192064,
+                  NarrowSmem<16, true>::kBytes == 213312 && NarrowSmem<32, true>::kBytes == 192064,
               "keep sm90.rs in sync");
+static_assert(NarrowSmem<16, true>::kBytes <= 232448 && NarrowSmem<32, true>::kBytes <= 232448, "sm_90 smem");
 
 template <int kN, bool kFp8>
 __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc* tmap_kv, const TmaDesc* tmap_scales,
@@ -643,14 +647,16 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
                                             int box_rows, int q_box_rows) {
     constexpr int kC = kN / 8;       // 8-column chunks of the accumulators
     constexpr int kAcc = kN / 2;     // accumulator registers per m64nN tile
-    NarrowSmem<kN, kFp8> sm;
+    using Sm = NarrowSmem<kN, kFp8>;
+    constexpr int kS = Sm::kS;
+    Sm sm;
     {
         const uint32_t addr = smem_u32(smem_raw);
         sm.base = smem_raw + ((1024u - (addr & 1023u)) & 1023u);
     }
     const int tid = threadIdx.x;
     if (tid == 0) {
-        for (int i = 0; i < kStages; ++i) {
+        for (int i = 0; i < kS; ++i) {
             mbar_init(&sm.full()[i], 1);
             mbar_init(&sm.empty()[i], 1);
         }
@@ -698,7 +704,8 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
             mbar_arrive_expect_tx(sm.qbar(), kBlocks * q_box_rows * 128u);
             for (int kb = 0; kb < kBlocks; ++kb)
                 tma_load_2d(sm.q() + kb * kN * 128, tmap_q, kb * 64, b * rows + row0, sm.qbar());
-            if (num_tiles > 0) issue(v, tok_begin, n % 2);
+            // Fill the ring: the first kS − 1 tiles (all stages are free after the barrier above).
+            for (int j = 0; j < kS - 1 && j < num_tiles; ++j) issue(v, tok_begin + j * kTileN, (n + j) % kS);
         }
         // This thread's query rows (columns of Sᵀ / Oᵀ): row0 + 8j + 2·quad + e.
         int limit[kC][2];
@@ -728,13 +735,15 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
         __syncwarp();
 
         for (int i = 0; i < num_tiles; ++i, ++n) {
-            const int s = n % 2;
+            // Tile n sits in stage n % kS, the (n / kS)-th use of that stage; the producer keeps kS − 1 tiles
+            // ahead, refilling the stage of tile n − 1 (released at the end of the previous iteration).
+            const int s = n % kS;
             const int t0 = tok_begin + i * kTileN;
-            if (tid == 0 && i + 1 < num_tiles) {
-                if (i >= 1) mbar_wait(&sm.empty()[(n + 1) % 2], ((n - 1) / 2) & 1);
-                issue(v, t0 + kTileN, (n + 1) % 2);
+            if (tid == 0 && i + kS - 1 < num_tiles) {
+                if (i >= 1) mbar_wait(&sm.empty()[(n - 1) % kS], ((n - 1) / kS) & 1);
+                issue(v, t0 + (kS - 1) * kTileN, (n + kS - 1) % kS);
             }
-            mbar_wait(&sm.full()[s], (n / 2) & 1);
+            mbar_wait(&sm.full()[s], (n / kS) & 1);
             __syncwarp();
             const bool clean = tile_clean(v, box_rows, t0);
             if constexpr (kFp8) {

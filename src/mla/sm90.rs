@@ -32,11 +32,22 @@ pub const RED_BYTES: usize = 2 * 64 * 4;
 pub const XBUF_BYTES: usize = 4 * 4 * 128 * 4;
 /// Dynamic shared memory: 1 KiB alignment slack + Q + 2 stages + barriers + exchange buffers.
 pub const SMEM_BYTES: usize = 1024 + 3 * TILE_BYTES + 64 + RED_BYTES + XBUF_BYTES;
-/// Dynamic shared memory of the narrow kernel with `kn` (16 or 32) query rows per CTA: slack + K storage (bf16: 2
-/// stages; FP8: latent + 2 RoPE blocks + 2 raw stages) + Q (9 × kn·128 B) + Pᵀ (kn·128 B) + barriers + the
-/// column-max exchange (4 warps × kn f32).
+/// Depth of the narrow kernel's TMA ring: 3 for FP8 with 16 rows (small tiles need more in flight; it fits in
+/// shared memory), else 2.
+pub const fn narrow_stages(kn: usize, fp8: bool) -> usize {
+    if fp8 && kn == 16 {
+        3
+    } else {
+        2
+    }
+}
+
+/// Dynamic shared memory of the narrow kernel with `kn` (16 or 32) query rows per CTA: slack + K storage (bf16:
+/// [`narrow_stages`] stages; FP8: latent + that many RoPE blocks and raw stages) + Q (9 × kn·128 B) + Pᵀ (kn·128 B)
+/// + barriers + the column-max exchange (4 warps × kn f32).
 pub const fn narrow_smem_bytes(kn: usize, fp8: bool) -> usize {
-    let k = if fp8 { 8 * BLOCK_BYTES + 2 * BLOCK_BYTES + 2 * FP8_RAW_BYTES } else { 2 * TILE_BYTES };
+    let st = narrow_stages(kn, fp8);
+    let k = if fp8 { 8 * BLOCK_BYTES + st * (BLOCK_BYTES + FP8_RAW_BYTES) } else { st * TILE_BYTES };
     1024 + k + 9 * kn * 128 + kn * 128 + 64 + 4 * kn * 4
 }
 
@@ -566,7 +577,7 @@ mod tests {
     fn narrow_kernel_layouts() {
         assert_eq!(narrow_smem_bytes(16, false), 169_280);
         assert_eq!(narrow_smem_bytes(32, false), 190_016);
-        assert_eq!(narrow_smem_bytes(16, true), 171_328);
+        assert_eq!(narrow_smem_bytes(16, true), 213_312);
         assert_eq!(narrow_smem_bytes(32, true), 192_064);
         assert_eq!(
             (narrow_rows(16, false), narrow_rows(17, false), narrow_rows(33, false)),
