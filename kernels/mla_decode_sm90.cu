@@ -950,6 +950,28 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
         reinterpret_cast<uint4*>(out)[i] = reinterpret_cast<const uint4*>(sm.latent(0))[i];
 }
 
+// FP8 tile load: TMA-loads the raw codes, scales and RoPE of the 64-token tile at t0 through the three FP8 maps,
+// dequantizes it as the FP8 kernels do and copies the resulting bf16 tile (latent blocks 0..7, then the RoPE block;
+// 73,728 bytes, swizzled) to `out`. Expected bytes: sm90::tile_image of the dequantized cache.
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    mla_sm90_probe_fp8_tile_load(const __grid_constant__ TmaDesc tmap_codes, const __grid_constant__ TmaDesc tmap_scales,
+                                 const __grid_constant__ TmaDesc tmap_rope, const int* __restrict__ table_row,
+                                 uint8_t* __restrict__ out, int page, int num_blocks, int box_rows, int t0,
+                                 int tok_end) {
+    const Smem<true> sm = carve<true>(smem_raw);
+    init_barriers(sm);
+    SeqView v{table_row, page, num_blocks, tok_end};
+    if (threadIdx.x == 0)
+        issue_tile_fp8(&tmap_codes, &tmap_scales, &tmap_rope, v, box_rows, t0, sm.raw(0), sm.rope(0), &sm.full[0]);
+    mbar_wait(&sm.full[0], 0);
+    dequant_tile(v, box_rows, t0, sm.raw(0), sm.latent(0), sm.rope(0), threadIdx.x);
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < kTileBytes / 16; i += kThreads) {
+        const uint8_t* src = i < kLatentBytes / 16 ? sm.latent(0) + 16 * i : sm.rope(0) + 16 * i - kLatentBytes;
+        reinterpret_cast<uint4*>(out)[i] = *reinterpret_cast<const uint4*>(src);
+    }
+}
+
 // wgmma: loads Q rows 0..63 of tmap_q and the first 64 tokens of the cache (table pages in order), computes
 // S = Q·Kᵀ (warpgroup g its token half, written to s_out [64, 64] fp32) and O = bf16(S)·V (P halves swapped
 // between the warpgroups as in the decode kernel; written [64, 512] fp32, each warpgroup its 256 columns).

@@ -527,6 +527,28 @@ fn gpu_0_probe_sm90_tma_tile_load() {
 }
 
 #[test]
+fn gpu_0_probe_sm90_fp8_tile_load_and_dequant() {
+    let Some(gpu) = hopper("mla sm90 primitive: FP8 TMA maps + dequantization") else { return };
+    let mut rng = StdRng::seed_from_u64(203);
+    for &(page, ref table, t0, tok_end) in &[
+        (64usize, vec![3i32, 1], 0usize, 64usize),
+        (16, vec![4, 1, i32::MAX, 0, 2], 0, 70),
+        (128, vec![1, 2], 64, 100),
+    ] {
+        let num_blocks = 6usize;
+        let vals: Vec<f32> = (0..num_blocks * page * D_QK).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let bytes = quantize_kv_cache_fp8(&vals).unwrap();
+        let deq: Vec<u16> =
+            dequantize_kv_cache_fp8(&bytes).unwrap().iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+        let dc = DeviceTensor::from_host(&gpu, &bytes, &[num_blocks, page, FP8_TOKEN_BYTES]).unwrap();
+        let dt = DeviceTensor::from_host(&gpu, table, &[table.len()]).unwrap();
+        let got = mla::sm90::probe_fp8_tile_load(&gpu, &dc, &dt, t0, tok_end).unwrap();
+        let want = mla::sm90::tile_image(&deq, table, page, t0, tok_end);
+        assert!(got == want, "page {page} t0 {t0} tok_end {tok_end}: dequantized stage image differs");
+    }
+}
+
+#[test]
 fn gpu_0_probe_sm90_wgmma_qk_and_pv() {
     let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: bf16 wgmma QK^T (K-major) and PV (MN-major)")
     else {

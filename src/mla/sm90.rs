@@ -1,7 +1,7 @@
 //! The sm_90a MLA decode path (kernels/mla_decode_sm90.cu): TMA tile loads into a 2-stage mbarrier ring, bf16
 //! wgmma for QKᵀ and P·V. This module holds the host launcher and the Rust twins of the kernel's address,
 //! descriptor, swizzle and register-fragment formulas, unit-tested on the CPU. The `probe_*` launchers run the
-//! primitive-test kernels (one tile load, one wgmma pair, one online-softmax merge) for the GPU tests.
+//! primitive-test kernels (one tile load, bf16 and FP8; one wgmma pair; one online-softmax merge) for the GPU tests.
 //!
 //! Supported on this path: bf16 and FP8 caches, page sizes 8, 16, 32, 64 or any multiple of 64 ([`box_rows`]).
 
@@ -406,6 +406,48 @@ pub fn probe_tile_load(
             launch.arg(a);
         }
         // SAFETY: one CTA; the table row is read below tok_end / page (checked); the cache through the tensor map;
+        // `out` holds exactly TILE_BYTES.
+        unsafe { launch.launch(cfg) }?;
+    }
+    out.to_host(gpu)
+}
+
+/// Runs the FP8 tile-load probe on an FP8 cache `[num_blocks, page, 656]`: returns the dequantized bf16 tile at
+/// `t0` as the FP8 kernels hold it (compare with [`tile_image`] of the dequantized cache).
+#[doc(hidden)]
+pub fn probe_fp8_tile_load(
+    gpu: &Gpu,
+    kv: &DeviceTensor<u8>,
+    table_row: &DeviceTensor<i32>,
+    t0: usize,
+    tok_end: usize,
+) -> Result<Vec<u8>> {
+    gpu.require_hopper("MLA sm_90a FP8 tile-load probe")?;
+    let [num_blocks, page, width] = kv.dims::<3>("kv_cache")?;
+    if width != FP8_TOKEN_BYTES || num_blocks == 0 {
+        return Err(Error::shape("kv_cache", "[num_blocks ≥ 1, page, 656]", format!("{:?}", kv.shape())));
+    }
+    let box_rows = box_rows(page).ok_or_else(|| unsupported_page(page))?;
+    if tok_end > table_row.numel() * page {
+        return Err(Error::shape("table_row", format!("≥ {} entries", tok_end.div_ceil(page)), table_row.numel()));
+    }
+    let mut out = DeviceTensor::<u8>::zeros(gpu, &[TILE_BYTES])?;
+    let f = gpu.function(MODULE, "mla_sm90_probe_fp8_tile_load", SMEM_BYTES_FP8 as u32)?;
+    let stream = gpu.stream();
+    let kvv = kv.view();
+    let (kv_ptr, _g) = kvv.device_ptr(stream);
+    let maps = encode_fp8_cache(kv_ptr, num_blocks * page, box_rows)?;
+    {
+        let (tv, mut ov) = (table_row.view(), out.view_mut());
+        let args = [page as i32, num_blocks as i32, box_rows as i32, t0 as i32, tok_end as i32];
+        let cfg =
+            LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES_FP8 as u32 };
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&tv).arg(&mut ov);
+        for a in &args {
+            launch.arg(a);
+        }
+        // SAFETY: one CTA; the table row is read below tok_end / page (checked); the cache through the tensor maps;
         // `out` holds exactly TILE_BYTES.
         unsafe { launch.launch(cfg) }?;
     }
