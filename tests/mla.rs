@@ -584,6 +584,38 @@ fn gpu_0_probe_sm90_wgmma_qk_and_pv() {
 }
 
 #[test]
+fn gpu_0_probe_sm90_narrow_wgmma_transposed() {
+    let Some(gpu) = hopper("mla sm90 primitive: narrow wgmma (S^T = K Q^T, O^T = V^T P^T)") else { return };
+    let mut rng = StdRng::seed_from_u64(204);
+    for page in [64usize, 16] {
+        let num_blocks = 64 / page + 2;
+        let q = random_bf16_bits(16 * D_QK, &mut rng, 1.0);
+        let cache = random_bf16_bits(num_blocks * page * D_QK, &mut rng, 1.0);
+        let table: Vec<i32> = (0..(64 / page) as i32).rev().collect();
+        let dq = DeviceTensor::from_host(&gpu, &q, &[16, D_QK]).unwrap();
+        let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
+        let dt = DeviceTensor::from_host(&gpu, &table, &[table.len()]).unwrap();
+        let (s, o) = mla::sm90::probe_narrow_wgmma(&gpu, &dq, &dc, &dt).unwrap();
+        let key = |t: usize| {
+            let off = (table[t / page] as usize * page + t % page) * D_QK;
+            &cache[off..off + D_QK]
+        };
+        for r in 0..16 {
+            for t in 0..64 {
+                let want: f64 = (0..D_QK).map(|d| q[r * D_QK + d].to_f64() * key(t)[d].to_f64()).sum();
+                let got = s[r * 64 + t] as f64;
+                assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "S[{r},{t}] page {page}: {got} vs {want}");
+            }
+            for n in 0..D_V {
+                let want: f64 = (0..64).map(|t| bf16::from_f32(s[r * 64 + t]).to_f64() * key(t)[n].to_f64()).sum();
+                let got = o[r * D_V + n] as f64;
+                assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "O[{r},{n}] page {page}: {got} vs {want}");
+            }
+        }
+    }
+}
+
+#[test]
 fn gpu_0_probe_sm90_online_softmax_merge() {
     let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: online softmax merge") else { return };
     let mut rng = StdRng::seed_from_u64(202);

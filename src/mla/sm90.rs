@@ -498,6 +498,52 @@ pub fn probe_wgmma(
     Ok((s.to_host(gpu)?, o.to_host(gpu)?))
 }
 
+/// Runs the narrow-kernel wgmma probe on Q rows 0..16 of `q` (`[rows ≥ 16, 576]`) and the first 64 tokens of the
+/// sequence with table row `table_row`: returns (S = Q·Kᵀ as [16, 64], O = bf16(S)·V as [16, 512]), computed as
+/// Sᵀ = K·Qᵀ and Oᵀ = Vᵀ·Pᵀ like the narrow kernels.
+#[doc(hidden)]
+pub fn probe_narrow_wgmma(
+    gpu: &Gpu,
+    q: &DeviceTensor<bf16>,
+    kv: &DeviceTensor<bf16>,
+    table_row: &DeviceTensor<i32>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    gpu.require_hopper("MLA sm_90a narrow wgmma probe")?;
+    let [num_blocks, page, width] = kv.dims::<3>("kv_cache")?;
+    let [q_rows, q_width] = q.dims::<2>("q")?;
+    if width != D_QK || q_width != D_QK || num_blocks == 0 || q_rows < 16 {
+        return Err(Error::shape("q / kv_cache", "576 columns, ≥ 16 q rows, ≥ 1 page", format!("{:?}", kv.shape())));
+    }
+    let box_rows = box_rows(page).ok_or_else(|| unsupported_page(page))?;
+    if table_row.numel() * page < TILE_N {
+        return Err(Error::shape("table_row", format!("≥ {} entries", TILE_N.div_ceil(page)), table_row.numel()));
+    }
+    let mut s = DeviceTensor::<f32>::zeros(gpu, &[16, 64])?;
+    let mut o = DeviceTensor::<f32>::zeros(gpu, &[16, 512])?;
+    let smem = narrow_smem_bytes(16, false);
+    let f = gpu.function(MODULE, "mla_sm90_probe_narrow_wgmma", smem as u32)?;
+    let stream = gpu.stream();
+    let (qv, kvv) = (q.view(), kv.view());
+    let (q_ptr, _g1) = qv.device_ptr(stream);
+    let (kv_ptr, _g2) = kvv.device_ptr(stream);
+    let tmap_q = encode_rows_576(q_ptr, q_rows, 16)?;
+    let tmap_kv = encode_rows_576(kv_ptr, num_blocks * page, box_rows)?;
+    {
+        let (tv, mut sv, mut ov) = (table_row.view(), s.view_mut(), o.view_mut());
+        let args = [page as i32, num_blocks as i32, box_rows as i32];
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&tmap_q).arg(&tmap_kv).arg(&tv).arg(&mut sv).arg(&mut ov);
+        for a in &args {
+            launch.arg(a);
+        }
+        // SAFETY: one CTA reading through the tensor maps and 64 / page table entries (checked); writes 16·64 and
+        // 16·512 floats, the sizes of s and o.
+        unsafe { launch.launch(cfg) }?;
+    }
+    Ok((s.to_host(gpu)?, o.to_host(gpu)?))
+}
+
 /// (m, l, alpha, p) from [`probe_softmax`].
 pub type SoftmaxProbe = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
