@@ -38,6 +38,7 @@
 // r1k-sass: mla_decode_sm90_bf16 HGMMA
 // r1k-sass: mla_decode_sm90_fp8 HGMMA
 // r1k-sass: mla_sm90_probe_wgmma HGMMA
+// r1k-sass: mla_sm90_probe_narrow_wgmma HGMMA
 #include <cuda_bf16.h>
 #include <stdint.h>
 
@@ -602,16 +603,71 @@ struct NarrowMma<32> {
     }
 };
 
+// Sᵀ [64 tokens × kN] = K · Qᵀ over 576 columns: A = the K tile (K-major; RoPE block apart), B = Q (kN rows,
+// K-major, 9 blocks of kN·128 B).
+template <int kN>
+__device__ __forceinline__ void narrow_qk(float (&st)[kN / 2], const uint8_t* latent, const uint8_t* rope,
+                                          const uint8_t* q) {
+    const uint32_t la = smem_u32(latent), ra = smem_u32(rope), qa = smem_u32(q);
+    fence_regs(st);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlocks * 4; ++kk) {
+        const uint32_t ka = kk < 32 ? la + (kk / 4) * kBlockBytes + (kk % 4) * 32 : ra + (kk % 4) * 32;
+        const uint32_t qb = qa + (kk / 4) * kN * 128 + (kk % 4) * 32;
+        NarrowMma<kN>::s(st, smem_desc(ka, 16, 1024), smem_desc(qb, 16, 1024), kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_regs(st);
+}
+
+// Pᵀ as a K-major B operand [kN rows × 64 tokens]: element (query row r, token k) at swizzle128(r, 2k) (twin:
+// sm90::narrow_p_offset). Register 4j + 2hh + e of the thread holds (token tr0 + 8hh, row 8j + 2·quad + e).
+template <int kN>
+__device__ __forceinline__ void narrow_store_p(const float (&st)[kN / 2], uint8_t* p, int tr0, int quad) {
+    __nv_bfloat16* pb = reinterpret_cast<__nv_bfloat16*>(p);
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+                pb[swizzle128(8 * j + 2 * quad + e, 2 * (tr0 + 8 * hh)) / 2] = __float2bfloat16_rn(st[4 * j + 2 * hh + e]);
+}
+
+// Oᵀ [512 × kN] += Vᵀ · Pᵀ: 8 column tiles × 4 k-steps; A = Vᵀ read M-major (trans_a) from the latent blocks,
+// B = Pᵀ from shared memory.
+template <int kN>
+__device__ __forceinline__ void narrow_pv(float (&o)[8][kN / 2], const uint8_t* latent, const uint8_t* p) {
+    const uint32_t va = smem_u32(latent), pa = smem_u32(p);
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt) fence_regs(o[mt]);
+    wgmma_fence();
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+            NarrowMma<kN>::o(o[mt], smem_desc(va + mt * kBlockBytes + c * 2048, kBlockBytes, 1024),
+                             smem_desc(pa + c * 32, 16, 1024), 1);
+    wgmma_commit();
+    wgmma_wait_all();
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt) fence_regs(o[mt]);
+}
+
 // Shared memory, bf16 cache: [stage 0 | stage 1 | Q (9 × kN·128 B) | Pᵀ (kN·128 B) | barriers | red];
-// FP8 cache: [Q | latent (single) | RoPE 0 | RoPE 1 | raw 0 | raw 1 | Pᵀ | barriers | red] (as the wide FP8 kernel).
+// FP8 cache: [Q | latent (single) | RoPE × kS | raw × kS | Pᵀ | barriers | red] (as the wide FP8 kernel, with a
+// 3-deep ring when it fits: FP8 tiles are small, so more of them must be in flight to cover HBM latency).
 // red holds 4 warps × kN f32.
 template <int kN, bool kFp8>
 struct NarrowSmem {
-    static constexpr uint32_t kQ = kFp8 ? 0 : kTileBytes * kStages;
+    static constexpr int kS = (kFp8 && kN == 16) ? 3 : 2;  // ring depth (Twin: sm90::narrow_stages)
+    static constexpr uint32_t kQ = kFp8 ? 0 : kTileBytes * kS;
     static constexpr uint32_t kLat = kBlocks * kN * 128;  // FP8 only
     static constexpr uint32_t kRope = kLat + kLatentBytes;
-    static constexpr uint32_t kRaw = kRope + kStages * kBlockBytes;
-    static constexpr uint32_t kP = kFp8 ? kRaw + kStages * kRawBytes : kQ + kBlocks * kN * 128;
+    static constexpr uint32_t kRaw = kRope + kS * kBlockBytes;
+    static constexpr uint32_t kP = kFp8 ? kRaw + kS * kRawBytes : kQ + kBlocks * kN * 128;
     static constexpr uint32_t kBar = kP + kN * 128;
     static constexpr uint32_t kBytes = 1024 + kBar + 64 + 4 * kN * 4;  // Twin: sm90::narrow_smem_bytes
     uint8_t* base;
@@ -624,13 +680,15 @@ struct NarrowSmem {
     __device__ __forceinline__ uint8_t* p() const { return base + kP; }
     __device__ __forceinline__ uint64_t* bars() const { return reinterpret_cast<uint64_t*>(base + kBar); }
     __device__ __forceinline__ uint64_t* full() const { return bars(); }
-    __device__ __forceinline__ uint64_t* empty() const { return bars() + kStages; }
-    __device__ __forceinline__ uint64_t* qbar() const { return bars() + 2 * kStages; }
+    __device__ __forceinline__ uint64_t* empty() const { return bars() + kS; }
+    __device__ __forceinline__ uint64_t* qbar() const { return bars() + 2 * kS; }
     __device__ __forceinline__ float* red() const { return reinterpret_cast<float*>(bars() + 8); }
+    static_assert(2 * kS + 1 <= 8, "barriers fit in 64 bytes");
 };
 static_assert(NarrowSmem<16, false>::kBytes == 169280 && NarrowSmem<32, false>::kBytes == 190016 &&
-                  NarrowSmem<16, true>::kBytes == 171328 && NarrowSmem<32, true>::kBytes == 192064,
+                  NarrowSmem<16, true>::kBytes == 213312 && NarrowSmem<32, true>::kBytes == 192064,
               "keep sm90.rs in sync");
+static_assert(NarrowSmem<16, true>::kBytes <= 232448 && NarrowSmem<32, true>::kBytes <= 232448, "sm_90 smem");
 
 template <int kN, bool kFp8>
 __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc* tmap_kv, const TmaDesc* tmap_scales,
@@ -643,14 +701,16 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
                                             int box_rows, int q_box_rows) {
     constexpr int kC = kN / 8;       // 8-column chunks of the accumulators
     constexpr int kAcc = kN / 2;     // accumulator registers per m64nN tile
-    NarrowSmem<kN, kFp8> sm;
+    using Sm = NarrowSmem<kN, kFp8>;
+    constexpr int kS = Sm::kS;
+    Sm sm;
     {
         const uint32_t addr = smem_u32(smem_raw);
         sm.base = smem_raw + ((1024u - (addr & 1023u)) & 1023u);
     }
     const int tid = threadIdx.x;
     if (tid == 0) {
-        for (int i = 0; i < kStages; ++i) {
+        for (int i = 0; i < kS; ++i) {
             mbar_init(&sm.full()[i], 1);
             mbar_init(&sm.empty()[i], 1);
         }
@@ -698,7 +758,8 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
             mbar_arrive_expect_tx(sm.qbar(), kBlocks * q_box_rows * 128u);
             for (int kb = 0; kb < kBlocks; ++kb)
                 tma_load_2d(sm.q() + kb * kN * 128, tmap_q, kb * 64, b * rows + row0, sm.qbar());
-            if (num_tiles > 0) issue(v, tok_begin, n % 2);
+            // Fill the ring: the first kS − 1 tiles (all stages are free after the barrier above).
+            for (int j = 0; j < kS - 1 && j < num_tiles; ++j) issue(v, tok_begin + j * kTileN, (n + j) % kS);
         }
         // This thread's query rows (columns of Sᵀ / Oᵀ): row0 + 8j + 2·quad + e.
         int limit[kC][2];
@@ -728,13 +789,15 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
         __syncwarp();
 
         for (int i = 0; i < num_tiles; ++i, ++n) {
-            const int s = n % 2;
+            // Tile n sits in stage n % kS, the (n / kS)-th use of that stage; the producer keeps kS − 1 tiles
+            // ahead, refilling the stage of tile n − 1 (released at the end of the previous iteration).
+            const int s = n % kS;
             const int t0 = tok_begin + i * kTileN;
-            if (tid == 0 && i + 1 < num_tiles) {
-                if (i >= 1) mbar_wait(&sm.empty()[(n + 1) % 2], ((n - 1) / 2) & 1);
-                issue(v, t0 + kTileN, (n + 1) % 2);
+            if (tid == 0 && i + kS - 1 < num_tiles) {
+                if (i >= 1) mbar_wait(&sm.empty()[(n - 1) % kS], ((n - 1) / kS) & 1);
+                issue(v, t0 + (kS - 1) * kTileN, (n + kS - 1) % kS);
             }
-            mbar_wait(&sm.full()[s], (n / 2) & 1);
+            mbar_wait(&sm.full()[s], (n / kS) & 1);
             __syncwarp();
             const bool clean = tile_clean(v, box_rows, t0);
             if constexpr (kFp8) {
@@ -746,24 +809,8 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
                 if (!clean) zero_bad_rows<kNarrowThreads>(v, box_rows, t0, sm.latent(s), tid);
             }
 
-            // Sᵀ = K · Qᵀ.
             float st[kAcc];
-#pragma unroll
-            for (int x = 0; x < kAcc; ++x) st[x] = 0.0f;
-            {
-                const uint32_t la = smem_u32(sm.latent(s)), ra = smem_u32(sm.rope(s)), qa = smem_u32(sm.q());
-                fence_regs(st);
-                wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < kBlocks * 4; ++kk) {
-                    const uint32_t ka = kk < 32 ? la + (kk / 4) * kBlockBytes + (kk % 4) * 32 : ra + (kk % 4) * 32;
-                    const uint32_t qb = qa + (kk / 4) * kN * 128 + (kk % 4) * 32;
-                    NarrowMma<kN>::s(st, smem_desc(ka, 16, 1024), smem_desc(qb, 16, 1024), kk > 0 ? 1 : 0);
-                }
-                wgmma_commit();
-                wgmma_wait_all();
-                fence_regs(st);
-            }
+            narrow_qk<kN>(st, sm.latent(s), sm.rope(s), sm.q());
             // Mask and scale: register 4j + 2hh + e is (token tr0 + 8hh, query row 8j + 2·quad + e).
             float cmax[kC][2];
 #pragma unroll
@@ -813,19 +860,7 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
                     l[j][e] = l[j][e] * alpha[j][e] + sum;
                     m[j][e] = m_new;
                 }
-            // Pᵀ as a K-major B operand: element (query row r, token k) at swizzle128(r, 2k).
-            {
-                __nv_bfloat16* pb = reinterpret_cast<__nv_bfloat16*>(sm.p());
-#pragma unroll
-                for (int j = 0; j < kC; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e)
-#pragma unroll
-                        for (int hh = 0; hh < 2; ++hh) {
-                            const int col = 8 * j + 2 * quad + e;
-                            pb[swizzle128(col, 2 * (tr0 + 8 * hh)) / 2] = __float2bfloat16_rn(st[4 * j + 2 * hh + e]);
-                        }
-            }
+            narrow_store_p<kN>(st, sm.p(), tr0, quad);
             fence_proxy_async();
             named_barrier_sync(1, kNarrowThreads);  // Pᵀ complete; also orders this tile's reads of red before reuse
 #pragma unroll
@@ -834,23 +869,7 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
                 for (int j = 0; j < kC; ++j)
 #pragma unroll
                     for (int x = 0; x < 4; ++x) o[mt][4 * j + x] *= alpha[j][x % 2];
-            // Oᵀ += Vᵀ · Pᵀ.
-            {
-                const uint32_t va = smem_u32(sm.latent(s)), pa = smem_u32(sm.p());
-#pragma unroll
-                for (int mt = 0; mt < 8; ++mt) fence_regs(o[mt]);
-                wgmma_fence();
-#pragma unroll
-                for (int mt = 0; mt < 8; ++mt)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c)
-                        NarrowMma<kN>::o(o[mt], smem_desc(va + mt * kBlockBytes + c * 2048, kBlockBytes, 1024),
-                                         smem_desc(pa + c * 32, 16, 1024), 1);
-                wgmma_commit();
-                wgmma_wait_all();
-#pragma unroll
-                for (int mt = 0; mt < 8; ++mt) fence_regs(o[mt]);
-            }
+            narrow_pv<kN>(o, sm.latent(s), sm.p());
             if (tid == 0) mbar_arrive(&sm.empty()[s]);
         }
 
@@ -941,6 +960,28 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
         reinterpret_cast<uint4*>(out)[i] = reinterpret_cast<const uint4*>(sm.latent(0))[i];
 }
 
+// FP8 tile load: TMA-loads the raw codes, scales and RoPE of the 64-token tile at t0 through the three FP8 maps,
+// dequantizes it as the FP8 kernels do and copies the resulting bf16 tile (latent blocks 0..7, then the RoPE block;
+// 73,728 bytes, swizzled) to `out`. Expected bytes: sm90::tile_image of the dequantized cache.
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    mla_sm90_probe_fp8_tile_load(const __grid_constant__ TmaDesc tmap_codes, const __grid_constant__ TmaDesc tmap_scales,
+                                 const __grid_constant__ TmaDesc tmap_rope, const int* __restrict__ table_row,
+                                 uint8_t* __restrict__ out, int page, int num_blocks, int box_rows, int t0,
+                                 int tok_end) {
+    const Smem<true> sm = carve<true>(smem_raw);
+    init_barriers(sm);
+    SeqView v{table_row, page, num_blocks, tok_end};
+    if (threadIdx.x == 0)
+        issue_tile_fp8(&tmap_codes, &tmap_scales, &tmap_rope, v, box_rows, t0, sm.raw(0), sm.rope(0), &sm.full[0]);
+    mbar_wait(&sm.full[0], 0);
+    dequant_tile(v, box_rows, t0, sm.raw(0), sm.latent(0), sm.rope(0), threadIdx.x);
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < kTileBytes / 16; i += kThreads) {
+        const uint8_t* src = i < kLatentBytes / 16 ? sm.latent(0) + 16 * i : sm.rope(0) + 16 * i - kLatentBytes;
+        reinterpret_cast<uint4*>(out)[i] = *reinterpret_cast<const uint4*>(src);
+    }
+}
+
 // wgmma: loads Q rows 0..63 of tmap_q and the first 64 tokens of the cache (table pages in order), computes
 // S = Q·Kᵀ (warpgroup g its token half, written to s_out [64, 64] fp32) and O = bf16(S)·V (P halves swapped
 // between the warpgroups as in the decode kernel; written [64, 512] fp32, each warpgroup its 256 columns).
@@ -988,6 +1029,58 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
             o_out[(r0 + 8 * (e / 2)) * 512 + 256 * wg + 8 * j + 2 * quad + e % 2] = o[4 * j + e];
+}
+
+// Narrow wgmma: Q rows 0..15 (tmap_q box 64 × 16) and the first 64 tokens of the sequence with table row
+// `table_row`; Sᵀ = K·Qᵀ written as S [16, 64] fp32, then Pᵀ = bf16(S)ᵀ stored to shared memory and O = (Vᵀ·Pᵀ)ᵀ
+// written [16, 512] fp32, with the narrow kernel's code paths (one warpgroup).
+extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
+    mla_sm90_probe_narrow_wgmma(const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_kv,
+                                const int* __restrict__ table_row, float* __restrict__ s_out,
+                                float* __restrict__ o_out, int page, int num_blocks, int box_rows) {
+    constexpr int kN = 16;
+    NarrowSmem<kN, false> sm;
+    {
+        const uint32_t addr = smem_u32(smem_raw);
+        sm.base = smem_raw + ((1024u - (addr & 1023u)) & 1023u);
+    }
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, quad = lane % 4;
+    const int tr0 = 16 * warp + lane / 4;
+    if (tid == 0) {
+        mbar_init(&sm.full()[0], 1);
+        mbar_init(sm.qbar(), 1);
+        mbar_init_fence();
+    }
+    __syncthreads();
+    SeqView v{table_row, page, num_blocks, kTileN};
+    if (tid == 0) {
+        mbar_arrive_expect_tx(sm.qbar(), kBlocks * kN * 128u);
+        for (int kb = 0; kb < kBlocks; ++kb) tma_load_2d(sm.q() + kb * kN * 128, &tmap_q, kb * 64, 0, sm.qbar());
+        issue_tile(&tmap_kv, v, box_rows, 0, sm.latent(0), &sm.full()[0]);
+    }
+    mbar_wait(sm.qbar(), 0);
+    mbar_wait(&sm.full()[0], 0);
+    __syncwarp();
+    float st[kN / 2];
+#pragma unroll
+    for (int x = 0; x < kN / 2; ++x) st[x] = 0.0f;
+    narrow_qk<kN>(st, sm.latent(0), sm.rope(0), sm.q());
+#pragma unroll
+    for (int x = 0; x < kN / 2; ++x) s_out[(8 * (x / 4) + 2 * quad + x % 2) * 64 + tr0 + 8 * ((x % 4) / 2)] = st[x];
+    narrow_store_p<kN>(st, sm.p(), tr0, quad);
+    fence_proxy_async();
+    named_barrier_sync(1, kNarrowThreads);
+    float o[8][kN / 2];
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt)
+#pragma unroll
+        for (int x = 0; x < kN / 2; ++x) o[mt][x] = 0.0f;
+    narrow_pv<kN>(o, sm.latent(0), sm.p());
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt)
+#pragma unroll
+        for (int x = 0; x < kN / 2; ++x)
+            o_out[(8 * (x / 4) + 2 * quad + x % 2) * 512 + 64 * mt + tr0 + 8 * ((x % 4) / 2)] = o[mt][x];
 }
 
 // Online softmax across warpgroups: two 64-column tiles of s_in [64, 128] (log2 domain, −inf allowed), warpgroup g

@@ -195,13 +195,14 @@ fn lens(batch: usize, base: i32, varlen: bool, seed: u64) -> Vec<i32> {
         .collect()
 }
 
-fn backends(gpu: &Gpu) -> Vec<Backend> {
-    let mut v = vec![Backend::Portable];
-    if gpu.info().is_hopper() && std::env::var("R1K_MLA_SKIP_SM90").is_err() {
-        v.push(Backend::Hopper);
-        v.push(Backend::HopperWide);
-    }
-    v
+// Test order matters in single-threaded runs (scripts/gpu-check): gpu_0_* probe the sm_90a primitives, gpu_1_*
+// check the portable kernels, gpu_2_* the sm_90a kernels, so a failing fast path (which may poison the context)
+// cannot hide the portable results.
+const PLAIN: &[Backend] = &[Backend::Portable];
+const SM90: &[Backend] = &[Backend::Hopper, Backend::HopperWide];
+
+fn hopper(name: &str) -> Option<Gpu> {
+    r1_kernels::device::test_hopper(name)
 }
 
 fn sweep(gpu: &Gpu, backends: &[Backend]) {
@@ -238,15 +239,19 @@ fn sweep(gpu: &Gpu, backends: &[Backend]) {
 }
 
 #[test]
-fn gpu_sweep_matches_reference() {
-    let Some(gpu) = r1_kernels::device::test_gpu("mla sweep (plain, and sm90 narrow/wide on Hopper)") else {
-        return;
-    };
-    sweep(&gpu, &backends(&gpu));
+fn gpu_1_plain_sweep_matches_reference() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla plain sweep") else { return };
+    sweep(&gpu, PLAIN);
 }
 
 #[test]
-fn gpu_sm90_wide_kernel_on_narrow_shapes() {
+fn gpu_2_sm90_sweep_matches_reference() {
+    let Some(gpu) = hopper("mla sm90 sweep (narrow and wide)") else { return };
+    sweep(&gpu, SM90);
+}
+
+#[test]
+fn gpu_2_sm90_wide_kernel_on_narrow_shapes() {
     // The 64-row kernel on the shapes the narrow kernel normally takes (h·s_q ≤ 32).
     let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 wide kernel, few rows") else { return };
     for (i, &(b, s_q, s_k)) in [(2usize, 1usize, 4096i32), (6, 2, 140), (64, 1, 65)].iter().enumerate() {
@@ -265,31 +270,54 @@ fn gpu_sm90_wide_kernel_on_narrow_shapes() {
 }
 
 #[test]
-fn gpu_noncausal_and_odd_shapes() {
-    let Some(gpu) = r1_kernels::device::test_gpu("mla non-causal / odd heads / odd pages") else { return };
-    for backend in backends(&gpu) {
+fn gpu_1_plain_noncausal_and_odd_shapes() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla plain non-causal / odd heads / odd pages") else { return };
+    noncausal_and_odd_shapes(&gpu, PLAIN);
+}
+
+#[test]
+fn gpu_2_sm90_noncausal_and_odd_shapes() {
+    let Some(gpu) = hopper("mla sm90 non-causal / odd heads") else { return };
+    noncausal_and_odd_shapes(&gpu, SM90);
+}
+
+fn noncausal_and_odd_shapes(gpu: &Gpu, backends: &[Backend]) {
+    for &backend in backends {
         for (i, &(b, s_q, h, page, causal)) in
             [(3usize, 1usize, 32usize, 64usize, false), (2, 3, 64, 16, false), (4, 2, 16, 64, true)].iter().enumerate()
         {
             let case = make_case(7 + i as u64, b, s_q, h, page, lens(b, 300, true, 9), causal);
-            let d = upload(&gpu, &case, None);
+            let d = upload(gpu, &case, None);
             let (want_o, want_l) = reference(&case, &case.cache);
-            let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), backend, false);
+            let (o, l) = run_gpu(gpu, &case, &d, sm_mode(gpu), backend, false);
             check_close(&format!("{backend:?} case {i}"), &o, &l, &want_o, &want_l);
         }
     }
+    if backends != PLAIN {
+        return;
+    }
     // Any head count and page size on the plain path.
     let case = make_case(8, 2, 2, 5, 7, vec![50, 13], true);
-    let d = upload(&gpu, &case, None);
+    let d = upload(gpu, &case, None);
     let (want_o, want_l) = reference(&case, &case.cache);
-    let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::Portable, false);
+    let (o, l) = run_gpu(gpu, &case, &d, sm_mode(gpu), Backend::Portable, false);
     check_close("plain h5 page7", &o, &l, &want_o, &want_l);
 }
 
 #[test]
-fn gpu_fp8_cache_matches_reference_on_dequantized_cache() {
-    let Some(gpu) = r1_kernels::device::test_gpu("mla fp8 kv cache") else { return };
-    for backend in backends(&gpu) {
+fn gpu_1_plain_fp8_cache_matches_reference_on_dequantized_cache() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla plain fp8 kv cache") else { return };
+    fp8_cache(&gpu, PLAIN);
+}
+
+#[test]
+fn gpu_2_sm90_fp8_cache_matches_reference_on_dequantized_cache() {
+    let Some(gpu) = hopper("mla sm90 fp8 kv cache") else { return };
+    fp8_cache(&gpu, SM90);
+}
+
+fn fp8_cache(gpu: &Gpu, backends: &[Backend]) {
+    for &backend in backends {
         for (i, &(b, s_q, h, s_k, page)) in [
             (2usize, 1usize, 16usize, 700i32, 64usize),
             (6, 2, 128, 140, 16),
@@ -302,26 +330,36 @@ fn gpu_fp8_cache_matches_reference_on_dequantized_cache() {
             let case = make_case(30 + i as u64, b, s_q, h, page, lens(b, s_k, true, 31), true);
             let bytes = quantize_kv_cache_fp8(&case.cache).unwrap();
             let deq = dequantize_kv_cache_fp8(&bytes).unwrap();
-            let d = upload(&gpu, &case, Some(&bytes));
+            let d = upload(gpu, &case, Some(&bytes));
             let (want_o, want_l) = reference(&case, &deq);
-            let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), backend, true);
+            let (o, l) = run_gpu(gpu, &case, &d, sm_mode(gpu), backend, true);
             check_close(&format!("{backend:?} fp8 case {i}"), &o, &l, &want_o, &want_l);
-            let (o2, l2) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), backend, true);
+            let (o2, l2) = run_gpu(gpu, &case, &d, sm_mode(gpu), backend, true);
             assert!(o == o2 && l.iter().zip(&l2).all(|(a, b)| a.to_bits() == b.to_bits()), "repeat differs");
         }
     }
 }
 
 #[test]
-fn gpu_results_are_deterministic_and_batch_invariant() {
-    let Some(gpu) = r1_kernels::device::test_gpu("mla determinism / batch invariance") else { return };
+fn gpu_1_plain_deterministic_and_batch_invariant() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla plain determinism / batch invariance") else { return };
+    deterministic_and_batch_invariant(&gpu, PLAIN);
+}
+
+#[test]
+fn gpu_2_sm90_deterministic_and_batch_invariant() {
+    let Some(gpu) = hopper("mla sm90 determinism / batch invariance") else { return };
+    deterministic_and_batch_invariant(&gpu, SM90);
+}
+
+fn deterministic_and_batch_invariant(gpu: &Gpu, backends: &[Backend]) {
     let mode = SplitMode::BatchInvariant { chunk_blocks: 4 };
-    for backend in backends(&gpu) {
+    for &backend in backends {
         let (h, s_q, page) = (16usize, 2usize, 64usize);
         let big = make_case(50, 6, s_q, h, page, vec![3000, 0, 129, 1, 777, 2048], true);
-        let d = upload(&gpu, &big, None);
-        let (o1, l1) = run_gpu(&gpu, &big, &d, mode, backend, false);
-        let (o2, l2) = run_gpu(&gpu, &big, &d, mode, backend, false);
+        let d = upload(gpu, &big, None);
+        let (o1, l1) = run_gpu(gpu, &big, &d, mode, backend, false);
+        let (o2, l2) = run_gpu(gpu, &big, &d, mode, backend, false);
         assert_eq!(
             o1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
             o2.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
@@ -342,8 +380,8 @@ fn gpu_results_are_deterministic_and_batch_invariant() {
             let row = big.cache[src..src + D_QK].to_vec();
             alone.cache[dst..dst + D_QK].copy_from_slice(&row);
         }
-        let da = upload(&gpu, &alone, None);
-        let (oa, la) = run_gpu(&gpu, &alone, &da, mode, backend, false);
+        let da = upload(gpu, &alone, None);
+        let (oa, la) = run_gpu(gpu, &alone, &da, mode, backend, false);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&oa), bits(&o1[b * per_o..(b + 1) * per_o]), "{backend:?}: o differs when batched");
         assert_eq!(bits(&la), bits(&l1[b * per_l..(b + 1) * per_l]), "{backend:?}: lse differs when batched");
@@ -353,7 +391,7 @@ fn gpu_results_are_deterministic_and_batch_invariant() {
 }
 
 #[test]
-fn gpu_garbage_table_without_host_copy_never_faults() {
+fn gpu_1_plain_garbage_table_without_host_copy_never_faults() {
     let Some(gpu) = r1_kernels::device::test_gpu("mla garbage block table") else { return };
     let mut case = make_case(60, 3, 1, 16, 64, vec![200, 130, 90], false);
     let (want_o, want_l) = reference(&case, &case.cache);
@@ -380,7 +418,7 @@ fn gpu_garbage_table_without_host_copy_never_faults() {
 }
 
 #[test]
-fn gpu_bad_inputs_are_errors() {
+fn gpu_1_plain_bad_inputs_are_errors() {
     let Some(gpu) = r1_kernels::device::test_gpu("mla bad inputs") else { return };
     let case = make_case(70, 2, 1, 16, 64, vec![100, 5], false);
     let d = upload(&gpu, &case, None);
@@ -416,18 +454,28 @@ fn gpu_bad_inputs_are_errors() {
 }
 
 #[test]
-fn gpu_empty_batch_and_all_zero_lengths() {
-    let Some(gpu) = r1_kernels::device::test_gpu("mla empty batch") else { return };
-    for backend in backends(&gpu) {
+fn gpu_1_plain_empty_batch_and_all_zero_lengths() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla plain empty batch") else { return };
+    empty_batch(&gpu, PLAIN);
+}
+
+#[test]
+fn gpu_2_sm90_empty_batch_and_all_zero_lengths() {
+    let Some(gpu) = hopper("mla sm90 empty batch") else { return };
+    empty_batch(&gpu, SM90);
+}
+
+fn empty_batch(gpu: &Gpu, backends: &[Backend]) {
+    for &backend in backends {
         let case = make_case(80, 3, 2, 16, 64, vec![0, 0, 0], true);
-        let d = upload(&gpu, &case, None);
-        let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), backend, false);
+        let d = upload(gpu, &case, None);
+        let (o, l) = run_gpu(gpu, &case, &d, sm_mode(gpu), backend, false);
         assert!(o.iter().all(|&x| x == 0.0));
         assert!(l.iter().all(|&x| x == f32::INFINITY));
     }
     let case = make_case(81, 0, 1, 16, 64, vec![], false);
-    let d = upload(&gpu, &case, None);
-    let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::Portable, false);
+    let d = upload(gpu, &case, None);
+    let (o, l) = run_gpu(gpu, &case, &d, sm_mode(gpu), Backend::Portable, false);
     assert!(o.is_empty() && l.is_empty());
 }
 
@@ -457,7 +505,7 @@ fn random_bf16_bits(n: usize, rng: &mut StdRng, scale: f32) -> Vec<bf16> {
 }
 
 #[test]
-fn gpu_sm90_primitive_tma_tile_load() {
+fn gpu_0_probe_sm90_tma_tile_load() {
     let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: TMA tile load (128B swizzle)") else { return };
     let mut rng = StdRng::seed_from_u64(200);
     for &(page, ref table, t0, tok_end) in &[
@@ -479,7 +527,29 @@ fn gpu_sm90_primitive_tma_tile_load() {
 }
 
 #[test]
-fn gpu_sm90_primitive_wgmma_qk_and_pv() {
+fn gpu_0_probe_sm90_fp8_tile_load_and_dequant() {
+    let Some(gpu) = hopper("mla sm90 primitive: FP8 TMA maps + dequantization") else { return };
+    let mut rng = StdRng::seed_from_u64(203);
+    for &(page, ref table, t0, tok_end) in &[
+        (64usize, vec![3i32, 1], 0usize, 64usize),
+        (16, vec![4, 1, i32::MAX, 0, 2], 0, 70),
+        (128, vec![1, 2], 64, 100),
+    ] {
+        let num_blocks = 6usize;
+        let vals: Vec<f32> = (0..num_blocks * page * D_QK).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let bytes = quantize_kv_cache_fp8(&vals).unwrap();
+        let deq: Vec<u16> =
+            dequantize_kv_cache_fp8(&bytes).unwrap().iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+        let dc = DeviceTensor::from_host(&gpu, &bytes, &[num_blocks, page, FP8_TOKEN_BYTES]).unwrap();
+        let dt = DeviceTensor::from_host(&gpu, table, &[table.len()]).unwrap();
+        let got = mla::sm90::probe_fp8_tile_load(&gpu, &dc, &dt, t0, tok_end).unwrap();
+        let want = mla::sm90::tile_image(&deq, table, page, t0, tok_end);
+        assert!(got == want, "page {page} t0 {t0} tok_end {tok_end}: dequantized stage image differs");
+    }
+}
+
+#[test]
+fn gpu_0_probe_sm90_wgmma_qk_and_pv() {
     let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: bf16 wgmma QK^T (K-major) and PV (MN-major)")
     else {
         return;
@@ -514,7 +584,39 @@ fn gpu_sm90_primitive_wgmma_qk_and_pv() {
 }
 
 #[test]
-fn gpu_sm90_primitive_online_softmax_merge() {
+fn gpu_0_probe_sm90_narrow_wgmma_transposed() {
+    let Some(gpu) = hopper("mla sm90 primitive: narrow wgmma (S^T = K Q^T, O^T = V^T P^T)") else { return };
+    let mut rng = StdRng::seed_from_u64(204);
+    for page in [64usize, 16] {
+        let num_blocks = 64 / page + 2;
+        let q = random_bf16_bits(16 * D_QK, &mut rng, 1.0);
+        let cache = random_bf16_bits(num_blocks * page * D_QK, &mut rng, 1.0);
+        let table: Vec<i32> = (0..(64 / page) as i32).rev().collect();
+        let dq = DeviceTensor::from_host(&gpu, &q, &[16, D_QK]).unwrap();
+        let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
+        let dt = DeviceTensor::from_host(&gpu, &table, &[table.len()]).unwrap();
+        let (s, o) = mla::sm90::probe_narrow_wgmma(&gpu, &dq, &dc, &dt).unwrap();
+        let key = |t: usize| {
+            let off = (table[t / page] as usize * page + t % page) * D_QK;
+            &cache[off..off + D_QK]
+        };
+        for r in 0..16 {
+            for t in 0..64 {
+                let want: f64 = (0..D_QK).map(|d| q[r * D_QK + d].to_f64() * key(t)[d].to_f64()).sum();
+                let got = s[r * 64 + t] as f64;
+                assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "S[{r},{t}] page {page}: {got} vs {want}");
+            }
+            for n in 0..D_V {
+                let want: f64 = (0..64).map(|t| bf16::from_f32(s[r * 64 + t]).to_f64() * key(t)[n].to_f64()).sum();
+                let got = o[r * D_V + n] as f64;
+                assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "O[{r},{n}] page {page}: {got} vs {want}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_0_probe_sm90_online_softmax_merge() {
     let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: online softmax merge") else { return };
     let mut rng = StdRng::seed_from_u64(202);
     let mut s: Vec<f32> = (0..64 * 128).map(|_| rng.random_range(-8.0f32..8.0)).collect();

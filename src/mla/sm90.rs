@@ -1,7 +1,7 @@
 //! The sm_90a MLA decode path (kernels/mla_decode_sm90.cu): TMA tile loads into a 2-stage mbarrier ring, bf16
 //! wgmma for QKᵀ and P·V. This module holds the host launcher and the Rust twins of the kernel's address,
 //! descriptor, swizzle and register-fragment formulas, unit-tested on the CPU. The `probe_*` launchers run the
-//! primitive-test kernels (one tile load, one wgmma pair, one online-softmax merge) for the GPU tests.
+//! primitive-test kernels (one tile load, bf16 and FP8; one wgmma pair; one online-softmax merge) for the GPU tests.
 //!
 //! Supported on this path: bf16 and FP8 caches, page sizes 8, 16, 32, 64 or any multiple of 64 ([`box_rows`]).
 
@@ -32,11 +32,22 @@ pub const RED_BYTES: usize = 2 * 64 * 4;
 pub const XBUF_BYTES: usize = 4 * 4 * 128 * 4;
 /// Dynamic shared memory: 1 KiB alignment slack + Q + 2 stages + barriers + exchange buffers.
 pub const SMEM_BYTES: usize = 1024 + 3 * TILE_BYTES + 64 + RED_BYTES + XBUF_BYTES;
-/// Dynamic shared memory of the narrow kernel with `kn` (16 or 32) query rows per CTA: slack + K storage (bf16: 2
-/// stages; FP8: latent + 2 RoPE blocks + 2 raw stages) + Q (9 × kn·128 B) + Pᵀ (kn·128 B) + barriers + the
-/// column-max exchange (4 warps × kn f32).
+/// Depth of the narrow kernel's TMA ring: 3 for FP8 with 16 rows (small tiles need more in flight; it fits in
+/// shared memory), else 2.
+pub const fn narrow_stages(kn: usize, fp8: bool) -> usize {
+    if fp8 && kn == 16 {
+        3
+    } else {
+        2
+    }
+}
+
+/// Dynamic shared memory of the narrow kernel with `kn` (16 or 32) query rows per CTA: slack + K storage (bf16:
+/// [`narrow_stages`] stages; FP8: latent + that many RoPE blocks and raw stages) + Q (9 × kn·128 B) + Pᵀ (kn·128 B)
+/// + barriers + the column-max exchange (4 warps × kn f32).
 pub const fn narrow_smem_bytes(kn: usize, fp8: bool) -> usize {
-    let k = if fp8 { 8 * BLOCK_BYTES + 2 * BLOCK_BYTES + 2 * FP8_RAW_BYTES } else { 2 * TILE_BYTES };
+    let st = narrow_stages(kn, fp8);
+    let k = if fp8 { 8 * BLOCK_BYTES + st * (BLOCK_BYTES + FP8_RAW_BYTES) } else { st * TILE_BYTES };
     1024 + k + 9 * kn * 128 + kn * 128 + 64 + 4 * kn * 4
 }
 
@@ -401,6 +412,48 @@ pub fn probe_tile_load(
     out.to_host(gpu)
 }
 
+/// Runs the FP8 tile-load probe on an FP8 cache `[num_blocks, page, 656]`: returns the dequantized bf16 tile at
+/// `t0` as the FP8 kernels hold it (compare with [`tile_image`] of the dequantized cache).
+#[doc(hidden)]
+pub fn probe_fp8_tile_load(
+    gpu: &Gpu,
+    kv: &DeviceTensor<u8>,
+    table_row: &DeviceTensor<i32>,
+    t0: usize,
+    tok_end: usize,
+) -> Result<Vec<u8>> {
+    gpu.require_hopper("MLA sm_90a FP8 tile-load probe")?;
+    let [num_blocks, page, width] = kv.dims::<3>("kv_cache")?;
+    if width != FP8_TOKEN_BYTES || num_blocks == 0 {
+        return Err(Error::shape("kv_cache", "[num_blocks ≥ 1, page, 656]", format!("{:?}", kv.shape())));
+    }
+    let box_rows = box_rows(page).ok_or_else(|| unsupported_page(page))?;
+    if tok_end > table_row.numel() * page {
+        return Err(Error::shape("table_row", format!("≥ {} entries", tok_end.div_ceil(page)), table_row.numel()));
+    }
+    let mut out = DeviceTensor::<u8>::zeros(gpu, &[TILE_BYTES])?;
+    let f = gpu.function(MODULE, "mla_sm90_probe_fp8_tile_load", SMEM_BYTES_FP8 as u32)?;
+    let stream = gpu.stream();
+    let kvv = kv.view();
+    let (kv_ptr, _g) = kvv.device_ptr(stream);
+    let maps = encode_fp8_cache(kv_ptr, num_blocks * page, box_rows)?;
+    {
+        let (tv, mut ov) = (table_row.view(), out.view_mut());
+        let args = [page as i32, num_blocks as i32, box_rows as i32, t0 as i32, tok_end as i32];
+        let cfg =
+            LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES_FP8 as u32 };
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&tv).arg(&mut ov);
+        for a in &args {
+            launch.arg(a);
+        }
+        // SAFETY: one CTA; the table row is read below tok_end / page (checked); the cache through the tensor maps;
+        // `out` holds exactly TILE_BYTES.
+        unsafe { launch.launch(cfg) }?;
+    }
+    out.to_host(gpu)
+}
+
 /// Runs the wgmma probe on Q rows 0..64 of `q` (`[rows ≥ 1, 576]`) and the first 64 tokens of the sequence with
 /// table row `table_row`: returns (S = Q·Kᵀ as [64, 64], O = bf16(S)·V as [64, 512]).
 #[doc(hidden)]
@@ -440,6 +493,52 @@ pub fn probe_wgmma(
         }
         // SAFETY: one CTA reading through the tensor maps and 64 / page table entries (checked); writes 64·64 and
         // 64·512 floats, the sizes of s and o.
+        unsafe { launch.launch(cfg) }?;
+    }
+    Ok((s.to_host(gpu)?, o.to_host(gpu)?))
+}
+
+/// Runs the narrow-kernel wgmma probe on Q rows 0..16 of `q` (`[rows ≥ 16, 576]`) and the first 64 tokens of the
+/// sequence with table row `table_row`: returns (S = Q·Kᵀ as [16, 64], O = bf16(S)·V as [16, 512]), computed as
+/// Sᵀ = K·Qᵀ and Oᵀ = Vᵀ·Pᵀ like the narrow kernels.
+#[doc(hidden)]
+pub fn probe_narrow_wgmma(
+    gpu: &Gpu,
+    q: &DeviceTensor<bf16>,
+    kv: &DeviceTensor<bf16>,
+    table_row: &DeviceTensor<i32>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    gpu.require_hopper("MLA sm_90a narrow wgmma probe")?;
+    let [num_blocks, page, width] = kv.dims::<3>("kv_cache")?;
+    let [q_rows, q_width] = q.dims::<2>("q")?;
+    if width != D_QK || q_width != D_QK || num_blocks == 0 || q_rows < 16 {
+        return Err(Error::shape("q / kv_cache", "576 columns, ≥ 16 q rows, ≥ 1 page", format!("{:?}", kv.shape())));
+    }
+    let box_rows = box_rows(page).ok_or_else(|| unsupported_page(page))?;
+    if table_row.numel() * page < TILE_N {
+        return Err(Error::shape("table_row", format!("≥ {} entries", TILE_N.div_ceil(page)), table_row.numel()));
+    }
+    let mut s = DeviceTensor::<f32>::zeros(gpu, &[16, 64])?;
+    let mut o = DeviceTensor::<f32>::zeros(gpu, &[16, 512])?;
+    let smem = narrow_smem_bytes(16, false);
+    let f = gpu.function(MODULE, "mla_sm90_probe_narrow_wgmma", smem as u32)?;
+    let stream = gpu.stream();
+    let (qv, kvv) = (q.view(), kv.view());
+    let (q_ptr, _g1) = qv.device_ptr(stream);
+    let (kv_ptr, _g2) = kvv.device_ptr(stream);
+    let tmap_q = encode_rows_576(q_ptr, q_rows, 16)?;
+    let tmap_kv = encode_rows_576(kv_ptr, num_blocks * page, box_rows)?;
+    {
+        let (tv, mut sv, mut ov) = (table_row.view(), s.view_mut(), o.view_mut());
+        let args = [page as i32, num_blocks as i32, box_rows as i32];
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&tmap_q).arg(&tmap_kv).arg(&tv).arg(&mut sv).arg(&mut ov);
+        for a in &args {
+            launch.arg(a);
+        }
+        // SAFETY: one CTA reading through the tensor maps and 64 / page table entries (checked); writes 16·64 and
+        // 16·512 floats, the sizes of s and o.
         unsafe { launch.launch(cfg) }?;
     }
     Ok((s.to_host(gpu)?, o.to_host(gpu)?))
@@ -566,7 +665,7 @@ mod tests {
     fn narrow_kernel_layouts() {
         assert_eq!(narrow_smem_bytes(16, false), 169_280);
         assert_eq!(narrow_smem_bytes(32, false), 190_016);
-        assert_eq!(narrow_smem_bytes(16, true), 171_328);
+        assert_eq!(narrow_smem_bytes(16, true), 213_312);
         assert_eq!(narrow_smem_bytes(32, true), 192_064);
         assert_eq!(
             (narrow_rows(16, false), narrow_rows(17, false), narrow_rows(33, false)),
