@@ -5,7 +5,7 @@
 //! - `sa`: fp32 `[ceil(k/128), round_up(m, 4)]`, MN-major, exactly as [`crate::quant::quantize_activations`]
 //!   writes it; `sb`: fp32 `[ceil(n/128), ceil(k/128)]` as [`crate::quant::quantize_weights`] writes it.
 //! - Output: bf16 `[m, n]` ([`fp8_gemm`]) or fp32 `D = C + A·B` in place ([`fp8_gemm_accumulate`]).
-//! - Requirements: `k % 16 == 0`, `n % 8 == 0`, dimensions below 2^31 (see [`plan::validate_shapes`]); any m ≥ 0.
+//! - Requirements: `k % 16 == 0`, `n % 8 == 0`, dimensions ≤ 2^31 − 1024 ([`plan::MAX_DIM`], see [`plan::validate_shapes`]); any m ≥ 0.
 //!
 //! Accumulation is fp32 with promotion: each 128-wide K block is accumulated on its own (by the tensor cores on
 //! Hopper, whose FP8 accumulation keeps only ~14 bits) and then scaled by `sa · sb` and added into fp32 registers on

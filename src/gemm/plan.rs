@@ -26,6 +26,10 @@ pub const SM90_GROUP_M: u32 = 8;
 /// swizzle atom is 8 rows × 128 B and must start 1024-aligned).
 pub const SM90_SMEM_ALIGN_SLACK: u32 = 1024;
 
+/// Largest m, n or k accepted: 2^31 minus a margin that keeps every 32-bit tile / scale-padding / K-group-end
+/// expression of the kernels (at most a tile or a 128-wide K group past the dimension) below 2^31.
+pub const MAX_DIM: usize = (1 << 31) - 1024;
+
 /// A validated problem: `D[m, n] = A[m, k] · B[n, k]ᵀ` with block scales.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemmShape {
@@ -64,7 +68,9 @@ impl GemmShape {
 /// - `k % 16 == 0`: TMA needs 16-byte row strides for A and B (k not a multiple of 128 is fine: the last K block is
 ///   zero-filled by TMA and its scale column is used as usual);
 /// - `n % 8 == 0`: wgmma's N granularity and paired bf16 stores in the epilogue;
-/// - `m, n, k < 2^31` (kernel arguments are 32-bit; index products use 64-bit math).
+/// - `m, n, k ≤ MAX_DIM = 2^31 − 1024`: kernel arguments are 32-bit and index products use 64-bit math, but the
+///   kernels also form `round_up(m, 4)`, tile origins + tile extents (row0 + 63, col0 + BN − 1) and K-group ends
+///   (`(g + 1)·128`) in 32-bit, which would overflow within a tile of 2^31.
 ///
 /// `m = 0` (and `n = 0`) are valid and mean "launch nothing"; `k = 0` is valid too (D = 0, or C unchanged).
 pub fn validate_shapes(a: &[usize], sa: &[usize], b: &[usize], sb: &[usize], out: &[usize]) -> Result<GemmShape> {
@@ -77,8 +83,8 @@ pub fn validate_shapes(a: &[usize], sa: &[usize], b: &[usize], sb: &[usize], out
         return Err(Error::shape("b", format!("[n, {k}] (k of a)"), format!("{b:?}")));
     }
     for (arg, v) in [("m", m), ("n", n), ("k", k)] {
-        if v > i32::MAX as usize {
-            return Err(Error::shape(arg, "a dimension below 2^31", v));
+        if v > MAX_DIM {
+            return Err(Error::shape(arg, "a dimension ≤ 2^31 − 1024", v));
         }
     }
     if k % 16 != 0 {
@@ -316,6 +322,18 @@ mod tests {
         assert!(matches!(ok(&[4, 256, 1], &[2, 4], &[8, 256], &[1, 2], &[4, 8]), Err(Error::Shape { arg: "a", .. })));
         let big = 1usize << 31;
         assert!(matches!(ok(&[big, 16], &[1, big], &[8, 16], &[1, 1], &[big, 8]), Err(Error::Shape { arg: "m", .. })));
+        // Just below 2^31 is still too big: the kernels' 32-bit (g + 1)·128, round_up(m, 4) and tile ends overflow.
+        let k = (1usize << 31) - 16;
+        let kb = k.div_ceil(128);
+        assert!(matches!(ok(&[1, k], &[kb, 4], &[8, k], &[1, kb], &[1, 8]), Err(Error::Shape { arg: "k", .. })));
+        let m = (1usize << 31) - 2;
+        let e = ok(&[m, 16], &[1, m.div_ceil(4) * 4], &[8, 16], &[1, 1], &[m, 8]);
+        assert!(matches!(e, Err(Error::Shape { arg: "m", .. })));
+        // At the limit every such expression fits in i32.
+        let s = ok(&[MAX_DIM, MAX_DIM], &[MAX_DIM / 128, MAX_DIM], &[8, MAX_DIM], &[1, MAX_DIM / 128], &[MAX_DIM, 8]);
+        let s = s.unwrap();
+        let fits = |v: usize| v <= i32::MAX as usize;
+        assert!(fits(s.k_blocks() * 128) && fits(s.m_pad()) && fits(s.m.div_ceil(128) * 128 + 255));
     }
 
     #[test]

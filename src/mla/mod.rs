@@ -24,6 +24,9 @@ use crate::tensor::DeviceTensor;
 pub use sched::{plan_splits, SplitMode, SplitPlan, WorkItem};
 
 const MODULE: &str = "mla_decode";
+/// Largest token capacity (`max_blocks · page_size`) of one sequence: 2^31 less a margin larger than any kernel's
+/// token tile, so 32-bit token positions one tile past the end cannot overflow.
+pub const MAX_TOKENS: usize = (1 << 31) - 1024;
 /// Query rows (head × query token) per CTA of the plain kernel.
 pub const PLAIN_ROWS_PER_CTA: usize = 16;
 const PLAIN_TILE: usize = 16;
@@ -211,8 +214,15 @@ pub(crate) fn check_launch(
             format!("{ws_splits} splits of {ws_rows} rows"),
         ));
     }
-    // The kernels form token positions as i32 and combine indices up to batch·rows.
-    to_i32("block_table", max_blocks.saturating_mul(page))?;
+    // The kernels form token positions as i32 (including a tile past the last token: t0 + tile, t0 + tile − 1) and
+    // combine indices up to batch·rows.
+    if max_blocks.saturating_mul(page) > MAX_TOKENS {
+        return Err(Error::shape(
+            "block_table",
+            "max_blocks·page_size ≤ 2^31 − 1024 tokens",
+            max_blocks.saturating_mul(page),
+        ));
+    }
     to_i32("batch·s_q·heads", b.saturating_mul(rows))?;
     let q_len = b * s_q * h * D_QK;
     // Lengths (and, with a host table, entries) are validated against the plan's copy of seqlens.
@@ -525,5 +535,13 @@ mod tests {
         // i32 overflow of max_blocks·page.
         let huge = Shapes { table: vec![2, 1 << 26], ..Shapes::good(&cfg, 4, 2, n) };
         assert!(huge.check(&split, &cfg, None).is_err());
+        // ... also just below 2^31 (t0 + tile would overflow), while the limit itself is accepted.
+        let near = Shapes { table: vec![2, (1 << 25) - 1], ..Shapes::good(&cfg, 4, 2, n) };
+        // (capacity 2^31 − 64 tokens: the last 16-token tile starts at 2^31 − 80, the next t0 at 2^31 − 64 is fine,
+        // but the 64-token tiles of the sm90 kernel reach 2^31.)
+        assert!(matches!(near.check(&split, &cfg, None), Err(Error::Shape { arg: "block_table", .. })));
+        let at = Shapes { table: vec![2, MAX_TOKENS / 64], ..Shapes::good(&cfg, 4, 2, n) };
+        assert!(at.check(&split, &cfg, None).is_ok());
+        assert!(MAX_TOKENS + 1023 <= i32::MAX as usize);
     }
 }
