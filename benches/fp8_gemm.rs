@@ -62,6 +62,12 @@ impl LtFp8 {
         if !unsafe { ltsys::is_culib_present() } {
             return Err("libcublasLt not found".into());
         }
+        // cuBLASLt reads BLK128x128 scales with the K-block dimension leading and padded to a multiple of 4; `sb` is
+        // [ceil(n/128), ceil(k/128)] unpadded, so only when ceil(k/128) % 4 == 0 do the two layouts coincide (otherwise
+        // the library would read past the end of `sb`).
+        if !k.div_ceil(128).is_multiple_of(4) {
+            return Err(format!("ceil(k/128) = {} is not a multiple of 4 (cuBLASLt's scale layout)", k.div_ceil(128)));
+        }
         let err = |e: cudarc::cublaslt::result::CublasError| format!("{e:?}");
         let handle = lt::create_handle().map_err(err)?;
         let desc =
@@ -167,7 +173,13 @@ impl Drop for LtFp8 {
 
 fn bench_fp8_gemm(c: &mut Criterion) {
     let Some(gpu) = r1_kernels::device::test_gpu("bench fp8_gemm") else { return };
-    let blas = CudaBlas::new(gpu.stream().clone()).ok();
+    // cudarc panics on the first cuBLAS call when the library cannot be loaded: check first.
+    // SAFETY: only dlopens the library.
+    let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
+        CudaBlas::new(gpu.stream().clone()).ok()
+    } else {
+        None
+    };
     if blas.is_none() {
         eprintln!("cuBLAS unavailable: bf16 peer skipped");
     }

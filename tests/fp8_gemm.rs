@@ -416,6 +416,39 @@ fn gpu_end_to_end_with_gpu_quantization() {
     }
 }
 
+/// Smallest n (a multiple of 8, up to 65536) for which the planner picks block `bm`×`bn` at this m, k and device, so
+/// that every instantiated sm_90a kernel runs in the tests, not only the shapes the sweep happens to select.
+fn n_for_block(m: usize, k: usize, bm: u32, bn: u32, sm_count: u32, smem: u32) -> Option<usize> {
+    (1..=8192usize).map(|i| i * 8).find(|&n| {
+        let c = gemm::choose_sm90_config(&gemm::GemmShape { m, n, k }, sm_count, smem).unwrap();
+        (c.block_m, c.block_n) == (bm, bn)
+    })
+}
+
+/// Every `fp8_gemm_sm90_m{BM}n{BN}` entry point, fully checked on a ragged shape (n not a multiple of the block,
+/// k % 128 != 0, m past one tile for block M 128). The sweep alone never selects some of them (m64n160 among them).
+/// Named gpu_zz_* so a single-threaded run does it last: a trap here must not poison the context for the sweeps.
+#[test]
+fn gpu_zz_sm90_every_block_shape() {
+    let Some(gpu) = r1_kernels::device::test_hopper("gpu_zz_sm90_every_block_shape") else { return };
+    let (sms, smem) = (gpu.info().sm_count, gpu.info().max_shared_memory_per_block_optin);
+    let k = 400;
+    for (i, &(m, bm)) in [(5usize, 64u32), (200, 128)].iter().enumerate() {
+        for (j, &bn) in gemm::plan::SM90_BLOCK_N.iter().enumerate() {
+            let n = n_for_block(m, k, bm, bn, sms, smem).expect("a shape for every block");
+            let seed = 300 + 10 * i as u64 + j as u64;
+            let w = weights(n, k, seed, ScaleFormat::F32);
+            let x = acts(m, k, seed + 100, ScaleFormat::F32);
+            let dw = upload_weights(&gpu, &w);
+            let rows: Vec<usize> = (0..m).collect();
+            let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
+            let exact = exact_rows(&x.x, &w.w, n, k, &rows);
+            let d = run_bf16(&gpu, GemmKernel::Sm90, &x, &w, &dw);
+            check_rows(&format!("Sm90 block {bm}x{bn}: m={m} n={n} k={k}"), &d, &quant_ref, &exact);
+        }
+    }
+}
+
 // ---- sm_90a primitive probes: each names the building block it checks. Named gpu_0_* so a single-threaded run
 // (libtest sorts by name) does them first: a trapped GEMM launch poisons the process's CUDA context. ----------------------------------------
 
@@ -525,6 +558,18 @@ fn cpu_gpu_thresholds_are_achievable() {
         let rounded: Vec<f32> = d.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
         eprintln!("{m}×{n}×{k}: calc_diff {:.2e} over {} elements", calc_diff(&rounded, &exact), rounded.len());
         check_rows(&format!("bf16 reference {m}×{n}×{k}"), &rounded, &d, &exact);
+    }
+}
+
+#[test]
+fn cpu_every_block_shape_is_reachable() {
+    for sms in [132u32, 114, 78, 1] {
+        for &(m, bm) in &[(5usize, 64u32), (200, 128)] {
+            for bn in gemm::plan::SM90_BLOCK_N {
+                let n = n_for_block(m, 400, bm, bn, sms, gemm::plan::SM90_SMEM_LIMIT);
+                assert!(n.is_some(), "no n selects block {bm}x{bn} for m={m} on {sms} SMs");
+            }
+        }
     }
 }
 
