@@ -183,23 +183,7 @@ impl Permuted {
     /// Allocates (zero-filled) buffers. Contiguous `block_m` and masked `max_m` must be multiples of
     /// [`GEMM_BLOCK_M`]; `H` a multiple of 128; `E ≤ 1024`.
     pub fn new(gpu: &Gpu, t: usize, k: usize, num_experts: usize, hidden: usize, layout: Layout) -> Result<Self> {
-        if num_experts == 0 || num_experts > crate::reference::moe::MAX_EXPERTS {
-            return Err(Error::InvalidConfig(format!("num_experts must be in 1..=1024, got {num_experts}")));
-        }
-        match layout {
-            Layout::Contiguous { block_m: m } | Layout::Masked { max_m: m } if m == 0 || m % GEMM_BLOCK_M != 0 => {
-                return Err(Error::Alignment { arg: "layout", required: GEMM_BLOCK_M, got: m });
-            }
-            _ => {}
-        }
-        if hidden == 0 || !hidden.is_multiple_of(QUANT_BLOCK) {
-            return Err(Error::Alignment { arg: "hidden", required: QUANT_BLOCK, got: hidden });
-        }
-        let pairs = t.checked_mul(k).ok_or_else(|| Error::shape("t·k", "a product that fits", t))?;
-        to_i32("t·k", pairs)?;
-        let cap = layout.capacity(t, k, num_experts);
-        to_i32("permuted rows", cap)?;
-        cap.checked_mul(hidden).ok_or_else(|| Error::shape("permuted rows·hidden", "fits in usize", cap))?;
+        let (pairs, cap) = Self::validate_config(t, k, num_experts, hidden, layout)?;
         Ok(Permuted {
             layout,
             tokens: t,
@@ -221,6 +205,53 @@ impl Permuted {
     pub fn capacity(&self) -> usize {
         self.src_index.numel()
     }
+
+    /// Checks a configuration; returns `(t·k, capacity)`.
+    fn validate_config(
+        t: usize,
+        k: usize,
+        num_experts: usize,
+        hidden: usize,
+        layout: Layout,
+    ) -> Result<(usize, usize)> {
+        if num_experts == 0 || num_experts > crate::reference::moe::MAX_EXPERTS {
+            return Err(Error::InvalidConfig(format!("num_experts must be in 1..=1024, got {num_experts}")));
+        }
+        match layout {
+            Layout::Contiguous { block_m: m } | Layout::Masked { max_m: m } if m == 0 || m % GEMM_BLOCK_M != 0 => {
+                return Err(Error::Alignment { arg: "layout", required: GEMM_BLOCK_M, got: m });
+            }
+            // The kernels take block_m / max_m as i32 (and Layout::capacity must not overflow).
+            Layout::Contiguous { block_m: m } | Layout::Masked { max_m: m } => {
+                to_i32("layout", m)?;
+            }
+        }
+        if hidden == 0 || !hidden.is_multiple_of(QUANT_BLOCK) {
+            return Err(Error::Alignment { arg: "hidden", required: QUANT_BLOCK, got: hidden });
+        }
+        let pairs = t.checked_mul(k).ok_or_else(|| Error::shape("t·k", "a product that fits", t))?;
+        to_i32("t·k", pairs)?;
+        let cap = layout.capacity(t, k, num_experts);
+        to_i32("permuted rows", cap)?;
+        cap.checked_mul(hidden).ok_or_else(|| Error::shape("permuted rows·hidden", "fits in usize", cap))?;
+        Ok((pairs, cap))
+    }
+
+    /// Re-checks the (public, hence mutable) configuration and every buffer against it, so a modified `Permuted`
+    /// is an error instead of an out-of-bounds launch.
+    fn check(&self) -> Result<()> {
+        let (t, k, e, h) = (self.tokens, self.top_k, self.num_experts, self.hidden);
+        let (pairs, cap) = Self::validate_config(t, k, e, h, self.layout)?;
+        self.codes.expect_shape("permuted.codes", &[cap, h])?;
+        self.scales.expect_shape("permuted.scales", &activation_scale_shape(cap, h))?;
+        self.src_index.expect_shape("permuted.src_index", &[cap])?;
+        self.row_of.expect_shape("permuted.row_of", &[pairs])?;
+        self.offsets.expect_shape("permuted.offsets", &[e + 1])?;
+        self.counts.expect_shape("permuted.counts", &[e])?;
+        self.counts_raw.expect_shape("permuted.counts_raw", &[e])?;
+        self.rank.expect_shape("permuted.rank", &[pairs])?;
+        Ok(())
+    }
 }
 
 /// Groups the pairs of `topk_ids` `[t, k]` by expert (stable: by token, then slot) and gathers the quantized
@@ -233,6 +264,7 @@ pub fn permute(
     xs: &DeviceTensor<f32>,
     out: &mut Permuted,
 ) -> Result<()> {
+    out.check()?;
     let (t, k, e, h) = (out.tokens, out.top_k, out.num_experts, out.hidden);
     topk_ids.expect_shape("topk_ids", &[t, k])?;
     xq.expect_shape("xq", &[t, h])?;
@@ -1082,6 +1114,19 @@ mod tests {
                 assert_eq!((p.row_of[0], p.row_of[last]), (-1, -1));
             }
         }
+    }
+
+    #[test]
+    fn permuted_config_is_validated_without_overflow() {
+        let ok = Permuted::validate_config(3, 2, 8, 256, Layout::Masked { max_m: 64 }).unwrap();
+        assert_eq!(ok, (6, 8 * 64));
+        // block_m / max_m beyond i32 (the kernels' argument type) are errors, not a capacity overflow panic.
+        let huge = usize::MAX / 64 * 64;
+        assert!(Permuted::validate_config(3, 2, 8, 256, Layout::Contiguous { block_m: huge }).is_err());
+        assert!(Permuted::validate_config(3, 2, 8, 256, Layout::Masked { max_m: 1 << 31 }).is_err());
+        assert!(Permuted::validate_config(3, 2, 8, 256, Layout::Masked { max_m: 100 }).is_err());
+        assert!(Permuted::validate_config(3, 2, 1025, 256, Layout::Masked { max_m: 64 }).is_err());
+        assert!(Permuted::validate_config(3, 2, 8, 200, Layout::Masked { max_m: 64 }).is_err());
     }
 
     #[test]
