@@ -341,7 +341,12 @@ pub fn masked_offsets(gpu: &Gpu, num_experts: usize, max_m: usize) -> Result<Dev
     if max_m == 0 || !max_m.is_multiple_of(GEMM_BLOCK_M) {
         return Err(Error::Alignment { arg: "max_m", required: GEMM_BLOCK_M, got: max_m });
     }
-    let offsets: Vec<i64> = (0..=num_experts).map(|e| to_i64("E·max_m", e * max_m)).collect::<Result<_>>()?;
+    let offsets: Vec<i64> = (0..=num_experts)
+        .map(|e| {
+            let v = e.checked_mul(max_m).ok_or_else(|| Error::shape("max_m", "E·max_m below 2^63", max_m))?;
+            to_i64("E·max_m", v)
+        })
+        .collect::<Result<_>>()?;
     DeviceTensor::from_host(gpu, &offsets, &[num_experts + 1])
 }
 
