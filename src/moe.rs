@@ -739,8 +739,23 @@ pub fn moe_forward(
     }
     x.expect_shape("x", &[t, h])?;
     out.expect_shape("out", &[t, h])?;
-    ws.h.expect_shape("workspace.h", &[ws.perm.capacity(), 2 * i])?;
-    ws.perm.codes.expect_shape("workspace.perm", &[ws.perm.capacity(), h])?;
+    // Every workspace buffer (public fields) is checked here, before the first launch, so a mismatch is an error
+    // with nothing enqueued rather than a failure half-way through the layer.
+    ws.perm.check()?;
+    let cap = ws.perm.capacity();
+    ws.perm.codes.expect_shape("workspace.perm", &[cap, h])?;
+    ws.h.expect_shape("workspace.h", &[cap, 2 * i])?;
+    ws.act.expect_shape("workspace.act", &[cap, i])?;
+    ws.act_scales.expect_shape("workspace.act_scales", &activation_scale_shape(cap, i))?;
+    ws.y.expect_shape("workspace.y", &[cap, h])?;
+    ws.xq.expect_shape("workspace.xq", &[t, h])?;
+    ws.xs.expect_shape("workspace.xs", &activation_scale_shape(t, h))?;
+    ws.topk_ids.expect_shape("workspace.topk_ids", &[t, cfg.top_k])?;
+    ws.topk_weights.expect_shape("workspace.topk_weights", &[t, cfg.top_k])?;
+    ws.logits.expect_shape("workspace.logits", &[t, e])?;
+    if ws.gemm_backend == GemmBackend::Wgmma {
+        gpu.require_hopper("moe_grouped_gemm_fp8_sm90")?;
+    }
     match (shared, &ws.shared) {
         (None, _) => {}
         (Some(s), Some(sw)) => {
@@ -752,6 +767,9 @@ pub fn moe_forward(
                     format!("[{se}, {}, {sh}]", 2 * si),
                 ));
             }
+            // Sized for the workspace's token count at creation (ws.perm.tokens is public and could change).
+            sw.h.expect_shape("workspace.shared.h", &[t, 2 * si])?;
+            sw.y.expect_shape("workspace.shared.y", &[t, h])?;
         }
         (Some(_), None) => {
             return Err(Error::InvalidConfig("shared expert given but the workspace has no shared buffers".into()))
