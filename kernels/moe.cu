@@ -192,8 +192,9 @@ extern "C" __global__ void __launch_bounds__(256) moe_count_rank(const int* __re
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     int running = 0;
-    for (int base = 0; base < n_pairs; base += 256) {
-        const int i = base + threadIdx.x;
+    // 64-bit: with n_pairs near 2^31, base + 256 would overflow an int (the masked capacity does not bound t·k).
+    for (long long base = 0; base < n_pairs; base += 256) {
+        const long long i = base + threadIdx.x;
         const bool match = i < n_pairs && ids[i] == e;
         const unsigned ballot = __ballot_sync(0xffffffffu, match);
         if (lane == 0) warp_totals[warp] = __popc(ballot);

@@ -183,23 +183,7 @@ impl Permuted {
     /// Allocates (zero-filled) buffers. Contiguous `block_m` and masked `max_m` must be multiples of
     /// [`GEMM_BLOCK_M`]; `H` a multiple of 128; `E ≤ 1024`.
     pub fn new(gpu: &Gpu, t: usize, k: usize, num_experts: usize, hidden: usize, layout: Layout) -> Result<Self> {
-        if num_experts == 0 || num_experts > crate::reference::moe::MAX_EXPERTS {
-            return Err(Error::InvalidConfig(format!("num_experts must be in 1..=1024, got {num_experts}")));
-        }
-        match layout {
-            Layout::Contiguous { block_m: m } | Layout::Masked { max_m: m } if m == 0 || m % GEMM_BLOCK_M != 0 => {
-                return Err(Error::Alignment { arg: "layout", required: GEMM_BLOCK_M, got: m });
-            }
-            _ => {}
-        }
-        if hidden == 0 || !hidden.is_multiple_of(QUANT_BLOCK) {
-            return Err(Error::Alignment { arg: "hidden", required: QUANT_BLOCK, got: hidden });
-        }
-        let pairs = t.checked_mul(k).ok_or_else(|| Error::shape("t·k", "a product that fits", t))?;
-        to_i32("t·k", pairs)?;
-        let cap = layout.capacity(t, k, num_experts);
-        to_i32("permuted rows", cap)?;
-        cap.checked_mul(hidden).ok_or_else(|| Error::shape("permuted rows·hidden", "fits in usize", cap))?;
+        let (pairs, cap) = Self::validate_config(t, k, num_experts, hidden, layout)?;
         Ok(Permuted {
             layout,
             tokens: t,
@@ -221,6 +205,53 @@ impl Permuted {
     pub fn capacity(&self) -> usize {
         self.src_index.numel()
     }
+
+    /// Checks a configuration; returns `(t·k, capacity)`.
+    fn validate_config(
+        t: usize,
+        k: usize,
+        num_experts: usize,
+        hidden: usize,
+        layout: Layout,
+    ) -> Result<(usize, usize)> {
+        if num_experts == 0 || num_experts > crate::reference::moe::MAX_EXPERTS {
+            return Err(Error::InvalidConfig(format!("num_experts must be in 1..=1024, got {num_experts}")));
+        }
+        match layout {
+            Layout::Contiguous { block_m: m } | Layout::Masked { max_m: m } if m == 0 || m % GEMM_BLOCK_M != 0 => {
+                return Err(Error::Alignment { arg: "layout", required: GEMM_BLOCK_M, got: m });
+            }
+            // The kernels take block_m / max_m as i32 (and Layout::capacity must not overflow).
+            Layout::Contiguous { block_m: m } | Layout::Masked { max_m: m } => {
+                to_i32("layout", m)?;
+            }
+        }
+        if hidden == 0 || !hidden.is_multiple_of(QUANT_BLOCK) {
+            return Err(Error::Alignment { arg: "hidden", required: QUANT_BLOCK, got: hidden });
+        }
+        let pairs = t.checked_mul(k).ok_or_else(|| Error::shape("t·k", "a product that fits", t))?;
+        to_i32("t·k", pairs)?;
+        let cap = layout.capacity(t, k, num_experts);
+        to_i32("permuted rows", cap)?;
+        cap.checked_mul(hidden).ok_or_else(|| Error::shape("permuted rows·hidden", "fits in usize", cap))?;
+        Ok((pairs, cap))
+    }
+
+    /// Re-checks the (public, hence mutable) configuration and every buffer against it, so a modified `Permuted`
+    /// is an error instead of an out-of-bounds launch.
+    fn check(&self) -> Result<()> {
+        let (t, k, e, h) = (self.tokens, self.top_k, self.num_experts, self.hidden);
+        let (pairs, cap) = Self::validate_config(t, k, e, h, self.layout)?;
+        self.codes.expect_shape("permuted.codes", &[cap, h])?;
+        self.scales.expect_shape("permuted.scales", &activation_scale_shape(cap, h))?;
+        self.src_index.expect_shape("permuted.src_index", &[cap])?;
+        self.row_of.expect_shape("permuted.row_of", &[pairs])?;
+        self.offsets.expect_shape("permuted.offsets", &[e + 1])?;
+        self.counts.expect_shape("permuted.counts", &[e])?;
+        self.counts_raw.expect_shape("permuted.counts_raw", &[e])?;
+        self.rank.expect_shape("permuted.rank", &[pairs])?;
+        Ok(())
+    }
 }
 
 /// Groups the pairs of `topk_ids` `[t, k]` by expert (stable: by token, then slot) and gathers the quantized
@@ -233,6 +264,7 @@ pub fn permute(
     xs: &DeviceTensor<f32>,
     out: &mut Permuted,
 ) -> Result<()> {
+    out.check()?;
     let (t, k, e, h) = (out.tokens, out.top_k, out.num_experts, out.hidden);
     topk_ids.expect_shape("topk_ids", &[t, k])?;
     xq.expect_shape("xq", &[t, h])?;
@@ -309,7 +341,12 @@ pub fn masked_offsets(gpu: &Gpu, num_experts: usize, max_m: usize) -> Result<Dev
     if max_m == 0 || !max_m.is_multiple_of(GEMM_BLOCK_M) {
         return Err(Error::Alignment { arg: "max_m", required: GEMM_BLOCK_M, got: max_m });
     }
-    let offsets: Vec<i64> = (0..=num_experts).map(|e| to_i64("E·max_m", e * max_m)).collect::<Result<_>>()?;
+    let offsets: Vec<i64> = (0..=num_experts)
+        .map(|e| {
+            let v = e.checked_mul(max_m).ok_or_else(|| Error::shape("max_m", "E·max_m below 2^63", max_m))?;
+            to_i64("E·max_m", v)
+        })
+        .collect::<Result<_>>()?;
     DeviceTensor::from_host(gpu, &offsets, &[num_experts + 1])
 }
 
@@ -702,8 +739,23 @@ pub fn moe_forward(
     }
     x.expect_shape("x", &[t, h])?;
     out.expect_shape("out", &[t, h])?;
-    ws.h.expect_shape("workspace.h", &[ws.perm.capacity(), 2 * i])?;
-    ws.perm.codes.expect_shape("workspace.perm", &[ws.perm.capacity(), h])?;
+    // Every workspace buffer (public fields) is checked here, before the first launch, so a mismatch is an error
+    // with nothing enqueued rather than a failure half-way through the layer.
+    ws.perm.check()?;
+    let cap = ws.perm.capacity();
+    ws.perm.codes.expect_shape("workspace.perm", &[cap, h])?;
+    ws.h.expect_shape("workspace.h", &[cap, 2 * i])?;
+    ws.act.expect_shape("workspace.act", &[cap, i])?;
+    ws.act_scales.expect_shape("workspace.act_scales", &activation_scale_shape(cap, i))?;
+    ws.y.expect_shape("workspace.y", &[cap, h])?;
+    ws.xq.expect_shape("workspace.xq", &[t, h])?;
+    ws.xs.expect_shape("workspace.xs", &activation_scale_shape(t, h))?;
+    ws.topk_ids.expect_shape("workspace.topk_ids", &[t, cfg.top_k])?;
+    ws.topk_weights.expect_shape("workspace.topk_weights", &[t, cfg.top_k])?;
+    ws.logits.expect_shape("workspace.logits", &[t, e])?;
+    if ws.gemm_backend == GemmBackend::Wgmma {
+        gpu.require_hopper("moe_grouped_gemm_fp8_sm90")?;
+    }
     match (shared, &ws.shared) {
         (None, _) => {}
         (Some(s), Some(sw)) => {
@@ -715,6 +767,9 @@ pub fn moe_forward(
                     format!("[{se}, {}, {sh}]", 2 * si),
                 ));
             }
+            // Sized for the workspace's token count at creation (ws.perm.tokens is public and could change).
+            sw.h.expect_shape("workspace.shared.h", &[t, 2 * si])?;
+            sw.y.expect_shape("workspace.shared.y", &[t, h])?;
         }
         (Some(_), None) => {
             return Err(Error::InvalidConfig("shared expert given but the workspace has no shared buffers".into()))
@@ -1082,6 +1137,19 @@ mod tests {
                 assert_eq!((p.row_of[0], p.row_of[last]), (-1, -1));
             }
         }
+    }
+
+    #[test]
+    fn permuted_config_is_validated_without_overflow() {
+        let ok = Permuted::validate_config(3, 2, 8, 256, Layout::Masked { max_m: 64 }).unwrap();
+        assert_eq!(ok, (6, 8 * 64));
+        // block_m / max_m beyond i32 (the kernels' argument type) are errors, not a capacity overflow panic.
+        let huge = usize::MAX / 64 * 64;
+        assert!(Permuted::validate_config(3, 2, 8, 256, Layout::Contiguous { block_m: huge }).is_err());
+        assert!(Permuted::validate_config(3, 2, 8, 256, Layout::Masked { max_m: 1 << 31 }).is_err());
+        assert!(Permuted::validate_config(3, 2, 8, 256, Layout::Masked { max_m: 100 }).is_err());
+        assert!(Permuted::validate_config(3, 2, 1025, 256, Layout::Masked { max_m: 64 }).is_err());
+        assert!(Permuted::validate_config(3, 2, 8, 200, Layout::Masked { max_m: 64 }).is_err());
     }
 
     #[test]

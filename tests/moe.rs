@@ -224,9 +224,17 @@ fn check_permutation(gpu: &Gpu, t: usize, k: usize, e: usize, layout: Layout, se
 fn gpu_permute_matches_reference() {
     let Some(gpu) = test_gpu("gpu_permute_matches_reference") else { return };
     let mut seed = 100;
-    for &(t, k, e) in
-        &[(0usize, 8usize, 256usize), (1, 1, 8), (1, 8, 256), (16, 2, 64), (128, 8, 256), (512, 2, 8), (4096, 8, 256)]
-    {
+    // (1000, 2, 4): ~440 pairs per expert overflow Masked { max_m: 192 }, so the dropped-pair path runs on the GPU.
+    for &(t, k, e) in &[
+        (0usize, 8usize, 256usize),
+        (1, 1, 8),
+        (1, 8, 256),
+        (16, 2, 64),
+        (128, 8, 256),
+        (512, 2, 8),
+        (4096, 8, 256),
+        (1000, 2, 4),
+    ] {
         for layout in [
             Layout::Contiguous { block_m: GEMM_BLOCK_M },
             Layout::Contiguous { block_m: 128 },
@@ -253,6 +261,13 @@ fn gpu_permute_matches_reference() {
     assert_eq!((row_of[7], row_of[9], row_of[11]), (-1, -1, -1));
     assert!(upload_topk_ids(&gpu, &ids, t, k, e).is_err());
     assert!(Permuted::new(&gpu, t, k, e, h, Layout::Masked { max_m: 100 }).is_err());
+    // The public fields of Permuted are re-checked before any launch: a changed config or a swapped buffer is an
+    // error, never an out-of-bounds kernel.
+    p.top_k = k + 1;
+    assert!(permute(&gpu, &DeviceTensor::zeros(&gpu, &[t, k + 1]).unwrap(), &xq, &xs, &mut p).is_err());
+    p.top_k = k;
+    p.codes = DeviceTensor::zeros(&gpu, &[1, h]).unwrap();
+    assert!(permute(&gpu, &idd, &xq, &xs, &mut p).is_err());
     assert!(Permuted::new(&gpu, t, k, e, 100, Layout::Masked { max_m: 128 }).is_err());
 }
 
