@@ -89,17 +89,36 @@ fn reference(case: &Case, cache: &[f32]) -> (Vec<f32>, Vec<f32>) {
     (o, lse)
 }
 
-fn check_close(what: &str, got_o: &[f32], got_lse: &[f32], want_o: &[f32], want_lse: &[f32]) {
+/// Elementwise bound on |o − reference| besides the relative one. The sm_90a kernels feed P to their bf16 MMAs
+/// rounded to bf16 (relative error up to 2^-8 per weight) while normalizing with the fp32 row sum, so an output can
+/// be off by up to 2^-8 · Σ p_i |v_i| / l ≤ 2^-8 · max |v| (the test caches hold |v| ≤ 1, FP8-dequantized ≤ 1.01);
+/// with few keys that is reached (a 2-key row: one rounded weight of ~0.5). The portable kernel keeps P in fp32.
+fn o_abs_tol(backend: Backend) -> f32 {
+    match backend {
+        Backend::Portable => 8e-4,
+        Backend::Hopper | Backend::HopperWide => 8e-4 + 1.01 / 256.0,
+    }
+}
+
+fn check_close(what: &str, backend: Backend, got_o: &[f32], got_lse: &[f32], want_o: &[f32], want_lse: &[f32]) {
     assert_eq!(got_o.len(), want_o.len());
     assert_eq!(got_lse.len(), want_lse.len());
+    let abs_tol = o_abs_tol(backend);
+    let (mut sq, mut n) = (0f64, 0usize);
     for (i, (&g, &w)) in got_o.iter().zip(want_o).enumerate() {
         if !w.is_finite() || !g.is_finite() {
             assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "{what}: o[{i}] {g} vs {w}");
             continue;
         }
         let err = (g - w).abs();
-        assert!(err < 8e-4 || err < 2.0 / 128.0 * w.abs(), "{what}: o[{i}] {g} vs {w}");
+        assert!(err < abs_tol || err < 2.0 / 128.0 * w.abs(), "{what}: o[{i}] {g} vs {w}");
+        sq += (err as f64).powi(2);
+        n += 1;
     }
+    // The elementwise bound is loose for the bf16-P kernels; the RMS error (bf16 output rounding plus the P rounding,
+    // ~8e-4 at worst for rows of 2-5 keys, far less for long rows) keeps the check sharp.
+    let rms = (sq / n.max(1) as f64).sqrt();
+    assert!(rms < 1.5e-3, "{what}: rms error of o {rms}");
     for (i, (&g, &w)) in got_lse.iter().zip(want_lse).enumerate() {
         if !w.is_finite() || !g.is_finite() {
             assert!(g == w || (g.is_nan() && w.is_nan()), "{what}: lse[{i}] {g} vs {w}");
@@ -229,7 +248,7 @@ fn sweep(gpu: &Gpu, backends: &[Backend]) {
                         for &backend in backends {
                             let (o, l) = run_gpu(gpu, &case, &d, sm_mode(gpu), backend, false);
                             let what = format!("{backend:?} b{b} s_q{s_q} h{h} s_k{s_k} varlen{varlen} page{page}");
-                            check_close(&what, &o, &l, &want_o, &want_l);
+                            check_close(&what, backend, &o, &l, &want_o, &want_l);
                         }
                     }
                 }
@@ -259,13 +278,13 @@ fn gpu_2_sm90_wide_kernel_on_narrow_shapes() {
         let d = upload(&gpu, &case, None);
         let (want_o, want_l) = reference(&case, &case.cache);
         let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::HopperWide, false);
-        check_close(&format!("wide case {i}"), &o, &l, &want_o, &want_l);
+        check_close(&format!("wide case {i}"), Backend::HopperWide, &o, &l, &want_o, &want_l);
         let bytes = quantize_kv_cache_fp8(&case.cache).unwrap();
         let deq = dequantize_kv_cache_fp8(&bytes).unwrap();
         let d8 = upload(&gpu, &case, Some(&bytes));
         let (want_o, want_l) = reference(&case, &deq);
         let (o, l) = run_gpu(&gpu, &case, &d8, sm_mode(&gpu), Backend::HopperWide, true);
-        check_close(&format!("wide fp8 case {i}"), &o, &l, &want_o, &want_l);
+        check_close(&format!("wide fp8 case {i}"), Backend::HopperWide, &o, &l, &want_o, &want_l);
     }
 }
 
@@ -290,7 +309,7 @@ fn noncausal_and_odd_shapes(gpu: &Gpu, backends: &[Backend]) {
             let d = upload(gpu, &case, None);
             let (want_o, want_l) = reference(&case, &case.cache);
             let (o, l) = run_gpu(gpu, &case, &d, sm_mode(gpu), backend, false);
-            check_close(&format!("{backend:?} case {i}"), &o, &l, &want_o, &want_l);
+            check_close(&format!("{backend:?} case {i}"), backend, &o, &l, &want_o, &want_l);
         }
     }
     if backends != PLAIN {
@@ -301,7 +320,7 @@ fn noncausal_and_odd_shapes(gpu: &Gpu, backends: &[Backend]) {
     let d = upload(gpu, &case, None);
     let (want_o, want_l) = reference(&case, &case.cache);
     let (o, l) = run_gpu(gpu, &case, &d, sm_mode(gpu), Backend::Portable, false);
-    check_close("plain h5 page7", &o, &l, &want_o, &want_l);
+    check_close("plain h5 page7", Backend::Portable, &o, &l, &want_o, &want_l);
 }
 
 #[test]
@@ -333,7 +352,7 @@ fn fp8_cache(gpu: &Gpu, backends: &[Backend]) {
             let d = upload(gpu, &case, Some(&bytes));
             let (want_o, want_l) = reference(&case, &deq);
             let (o, l) = run_gpu(gpu, &case, &d, sm_mode(gpu), backend, true);
-            check_close(&format!("{backend:?} fp8 case {i}"), &o, &l, &want_o, &want_l);
+            check_close(&format!("{backend:?} fp8 case {i}"), backend, &o, &l, &want_o, &want_l);
             let (o2, l2) = run_gpu(gpu, &case, &d, sm_mode(gpu), backend, true);
             assert!(o == o2 && l.iter().zip(&l2).all(|(a, b)| a.to_bits() == b.to_bits()), "repeat differs");
         }
@@ -386,7 +405,7 @@ fn deterministic_and_batch_invariant(gpu: &Gpu, backends: &[Backend]) {
         assert_eq!(bits(&oa), bits(&o1[b * per_o..(b + 1) * per_o]), "{backend:?}: o differs when batched");
         assert_eq!(bits(&la), bits(&l1[b * per_l..(b + 1) * per_l]), "{backend:?}: lse differs when batched");
         let (want_o, want_l) = reference(&big, &big.cache);
-        check_close("batch-invariant mode", &o1, &l1, &want_o, &want_l);
+        check_close("batch-invariant mode", backend, &o1, &l1, &want_o, &want_l);
     }
 }
 
@@ -409,8 +428,8 @@ fn gpu_1_plain_garbage_table_without_host_copy_never_faults() {
     let o: Vec<f32> = out.to_host(&gpu).unwrap().iter().map(|x| x.to_f32()).collect();
     let l = lse.to_host(&gpu).unwrap();
     let (po, pl) = (16 * D_V, 16);
-    check_close("seq 0", &o[..po], &l[..pl], &want_o[..po], &want_l[..pl]);
-    check_close("seq 2", &o[2 * po..], &l[2 * pl..], &want_o[2 * po..], &want_l[2 * pl..]);
+    check_close("seq 0", Backend::Portable, &o[..po], &l[..pl], &want_o[..po], &want_l[..pl]);
+    check_close("seq 2", Backend::Portable, &o[2 * po..], &l[2 * pl..], &want_o[2 * po..], &want_l[2 * pl..]);
     // With the host copy the same table is an error.
     let opts = MlaOptions { block_table_host: Some(&case.table), ..Default::default() };
     let r = mla::mla_decode(&gpu, &d.q, &d.cache, &d.table, &d.seqlens, &plan, &c, &mut out, &mut lse, &mut ws, &opts);

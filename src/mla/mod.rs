@@ -110,7 +110,7 @@ pub enum Backend {
     /// The plain SIMT kernel (any sm_80+ GPU). The default until the sm_90a path is verified on a device.
     #[default]
     Portable,
-    /// The sm_90a wgmma kernels ([`sm90`]): the narrow (transposed) kernel when s_q·h ≤ 32 with a bf16 cache, the
+    /// The sm_90a wgmma kernels ([`sm90`]): the narrow (transposed) kernel when s_q·h ≤ 32 (either cache), the
     /// 64-row kernel otherwise; errors on other GPUs or unsupported page sizes.
     Hopper,
     /// The sm_90a 64-row kernel even for few query rows (for comparisons in tests and benchmarks).
