@@ -8,8 +8,8 @@
 // rope_bf16_inplace: one thread per (row, head, pair); angle = float(pos) · inv_freq[i] in fp32 (the Rust
 //   reference makes the same f32 product), sincosf (full precision). Bytes: 4 per pair read + written.
 // head_bmm_bf16: out[t, h, j] = Σ_i x[t, h, i] · w[off + h·ws_h + i·ws_i + j·ws_j], fp32 accumulate, bf16 out. One CTA per
-//   (head, 16-token tile, 128-column tile); the 16 x rows of the head are staged in smem; each thread owns one
-//   column j and walks i in order (deterministic). Flops: 2·t·h·k·n. SIMT: this is the W_UK/W_UV absorption, a small
+//   (head, 16-token tile, 128-column tile); the 16 x rows of the head are staged in smem, 512 columns at a time;
+//   each thread owns one column j and walks i in order (deterministic). Flops: 2·t·h·k·n. SIMT: this is the W_UK/W_UV absorption, a small
 //   share of a decode step.
 // cache_append_bf16: one CTA per token copies a width-wide row into its paged-cache slot; the slot is recomputed and
 //   bounds-checked on the device (block id < num_blocks, position within the table), so a bad table never writes
@@ -101,36 +101,46 @@ extern "C" __global__ void rope_bf16_inplace(__nv_bfloat16* __restrict__ x, cons
 
 constexpr int kBmmTokens = 16;
 constexpr int kBmmCols = 128;
+// x is staged kBmmChunk columns at a time, so shared memory stays at 16·min(k, 512)·4 ≤ 32 KiB for any k (router
+// logits have k = 7168). Accumulation order is still i = 0, 1, ..., k − 1. Twin: decode_ops::head_bmm_smem_bytes.
+constexpr int kBmmChunk = 512;
 
 // x: [t, heads, x_len] bf16, reads columns [x_col, x_col + k); w: bf16 with strides (ws_h, ws_i, ws_j);
 // out: [t, heads, out_len] bf16 (or fp32 when out_f32, e.g. router logits), writes columns [out_col, out_col + n).
-// Grid: (ceil(n/128), ceil(t/16), heads), block 128, dynamic smem 16·k·4 bytes.
+// Grid: (ceil(n/128), ceil(t/16), heads), block 128, dynamic smem 16·min(k, 512)·4 bytes.
 extern "C" __global__ void __launch_bounds__(128) head_bmm_bf16(const __nv_bfloat16* __restrict__ x,
                                                                const __nv_bfloat16* __restrict__ w,
                                                                void* __restrict__ out, int t, int heads, int k,
                                                                int n, long long ws_h, long long ws_i, long long ws_j,
                                                                int x_len, int x_col, int out_len, int out_col,
                                                                int out_f32, long long w_offset) {
-    extern __shared__ float xs[];  // [kBmmTokens][k]
+    extern __shared__ float xs[];  // [kBmmTokens][chunk]
     const int h = blockIdx.z;
     const int t0 = blockIdx.y * kBmmTokens;
     const int j = blockIdx.x * kBmmCols + threadIdx.x;
     const int tokens = min(kBmmTokens, t - t0);
-    for (int e = threadIdx.x; e < tokens * k; e += blockDim.x) {
-        const int tt = e / k, i = e % k;
-        xs[e] = __bfloat162float(x[(static_cast<size_t>(t0 + tt) * heads + h) * x_len + x_col + i]);
-    }
-    __syncthreads();
-    if (j >= n) return;
+    const bool active = j < n;  // no early return: every thread takes part in the chunk barriers
     float acc[kBmmTokens];
 #pragma unroll
     for (int tt = 0; tt < kBmmTokens; ++tt) acc[tt] = 0.0f;
-    const __nv_bfloat16* wp = w + w_offset + h * ws_h + j * ws_j;
-    for (int i = 0; i < k; ++i) {
-        const float wv = __bfloat162float(wp[i * ws_i]);
+    const __nv_bfloat16* wp = w + w_offset + h * ws_h + (active ? j : 0) * ws_j;
+    for (int i0 = 0; i0 < k; i0 += kBmmChunk) {
+        const int chunk = min(kBmmChunk, k - i0);
+        __syncthreads();  // the previous chunk has been consumed
+        for (int e = threadIdx.x; e < tokens * chunk; e += blockDim.x) {
+            const int tt = e / chunk, i = e % chunk;
+            xs[e] = __bfloat162float(x[(static_cast<size_t>(t0 + tt) * heads + h) * x_len + x_col + i0 + i]);
+        }
+        __syncthreads();
+        if (active) {
+            for (int i = 0; i < chunk; ++i) {
+                const float wv = __bfloat162float(wp[(i0 + i) * ws_i]);
 #pragma unroll
-        for (int tt = 0; tt < kBmmTokens; ++tt) acc[tt] = fmaf(xs[tt * k + i], wv, acc[tt]);
+                for (int tt = 0; tt < kBmmTokens; ++tt) acc[tt] = fmaf(xs[tt * chunk + i], wv, acc[tt]);
+            }
+        }
     }
+    if (!active) return;
 #pragma unroll
     for (int tt = 0; tt < kBmmTokens; ++tt) {
         if (tt >= tokens) continue;

@@ -289,6 +289,14 @@ pub struct Columns {
     pub len: usize,
 }
 
+/// Columns of x the head_bmm kernel stages in shared memory at a time (`kBmmChunk` in kernels/decode_ops.cu).
+const BMM_CHUNK: usize = 512;
+
+/// Dynamic shared memory of the head_bmm kernel for reduction length `k`: 16 token rows of `min(k, 512)` f32.
+fn head_bmm_smem_bytes(k: usize) -> u32 {
+    (16 * k.min(BMM_CHUNK) * 4) as u32
+}
+
 /// `out[t, h, out.col + j] = Σ_i x[t, h, x.col + i] · w[s.offset + h·s.head + i·s.i + j·s.j]` for `i < x_cols.len`,
 /// `j < out_cols.len`; fp32 accumulation, bf16 out. `x` is [t, heads, x_len] and `out` [t, heads, out_len]; columns
 /// outside `out_cols` are not touched. With whole-row windows this is a plain per-head batched matmul.
@@ -324,8 +332,7 @@ pub fn head_bmm_windows<O: BmmOutput>(
             return Err(Error::shape("w", format!("more than {last} elements for {strides:?}"), w.numel()));
         }
     }
-    let smem = 16 * k * 4;
-    let smem_u32 = u32::try_from(smem).map_err(|_| Error::shape("x", "a smaller k", k))?;
+    let smem_u32 = head_bmm_smem_bytes(k);
     let (ti, hi, ki, ni) = (to_i32("t", t)?, to_i32("heads", heads)?, to_i32("k", k)?, to_i32("n", n)?);
     let (sh, si, sj, so) = (strides.head as i64, strides.i as i64, strides.j as i64, strides.offset as i64);
     let windows =
@@ -450,4 +457,19 @@ pub fn cache_append(
     // so every write is inside the cache; reads are bounded by the checked shapes.
     unsafe { launch.launch(cfg) }?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_bmm_smem_is_bounded_for_any_k() {
+        assert_eq!(head_bmm_smem_bytes(0), 0);
+        assert_eq!(head_bmm_smem_bytes(128), 16 * 128 * 4);
+        assert_eq!(head_bmm_smem_bytes(512), 32 * 1024);
+        // Router logits (k = hidden = 7168) used to need 448 KiB, above every GPU's opt-in limit.
+        assert_eq!(head_bmm_smem_bytes(7168), 32 * 1024);
+        assert_eq!(head_bmm_smem_bytes(usize::MAX), 32 * 1024);
+    }
 }
