@@ -404,36 +404,7 @@ pub fn cache_append(
         if table.len() != batch * max_blocks || seqs.len() != t || pos.len() != t {
             return Err(Error::shape("host_table", "host copies matching the device tensors", "different lengths"));
         }
-        // Validate with the reference's index logic (on a zero-sized scratch cache view of the same geometry).
-        for r in 0..t {
-            let (s, p) = (seqs[r], pos[r]);
-            if s < 0 || s as usize >= batch {
-                return Err(Error::IndexOutOfRange {
-                    arg: "seq_ids",
-                    position: r,
-                    value: s as i64,
-                    bound: batch as i64,
-                });
-            }
-            if p < 0 || p as usize / page >= max_blocks {
-                return Err(Error::IndexOutOfRange {
-                    arg: "positions",
-                    position: r,
-                    value: p as i64,
-                    bound: (max_blocks * page) as i64,
-                });
-            }
-            let entry = s as usize * max_blocks + p as usize / page;
-            let b = table[entry];
-            if b < 0 || b as usize >= num_blocks {
-                return Err(Error::IndexOutOfRange {
-                    arg: "block_table",
-                    position: entry,
-                    value: b as i64,
-                    bound: num_blocks as i64,
-                });
-            }
-        }
+        crate::reference::decode_ops::cache_slots(table, max_blocks, num_blocks, page, seqs, pos)?;
     }
     let args = (
         to_i32("width", width)?,

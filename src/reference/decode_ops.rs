@@ -206,14 +206,35 @@ pub fn cache_append(
     if max_blocks == 0 || !block_table.len().is_multiple_of(max_blocks) {
         return Err(Error::shape("block_table", format!("[batch, {max_blocks}]"), block_table.len()));
     }
+    let slots = cache_slots(block_table, max_blocks, num_blocks, page, seq_ids, positions)?;
+    for (r, slot) in slots.into_iter().enumerate() {
+        cache[slot * width..(slot + 1) * width].copy_from_slice(&rows[r * width..(r + 1) * width]);
+    }
+    Ok(())
+}
+
+/// The cache token index (`block · page + pos % page`) of each `(seq_ids[r], positions[r])` through `block_table`
+/// [batch, max_blocks], validating every index (seq id, position within the table, page id < `num_blocks`).
+pub fn cache_slots(
+    block_table: &[i32],
+    max_blocks: usize,
+    num_blocks: usize,
+    page: usize,
+    seq_ids: &[i32],
+    positions: &[i32],
+) -> Result<Vec<usize>> {
+    if page == 0 || max_blocks == 0 || !block_table.len().is_multiple_of(max_blocks) {
+        return Err(Error::shape("block_table", format!("[batch, {max_blocks}] with page {page}"), block_table.len()));
+    }
+    if positions.len() != seq_ids.len() {
+        return Err(Error::shape("positions", seq_ids.len(), positions.len()));
+    }
     let batch = block_table.len() / max_blocks;
-    let mut slots = Vec::with_capacity(t);
-    for r in 0..t {
-        let seq = seq_ids[r];
+    let mut slots = Vec::with_capacity(seq_ids.len());
+    for (r, (&seq, &pos)) in seq_ids.iter().zip(positions).enumerate() {
         if seq < 0 || seq as usize >= batch {
             return Err(Error::IndexOutOfRange { arg: "seq_ids", position: r, value: seq as i64, bound: batch as i64 });
         }
-        let pos = positions[r];
         if pos < 0 || pos as usize / page >= max_blocks {
             return Err(Error::IndexOutOfRange {
                 arg: "positions",
@@ -232,12 +253,9 @@ pub fn cache_append(
                 bound: num_blocks as i64,
             });
         }
-        slots.push((block as usize * page + pos as usize % page) * width);
+        slots.push(block as usize * page + pos as usize % page);
     }
-    for (r, slot) in slots.into_iter().enumerate() {
-        cache[slot..slot + width].copy_from_slice(&rows[r * width..(r + 1) * width]);
-    }
-    Ok(())
+    Ok(slots)
 }
 
 #[cfg(test)]
