@@ -50,7 +50,9 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_bf16(const __nv_bfloa
     float total = 0.0f;
 #pragma unroll
     for (int w = 0; w < 8; ++w) total += warp_sums[w];
-    const float inv = rsqrtf(total / static_cast<float>(d) + eps);
+    // Correctly rounded sqrt and division (not rsqrtf, ~2 ulp) keep the normalized activations within one bf16 rounding
+    // of the f64 reference, so router top-k choices do not flip on near-ties.
+    const float inv = 1.0f / sqrtf(total / static_cast<float>(d) + eps);
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         const float v = load(c);
         if (residual_out != nullptr) residual_out[row * d + c] = __float2bfloat16_rn(v);
