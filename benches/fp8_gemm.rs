@@ -3,19 +3,18 @@
 //! `VEC128_32F` = 4 and `BLK128x128_32F` = 5 of `cublasLtMatmulMatrixScale_t`, CUDA 12.9+, set through the raw
 //! attribute API since the crate's cuda-12080 bindings lack those enum values) and cuBLAS bf16 GEMM. Prints the
 //! ratios after each shape. A peer that the installed library rejects is reported and skipped. Prints a skip line
-//! and exits when there is no GPU.
+//! and exits when there is no GPU. The cuBLASLt wrapper lives in benches/common/cublaslt.rs (shared with the MoE bench).
 
-use std::ffi::c_void;
-use std::sync::Arc;
+#[path = "common/cublaslt.rs"]
+mod cublaslt;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use cublaslt::LtFp8;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::cublaslt::{result as lt, sys as ltsys};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use r1_kernels::gemm::{fp8_gemm, GemmKernel, GemmOptions};
 use r1_kernels::reference::gemm::calc_diff;
 use r1_kernels::timing::{median_launch_time, time_launches};
-use r1_kernels::{bf16, DeviceTensor, Gpu, E4M3};
+use r1_kernels::{bf16, DeviceTensor, E4M3};
 
 const NK: [(usize, usize); 8] =
     [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048), (4096, 4096), (14336, 4096)];
@@ -32,143 +31,6 @@ fn codes(n: usize, seed: u64) -> Vec<E4M3> {
             E4M3((s >> 56) as u8 & 0x7e)
         })
         .collect()
-}
-
-/// cuBLASLt block-scaled FP8: row-major D[m, n] = A[m, k]·B[n, k]ᵀ computed as column-major Dᵀ = op(B)·op(A)
-/// with op = T on B (the "TN" layout FP8 requires). B (the weights) gets 128×128 block scales, A 1×128 scales.
-struct LtFp8 {
-    handle: ltsys::cublasLtHandle_t,
-    desc: ltsys::cublasLtMatmulDesc_t,
-    layouts: [ltsys::cublasLtMatrixLayout_t; 3],
-    algo: ltsys::cublasLtMatmulAlgo_t,
-    workspace: CudaSlice<u8>,
-    stream: Arc<CudaStream>,
-}
-
-const LT_WORKSPACE: usize = 32 << 20;
-const SCALE_MODE_VEC128_32F: i32 = 4;
-const SCALE_MODE_BLK128X128_32F: i32 = 5;
-
-impl LtFp8 {
-    fn new(
-        gpu: &Gpu,
-        m: usize,
-        n: usize,
-        k: usize,
-        sa: &DeviceTensor<f32>,
-        sb: &DeviceTensor<f32>,
-    ) -> Result<Self, String> {
-        // SAFETY: only dlopens the library.
-        if !unsafe { ltsys::is_culib_present() } {
-            return Err("libcublasLt not found".into());
-        }
-        // cuBLASLt reads BLK128x128 scales with the K-block dimension leading and padded to a multiple of 4; `sb` is
-        // [ceil(n/128), ceil(k/128)] unpadded, so only when ceil(k/128) % 4 == 0 do the two layouts coincide (otherwise
-        // the library would read past the end of `sb`).
-        if !k.div_ceil(128).is_multiple_of(4) {
-            return Err(format!("ceil(k/128) = {} is not a multiple of 4 (cuBLASLt's scale layout)", k.div_ceil(128)));
-        }
-        let err = |e: cudarc::cublaslt::result::CublasError| format!("{e:?}");
-        let handle = lt::create_handle().map_err(err)?;
-        let desc =
-            lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, ltsys::cudaDataType::CUDA_R_32F)
-                .map_err(err)?;
-        let stream = gpu.stream().clone();
-        let (psb, psa) = {
-            let (p1, _g1) = sb.buffer().device_ptr(&stream);
-            let (p2, _g2) = sa.buffer().device_ptr(&stream);
-            (p1, p2)
-        };
-        let set = |attr: ltsys::cublasLtMatmulDescAttributes_t, ptr: *const c_void, size: usize| {
-            // SAFETY: `ptr` points to a live value of `size` bytes of the type the attribute expects.
-            unsafe { lt::set_matmul_desc_attribute(desc, attr, ptr, size) }.map_err(err)
-        };
-        use ltsys::cublasLtMatmulDescAttributes_t as A;
-        let (t, nop) =
-            (cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T, cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N);
-        set(A::CUBLASLT_MATMUL_DESC_TRANSA, &t as *const _ as *const c_void, std::mem::size_of_val(&t))?;
-        set(A::CUBLASLT_MATMUL_DESC_TRANSB, &nop as *const _ as *const c_void, std::mem::size_of_val(&nop))?;
-        set(A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &SCALE_MODE_BLK128X128_32F as *const i32 as *const c_void, 4)?;
-        set(A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &SCALE_MODE_VEC128_32F as *const i32 as *const c_void, 4)?;
-        set(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &psb as *const u64 as *const c_void, 8)?;
-        set(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &psa as *const u64 as *const c_void, 8)?;
-        let e4m3 = ltsys::cudaDataType::CUDA_R_8F_E4M3;
-        let la = lt::create_matrix_layout(e4m3, k as u64, n as u64, k as i64).map_err(err)?;
-        let lb = lt::create_matrix_layout(e4m3, k as u64, m as u64, k as i64).map_err(err)?;
-        let ld =
-            lt::create_matrix_layout(ltsys::cudaDataType::CUDA_R_16BF, n as u64, m as u64, n as i64).map_err(err)?;
-        let pref = lt::create_matmul_pref().map_err(err)?;
-        let ws = LT_WORKSPACE as u64;
-        // SAFETY: the attribute is a u64 byte count.
-        unsafe {
-            lt::set_matmul_pref_attribute(
-                pref,
-                ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &ws as *const u64 as *const c_void,
-                8,
-            )
-        }
-        .map_err(err)?;
-        // SAFETY: all descriptors were created above and are valid.
-        let heur = unsafe { lt::get_matmul_algo_heuristic(handle, desc, la, lb, ld, ld, pref) };
-        // SAFETY: created above, not used afterwards.
-        unsafe { lt::destroy_matmul_pref(pref) }.map_err(err)?;
-        let heur = heur.map_err(|e| format!("no cuBLASLt algorithm for block-scaled FP8: {e:?}"))?;
-        let workspace = stream.alloc_zeros::<u8>(LT_WORKSPACE).map_err(|e| format!("{e:?}"))?;
-        Ok(LtFp8 { handle, desc, layouts: [la, lb, ld], algo: heur.algo, workspace, stream })
-    }
-
-    fn run(
-        &mut self,
-        a: &DeviceTensor<E4M3>,
-        b: &DeviceTensor<E4M3>,
-        d: &mut CudaSlice<bf16>,
-    ) -> r1_kernels::Result<()> {
-        let (alpha, beta) = (1f32, 0f32);
-        let stream = self.stream.clone();
-        let (pa, _g1) = a.buffer().device_ptr(&stream);
-        let (pb, _g2) = b.buffer().device_ptr(&stream);
-        let (pd, _g3) = d.device_ptr_mut(&stream);
-        let (pw, _g4) = self.workspace.device_ptr_mut(&stream);
-        let [la, lb, ld] = self.layouts;
-        // SAFETY: layouts describe exactly the buffers passed (B as the k×n "A" operand, A as the k×m "B" operand,
-        // D n×m column-major = row-major [m, n]); scales were sized by the GEMM's own validation; the workspace has
-        // LT_WORKSPACE bytes.
-        unsafe {
-            lt::matmul(
-                self.handle,
-                self.desc,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                pb as *const c_void,
-                la,
-                pa as *const c_void,
-                lb,
-                pd as *const c_void,
-                ld,
-                pd as *mut c_void,
-                ld,
-                &self.algo,
-                pw as *mut c_void,
-                LT_WORKSPACE,
-                stream.cu_stream() as *mut _,
-            )
-        }
-        .map_err(|e| r1_kernels::Error::Driver(format!("cublasLtMatmul: {e:?}")))
-    }
-}
-
-impl Drop for LtFp8 {
-    fn drop(&mut self) {
-        // SAFETY: created in `new`, destroyed once.
-        unsafe {
-            for l in self.layouts {
-                let _ = lt::destroy_matrix_layout(l);
-            }
-            let _ = lt::destroy_matmul_desc(self.desc);
-            let _ = lt::destroy_handle(self.handle);
-        }
-    }
 }
 
 fn bench_fp8_gemm(c: &mut Criterion) {
@@ -219,14 +81,14 @@ fn bench_fp8_gemm(c: &mut Criterion) {
 
             let mut d_lt = gpu.stream().alloc_zeros::<bf16>(m * n).expect("alloc lt out");
             match LtFp8::new(&gpu, m, n, k, &sa, &sb) {
-                Ok(mut peer) => match peer.run(&a, &b, &mut d_lt) {
+                Ok(mut peer) => match peer.run(&a, &sa, &b, &sb, &mut d_lt) {
                     Ok(()) => {
                         group.bench_with_input(BenchmarkId::new("cublaslt_fp8_blockscaled", &shape), &(), |bch, _| {
                             bch.iter_custom(|iters| {
-                                time_launches(&gpu, iters, || peer.run(&a, &b, &mut d_lt)).expect("launch lt")
+                                time_launches(&gpu, iters, || peer.run(&a, &sa, &b, &sb, &mut d_lt)).expect("launch lt")
                             })
                         });
-                        let t = median_launch_time(&gpu, 5, 5, || peer.run(&a, &b, &mut d_lt))
+                        let t = median_launch_time(&gpu, 5, 5, || peer.run(&a, &sa, &b, &sb, &mut d_lt))
                             .expect("time lt")
                             .as_secs_f64();
                         line +=

@@ -1,15 +1,23 @@
 //! MoE benchmarks, timed with CUDA events: router (128 tokens, E=256), grouped FP8 GEMM contiguous (8 experts × 4096
 //! rows, N=4096, K=7168: flops) and masked (4 × 256 rows, N=7168, K=2048: flops), and the whole DeepSeek-V3 layer at
-//! 128 tokens (bytes of expert weights it must read). Prints a skip line and exits when there is no GPU.
+//! 128 tokens (bytes of expert weights it must read) beside its peer, a loop of per-expert cuBLASLt block-scaled
+//! FP8 GEMMs on the same routed data (same throughput, so criterion prints comparable numbers; the speedup is printed
+//! after the group, or why the peer was skipped). Prints a skip line and exits when there is no GPU.
+
+#[path = "common/cublaslt.rs"]
+mod cublaslt;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use cublaslt::{LtContext, LtFp8Gemm};
+use cudarc::driver::CudaView;
 use r1_kernels::moe::{
-    expert_weight_bytes, grouped_gemm, moe_forward, permute, route, upload_topk_ids, ExpertWeights, Layout,
-    MoeWorkspace, Permuted, RouterConfig, Routing,
+    expert_weight_bytes, grouped_gemm, moe_forward, permute, route, swiglu_quant, upload_topk_ids, ExpertWeights,
+    Layout, MoeWorkspace, Permuted, RouterConfig, Routing,
 };
 use r1_kernels::quant::{activation_scale_shape, quantize_activations};
+use r1_kernels::reference::moe::calc_diff;
 use r1_kernels::reference::quant::ScaleFormat;
-use r1_kernels::timing::time_launches;
+use r1_kernels::timing::{median_launch_time, time_launches};
 use r1_kernels::{bf16, DeviceTensor, Gpu, E4M3};
 
 fn random_f32(n: usize, scale: f32, seed: u64) -> Vec<f32> {
@@ -65,10 +73,181 @@ fn permuted(gpu: &Gpu, t: usize, k: usize, e: usize, hidden: usize, layout: Layo
     p
 }
 
+/// One expert's work in the cuBLASLt loop peer of the full layer, every buffer and descriptor prepared up front:
+/// gate+up `[m, H]×[2I, H]ᵀ`, the crate's fused SwiGLU + requant (the real activation, so the down GEMM reads what
+/// the layer's would; the GEMMs dominate the time anyway), down `[m, I]×[H, I]ᵀ`.
+struct PeerJob<'w> {
+    weights: &'w ExpertWeights,
+    expert: usize,
+    /// Token rows routed to the expert; `m` ≥ rows when cuBLASLt needed zero padding rows.
+    rows: usize,
+    a: DeviceTensor<E4M3>,
+    sa: DeviceTensor<f32>,
+    h: DeviceTensor<bf16>,
+    act: DeviceTensor<E4M3>,
+    act_s: DeviceTensor<f32>,
+    y: DeviceTensor<bf16>,
+    up: LtFp8Gemm,
+    down: LtFp8Gemm,
+}
+
+/// Expert `e`'s slice of a tensor whose first dimension is the expert.
+fn expert_view<T: cudarc::driver::DeviceRepr>(t: &DeviceTensor<T>, e: usize) -> CudaView<'_, T> {
+    let per = t.numel() / t.shape()[0].max(1);
+    t.buffer().slice(e * per..(e + 1) * per)
+}
+
+impl<'w> PeerJob<'w> {
+    /// Gathers `tokens` rows of the quantized input (`xq` `[t, H]`, `xs` `[H/128, round_up(t, 4)]`, as the layer
+    /// quantized them) into the expert's own buffers. Tries `m` = the row count first, then (if cuBLASLt rejects it)
+    /// rows padded with zeros to a multiple of 16. Returns the job and whether it was padded.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        gpu: &Gpu,
+        ctx: &LtContext,
+        weights: &'w ExpertWeights,
+        expert: usize,
+        tokens: &[usize],
+        xq: &[E4M3],
+        xs: &[f32],
+        t: usize,
+    ) -> Result<(Self, bool), String> {
+        let (_, i2, h) = (weights.w13.shape()[0], weights.w13.shape()[1], weights.w13.shape()[2]);
+        let i = i2 / 2;
+        let (hb, t_pad) = (h / 128, t.div_ceil(4) * 4);
+        let rows = tokens.len();
+        let mut first_err = None;
+        let mut tries = vec![rows];
+        if !rows.is_multiple_of(16) {
+            tries.push(rows.div_ceil(16) * 16);
+        }
+        for m in tries {
+            let m_pad = m.div_ceil(4) * 4;
+            let mut codes = vec![E4M3(0); m * h];
+            let mut scales = vec![0f32; hb * m_pad];
+            for (r, &tok) in tokens.iter().enumerate() {
+                codes[r * h..(r + 1) * h].copy_from_slice(&xq[tok * h..(tok + 1) * h]);
+                for g in 0..hb {
+                    scales[g * m_pad + r] = xs[g * t_pad + tok];
+                }
+            }
+            let dev = |e: r1_kernels::Error| e.to_string();
+            let a = DeviceTensor::from_host(gpu, &codes, &[m, h]).map_err(dev)?;
+            let sa = DeviceTensor::from_host(gpu, &scales, &[hb, m_pad]).map_err(dev)?;
+            let act_s = DeviceTensor::zeros(gpu, &activation_scale_shape(m, i)).map_err(dev)?;
+            let plans =
+                LtFp8Gemm::new(ctx, m, i2, h, &sa.view(), &expert_view(&weights.w13_scales, expert)).and_then(|up| {
+                    LtFp8Gemm::new(ctx, m, h, i, &act_s.view(), &expert_view(&weights.w2_scales, expert))
+                        .map(|down| (up, down))
+                });
+            match plans {
+                Ok((up, down)) => {
+                    let job = PeerJob {
+                        weights,
+                        expert,
+                        rows,
+                        a,
+                        sa,
+                        h: DeviceTensor::zeros(gpu, &[m, i2]).map_err(dev)?,
+                        act: DeviceTensor::zeros(gpu, &[m, i]).map_err(dev)?,
+                        act_s,
+                        y: DeviceTensor::zeros(gpu, &[m, h]).map_err(dev)?,
+                        up,
+                        down,
+                    };
+                    return Ok((job, m != rows));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(format!("m = {m}: {e}"));
+                }
+            }
+        }
+        Err(first_err.unwrap_or_default())
+    }
+
+    fn run(&mut self, gpu: &Gpu, ctx: &mut LtContext) -> r1_kernels::Result<()> {
+        let (w, e) = (self.weights, self.expert);
+        let (w13, s13) = (expert_view(&w.w13, e), expert_view(&w.w13_scales, e));
+        self.up.run(ctx, &self.a.view(), &self.sa.view(), &w13, &s13, &mut self.h.view_mut())?;
+        swiglu_quant(gpu, &self.h, &mut self.act, &mut self.act_s, ScaleFormat::F32, None)?;
+        let (w2, s2) = (expert_view(&w.w2, e), expert_view(&w.w2_scales, e));
+        self.down.run(ctx, &self.act.view(), &self.act_s.view(), &w2, &s2, &mut self.y.view_mut())
+    }
+}
+
+/// The peer of the full-layer bench: per-expert cuBLASLt GEMMs over the tokens the layer routed (read back from
+/// `ws` after one layer call), plus the shared expert over all tokens, so it reads the same expert weights as the
+/// layer. Routing, permutation, quantization of `x` and the weighted combine are *not* in the peer (they are in
+/// ours), which only flatters the peer. Returns the jobs and a note (padding, routing mismatch, agreement with the
+/// layer's own gate+up / down outputs).
+fn layer_peer<'w>(
+    gpu: &Gpu,
+    ctx: &mut LtContext,
+    experts: &'w ExpertWeights,
+    shared: &'w ExpertWeights,
+    ws: &MoeWorkspace,
+    host_ids: &[i32],
+) -> Result<(Vec<PeerJob<'w>>, String), String> {
+    let dev = |e: r1_kernels::Error| e.to_string();
+    let (e, k, t) = (experts.w13.shape()[0], ws.topk_ids.shape()[1], ws.tokens());
+    let (i2, h) = (experts.w13.shape()[1], experts.w13.shape()[2]);
+    let ids = ws.topk_ids.to_host(gpu).map_err(dev)?;
+    let xq = ws.xq.to_host(gpu).map_err(dev)?;
+    let xs = ws.xs.to_host(gpu).map_err(dev)?;
+    let mut note = String::new();
+    let mismatched = ids.iter().zip(host_ids).filter(|(a, b)| a != b).count();
+    if mismatched > 0 {
+        note += &format!(" [{mismatched} topk ids differ from the host router: the peer follows the device's]");
+    }
+    // block_m = 1: segments unpadded, rows of an expert in the layer's (stable) order.
+    let p = r1_kernels::reference::moe::permute(&ids, t, k, e, Layout::Contiguous { block_m: 1 }).map_err(dev)?;
+    let mut jobs = Vec::new();
+    let mut padded = 0;
+    for ex in 0..e {
+        let (start, rows) = (p.offsets[ex] as usize, p.counts[ex] as usize);
+        if rows == 0 {
+            continue;
+        }
+        let tokens: Vec<usize> = p.src_index[start..start + rows].iter().map(|&pair| pair as usize / k).collect();
+        let (job, pad) = PeerJob::new(gpu, ctx, experts, ex, &tokens, &xq, &xs, t)
+            .map_err(|m| format!("expert {ex} ({rows} rows): {m}"))?;
+        padded += usize::from(pad);
+        jobs.push(job);
+    }
+    let all: Vec<usize> = (0..t).collect();
+    let (job, pad) =
+        PeerJob::new(gpu, ctx, shared, 0, &all, &xq, &xs, t).map_err(|m| format!("shared expert ({t} rows): {m}"))?;
+    padded += usize::from(pad);
+    jobs.push(job);
+    if padded > 0 {
+        note += &format!(" [{padded} experts padded to 16-row multiples for cuBLASLt]");
+    }
+    for j in jobs.iter_mut() {
+        j.run(gpu, ctx).map_err(|e| format!("first run: {e}"))?;
+    }
+    // The layer's own gate+up and down outputs (from its last call) for the same rows: a small difference says the
+    // peer computes the same thing (in particular that cuBLASLt reads the scales in the layout we think).
+    let offsets = ws.perm.offsets.to_host(gpu).map_err(dev)?;
+    let (ours_h, ours_y) = (ws.h.to_host(gpu).map_err(dev)?, ws.y.to_host(gpu).map_err(dev)?);
+    let (mut a_h, mut b_h, mut a_y, mut b_y) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let to_f32 = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+    for j in jobs.iter().filter(|j| std::ptr::eq(j.weights, experts)) {
+        let (r0, r) = (offsets[j.expert] as usize, j.rows);
+        a_h.extend(to_f32(&ours_h[r0 * i2..(r0 + r) * i2]));
+        b_h.extend(to_f32(&j.h.to_host(gpu).map_err(dev)?[..r * i2]));
+        a_y.extend(to_f32(&ours_y[r0 * h..(r0 + r) * h]));
+        b_y.extend(to_f32(&j.y.to_host(gpu).map_err(dev)?[..r * h]));
+    }
+    note +=
+        &format!(" [calc_diff vs layer: gate+up {:.1e}, down {:.1e}]", calc_diff(&a_h, &b_h), calc_diff(&a_y, &b_y));
+    Ok((jobs, note))
+}
+
 fn bench_moe(c: &mut Criterion) {
     let Some(gpu) = r1_kernels::device::test_gpu("bench moe") else { return };
     let mut group = c.benchmark_group("moe");
     group.sample_size(10);
+    // The full layer's speedup over its cuBLASLt peer (or why the peer was skipped), printed after the group.
 
     // Router: 128 tokens, DeepSeek-V3 config.
     {
@@ -123,8 +302,10 @@ fn bench_moe(c: &mut Criterion) {
         });
     }
 
-    // Full DeepSeek-V3 layer at 128 tokens: throughput = bytes of expert weights read (experts hit + shared).
-    {
+    // Full DeepSeek-V3 layer at 128 tokens: throughput = bytes of expert weights read (experts hit + shared). The
+    // block's value is the layer's speedup over its cuBLASLt peer (or why the peer was skipped), printed after the
+    // group.
+    let peer_summary = {
         let cfg = RouterConfig::deepseek_v3();
         let (t, h, i) = (128, 7168, 2048);
         let logits_h = random_f32(t * 256, 3.0, 6);
@@ -147,7 +328,8 @@ fn bench_moe(c: &mut Criterion) {
         let bias = DeviceTensor::from_host(&gpu, &bias_h, &[256]).expect("upload");
         let mut ws = MoeWorkspace::new(&gpu, &cfg, t, h, i, Some(i), Layout::Contiguous { block_m: 64 }).expect("ws");
         let mut out = DeviceTensor::zeros(&gpu, &[t, h]).expect("alloc");
-        group.throughput(Throughput::Bytes(expert_weight_bytes(hit + 1, h, i)));
+        let bytes = expert_weight_bytes(hit + 1, h, i);
+        group.throughput(Throughput::Bytes(bytes));
         group.bench_function(BenchmarkId::new("layer_ds_v3", format!("t128_{hit}experts")), |b| {
             b.iter_custom(|iters| {
                 time_launches(&gpu, iters, || {
@@ -157,8 +339,55 @@ fn bench_moe(c: &mut Criterion) {
                 .expect("launch")
             })
         });
-    }
+
+        // The peer on the same data: per-expert cuBLASLt GEMMs over the rows the layer's router sent each expert.
+        let peer = LtContext::new(&gpu).and_then(|mut ctx| {
+            let (jobs, note) = layer_peer(&gpu, &mut ctx, &experts, &shared, &ws, &ids_h)?;
+            Ok((ctx, jobs, note))
+        });
+        match peer {
+            Err(reason) => format!("moe layer_ds_v3 t128: cuBLASLt loop peer skipped: {reason}"),
+            Ok((mut ctx, mut jobs, note)) => {
+                let mut run_peer = || -> r1_kernels::Result<()> {
+                    for j in jobs.iter_mut() {
+                        j.run(&gpu, &mut ctx)?;
+                    }
+                    Ok(())
+                };
+                group.throughput(Throughput::Bytes(bytes));
+                group
+                    .bench_function(BenchmarkId::new("layer_ds_v3_cublaslt_loop", format!("t128_{hit}experts")), |b| {
+                        b.iter_custom(|iters| time_launches(&gpu, iters, &mut run_peer).expect("launch peer"))
+                    });
+                let mut ours = || {
+                    let routing = Routing::Logits(&logits, Some(&bias));
+                    moe_forward(&gpu, &cfg, &experts, Some(&shared), &x, routing, &mut ws, &mut out)
+                };
+                let medians = median_launch_time(&gpu, 3, 5, &mut ours)
+                    .and_then(|o| Ok((o, median_launch_time(&gpu, 3, 5, &mut run_peer)?)));
+                match medians {
+                    Ok((o, p)) => {
+                        let gbs = |d: std::time::Duration| bytes as f64 / d.as_secs_f64() / 1e9;
+                        format!(
+                            "moe layer_ds_v3 t128 ({hit} routed experts + shared): ours {:.1} us ({:.0} GB/s), \
+                             cuBLASLt loop peer {:.1} us ({:.0} GB/s, {} GEMM pairs): ours/peer time = {:.3}, \
+                             speedup {:.2}x (goal >= 1.5x){note}",
+                            o.as_secs_f64() * 1e6,
+                            gbs(o),
+                            p.as_secs_f64() * 1e6,
+                            gbs(p),
+                            jobs.len(),
+                            o.as_secs_f64() / p.as_secs_f64(),
+                            p.as_secs_f64() / o.as_secs_f64(),
+                        )
+                    }
+                    Err(e) => format!("moe layer_ds_v3 t128: cuBLASLt loop peer skipped: timing failed: {e}"),
+                }
+            }
+        }
+    };
     group.finish();
+    eprintln!("{peer_summary}");
 }
 
 criterion_group!(benches, bench_moe);
