@@ -3,7 +3,8 @@
 //! `VEC128_32F` = 4 and `BLK128x128_32F` = 5 of `cublasLtMatmulMatrixScale_t`, CUDA 12.9+, set through the raw
 //! attribute API since the crate's cuda-12080 bindings lack those enum values) and cuBLAS bf16 GEMM. Prints the
 //! ratios after each shape. A peer that the installed library rejects is reported and skipped. Prints a skip line
-//! and exits when there is no GPU. The cuBLASLt wrapper lives in benches/common/cublaslt.rs (shared with the MoE bench).
+//! and exits when there is no GPU. The cuBLASLt wrapper lives in benches/common/cublaslt.rs (shared with the MoE
+//! bench).
 
 #[path = "common/cublaslt.rs"]
 mod cublaslt;

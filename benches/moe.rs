@@ -341,7 +341,21 @@ fn bench_moe(c: &mut Criterion) {
         });
 
         // The peer on the same data: per-expert cuBLASLt GEMMs over the rows the layer's router sent each expert.
-        let peer = LtContext::new(&gpu).and_then(|mut ctx| {
+        // One more layer call first, so the workspace holds this input's routing and outputs even when a criterion
+        // filter skipped the layer bench.
+        let peer = moe_forward(
+            &gpu,
+            &cfg,
+            &experts,
+            Some(&shared),
+            &x,
+            Routing::Logits(&logits, Some(&bias)),
+            &mut ws,
+            &mut out,
+        )
+        .map_err(|e| format!("layer call failed: {e}"))
+        .and_then(|()| LtContext::new(&gpu))
+        .and_then(|mut ctx| {
             let (jobs, note) = layer_peer(&gpu, &mut ctx, &experts, &shared, &ws, &ids_h)?;
             Ok((ctx, jobs, note))
         });

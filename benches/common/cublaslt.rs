@@ -1,5 +1,5 @@
-//! cuBLASLt block-scaled FP8 GEMM, the peer several benches compare against: row-major D[m, n] (bf16) = A[m, k]·B[n, k]ᵀ
-//! with 1×128 activation scales on A and 128×128 block scales on B (scale modes `VEC128_32F` = 4 and
+//! cuBLASLt block-scaled FP8 GEMM, the peer several benches compare against: row-major D[m, n] (bf16) =
+//! A[m, k]·B[n, k]ᵀ with 1×128 activation scales on A and 128×128 block scales on B (scale modes `VEC128_32F` = 4 and
 //! `BLK128x128_32F` = 5 of `cublasLtMatmulMatrixScale_t`, CUDA 12.9+, set through the raw attribute API since the
 //! crate's cuda-12080 bindings lack those enum values). Scales are in the crate's layouts: A's MN-major
 //! `[ceil(k/128), round_up(m, 4)]`, B's row-major `[ceil(n/128), ceil(k/128)]`.
