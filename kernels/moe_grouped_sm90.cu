@@ -10,19 +10,24 @@
 // Tiling: 64 x 128 output tiles (BLOCK_M = 64: the segment granule; BLOCK_N = 128: N % 128 == 0, so a B box never
 // crosses an expert and a tile uses one weight-scale block), BLOCK_K = 128 (one scale group, one promotion step).
 //
-// Pipeline (as kernels/fp8_gemm_sm90.cu, one math warpgroup): persistent CTAs (grid = min(tiles, SMs)) walk the
-// tiles of the whole [capacity / 64] x [N / 128] grid in r1k::gemm::tile_coords' grouped order. For each tile both
-// roles look up the expert from the device offsets/counts (r1k::moe_find_segment / moe_segment_valid_end) and skip
-// tiles with no valid row; both compute the same sequence, so the ring's stage/phase counters stay in step. The
-// producer warpgroup's one thread issues per K block three TMA loads into stage s of a `stages`-deep ring: A [64 x
-// 128 B] at row m0, B [128 x 128 B] at row e N + n0 of the 2-D [E N, K] weight map (both 128-byte swizzled), and the
-// 64 activation scales of the K block; completion on full[s] with expect_tx. The math warpgroup waits on full[s],
-// issues four wgmma m64n128k32 (QGMMA), waits, releases the stage (one arrive per warp on empty[s]) and promotes
-// fin += acc * sa * sw on the CUDA cores (sw read from global/L2). Epilogue: registers -> global bf16x2, rows past
-// the expert's valid end are not stored. Every mbarrier wait traps after 10 s instead of hanging.
+// Pipeline (the machinery of kernels/fp8_gemm_sm90.cu: TMA, mbarrier ring, QGMMA, per-128-K promotion): persistent
+// CTAs (grid = min(tiles, SMs)) of three warpgroups walk the tiles of the whole [capacity / 64] x [N / 128] grid in
+// r1k::gemm::tile_coords' grouped order. For each tile every role looks up the expert from the device
+// offsets/counts (r1k::moe_find_segment / moe_segment_valid_end) and skips tiles with no valid row; all roles
+// compute the same sequence, so the stage/phase counters stay in step. The CTA's valid tiles alternate between two
+// independent pipes (valid tile j goes to pipe j % 2): pipe p is math warpgroup p, lane 0 of warp p of the last
+// (producer) warpgroup, and its own half of the `stages`-deep shared-memory ring. Two 64-row pipes instead of one
+// 128-row tile because a 128-row tile may span two experts (segments are padded to 64 only); the pipes also overlap
+// one warpgroup's promotion and epilogue with the other's wgmma. The producer thread issues per K block three TMA
+// loads into stage s: A [64 x 128 B] at row m0, B [128 x 128 B] at row e N + n0 of the 2-D [E N, K] weight map
+// (both 128-byte swizzled), and the 64 activation scales of the K block; completion on full[s] with expect_tx. The
+// math warpgroup waits on full[s], issues four wgmma m64n128k32 (QGMMA), waits, releases the stage (one arrive per
+// warp on empty[s]) and promotes fin += acc * sa * sw on the CUDA cores (sw read from global/L2). Epilogue:
+// registers -> global bf16x2; rows past the expert's valid end are not stored. 384 threads cap registers at 168
+// (no setmaxnreg needed). Every mbarrier wait traps after 10 s instead of hanging.
 //
-// Not done: BLOCK_M = 128 (two math warpgroups; needs the 128-row granule), TMA multicast, a TMA-store epilogue,
-// a device-side compacted tile list (CTAs stride over skipped tiles too, which costs two short lookups each).
+// Not done: TMA multicast, a TMA-store epilogue, a device-side compacted tile list (CTAs stride over skipped tiles
+// too, which costs two short lookups each), 128-row tiles when the layout guarantees 128-row segments.
 //
 // r1k-sass: moe_grouped_gemm_fp8_sm90_tma QGMMA
 #include <cuda_bf16.h>
@@ -39,6 +44,7 @@ constexpr int BN = 128;
 constexpr uint32_t kATile = BM * kBlockK;
 constexpr uint32_t kBTile = BN * kBlockK;
 constexpr uint32_t kStageTx = kATile + kBTile + BM * 4;
+constexpr uint32_t kPipes = 2;  // twin: moe::TMA_PIPES (the launch has 128 (kPipes + 1) threads)
 
 // Twin of moe::tma_tile_work: the tile's expert and valid-row end, or false when the tile has no valid row.
 __device__ __forceinline__ bool tile_work(uint32_t item, uint32_t tiles_m, uint32_t tiles_n, uint32_t group_m,
@@ -55,7 +61,7 @@ __device__ __forceinline__ bool tile_work(uint32_t item, uint32_t tiles_m, uint3
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(256, 1)
+extern "C" __global__ void __launch_bounds__(384, 1)
     moe_grouped_gemm_fp8_sm90_tma(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                                   const __grid_constant__ CUtensorMap tm_sa, const float* __restrict__ sw,
                                   const long long* __restrict__ offsets, const int* __restrict__ counts,
@@ -76,6 +82,9 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     const int k_blocks = k / kBlockK;
     const int n_blocks = n / kBlockK;
     const int wg = threadIdx.x / 128;
+    // Pipe p (0 or 1) owns stages [p * per_pipe, (p + 1) * per_pipe) of the ring, math warpgroup p and producer warp
+    // p of the last warpgroup; it takes the CTA's valid tiles of parity p (counted in schedule order).
+    const uint32_t per_pipe = stages / kPipes;
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < stages; ++s) {
@@ -86,12 +95,13 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     }
     __syncthreads();
 
-    if (wg == 1) {
-        if (threadIdx.x % 128 == 0) {
+    if (wg == kPipes) {
+        const uint32_t pipe = (threadIdx.x % 128) / 32;
+        if (pipe < kPipes && threadIdx.x % 32 == 0) {
             tma_prefetch_desc(&tm_a);
             tma_prefetch_desc(&tm_b);
             tma_prefetch_desc(&tm_sa);
-            uint32_t it = 0;
+            uint32_t it = 0, valid = 0;
             for (uint32_t item = blockIdx.x; item < num_tiles; item += gridDim.x) {
                 uint32_t tm, tn;
                 int e;
@@ -100,10 +110,11 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                                valid_end)) {
                     continue;
                 }
+                if (valid++ % kPipes != pipe) continue;
                 const int b_row = e * n + static_cast<int>(tn) * BN;
                 for (int kb = 0; kb < k_blocks; ++kb, ++it) {
-                    const uint32_t s = it % stages;
-                    const uint32_t phase = (it / stages) & 1u;
+                    const uint32_t s = pipe * per_pipe + it % per_pipe;
+                    const uint32_t phase = (it / per_pipe) & 1u;
                     mbar_wait(&empty[s], phase ^ 1u);
                     mbar_arrive_expect_tx(&full[s], kStageTx);
                     tma_load_2d(a_ring + s * kATile, &tm_a, &full[s], kb * kBlockK, tm * BM);
@@ -115,14 +126,15 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         return;
     }
 
-    const int t = threadIdx.x;
+    const uint32_t pipe = wg;
+    const int t = threadIdx.x % 128;
     const int warp = t / 32, lane = t % 32;
     const int row_in_tile = warp * 16 + lane / 4;
     float acc[BN / 2];
     float fin[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
-    uint32_t it = 0;
+    uint32_t it = 0, valid = 0;
     for (uint32_t item = blockIdx.x; item < num_tiles; item += gridDim.x) {
         uint32_t tm, tn;
         int e;
@@ -130,13 +142,14 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         if (!tile_work(item, tiles_m, tiles_n, group_m, offsets, counts, num_experts, rows, tm, tn, e, valid_end)) {
             continue;
         }
+        if (valid++ % kPipes != pipe) continue;
         const uint32_t n0 = tn * BN;
         const float* sw_row = sw + (static_cast<int64_t>(e) * n_blocks + n0 / kBlockK) * k_blocks;
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) fin[i] = 0.0f;
         for (int kb = 0; kb < k_blocks; ++kb, ++it) {
-            const uint32_t s = it % stages;
-            const uint32_t phase = (it / stages) & 1u;
+            const uint32_t s = pipe * per_pipe + it % per_pipe;
+            const uint32_t phase = (it / per_pipe) & 1u;
             const float swv = __ldg(sw_row + kb);
             mbar_wait(&full[s], phase);
             const float sa0 = sa_ring[s * BM + row_in_tile];

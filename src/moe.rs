@@ -456,6 +456,33 @@ pub struct TmaTile {
     pub valid_end: i64,
 }
 
+/// Independent pipes (math warpgroup + producer thread + half the ring) of one [`GemmBackend::Sm90Tma`] CTA.
+pub const TMA_PIPES: u32 = 2;
+
+/// Twin of the kernel's per-role loop: the tiles CTA `cta` of `grid` computes on each pipe, in order (valid tile
+/// `j` of the CTA, in schedule order, goes to pipe `j % 2`).
+#[doc(hidden)]
+pub fn tma_cta_schedule(
+    cta: u32,
+    grid: u32,
+    rows: usize,
+    n: usize,
+    group_m: u32,
+    offsets: &[i64],
+    counts: &[i32],
+) -> [Vec<TmaTile>; 2] {
+    let tiles = (rows.div_ceil(TMA_BLOCK_M) * (n / TMA_BLOCK_N)) as u32;
+    let mut pipes = [Vec::new(), Vec::new()];
+    let mut valid = 0usize;
+    for item in (cta..tiles).step_by(grid as usize) {
+        if let Some(w) = tma_tile_work(item, rows, n, group_m, offsets, counts) {
+            pipes[valid % 2].push(w);
+            valid += 1;
+        }
+    }
+    pipes
+}
+
 /// Twin of `tile_work` in kernels/moe_grouped_sm90.cu: what tile `item` of the `[ceil(rows/64)] × [N/128]` grid
 /// computes, or `None` when it holds no valid row (producer and consumers both skip it).
 #[doc(hidden)]
@@ -519,7 +546,10 @@ pub fn grouped_tmas(rows: usize, n: usize, k: usize, num_experts: usize) -> [Tma
 /// Launch shape of the [`GemmBackend::Sm90Tma`] kernel: `(stages, dynamic smem bytes, grid)`.
 fn tma_launch_shape(rows: usize, n: usize, sm_count: u32) -> Result<(u32, u32, u32)> {
     let (bm, bn) = (TMA_BLOCK_M as u32, TMA_BLOCK_N as u32);
+    // Two pipes share the ring half and half, each at least two deep.
     let stages = plan::pick_stages(bm, bn, plan::SM90_SMEM_LIMIT)
+        .map(|s| s & !1)
+        .filter(|&s| s >= 2 * TMA_PIPES)
         .ok_or_else(|| Error::InvalidConfig("grouped TMA GEMM: no pipeline fits shared memory".into()))?;
     let tiles = (rows.div_ceil(TMA_BLOCK_M) as u64) * (n / TMA_BLOCK_N) as u64;
     if tiles >= 1 << 32 {
@@ -562,7 +592,8 @@ fn grouped_gemm_tma(
     let mut l = stream.launch_builder(&f);
     l.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&wsv).arg(&ov).arg(&cv).arg(&mut outv);
     l.arg(&r64).arg(&ni).arg(&ki).arg(&ei).arg(&st).arg(&gm);
-    let c = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
+    let threads = 128 * (TMA_PIPES + 1);
+    let c = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
     // SAFETY: the maps describe exactly a [rows, K], w [E·N, K] and a_scales [K/128, round_up(rows, 4)] (TMA never
     // reads outside them, zero-filling out-of-range box rows); the expert comes from a binary search clamped to
     // 0..E, so w_scales indices (e, n0/128, kb) are in bounds of [E, N/128, K/128]; stored rows are below
@@ -1358,6 +1389,31 @@ mod tests {
         }
     }
 
+    /// The CTAs' two pipes together compute every valid tile exactly once, the pipes of a CTA within one tile of
+    /// each other.
+    #[test]
+    fn tma_pipes_split_the_valid_tiles() {
+        let ids: Vec<i32> = (0..700 * 8usize).map(|i| ((i * 37) % 61) as i32).collect();
+        let p = ref_permute(&ids, 700, 8, 64, Layout::Contiguous { block_m: 64 }).unwrap();
+        let (rows, n) = (Layout::Contiguous { block_m: 64 }.capacity(700, 8, 64), 512);
+        let all: Vec<TmaTile> = (0..(rows.div_ceil(64) * 4) as u32)
+            .filter_map(|i| tma_tile_work(i, rows, n, 8, &p.offsets, &p.counts))
+            .collect();
+        for grid in [1u32, 7, 132] {
+            let mut got = Vec::new();
+            for cta in 0..grid {
+                let [p0, p1] = tma_cta_schedule(cta, grid, rows, n, 8, &p.offsets, &p.counts);
+                assert!(p0.len() == p1.len() || p0.len() == p1.len() + 1);
+                got.extend(p0.into_iter().chain(p1));
+            }
+            let key = |w: &TmaTile| (w.m0, w.n0);
+            got.sort_by_key(key);
+            let mut want = all.clone();
+            want.sort_by_key(key);
+            assert_eq!(got, want, "grid {grid}");
+        }
+    }
+
     /// Whatever the device offsets/counts hold, a tile's expert and stored rows stay in bounds.
     #[test]
     fn tma_schedule_is_bounded_for_garbage_offsets() {
@@ -1395,7 +1451,7 @@ mod tests {
         assert_eq!((s1.cols, s1.row_stride_bytes), (4, 16));
         s1.check().unwrap();
         let (stages, smem, grid) = tma_launch_shape(rows, n, 132).unwrap();
-        assert!(stages >= 4 && smem <= plan::SM90_SMEM_LIMIT && grid == 132);
+        assert!(stages >= 4 && stages % 2 == 0 && smem <= plan::SM90_SMEM_LIMIT && grid == 132);
         assert_eq!(smem, 1024 + stages * (64 * 128 + 128 * 128 + 256 + 16));
         assert_eq!(tma_launch_shape(64, 128, 132).unwrap().2, 1);
     }
