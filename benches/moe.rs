@@ -1,5 +1,5 @@
 //! MoE benchmarks, timed with CUDA events: router (128 tokens, E=256), grouped FP8 GEMM contiguous (8 experts × 4096
-//! rows, N=4096, K=7168: flops) and masked (4 × 256 rows, N=7168, K=2048: flops), and the whole DeepSeek-V3 layer at
+//! rows, N=4096, K=7168: flops; default backend and the opt-in `GemmBackend::Sm90Tma`) and masked (4 × 256 rows, N=7168, K=2048: flops), and the whole DeepSeek-V3 layer at
 //! 128 tokens (bytes of expert weights it must read) beside its peer, a loop of per-expert cuBLASLt block-scaled
 //! FP8 GEMMs on the same routed data (same throughput, so criterion prints comparable numbers; the speedup is printed
 //! after the group, or why the peer was skipped). Prints a skip line and exits when there is no GPU.
