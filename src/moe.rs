@@ -6,12 +6,14 @@
 //! Device-side sizes (segment offsets, counts) never travel to the host: the buffers are sized for the worst case
 //! ([`Layout::capacity`]) and the kernels read the actual extents from device memory, exiting early past them.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::fp8::E4M3;
+use crate::gemm::plan;
+use crate::gemm::sm90::{Tma2d, TmaDtype};
 use crate::quant::{activation_scale_shape, quantize_activations, QUANT_BLOCK};
 use crate::reference::moe::{validate_ids, ExpertsFp8};
 pub use crate::reference::moe::{Layout, RouterConfig, Scoring};
@@ -403,10 +405,203 @@ pub enum GemmBackend {
     Simt,
     /// The wgmma kernel (`moe_sm90.cu`), sm_90 only.
     Wgmma,
+    /// The persistent warp-specialized TMA + wgmma kernel on the dense FP8 GEMM's machinery
+    /// (`moe_grouped_sm90.cu`), sm_90 only. Opt-in; serves contiguous and masked layouts alike (segment starts on
+    /// multiples of [`GEMM_BLOCK_M`]).
+    Sm90Tma,
 }
 
 /// Dynamic shared memory of the wgmma kernel: 4 stages of (64 + 128) × 128 B, plus 1 KiB to align to 1024 B.
 const SM90_SMEM: u32 = 4 * (64 + 128) * 128 + 1024;
+
+const TMA_MODULE: &str = "moe_grouped_sm90";
+const TMA_KERNEL: &str = "moe_grouped_gemm_fp8_sm90_tma";
+/// Output tile rows of the [`GemmBackend::Sm90Tma`] kernel (the segment granule).
+pub const TMA_BLOCK_M: usize = GEMM_BLOCK_M;
+/// Output tile columns of the [`GemmBackend::Sm90Tma`] kernel (`N % 128 == 0`: a tile never crosses an expert's
+/// weight rows and uses one weight-scale block).
+pub const TMA_BLOCK_N: usize = 128;
+
+/// Last `e` in `0..=E` with `offsets[e] <= row` (`E`: past the end). Twin of `r1k::moe_find_segment`.
+fn find_segment(offsets: &[i64], e: usize, row: i64) -> usize {
+    let (mut lo, mut hi) = (0usize, e);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if offsets[mid] <= row {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// End of segment `e`'s valid rows. Twin of `r1k::moe_segment_valid_end`.
+fn segment_valid_end(offsets: &[i64], counts: &[i32], e: usize, rows: i64) -> i64 {
+    let cap = offsets[e + 1] - offsets[e];
+    (offsets[e] + (counts[e].max(0) as i64).min(cap)).min(rows)
+}
+
+/// One tile of the [`GemmBackend::Sm90Tma`] kernel's schedule.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TmaTile {
+    /// Expert (segment) of the tile.
+    pub expert: usize,
+    /// First row.
+    pub m0: i64,
+    /// First column (within the expert's `N`).
+    pub n0: usize,
+    /// Rows at or past this are not stored.
+    pub valid_end: i64,
+}
+
+/// Independent pipes (math warpgroup + producer thread + half the ring) of one [`GemmBackend::Sm90Tma`] CTA.
+pub const TMA_PIPES: u32 = 2;
+
+/// Twin of the kernel's per-role loop: the tiles CTA `cta` of `grid` computes on each pipe, in order (valid tile
+/// `j` of the CTA, in schedule order, goes to pipe `j % 2`).
+#[doc(hidden)]
+pub fn tma_cta_schedule(
+    cta: u32,
+    grid: u32,
+    rows: usize,
+    n: usize,
+    group_m: u32,
+    offsets: &[i64],
+    counts: &[i32],
+) -> [Vec<TmaTile>; 2] {
+    let tiles = (rows.div_ceil(TMA_BLOCK_M) * (n / TMA_BLOCK_N)) as u32;
+    let mut pipes = [Vec::new(), Vec::new()];
+    let mut valid = 0usize;
+    for item in (cta..tiles).step_by(grid as usize) {
+        if let Some(w) = tma_tile_work(item, rows, n, group_m, offsets, counts) {
+            pipes[valid % 2].push(w);
+            valid += 1;
+        }
+    }
+    pipes
+}
+
+/// Twin of `tile_work` in kernels/moe_grouped_sm90.cu: what tile `item` of the `[ceil(rows/64)] × [N/128]` grid
+/// computes, or `None` when it holds no valid row (producer and consumers both skip it).
+#[doc(hidden)]
+pub fn tma_tile_work(
+    item: u32,
+    rows: usize,
+    n: usize,
+    group_m: u32,
+    offsets: &[i64],
+    counts: &[i32],
+) -> Option<TmaTile> {
+    let e = counts.len();
+    let tiles_m = rows.div_ceil(TMA_BLOCK_M) as u32;
+    let tiles_n = (n / TMA_BLOCK_N) as u32;
+    let (tm, tn) = crate::gemm::plan::tile_coords(item, tiles_m, tiles_n, group_m);
+    let m0 = i64::from(tm) * TMA_BLOCK_M as i64;
+    let expert = find_segment(offsets, e, m0);
+    if expert >= e {
+        return None;
+    }
+    let valid_end = segment_valid_end(offsets, counts, expert, rows as i64);
+    (m0 < valid_end).then_some(TmaTile { expert, m0, n0: tn as usize * TMA_BLOCK_N, valid_end })
+}
+
+/// The three TMA descriptions of the [`GemmBackend::Sm90Tma`] kernel: A `[rows, K]` in `[64, 128]` boxes, the
+/// experts' weights as one `[E·N, K]` map in `[128, 128]` boxes (both 128-byte swizzled), and the MN-major activation
+/// scales `[K/128, round_up(rows, 4)]` in `[1, 64]` boxes.
+pub fn grouped_tmas(rows: usize, n: usize, k: usize, num_experts: usize) -> [Tma2d; 3] {
+    let (k64, m_pad) = (k as u64, padded_scale_rows(rows) as u64);
+    [
+        Tma2d {
+            dtype: TmaDtype::U8,
+            rows: rows as u64,
+            cols: k64,
+            row_stride_bytes: k64,
+            box_rows: TMA_BLOCK_M as u32,
+            box_cols: 128,
+            swizzle_128b: true,
+        },
+        Tma2d {
+            dtype: TmaDtype::U8,
+            rows: (num_experts * n) as u64,
+            cols: k64,
+            row_stride_bytes: k64,
+            box_rows: TMA_BLOCK_N as u32,
+            box_cols: 128,
+            swizzle_128b: true,
+        },
+        Tma2d {
+            dtype: TmaDtype::F32,
+            rows: (k / QUANT_BLOCK) as u64,
+            cols: m_pad,
+            row_stride_bytes: m_pad * 4,
+            box_rows: 1,
+            box_cols: TMA_BLOCK_M as u32,
+            swizzle_128b: false,
+        },
+    ]
+}
+
+/// Launch shape of the [`GemmBackend::Sm90Tma`] kernel: `(stages, dynamic smem bytes, grid)`.
+fn tma_launch_shape(rows: usize, n: usize, sm_count: u32) -> Result<(u32, u32, u32)> {
+    let (bm, bn) = (TMA_BLOCK_M as u32, TMA_BLOCK_N as u32);
+    // Two pipes share the ring half and half, each at least two deep.
+    let stages = plan::pick_stages(bm, bn, plan::SM90_SMEM_LIMIT)
+        .map(|s| s & !1)
+        .filter(|&s| s >= 2 * TMA_PIPES)
+        .ok_or_else(|| Error::InvalidConfig("grouped TMA GEMM: no pipeline fits shared memory".into()))?;
+    let tiles = (rows.div_ceil(TMA_BLOCK_M) as u64) * (n / TMA_BLOCK_N) as u64;
+    if tiles >= 1 << 32 {
+        return Err(Error::shape("rows·n", "fewer than 2^32 tiles", tiles as usize));
+    }
+    let grid = tiles.min(u64::from(sm_count.max(1))) as u32;
+    Ok((stages, plan::smem_bytes(bm, bn, stages), grid))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn grouped_gemm_tma(
+    gpu: &Gpu,
+    a: &DeviceTensor<E4M3>,
+    a_scales: &DeviceTensor<f32>,
+    w: &DeviceTensor<E4M3>,
+    w_scales: &DeviceTensor<f32>,
+    offsets: &DeviceTensor<i64>,
+    counts: &DeviceTensor<i32>,
+    out: &mut DeviceTensor<bf16>,
+) -> Result<()> {
+    let [rows, kdim] = a.dims::<2>("a")?;
+    let [e, n, _] = w.dims::<3>("w")?;
+    // TMA coordinates and the kernel's row of B (e·N + n0) are i32; a tile row start is at most rows + 63.
+    to_i32("rows", rows + TMA_BLOCK_M)?;
+    let en = e.checked_mul(n).ok_or_else(|| Error::shape("w", "E·N that fits", e))?;
+    to_i32("E·N", en)?;
+    let (stages, smem, grid) = tma_launch_shape(rows, n, gpu.info().sm_count)?;
+    let [ta, tb, tsa] = grouped_tmas(rows, n, kdim, e);
+    let f = gpu.function(TMA_MODULE, TMA_KERNEL, smem)?;
+    let stream = gpu.stream();
+    let (av, wv, sav) = (a.view(), w.view(), a_scales.view());
+    let (pa, _ga) = av.device_ptr(stream);
+    let (pw, _gw) = wv.device_ptr(stream);
+    let (psa, _gsa) = sav.device_ptr(stream);
+    let maps = [ta.encode(pa)?, tb.encode(pw)?, tsa.encode(psa)?];
+    let (ni, ki, ei) = (to_i32("n", n)?, to_i32("k", kdim)?, to_i32("E", e)?);
+    let (r64, st, gm) = (to_i64("rows", rows)?, stages as i32, plan::SM90_GROUP_M as i32);
+    let (wsv, ov, cv) = (w_scales.view(), offsets.view(), counts.view());
+    let mut outv = out.view_mut();
+    let mut l = stream.launch_builder(&f);
+    l.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&wsv).arg(&ov).arg(&cv).arg(&mut outv);
+    l.arg(&r64).arg(&ni).arg(&ki).arg(&ei).arg(&st).arg(&gm);
+    let threads = 128 * (TMA_PIPES + 1);
+    let c = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
+    // SAFETY: the maps describe exactly a [rows, K], w [E·N, K] and a_scales [K/128, round_up(rows, 4)] (TMA never
+    // reads outside them, zero-filling out-of-range box rows); the expert comes from a binary search clamped to
+    // 0..E, so w_scales indices (e, n0/128, kb) are in bounds of [E, N/128, K/128]; stored rows are below
+    // min(offsets[e] + counts[e], offsets[e+1], rows) and columns below N (N % 128 == 0), so `out` [rows, N] stays in
+    // bounds whatever the device offsets hold. `smem` covers the ring of `stages` stages (plan::smem_bytes).
+    unsafe { l.launch(c) }?;
+    Ok(())
+}
 
 /// Grouped FP8 GEMM: `out[r, :] = a[r, :] · w[e(r)]ᵀ` (bf16 out), where row `r`'s expert is the segment of the
 /// device `offsets` `[E+1]` containing it and only rows below `offsets[e] + counts[e]` are computed and written.
@@ -462,6 +657,9 @@ pub fn grouped_gemm_with(
     let (ni, ki, ei) = (to_i32("n", n)?, to_i32("k", kdim)?, to_i32("E", e)?);
     let (r64, rp64) = (to_i64("rows", rows)?, to_i64("rows", padded_scale_rows(rows))?);
     e.checked_mul(n).and_then(|v| v.checked_mul(kdim)).ok_or_else(|| Error::shape("w", "E·N·K that fits", e))?;
+    if backend == GemmBackend::Sm90Tma {
+        gpu.require_hopper(TMA_KERNEL)?;
+    }
     if rows == 0 {
         return Ok(());
     }
@@ -471,6 +669,9 @@ pub fn grouped_gemm_with(
         GemmBackend::Wgmma => {
             gpu.require_hopper("moe_grouped_gemm_fp8_sm90")?;
             true
+        }
+        GemmBackend::Sm90Tma => {
+            return grouped_gemm_tma(gpu, a, a_scales, w, w_scales, offsets, counts, out);
         }
     };
     let block_n = if wgmma { 128 } else { GEMM_BLOCK_N };
@@ -755,6 +956,9 @@ pub fn moe_forward(
     ws.logits.expect_shape("workspace.logits", &[t, e])?;
     if ws.gemm_backend == GemmBackend::Wgmma {
         gpu.require_hopper("moe_grouped_gemm_fp8_sm90")?;
+    }
+    if ws.gemm_backend == GemmBackend::Sm90Tma {
+        gpu.require_hopper(TMA_KERNEL)?;
     }
     match (shared, &ws.shared) {
         (None, _) => {}
@@ -1083,26 +1287,6 @@ mod tests {
         Permutation { counts, offsets, src_index, row_of }
     }
 
-    /// Twin of `find_segment` in moe.cu.
-    fn find_segment(offsets: &[i64], e: usize, row: i64) -> usize {
-        let (mut lo, mut hi) = (0usize, e);
-        while lo < hi {
-            let mid = (lo + hi).div_ceil(2);
-            if offsets[mid] <= row {
-                lo = mid;
-            } else {
-                hi = mid - 1;
-            }
-        }
-        lo
-    }
-
-    /// Twin of `segment_valid_end` in moe.cu.
-    fn segment_valid_end(offsets: &[i64], counts: &[i32], e: usize, rows: i64) -> i64 {
-        let cap = offsets[e + 1] - offsets[e];
-        (offsets[e] + (counts[e].max(0) as i64).min(cap)).min(rows)
-    }
-
     #[test]
     fn permute_device_algorithm_matches_reference() {
         let mut seed = 99u64;
@@ -1150,6 +1334,126 @@ mod tests {
         assert!(Permuted::validate_config(3, 2, 8, 256, Layout::Masked { max_m: 100 }).is_err());
         assert!(Permuted::validate_config(3, 2, 1025, 256, Layout::Masked { max_m: 64 }).is_err());
         assert!(Permuted::validate_config(3, 2, 8, 200, Layout::Masked { max_m: 64 }).is_err());
+    }
+
+    /// The Sm90Tma schedule over every tile: each valid row (src_index ≥ 0) of every column tile is computed exactly
+    /// once, by a tile of its own expert that stays inside that expert's segment; skipped tiles hold no valid row.
+    #[test]
+    fn tma_schedule_covers_valid_rows_once() {
+        let mut seed = 7u64;
+        let mut rnd = move |m: i32| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 33) as i32 % m
+        };
+        let n = 3 * TMA_BLOCK_N;
+        for &(t, k, e) in &[(1usize, 1usize, 8usize), (16, 8, 8), (512, 8, 64), (512, 1, 64), (300, 2, 5), (7, 8, 256)]
+        {
+            for layout in
+                [Layout::Contiguous { block_m: 64 }, Layout::Contiguous { block_m: 128 }, Layout::Masked { max_m: 64 }]
+            {
+                // Holes, and experts ≥ e/2 never hit (empty segments between full ones).
+                let mut ids: Vec<i32> = (0..t * k).map(|_| 2 * rnd(e.div_ceil(2) as i32)).collect();
+                for i in (0..ids.len()).step_by(7) {
+                    ids[i] = -1;
+                }
+                let p = ref_permute(&ids, t, k, e, layout).unwrap();
+                let rows = layout.capacity(t, k, e);
+                let (tiles_m, tiles_n) = (rows.div_ceil(TMA_BLOCK_M), n / TMA_BLOCK_N);
+                let mut hits = vec![0u32; rows * tiles_n];
+                for item in 0..(tiles_m * tiles_n) as u32 {
+                    let Some(w) = tma_tile_work(item, rows, n, plan::SM90_GROUP_M, &p.offsets, &p.counts) else {
+                        let (tm, _) = plan::tile_coords(item, tiles_m as u32, tiles_n as u32, plan::SM90_GROUP_M);
+                        let m0 = tm as usize * TMA_BLOCK_M;
+                        assert!((m0..(m0 + TMA_BLOCK_M).min(rows)).all(|r| p.src_index[r] < 0), "skipped valid rows");
+                        continue;
+                    };
+                    assert!(w.expert < e && w.m0 >= p.offsets[w.expert] && w.m0 < w.valid_end);
+                    assert!(w.m0 + TMA_BLOCK_M as i64 <= p.offsets[w.expert + 1], "tile straddles segments");
+                    assert_eq!(w.valid_end, p.offsets[w.expert] + p.counts[w.expert] as i64);
+                    for r in w.m0..w.valid_end.min(w.m0 + TMA_BLOCK_M as i64) {
+                        let src = p.src_index[r as usize];
+                        assert!(src >= 0 && ids[src as usize] as usize == w.expert, "row {r} of the wrong expert");
+                        hits[r as usize * tiles_n + w.n0 / TMA_BLOCK_N] += 1;
+                    }
+                }
+                for r in 0..rows {
+                    let want = u32::from(p.src_index[r] >= 0);
+                    assert!(
+                        hits[r * tiles_n..(r + 1) * tiles_n].iter().all(|&h| h == want),
+                        "row {r} t={t} {layout:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The CTAs' two pipes together compute every valid tile exactly once, the pipes of a CTA within one tile of
+    /// each other.
+    #[test]
+    fn tma_pipes_split_the_valid_tiles() {
+        let ids: Vec<i32> = (0..700 * 8usize).map(|i| ((i * 37) % 61) as i32).collect();
+        let p = ref_permute(&ids, 700, 8, 64, Layout::Contiguous { block_m: 64 }).unwrap();
+        let (rows, n) = (Layout::Contiguous { block_m: 64 }.capacity(700, 8, 64), 512);
+        let all: Vec<TmaTile> = (0..(rows.div_ceil(64) * 4) as u32)
+            .filter_map(|i| tma_tile_work(i, rows, n, 8, &p.offsets, &p.counts))
+            .collect();
+        for grid in [1u32, 7, 132] {
+            let mut got = Vec::new();
+            for cta in 0..grid {
+                let [p0, p1] = tma_cta_schedule(cta, grid, rows, n, 8, &p.offsets, &p.counts);
+                assert!(p0.len() == p1.len() || p0.len() == p1.len() + 1);
+                got.extend(p0.into_iter().chain(p1));
+            }
+            let key = |w: &TmaTile| (w.m0, w.n0);
+            got.sort_by_key(key);
+            let mut want = all.clone();
+            want.sort_by_key(key);
+            assert_eq!(got, want, "grid {grid}");
+        }
+    }
+
+    /// Whatever the device offsets/counts hold, a tile's expert and stored rows stay in bounds.
+    #[test]
+    fn tma_schedule_is_bounded_for_garbage_offsets() {
+        let mut seed = 3u64;
+        let mut rnd = move |m: i64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 20) as i64 % m - m / 4
+        };
+        let (rows, n, e) = (1000usize, 256usize, 6usize);
+        for _ in 0..50 {
+            let offsets: Vec<i64> = (0..=e).map(|_| rnd(1500)).collect();
+            let counts: Vec<i32> = (0..e).map(|_| rnd(600) as i32).collect();
+            for item in 0..(rows.div_ceil(64) * 2) as u32 {
+                if let Some(w) = tma_tile_work(item, rows, n, 8, &offsets, &counts) {
+                    assert!(w.expert < e && w.valid_end <= rows as i64 && w.m0 >= 0 && w.n0 < n);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tma_descriptors_and_launch_shape() {
+        let (rows, n, k, e) = (8 * 4096 + 8 * 127, 4096, 7168, 8);
+        let [a, b, s] = grouped_tmas(rows, n, k, e);
+        for t in [a, b, s] {
+            t.check().unwrap();
+        }
+        // One stage's transaction bytes (the kernel's kStageTx) = the three boxes.
+        assert_eq!(a.box_bytes() + b.box_bytes() + s.box_bytes(), plan::stage_bytes(64, 128));
+        assert_eq!((a.rows, a.cols, b.rows, b.cols), (rows as u64, k as u64, (e * n) as u64, k as u64));
+        assert_eq!((s.rows, s.cols, s.row_stride_bytes), ((k / 128) as u64, rows as u64, 4 * rows as u64));
+        let [_, _, s1] = grouped_tmas(1, 128, 128, 1);
+        assert_eq!((s1.cols, s1.row_stride_bytes), (4, 16));
+        s1.check().unwrap();
+        let (stages, smem, grid) = tma_launch_shape(rows, n, 132).unwrap();
+        assert!(stages >= 4 && stages % 2 == 0 && smem <= plan::SM90_SMEM_LIMIT && grid == 132);
+        assert_eq!(smem, 1024 + stages * (64 * 128 + 128 * 128 + 256 + 16));
+        assert_eq!(tma_launch_shape(64, 128, 132).unwrap().2, 1);
     }
 
     #[test]
