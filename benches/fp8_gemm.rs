@@ -80,6 +80,30 @@ fn bench_fp8_gemm(c: &mut Criterion) {
                 .as_secs_f64();
             let mut line = format!("fp8_gemm {shape}: r1k {:.1} TFLOPS", flops / ours / 1e12);
 
+            // The opt-in 2-CTA cluster multicast variant, for the large-m shapes it is meant for.
+            if m == 4096 && gpu.info().is_hopper() {
+                let mc = GemmOptions { kernel: GemmKernel::Sm90Multicast, ..Default::default() };
+                match fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &mc) {
+                    Ok(()) => {
+                        group.bench_with_input(BenchmarkId::new("r1k_multicast", &shape), &(), |bch, _| {
+                            bch.iter_custom(|iters| {
+                                time_launches(&gpu, iters, || fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &mc))
+                                    .expect("launch multicast")
+                            })
+                        });
+                        let t = median_launch_time(&gpu, 5, 5, || fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &mc))
+                            .expect("time multicast")
+                            .as_secs_f64();
+                        line += &format!(
+                            ", r1k multicast {:.1} TFLOPS (multicast/r1k = {:.2}x)",
+                            flops / t / 1e12,
+                            ours / t
+                        );
+                    }
+                    Err(e) => line += &format!(", r1k multicast skipped ({e})"),
+                }
+            }
+
             let mut d_lt = gpu.stream().alloc_zeros::<bf16>(m * n).expect("alloc lt out");
             match LtFp8::new(&gpu, m, n, k, &sa, &sb) {
                 Ok(mut peer) => match peer.run(&a, &sa, &b, &sb, &mut d_lt) {

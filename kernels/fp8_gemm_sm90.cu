@@ -26,7 +26,17 @@
 // order (no atomics, bitwise reproducible).
 // Every mbarrier wait traps after 10 s (r1k::gemm::mbar_wait): a pipeline bug fails the launch instead of hanging.
 //
-// Not done: 2-CTA clusters with TMA multicast, a shared-memory + TMA-store epilogue, overlapping the promotion of
+// Opt-in 2-CTA cluster variant (fp8_gemm_sm90_mc2_*, launched with cuLaunchKernelEx and a cluster dimension of
+// (2, 1, 1)): the two CTAs of a cluster compute vertically adjacent tiles (tile rows 2p and 2p + 1) of the same
+// n-block, so they need the same B tile; each loads half of it (BLOCK_N / 2 rows) and multicasts it into both CTAs'
+// ring, halving B's L2 -> SM traffic. Both CTAs walk the same sequence of tile pairs (twin: plan::mc2_pair_coords),
+// so they always agree on the n-block; a CTA whose tile row is past m (odd tile-row count) still runs the pipeline
+// (its A box is zero-filled by TMA, its half of B is needed by the peer) and only skips the stores. Each CTA's full
+// barrier expects its A and sa bytes plus both B halves; each empty barrier counts the consumer warps of both CTAs
+// (remote arrives through mapa), so no producer multicasts into a stage the peer still reads. Cluster barriers after
+// the mbarrier init and before exit keep a CTA from exiting while its peer may still write its shared memory.
+//
+// Not done: a shared-memory + TMA-store epilogue, overlapping the promotion of
 // block i with the wgmma of block i+1 (the math warpgroup waits for its wgmmas before promoting).
 //
 // r1k-sass: fp8_gemm_sm90_m64n64 QGMMA
@@ -38,6 +48,8 @@
 // r1k-sass: fp8_gemm_sm90_m128n128 QGMMA
 // r1k-sass: fp8_gemm_sm90_m128n160 QGMMA
 // r1k-sass: gemm_probe_wgmma_n128 QGMMA
+// r1k-sass: fp8_gemm_sm90_mc2_m128n128 QGMMA
+// r1k-sass: fp8_gemm_sm90_mc2_m128n160 QGMMA
 #include <cuda_bf16.h>
 
 #include "common/gemm_sm90.cuh"
@@ -188,6 +200,146 @@ __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtenso
     }
 }
 
+// 2-CTA cluster variant (see the design note): BM = 128 (two math warpgroups + a producer warpgroup), no split-K,
+// output mode bf16 or fp32 accumulate. tm_b's box is BN / 2 rows (one half of the B tile).
+template <int BN>
+__device__ __forceinline__ void mc2_body(const CUtensorMap* tm_a, const CUtensorMap* tm_b, const CUtensorMap* tm_sa,
+                                         const float* __restrict__ sb, void* out, int m, int n, int k, int stages,
+                                         int group_pairs, int mode) {
+    constexpr int BM = 128;
+    constexpr int kMathWG = 2;
+    constexpr uint32_t kATile = BM * kBlockK;
+    constexpr uint32_t kBTile = BN * kBlockK;
+    constexpr uint32_t kBHalf = kBTile / 2;
+    static_assert(kBHalf % 1024 == 0, "each B half must start on a 128-byte swizzle atom");
+    constexpr uint32_t kStageTx = kATile + kBTile + BM * 4;
+
+    extern __shared__ uint8_t smem_raw[];
+    const uint32_t raw = smem_u32(smem_raw);
+    uint8_t* base = smem_raw + (((raw + 1023u) & ~1023u) - raw);
+    uint8_t* a_ring = base;
+    uint8_t* b_ring = base + stages * kATile;
+    float* sa_ring = reinterpret_cast<float*>(base + stages * (kATile + kBTile));
+    uint64_t* full = reinterpret_cast<uint64_t*>(base + stages * kStageTx);
+    uint64_t* empty = full + stages;
+
+    const uint32_t rank = cluster_ctarank();
+    const uint32_t peer = rank ^ 1u;
+    const uint32_t tiles_m = (m + BM - 1) / BM;
+    const uint32_t tiles_n = (n + BN - 1) / BN;
+    const uint32_t num_pairs = (tiles_m + 1) / 2 * tiles_n;
+    const int k_blocks = (k + kBlockK - 1) / kBlockK;
+    const int n_blocks = (n + kBlockK - 1) / kBlockK;
+    const int wg = threadIdx.x / 128;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], 2 * kMathWG * 4);
+        }
+        mbar_init_fence();
+    }
+    // The peer multicasts into our full barriers and arrives on our empty barriers: both must be initialized
+    // cluster-wide before either CTA issues anything.
+    cluster_sync();
+
+    if (wg == kMathWG) {
+        setmaxnreg_dec<40>();
+        if (threadIdx.x % 128 == 0) {
+            tma_prefetch_desc(tm_a);
+            tma_prefetch_desc(tm_b);
+            tma_prefetch_desc(tm_sa);
+            uint32_t it = 0;
+            for (uint32_t pair = cluster_id_x(); pair < num_pairs; pair += cluster_count_x()) {
+                uint32_t tm, tn;
+                mc2_pair_coords(pair, rank, tiles_m, tiles_n, group_pairs, tm, tn);
+                for (int kb = 0; kb < k_blocks; ++kb, ++it) {
+                    const uint32_t s = it % stages;
+                    const uint32_t phase = (it / stages) & 1u;
+                    // Completes only when the consumers of both CTAs released stage s: our half of B lands in both.
+                    mbar_wait(&empty[s], phase ^ 1u);
+                    mbar_arrive_expect_tx(&full[s], kStageTx);
+                    tma_load_2d(a_ring + s * kATile, tm_a, &full[s], kb * kBlockK, tm * BM);
+                    tma_load_2d_multicast(b_ring + s * kBTile + rank * kBHalf, tm_b, &full[s], kb * kBlockK,
+                                          tn * BN + rank * (BN / 2), 0x3);
+                    tma_load_2d(sa_ring + s * BM, tm_sa, &full[s], tm * BM, kb);
+                }
+            }
+        }
+    } else {
+        setmaxnreg_inc<232>();
+        const int t = threadIdx.x % 128;
+        const int warp = t / 32, lane = t % 32;
+        const int row_in_tile = wg * 64 + warp * 16 + lane / 4;
+        float acc[BN / 2];
+        float fin[BN / 2];
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+        uint32_t it = 0;
+        for (uint32_t pair = cluster_id_x(); pair < num_pairs; pair += cluster_count_x()) {
+            uint32_t tm, tn;
+            mc2_pair_coords(pair, rank, tiles_m, tiles_n, group_pairs, tm, tn);
+            const uint32_t n0 = tn * BN;
+            const int nb0 = n0 / kBlockK;
+            const int nb1 = min(nb0 + 1, n_blocks - 1);
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) fin[i] = 0.0f;
+            for (int kb = 0; kb < k_blocks; ++kb, ++it) {
+                const uint32_t s = it % stages;
+                const uint32_t phase = (it / stages) & 1u;
+                const float sb0 = __ldg(sb + static_cast<int64_t>(nb0) * k_blocks + kb);
+                const float sb1 = __ldg(sb + static_cast<int64_t>(nb1) * k_blocks + kb);
+                mbar_wait(&full[s], phase);
+                const float sa0 = sa_ring[s * BM + row_in_tile];
+                const float sa1 = sa_ring[s * BM + row_in_tile + 8];
+                const uint32_t a_addr = smem_u32(a_ring + s * kATile) + wg * 64 * kBlockK;
+                const uint32_t b_addr = smem_u32(b_ring + s * kBTile);
+                fence_regs(acc);
+                wgmma_fence();
+#pragma unroll
+                for (int j = 0; j < kBlockK / 32; ++j) {
+                    Wgmma<BN>::mma(acc, kmajor_sw128_desc(a_addr, 32 * j), kmajor_sw128_desc(b_addr, 32 * j), j);
+                }
+                wgmma_commit();
+                wgmma_wait_all();
+                fence_regs(acc);
+                __syncwarp();
+                if (lane == 0) {
+                    mbar_arrive(&empty[s]);
+                    mbar_arrive_cluster(&empty[s], peer);
+                }
+                promote<BN>(fin, acc, sa0, sa1, sb0, sb1, n0);
+            }
+
+            const int r0 = tm * BM + row_in_tile;
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) {
+                const int col = n0 + 8 * i + 2 * (lane % 4);
+                if (col >= n) continue;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = r0 + 8 * h;
+                    if (r >= m) continue;
+                    const int64_t o = static_cast<int64_t>(r) * n + col;
+                    if (mode == kModeF32Accumulate) {
+                        float2* p = reinterpret_cast<float2*>(static_cast<float*>(out) + o);
+                        float2 c = *p;
+                        c.x += fin[4 * i + 2 * h];
+                        c.y += fin[4 * i + 2 * h + 1];
+                        *p = c;
+                    } else {
+                        *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + o) =
+                            __floats2bfloat162_rn(fin[4 * i + 2 * h], fin[4 * i + 2 * h + 1]);
+                    }
+                }
+            }
+        }
+    }
+    // The peer's consumers may still arrive on our empty barriers (and, symmetrically, we on theirs): nobody leaves
+    // before both CTAs are done with the ring.
+    cluster_sync();
+}
+
 }  // namespace
 
 #define R1K_GEMM_ENTRY(BM, BN)                                                                                     \
@@ -206,6 +358,18 @@ R1K_GEMM_ENTRY(128, 64)
 R1K_GEMM_ENTRY(128, 112)
 R1K_GEMM_ENTRY(128, 128)
 R1K_GEMM_ENTRY(128, 160)
+
+// Cluster launch only (cuLaunchKernelEx, cluster dimension (2, 1, 1), grid a multiple of 2); see mc2_body.
+#define R1K_GEMM_MC2_ENTRY(BN)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(384, 1) fp8_gemm_sm90_mc2_m128n##BN(                             \
+        const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,                        \
+        const __grid_constant__ CUtensorMap tm_sa, const float* __restrict__ sb, void* out, int m, int n, int k,   \
+        int stages, int group_pairs, int mode) {                                                                   \
+        mc2_body<BN>(&tm_a, &tm_b, &tm_sa, sb, out, m, n, k, stages, group_pairs, mode);                           \
+    }
+
+R1K_GEMM_MC2_ENTRY(128)
+R1K_GEMM_MC2_ENTRY(160)
 
 // Split-K reduction: out[i] = sum over s = 0.. k_splits-1 of partial[s][i], in that order (deterministic), stored
 // as bf16 (mode 0) or added into fp32 (mode 1). Two elements per thread (n is even), grid-stride. Numbers: reads

@@ -606,3 +606,114 @@ fn cpu_plan_rejects_what_the_kernels_cannot_do() {
     let e = gemm::plan(&[4, 100], &[1, 4], &[8, 100], &[1, 1], &[4, 8], false, GemmKernel::Auto, &info);
     assert!(matches!(e, Err(Error::Alignment { arg: "k", required: 16, got: 100 })));
 }
+
+/// Smallest n (a multiple of 8) for which the multicast planner picks block N `bn` at this m, k and device.
+fn n_for_mc2_block(m: usize, k: usize, bn: u32, sm_count: u32, smem: u32) -> Option<usize> {
+    (1..=8192usize).map(|i| i * 8).find(|&n| {
+        let c = gemm::plan::choose_sm90_mc2_config(&gemm::GemmShape { m, n, k }, sm_count, smem).unwrap();
+        c.block_n == bn
+    })
+}
+
+#[test]
+fn cpu_every_multicast_block_shape_is_reachable() {
+    for sms in [132u32, 114, 78] {
+        for m in [1usize, 300, 520] {
+            for bn in gemm::plan::SM90_MC2_BLOCK_N {
+                assert!(n_for_mc2_block(m, 400, bn, sms, gemm::plan::SM90_SMEM_LIMIT).is_some(), "{m} {bn} {sms}");
+            }
+        }
+    }
+}
+
+/// The opt-in 2-CTA cluster kernels (`GemmKernel::Sm90Multicast`, `fp8_gemm_sm90_mc2_*`): every entry point fully
+/// checked on ragged shapes with odd and even tile-row counts (an odd count leaves rank 1 of the last pair without
+/// a tile), the m = 1000 / 4096 rows of three sweep shapes, accumulate mode, and bitwise-identical repeats. Named
+/// gpu_zz_* so a single-threaded run does it last: a trap or a cluster-launch failure must not poison the context
+/// for the other tests.
+#[test]
+fn gpu_zz_multicast_sweep() {
+    let Some(gpu) = r1_kernels::device::test_hopper("gpu_zz_multicast_sweep") else { return };
+    let (sms, smem) = (gpu.info().sm_count, gpu.info().max_shared_memory_per_block_optin);
+    let kernel = GemmKernel::Sm90Multicast;
+    let k = 400;
+    for (i, bn) in gemm::plan::SM90_MC2_BLOCK_N.into_iter().enumerate() {
+        for (j, m) in [1usize, 129, 300, 520].into_iter().enumerate() {
+            let n = n_for_mc2_block(m, k, bn, sms, smem).expect("a shape for every multicast block");
+            let seed = 700 + 10 * i as u64 + j as u64;
+            let w = weights(n, k, seed, ScaleFormat::F32);
+            let x = acts(m, k, seed + 100, ScaleFormat::F32);
+            let dw = upload_weights(&gpu, &w);
+            let rows: Vec<usize> = (0..m).collect();
+            let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
+            let exact = exact_rows(&x.x, &w.w, n, k, &rows);
+            let d = run_bf16(&gpu, kernel, &x, &w, &dw);
+            check_rows(&format!("Sm90Multicast block 128x{bn}: m={m} n={n} k={k}"), &d, &quant_ref, &exact);
+        }
+    }
+    for (si, &(n, k)) in [DEEPSEEK_NK[0], DEEPSEEK_NK[4], LLAMA_NK[0]].iter().enumerate() {
+        let w = weights(n, k, 800 + si as u64, ScaleFormat::F32);
+        let dw = upload_weights(&gpu, &w);
+        for m in [1000usize, 4096] {
+            let x = acts(m, k, 900 + si as u64 + m as u64, ScaleFormat::F32);
+            let rows = rows_to_check(m, 77 + m as u64);
+            let quant_ref = fp8_gemm_rows(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k, &rows).unwrap();
+            let exact = exact_rows(&x.x, &w.w, n, k, &rows);
+            let d = run_bf16(&gpu, kernel, &x, &w, &dw);
+            let what = format!("Sm90Multicast m={m} n={n} k={k}");
+            check_rows(&what, &gather_rows(&d, n, &rows), &quant_ref, &exact);
+            assert!(d.iter().all(|v| v.is_finite()), "{what}: poison left in unchecked rows");
+            if m == 1000 {
+                let first: Vec<u32> = d.iter().map(|v| v.to_bits()).collect();
+                let again: Vec<u32> = run_bf16(&gpu, kernel, &x, &w, &dw).iter().map(|v| v.to_bits()).collect();
+                assert!(first == again, "{what}: repeated runs differ");
+            }
+        }
+    }
+    // Accumulate mode (fp32 D = C + A·B) on a shape with an odd tile-row count.
+    let (m, n, k) = (300, 520, 1568);
+    let w = weights(n, k, 811, ScaleFormat::F32);
+    let x = acts(m, k, 812, ScaleFormat::F32);
+    let dw = upload_weights(&gpu, &w);
+    let mut rng = StdRng::seed_from_u64(813);
+    let c: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect();
+    let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
+    let a = DeviceTensor::from_host(&gpu, &x.a, &[m, k]).unwrap();
+    let sa = DeviceTensor::from_host(&gpu, &x.sa_mn, &[k.div_ceil(128), m.div_ceil(4) * 4]).unwrap();
+    let mut d = DeviceTensor::from_host(&gpu, &c, &[m, n]).unwrap();
+    let opts = GemmOptions { kernel, ..Default::default() };
+    gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d, &opts).unwrap();
+    let got = d.to_host(&gpu).unwrap();
+    let rms = (quant_ref.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / quant_ref.len() as f64).sqrt() as f32;
+    for i in 0..m * n {
+        let want = c[i] + quant_ref[i];
+        let tol = 1e-3 * (quant_ref[i].abs() + rms) + 1e-6 * c[i].abs();
+        assert!((got[i] - want).abs() <= tol, "Sm90Multicast accumulate element {i}: {} vs {want}", got[i]);
+    }
+}
+
+#[test]
+fn cpu_multicast_is_opt_in_and_hopper_only() {
+    let mut info = r1_kernels::DeviceInfo {
+        ordinal: 0,
+        compute_capability: (9, 0),
+        sm_count: 132,
+        max_shared_memory_per_block_optin: 232_448,
+        l2_cache_bytes: 50 << 20,
+    };
+    let (m, n, k) = (4096usize, 7168usize, 7168usize);
+    let kb = k.div_ceil(128);
+    let shapes = ([m, k], [kb, m], [n, k], [n.div_ceil(128), kb], [m, n]);
+    let plan = |kernel, info: &r1_kernels::DeviceInfo| {
+        gemm::plan(&shapes.0, &shapes.1, &shapes.2, &shapes.3, &shapes.4, false, kernel, info)
+    };
+    let gemm::Resolved::Sm90(auto) = plan(GemmKernel::Auto, &info).unwrap().resolved else { panic!("not sm90") };
+    assert_eq!(auto.cluster_m, 1);
+    let gemm::Resolved::Sm90(mc) = plan(GemmKernel::Sm90Multicast, &info).unwrap().resolved else { panic!() };
+    assert_eq!((mc.cluster_m, mc.block_m, mc.k_splits, mc.grid % 2), (2, 128, 1, 0));
+    assert!(mc.kernel_name().unwrap().starts_with("fp8_gemm_sm90_mc2_m128n"));
+    let [_, tb, _] = gemm::sm90::gemm_tmas(&gemm::GemmShape { m, n, k }, &mc);
+    assert_eq!(tb.box_rows, mc.block_n / 2);
+    info.compute_capability = (8, 0);
+    assert!(matches!(plan(GemmKernel::Sm90Multicast, &info), Err(Error::UnsupportedDevice { .. })));
+}

@@ -43,6 +43,17 @@ __host__ __device__ __forceinline__ void tile_coords(uint32_t tile, uint32_t til
     tn = within / rows;
 }
 
+// Twin of plan::mc2_pair_coords: the tile of cluster rank `rank` (0 or 1) for tile pair `pair` of a 2-CTA cluster
+// along M. Pairs are tile-row pairs (2pm, 2pm + 1) of one n-block, walked in grouped order; both ranks get the same
+// tn. tm may equal tiles_m when tiles_m is odd (that CTA computes nothing it stores).
+__host__ __device__ __forceinline__ void mc2_pair_coords(uint32_t pair, uint32_t rank, uint32_t tiles_m,
+                                                         uint32_t tiles_n, uint32_t group_pairs, uint32_t& tm,
+                                                         uint32_t& tn) {
+    uint32_t pm;
+    tile_coords(pair, (tiles_m + 1) / 2, tiles_n, group_pairs, pm, tn);
+    tm = 2 * pm + rank;
+}
+
 // Twin of plan::b_scale_slot: which of the tile's (at most two) B scale blocks column `col` uses.
 __host__ __device__ __forceinline__ uint32_t b_scale_slot(uint32_t n0, uint32_t col) {
     return (n0 + col) / kBlockK - n0 / kBlockK;
@@ -112,6 +123,48 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::
             "r"(smem_u32(dst)),
         "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar))
+        : "memory");
+}
+
+// ---- 2-CTA cluster primitives (only the fp8_gemm_sm90_mc2_* kernels use them) ----------------------------------
+
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ uint32_t cluster_id_x() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ uint32_t cluster_count_x() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
+    return r;
+}
+
+// Every thread of both CTAs arrives (release) and waits (acquire): orders mbarrier inits before any remote use, and
+// keeps a CTA resident until its peer no longer writes into its shared memory.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
+// Arrive on the mbarrier at the same shared-memory offset in cluster CTA `rank` (release at cluster scope).
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_u32(bar)), "r"(rank));
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+
+// 2-D TMA load multicast to every CTA in `cta_mask`: the box lands at the same shared-memory offset in each, and
+// completes `bytes` on the mbarrier at the same offset in each.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int32_t x,
+                                                      int32_t y, uint16_t cta_mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(smem_u32(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar)), "h"(cta_mask)
         : "memory");
 }
 

@@ -18,7 +18,10 @@
 //! would leave most SMs idle ([`plan::choose_k_splits`]): each (tile, K range) work item writes an fp32 partial to a
 //! workspace and a second kernel sums the splits in a fixed order, so results stay bitwise reproducible.
 //!
-//! Not done (documented gaps): 2-CTA clusters with TMA multicast (`cuLaunchKernelEx`), a dedicated B-streaming
+//! Opt-in [`GemmKernel::Sm90Multicast`]: the same kernel as 2-CTA clusters along M (vertically adjacent tiles share
+//! one B tile, each CTA loads half of it and multicasts it to both), launched with `cuLaunchKernelEx`.
+//!
+//! Not done (documented gaps): a dedicated B-streaming
 //! kernel for m ≤ 128 beyond split-K, and a shared-memory/TMA-store epilogue (the epilogue stores straight from
 //! registers).
 
@@ -52,6 +55,9 @@ pub enum GemmKernel {
     Plain,
     /// The sm_90a TMA + wgmma kernel (errors with `UnsupportedDevice` elsewhere).
     Sm90,
+    /// Opt-in: the sm_90a kernel as 2-CTA clusters along M with TMA multicast of the shared B tile (block M 128,
+    /// block N 128 or 160, no split-K; launched with `cuLaunchKernelEx`). Never chosen by [`GemmKernel::Auto`].
+    Sm90Multicast,
 }
 
 /// Options of one GEMM call.
@@ -107,7 +113,7 @@ pub fn plan(
     let use_sm90 = match kernel {
         GemmKernel::Auto => info.is_hopper(),
         GemmKernel::Plain => false,
-        GemmKernel::Sm90 => {
+        GemmKernel::Sm90 | GemmKernel::Sm90Multicast => {
             if !info.is_hopper() {
                 return Err(Error::UnsupportedDevice { needs: "sm_90a (H100/H200/H800/H20)", found: info.arch_name() });
             }
@@ -121,7 +127,9 @@ pub fn plan(
         let zero_fill = shape.k == 0 && !accumulate && shape.m > 0 && shape.n > 0;
         return Ok(Plan { shape, resolved: Resolved::Empty, zero_fill });
     }
-    let resolved = if use_sm90 {
+    let resolved = if kernel == GemmKernel::Sm90Multicast {
+        Resolved::Sm90(plan::choose_sm90_mc2_config(&shape, info.sm_count, info.max_shared_memory_per_block_optin)?)
+    } else if use_sm90 {
         Resolved::Sm90(choose_sm90_config(&shape, info.sm_count, info.max_shared_memory_per_block_optin)?)
     } else {
         let gx = shape.m.div_ceil(PLAIN_TILE as usize);

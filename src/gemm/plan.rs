@@ -10,6 +10,10 @@ pub const BLOCK_K: u32 = 128;
 /// Non-powers of two let the wave count fit 132 SMs better.
 pub const SM90_BLOCK_N: [u32; 4] = [64, 112, 128, 160];
 
+/// Block-N values of the opt-in 2-CTA cluster kernels (`fp8_gemm_sm90_mc2_m128n{BN}`, block M 128). Each CTA loads
+/// half of the B tile (`BN / 2` rows, a whole number of 8-row swizzle atoms) and multicasts it to both.
+pub const SM90_MC2_BLOCK_N: [u32; 2] = [128, 160];
+
 /// Block-M values: 64 (one math warpgroup, decode-sized M) and 128 (two math warpgroups).
 pub const SM90_BLOCK_M: [u32; 2] = [64, 128];
 
@@ -134,6 +138,9 @@ pub struct Sm90Config {
     pub smem_bytes: u32,
     /// Threads per CTA: 128 per math warpgroup + 128 for the TMA producer warpgroup.
     pub threads: u32,
+    /// CTAs per cluster along M: 1 (plain launch) or 2 (the multicast kernels, launched as 2-CTA clusters; `grid`
+    /// is then even, `group_m` counts tile-row pairs and `k_splits` is 1).
+    pub cluster_m: u32,
 }
 
 impl Sm90Config {
@@ -143,6 +150,18 @@ impl Sm90Config {
     }
     /// The kernel entry point for this block shape.
     pub fn kernel_name(&self) -> Result<&'static str> {
+        if self.cluster_m == 2 {
+            return Ok(match (self.block_m, self.block_n) {
+                (128, 128) => "fp8_gemm_sm90_mc2_m128n128",
+                (128, 160) => "fp8_gemm_sm90_mc2_m128n160",
+                (bm, bn) => {
+                    return Err(Error::InvalidConfig(format!("no 2-CTA multicast FP8 GEMM kernel for block {bm}×{bn}")))
+                }
+            });
+        }
+        if self.cluster_m != 1 {
+            return Err(Error::InvalidConfig(format!("cluster size {} is not supported", self.cluster_m)));
+        }
         Ok(match (self.block_m, self.block_n) {
             (64, 64) => "fp8_gemm_sm90_m64n64",
             (64, 112) => "fp8_gemm_sm90_m64n112",
@@ -272,7 +291,77 @@ pub fn choose_sm90_config(shape: &GemmShape, sm_count: u32, smem_limit: u32) -> 
         kb_per_split,
         smem_bytes: smem_bytes(block_m, block_n, stages),
         threads: 128 * (block_m / 64 + 1),
+        cluster_m: 1,
     })
+}
+
+/// Tile-row pairs per scheduler group of the multicast kernels (the same 8 tile rows as [`SM90_GROUP_M`]).
+pub const SM90_MC2_GROUP_PAIRS: u32 = SM90_GROUP_M / 2;
+
+/// Configuration of the opt-in 2-CTA cluster kernels: block M 128, block N from [`SM90_MC2_BLOCK_N`] by the same
+/// wave model as [`choose_sm90_config`] (counted in tile pairs over `sm_count / 2` clusters), no split-K, and an even
+/// persistent grid of `2 · min(tile pairs, sm_count / 2)` CTAs.
+pub fn choose_sm90_mc2_config(shape: &GemmShape, sm_count: u32, smem_limit: u32) -> Result<Sm90Config> {
+    let clusters_max = sm_count / 2;
+    if clusters_max == 0 {
+        return Err(Error::UnsupportedDevice {
+            needs: "at least two SMs for 2-CTA clusters",
+            found: format!("{sm_count} SMs"),
+        });
+    }
+    let block_m = 128;
+    let mut best: Option<(u64, u32)> = None;
+    for &bn in SM90_MC2_BLOCK_N.iter() {
+        if !b_scale_span_ok(bn) || pick_stages(block_m, bn, smem_limit).is_none() {
+            continue;
+        }
+        let pairs = mc2_num_pairs(shape, bn).max(1);
+        let waves = pairs.div_ceil(u64::from(clusters_max));
+        let cost = waves * u64::from(bn + 16);
+        if best.is_none_or(|(c, b)| cost < c || (cost == c && bn > b)) {
+            best = Some((cost, bn));
+        }
+    }
+    let Some((_, block_n)) = best else {
+        return Err(Error::UnsupportedDevice {
+            needs: "at least two FP8 GEMM pipeline stages of shared memory",
+            found: format!("{smem_limit} bytes per block"),
+        });
+    };
+    let stages = pick_stages(block_m, block_n, smem_limit).unwrap_or(2);
+    let pairs = mc2_num_pairs(shape, block_n);
+    // Iterations (pairs walked by one CTA × K blocks) are counted in 32 bits on the device.
+    if pairs.saturating_mul(shape.k_blocks() as u64) >= 1 << 32 {
+        return Err(Error::shape("a", "fewer than 2^32 tile × K-block iterations", format!("{shape:?}")));
+    }
+    let clusters = pairs.min(u64::from(clusters_max)).max(1) as u32;
+    Ok(Sm90Config {
+        block_m,
+        block_n,
+        stages,
+        group_m: SM90_MC2_GROUP_PAIRS,
+        grid: 2 * clusters,
+        k_splits: 1,
+        kb_per_split: shape.k_blocks().max(1) as u32,
+        smem_bytes: smem_bytes(block_m, block_n, stages),
+        threads: 128 * (block_m / 64 + 1),
+        cluster_m: 2,
+    })
+}
+
+/// Tile pairs of the multicast kernels: `ceil(tiles_m / 2) · tiles_n` (block M 128).
+pub fn mc2_num_pairs(shape: &GemmShape, block_n: u32) -> u64 {
+    shape.m.div_ceil(256) as u64 * shape.n.div_ceil(block_n as usize) as u64
+}
+
+/// The tile `(tm, tn)` that cluster rank `rank` (0 or 1) computes for tile pair `pair`: pairs are the tile rows
+/// (2p, 2p + 1) of one n-block, walked in the grouped order of [`tile_coords`] with `group_pairs` pairs per group,
+/// so both ranks always get the same `tn` (they share the multicast B tile). With an odd `tiles_m` the last pair's
+/// rank 1 gets `tm == tiles_m`: it runs the pipeline (its peer needs its half of B) and stores nothing. Twin of
+/// `r1k::gemm::mc2_pair_coords`.
+pub fn mc2_pair_coords(pair: u32, rank: u32, tiles_m: u32, tiles_n: u32, group_pairs: u32) -> (u32, u32) {
+    let (pm, tn) = tile_coords(pair, tiles_m.div_ceil(2), tiles_n, group_pairs);
+    (2 * pm + rank, tn)
 }
 
 /// Grouped ("swizzled") tile order: consecutive tile ids walk `group_m` tile rows down one tile column before moving
@@ -290,6 +379,79 @@ pub fn tile_coords(tile: u32, tiles_m: u32, tiles_n: u32, group_m: u32) -> (u32,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Simulates the multicast kernels' persistent loop (cluster c walks pairs c, c + clusters, ...; both ranks the
+    /// same pairs) and checks: every tile is computed exactly once, both CTAs of a cluster share the n-block on
+    /// every step, out-of-range tiles occur only as rank 1 of the last tile-row pair when tiles_m is odd, and the
+    /// grid is an even number of CTAs.
+    #[test]
+    fn mc2_schedule_covers_every_tile_once() {
+        let shapes = [
+            (1usize, 128usize, 128usize),
+            (64, 7168, 2048),
+            (128, 4096, 512),
+            (300, 1536, 7168),
+            (384, 160, 256),
+            (1000, 2112, 7168),
+            (4096, 7168, 16384),
+            (4096, 2048, 7168),
+            (4096, 24576, 1536),
+            (4097, 4096, 4096),
+            (2560, 160, 128),
+        ];
+        for (m, n, k) in shapes {
+            let shape = GemmShape { m, n, k };
+            for sms in [2u32, 3, 7, 132] {
+                let cfg = choose_sm90_mc2_config(&shape, sms, SM90_SMEM_LIMIT).unwrap();
+                assert_eq!(cfg.cluster_m, 2);
+                assert_eq!(cfg.grid % 2, 0, "{shape:?}");
+                assert!(cfg.grid <= sms.max(2) && cfg.grid >= 2);
+                assert_eq!((cfg.block_m, cfg.k_splits), (128, 1));
+                assert!(SM90_MC2_BLOCK_N.contains(&cfg.block_n));
+                assert_eq!((cfg.block_n / 2 * BLOCK_K) % 1024, 0, "B half must be whole swizzle atoms");
+                assert!(cfg.kernel_name().unwrap().starts_with("fp8_gemm_sm90_mc2_"));
+                let tiles_m = m.div_ceil(128) as u32;
+                let tiles_n = n.div_ceil(cfg.block_n as usize) as u32;
+                let pairs = mc2_num_pairs(&shape, cfg.block_n) as u32;
+                assert_eq!(pairs, tiles_m.div_ceil(2) * tiles_n);
+                let clusters = cfg.grid / 2;
+                let mut seen = vec![0u32; (tiles_m * tiles_n) as usize];
+                for c in 0..clusters {
+                    let mut pair = c;
+                    while pair < pairs {
+                        let (tm0, tn0) = mc2_pair_coords(pair, 0, tiles_m, tiles_n, cfg.group_m);
+                        let (tm1, tn1) = mc2_pair_coords(pair, 1, tiles_m, tiles_n, cfg.group_m);
+                        assert_eq!(tn0, tn1, "cluster {c} pair {pair}: ranks disagree on the n-block");
+                        assert!(tn0 < tiles_n);
+                        assert_eq!(tm1, tm0 + 1);
+                        assert!(tm0 < tiles_m);
+                        for tm in [tm0, tm1] {
+                            if tm < tiles_m {
+                                seen[(tm * tiles_n + tn0) as usize] += 1;
+                            } else {
+                                assert!(tiles_m % 2 == 1 && tm == tiles_m, "{shape:?} pair {pair}");
+                            }
+                        }
+                        pair += clusters;
+                    }
+                }
+                assert!(seen.iter().all(|&v| v == 1), "{shape:?} sms {sms}: tiles not covered exactly once");
+            }
+        }
+        assert!(choose_sm90_mc2_config(&GemmShape { m: 8, n: 8, k: 16 }, 1, SM90_SMEM_LIMIT).is_err());
+    }
+
+    #[test]
+    fn mc2_config_is_opt_in_only() {
+        let shape = GemmShape { m: 4096, n: 7168, k: 7168 };
+        let plain = choose_sm90_config(&shape, 132, SM90_SMEM_LIMIT).unwrap();
+        assert_eq!(plain.cluster_m, 1);
+        assert!(!plain.kernel_name().unwrap().contains("mc2"));
+        let bad = Sm90Config { block_n: 64, ..choose_sm90_mc2_config(&shape, 132, SM90_SMEM_LIMIT).unwrap() };
+        assert!(bad.kernel_name().is_err());
+        let bad = Sm90Config { cluster_m: 4, ..plain };
+        assert!(bad.kernel_name().is_err());
+    }
 
     #[test]
     fn validate_accepts_the_contract() {

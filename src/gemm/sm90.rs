@@ -9,7 +9,7 @@ use cudarc::driver::sys::{
     self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
     CUtensorMapSwizzle,
 };
-use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::plan::{GemmShape, Sm90Config, BLOCK_K};
 use crate::device::Gpu;
@@ -180,7 +180,8 @@ impl Tma2d {
 }
 
 /// The three TMA descriptions of one GEMM: A tiles `[block_m, 128]`, B tiles `[block_n, 128]` (both 128-byte
-/// swizzled) and the activation-scale row segment `[1, block_m]` of the MN-major `sa`.
+/// swizzled) and the activation-scale row segment `[1, block_m]` of the MN-major `sa`. For the 2-CTA multicast
+/// kernels (`cluster_m == 2`) the B box is half a tile, `[block_n / 2, 128]`: each CTA of a cluster loads one half.
 pub fn gemm_tmas(shape: &GemmShape, cfg: &Sm90Config) -> [Tma2d; 3] {
     let k = shape.k as u64;
     [
@@ -198,7 +199,7 @@ pub fn gemm_tmas(shape: &GemmShape, cfg: &Sm90Config) -> [Tma2d; 3] {
             rows: shape.n as u64,
             cols: k,
             row_stride_bytes: k,
-            box_rows: cfg.block_n,
+            box_rows: cfg.block_n / cfg.cluster_m.max(1),
             box_cols: BLOCK_K,
             swizzle_128b: true,
         },
@@ -265,6 +266,81 @@ fn launch_gemm<T: DeviceRepr>(
     Ok(())
 }
 
+/// Launches a 2-CTA cluster kernel (`fp8_gemm_sm90_mc2_*`) through `cuLaunchKernelEx` with a cluster dimension of
+/// (2, 1, 1). The kernel's parameters are `(tm_a, tm_b, tm_sa, sb, out, m, n, k, stages, group_pairs, mode)`.
+fn launch_mc2<T: DeviceRepr>(
+    gpu: &Gpu,
+    shape: &GemmShape,
+    cfg: &Sm90Config,
+    maps: &[TensorMap; 3],
+    sb: &DeviceTensor<f32>,
+    out: &mut DeviceTensor<T>,
+    mode: OutputMode,
+) -> Result<()> {
+    if mode == OutputMode::F32Partial || cfg.k_splits != 1 {
+        return Err(Error::InvalidConfig("the multicast kernels do not split K".into()));
+    }
+    if cfg.grid == 0 || !cfg.grid.is_multiple_of(2) || cfg.block_m != 128 || cfg.threads != 384 {
+        return Err(Error::InvalidConfig(format!("bad 2-CTA cluster configuration {cfg:?}")));
+    }
+    if out.numel() != shape.m * shape.n {
+        return Err(Error::shape("out", shape.m * shape.n, out.numel()));
+    }
+    let f = gpu.function(MODULE, cfg.kernel_name()?, cfg.smem_bytes)?;
+    let stream = gpu.stream();
+    let sbv = sb.view();
+    let mut ov = out.view_mut();
+    let (mut psb, _gsb) = sbv.device_ptr(stream);
+    let (mut pout, _gout) = ov.device_ptr_mut(stream);
+    let (mut m, mut n, mut k) = (shape.m as i32, shape.n as i32, shape.k as i32);
+    let (mut stages, mut group, mut mode) = (cfg.stages as i32, cfg.group_m as i32, mode as i32);
+    let (mut ta, mut tb, mut tsa) = (maps[0], maps[1], maps[2]);
+    let mut params: [*mut std::ffi::c_void; 11] = [
+        &mut ta as *mut TensorMap as *mut _,
+        &mut tb as *mut TensorMap as *mut _,
+        &mut tsa as *mut TensorMap as *mut _,
+        &mut psb as *mut sys::CUdeviceptr as *mut _,
+        &mut pout as *mut sys::CUdeviceptr as *mut _,
+        &mut m as *mut i32 as *mut _,
+        &mut n as *mut i32 as *mut _,
+        &mut k as *mut i32 as *mut _,
+        &mut stages as *mut i32 as *mut _,
+        &mut group as *mut i32 as *mut _,
+        &mut mode as *mut i32 as *mut _,
+    ];
+    // SAFETY: a zeroed CUlaunchAttribute is a valid plain-data value (id 0, zero union); id and value are set next.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: 2, y: 1, z: 1 };
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: cfg.threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: cfg.smem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    stream.context().bind_to_thread()?;
+    // SAFETY: `params` holds one pointer per kernel parameter, in order and with the kernel's types (three 128-byte
+    // 64-aligned CUtensorMaps, two device pointers, six i32), all alive for the call (the driver copies them at
+    // launch). The tensor maps describe exactly a [m, k], b [n, k] (box block_n / 2 rows) and sa
+    // [ceil(k/128), m_pad]; sb has ceil(n/128)·ceil(k/128) floats and is indexed with block indices below those
+    // bounds; out has m·n elements of the type `mode` selects (checked above) and every store is guarded by row < m,
+    // col < n. The grid is a multiple of the cluster size (checked above), both CTAs of a cluster walk the same
+    // tile pairs (plan::mc2_pair_coords, unit-tested), and the dynamic shared memory covers the ring for `stages`
+    // (plan::smem_bytes, the limit raised by gpu.function). The device-pointer guards (_gsb, _gout) record the
+    // launch on the stream when dropped after the call.
+    let res = unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) };
+    if res != sys::CUresult::CUDA_SUCCESS {
+        return Err(Error::Driver(format!("cuLaunchKernelEx({}, cluster 2×1×1) failed: {res:?}", cfg.kernel_name()?)));
+    }
+    Ok(())
+}
+
 /// Launches the persistent kernel (and, when the plan splits K, the in-order split reduction). `out` is bf16
 /// (`accumulate = false`) or fp32 holding C (`accumulate = true`). The caller has validated the shapes with
 /// [`super::plan::validate_shapes`] and checked m, n, k > 0.
@@ -289,6 +365,9 @@ pub(crate) fn launch<T: DeviceRepr>(
     let (psa, _gsa) = sav.device_ptr(stream);
     let maps = [ta.encode(pa)?, tb.encode(pb)?, tsa.encode(psa)?];
     let final_mode = if accumulate { OutputMode::F32Accumulate } else { OutputMode::Bf16 };
+    if cfg.cluster_m == 2 {
+        return launch_mc2(gpu, shape, cfg, &maps, sb, out, final_mode);
+    }
     if cfg.k_splits <= 1 {
         return launch_gemm(gpu, shape, cfg, &maps, sb, out, final_mode);
     }
