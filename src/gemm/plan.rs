@@ -300,7 +300,8 @@ pub const SM90_MC2_GROUP_PAIRS: u32 = SM90_GROUP_M / 2;
 
 /// Configuration of the opt-in 2-CTA cluster kernels: block M 128, block N from [`SM90_MC2_BLOCK_N`] by the same
 /// wave model as [`choose_sm90_config`] (counted in tile pairs over `sm_count / 2` clusters), no split-K, and an even
-/// persistent grid of `2 · min(tile pairs, sm_count / 2)` CTAs.
+/// persistent grid of `2 · min(tile pairs, sm_count / 2)` CTAs (the launcher lowers it to the number of 2-CTA clusters
+/// the driver reports as co-resident, when that is fewer).
 pub fn choose_sm90_mc2_config(shape: &GemmShape, sm_count: u32, smem_limit: u32) -> Result<Sm90Config> {
     let clusters_max = sm_count / 2;
     if clusters_max == 0 {

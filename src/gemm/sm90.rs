@@ -312,7 +312,7 @@ fn launch_mc2<T: DeviceRepr>(
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
     attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: 2, y: 1, z: 1 };
-    let config = sys::CUlaunchConfig {
+    let mut config = sys::CUlaunchConfig {
         gridDimX: cfg.grid,
         gridDimY: 1,
         gridDimZ: 1,
@@ -325,15 +325,25 @@ fn launch_mc2<T: DeviceRepr>(
         numAttrs: 1,
     };
     stream.context().bind_to_thread()?;
+    // A cluster's CTAs must share a GPC, so fewer than sm_count / 2 clusters may be resident at once: size the
+    // persistent grid to what the driver says fits, so no cluster waits for a second wave. The kernel's schedule
+    // strides by the launched cluster count (%nclusterid), so any even grid is correct; if the query fails the
+    // planned grid stands.
+    let mut fit: std::ffi::c_int = 0;
+    // SAFETY: `config` and the attribute it points to are valid for the call; the driver only writes `fit`.
+    let q = unsafe { sys::cuOccupancyMaxActiveClusters(&mut fit, f.cu_function(), &config) };
+    if q == sys::CUresult::CUDA_SUCCESS && fit > 0 {
+        config.gridDimX = config.gridDimX.min(2 * fit as u32);
+    }
     // SAFETY: `params` holds one pointer per kernel parameter, in order and with the kernel's types (three 128-byte
     // 64-aligned CUtensorMaps, two device pointers, six i32), all alive for the call (the driver copies them at
     // launch). The tensor maps describe exactly a [m, k], b [n, k] (box block_n / 2 rows) and sa
     // [ceil(k/128), m_pad]; sb has ceil(n/128)·ceil(k/128) floats and is indexed with block indices below those
     // bounds; out has m·n elements of the type `mode` selects (checked above) and every store is guarded by row < m,
-    // col < n. The grid is a multiple of the cluster size (checked above), both CTAs of a cluster walk the same
-    // tile pairs (plan::mc2_pair_coords, unit-tested), and the dynamic shared memory covers the ring for `stages`
-    // (plan::smem_bytes, the limit raised by gpu.function). The device-pointer guards (_gsb, _gout) record the
-    // launch on the stream when dropped after the call.
+    // col < n. The grid is a multiple of the cluster size (checked above; the clamp keeps it even), both CTAs of a
+    // cluster walk the same tile pairs (plan::mc2_pair_coords, unit-tested), and the dynamic shared memory covers
+    // the ring for `stages` (plan::smem_bytes, the limit raised by gpu.function). The device-pointer guards (_gsb,
+    // _gout) record the launch on the stream when dropped after the call.
     let res = unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) };
     if res != sys::CUresult::CUDA_SUCCESS {
         return Err(Error::Driver(format!("cuLaunchKernelEx({}, cluster 2×1×1) failed: {res:?}", cfg.kernel_name()?)));
