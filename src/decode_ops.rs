@@ -5,15 +5,12 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::Gpu;
+use crate::error::to_i32;
 use crate::error::{Error, Result};
 use crate::reference::decode_ops::RopeConfig;
 use crate::tensor::DeviceTensor;
 
 const MODULE: &str = "decode_ops";
-
-fn to_i32(arg: &'static str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::shape(arg, "a value below 2^31", v))
-}
 
 fn launch_rms_norm(
     gpu: &Gpu,

@@ -64,6 +64,11 @@ impl Error {
     }
 }
 
+/// Converts a size to the `i32` a kernel argument takes, or a shape error naming `arg`.
+pub(crate) fn to_i32(arg: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::shape(arg, "a value below 2^31", v))
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

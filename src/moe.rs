@@ -10,6 +10,7 @@ use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::Gpu;
+use crate::error::to_i32;
 use crate::error::{Error, Result};
 use crate::fp8::E4M3;
 use crate::gemm::plan;
@@ -30,10 +31,6 @@ pub const GEMM_BLOCK_M: usize = 64;
 /// Column tile of the grouped GEMM: `n` must be a multiple of it.
 pub const GEMM_BLOCK_N: usize = 64;
 const ROUTER_WARPS: usize = 4;
-
-fn to_i32(arg: &'static str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::shape(arg, "a value below 2^31", v))
-}
 
 fn to_i64(arg: &'static str, v: usize) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::shape(arg, "a value below 2^63", v))

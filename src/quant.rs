@@ -5,6 +5,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::Gpu;
+use crate::error::to_i32;
 use crate::error::{Error, Result};
 use crate::fp8::E4M3;
 use crate::reference::quant::{padded_scale_rows, ScaleFormat};
@@ -14,10 +15,6 @@ use crate::tensor::DeviceTensor;
 pub const QUANT_BLOCK: usize = 128;
 
 const MODULE: &str = "quant";
-
-fn to_i32(arg: &'static str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::shape(arg, "a dimension below 2^31", v))
-}
 
 /// Shape of the scale tensor [`quantize_activations`] writes for an [m, k] input: `[ceil(k/128), round_up(m, 4)]`.
 pub fn activation_scale_shape(m: usize, k: usize) -> [usize; 2] {

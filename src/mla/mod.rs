@@ -17,6 +17,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::Gpu;
+use crate::error::to_i32;
 use crate::error::{Error, Result};
 pub use crate::reference::mla::MlaConfig;
 use crate::reference::mla::{validate_inputs, D_QK, D_V, FP8_TOKEN_BYTES};
@@ -124,10 +125,6 @@ pub struct MlaOptions<'a> {
     pub block_table_host: Option<&'a [i32]>,
     /// Kernel choice.
     pub backend: Backend,
-}
-
-fn to_i32(arg: &'static str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::shape(arg, "a value below 2^31", v))
 }
 
 enum Cache<'a> {

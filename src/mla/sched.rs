@@ -8,6 +8,7 @@
 //! In batch-invariant mode a sequence is cut into fixed-size chunks that depend only on its own length, one chunk per
 //! CTA, so its splits (and therefore its bits) are the same whatever it is batched with.
 
+use crate::error::to_i32;
 use crate::error::{Error, Result};
 
 /// One contiguous piece of one sequence's pages: blocks `start_block .. end_block` of sequence `seq`, which is split
@@ -78,10 +79,6 @@ impl SplitPlan {
     pub fn batch(&self) -> usize {
         self.seqlens.len()
     }
-}
-
-fn to_i32(what: &'static str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::shape(what, "a count below 2^31", v))
 }
 
 /// Cuts the batch described by `seqlens` (tokens per sequence) into work items. Zero-length sequences get no split

@@ -751,19 +751,7 @@ pub fn moe_forward_fp8(
     Ok(out)
 }
 
-/// DeepGEMM's agreement metric `1 − 2·Σxy / Σ(x² + y²)` (0 for identical inputs; < 1e-3 is the FP8 bar).
-pub fn calc_diff(x: &[f32], y: &[f32]) -> f64 {
-    let (mut xy, mut sq) = (0f64, 0f64);
-    for (&a, &b) in x.iter().zip(y) {
-        xy += a as f64 * b as f64;
-        sq += a as f64 * a as f64 + b as f64 * b as f64;
-    }
-    if sq == 0.0 {
-        0.0
-    } else {
-        1.0 - 2.0 * xy / sq
-    }
-}
+pub use crate::reference::gemm::calc_diff;
 
 #[cfg(test)]
 mod tests {
