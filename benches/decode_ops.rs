@@ -11,7 +11,7 @@ fn filled(n: usize) -> Vec<bf16> {
 }
 
 fn bench_decode_ops(c: &mut Criterion) {
-    let Some(gpu) = r1_kernels::device::test_gpu("bench decode_ops") else { return };
+    let Some(gpu) = r1_kernels::device::bench_gpu("bench decode_ops") else { return };
     let mut group = c.benchmark_group("decode_ops");
     group.sample_size(20);
     for &rows in &[64usize, 256] {

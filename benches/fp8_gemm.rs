@@ -35,7 +35,7 @@ fn codes(n: usize, seed: u64) -> Vec<E4M3> {
 }
 
 fn bench_fp8_gemm(c: &mut Criterion) {
-    let Some(gpu) = r1_kernels::device::test_gpu("bench fp8_gemm") else { return };
+    let Some(gpu) = r1_kernels::device::bench_gpu("bench fp8_gemm") else { return };
     // cudarc panics on the first cuBLAS call when the library cannot be loaded: check first.
     // SAFETY: only dlopens the library.
     let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {

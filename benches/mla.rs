@@ -56,7 +56,7 @@ fn setup(gpu: &Gpu, b: usize, h: usize, s_q: usize, s_k: usize) -> Setup {
 }
 
 fn bench_mla(c: &mut Criterion) {
-    let Some(gpu) = r1_kernels::device::test_gpu("bench mla") else { return };
+    let Some(gpu) = r1_kernels::device::bench_gpu("bench mla") else { return };
     let mut group = c.benchmark_group("mla_decode");
     group.sample_size(10);
     group.warm_up_time(std::time::Duration::from_millis(500));

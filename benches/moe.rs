@@ -244,7 +244,7 @@ fn layer_peer<'w>(
 }
 
 fn bench_moe(c: &mut Criterion) {
-    let Some(gpu) = r1_kernels::device::test_gpu("bench moe") else { return };
+    let Some(gpu) = r1_kernels::device::bench_gpu("bench moe") else { return };
     let mut group = c.benchmark_group("moe");
     group.sample_size(10);
     // The full layer's speedup over its cuBLASLt peer (or why the peer was skipped), printed after the group.

@@ -20,7 +20,7 @@ fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
 }
 
 fn bench_quant(c: &mut Criterion) {
-    let Some(gpu) = r1_kernels::device::test_gpu("bench quant") else { return };
+    let Some(gpu) = r1_kernels::device::bench_gpu("bench quant") else { return };
     let mut group = c.benchmark_group("fp8_quant");
     group.sample_size(20);
     for &(m, k) in &[(128usize, 7168usize), (4096, 7168), (16384, 7168), (4096, 2048)] {

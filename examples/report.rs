@@ -93,7 +93,7 @@ fn main() -> ExitCode {
 /// Results-file lines for the ceilings of GPU 0, or a note saying why there are none.
 fn measure_ceilings() -> String {
     use r1_kernels::report::ceilings;
-    let Some(gpu) = r1_kernels::device::test_gpu("report --measure-ceilings") else {
+    let Some(gpu) = r1_kernels::device::bench_gpu("report --measure-ceilings") else {
         return "note\tceilings not measured: no usable GPU on this machine\n".to_string();
     };
     let name = gpu.context().name().unwrap_or_else(|_| "unknown GPU".into());

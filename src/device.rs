@@ -23,6 +23,9 @@ pub struct DeviceInfo {
     pub max_shared_memory_per_block_optin: u32,
     /// L2 cache size in bytes.
     pub l2_cache_bytes: u32,
+    /// True on the emulated device of the `r1k-emu` driver (the crate's kernels running on the CPU): results are
+    /// real, timings are not, and tests pick small shapes.
+    pub emulated: bool,
 }
 
 impl DeviceInfo {
@@ -31,9 +34,10 @@ impl DeviceInfo {
         self.compute_capability == (9, 0)
     }
 
-    /// `"sm_XY"`.
+    /// `"sm_XY"`, with " (emulated)" on the emulator.
     pub fn arch_name(&self) -> String {
-        format!("sm_{}{}", self.compute_capability.0, self.compute_capability.1)
+        let emulated = if self.emulated { " (emulated)" } else { "" };
+        format!("sm_{}{}{emulated}", self.compute_capability.0, self.compute_capability.1)
     }
 }
 
@@ -46,6 +50,7 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
+    name: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<FunctionKey, (CudaFunction, u32)>>,
 }
@@ -85,6 +90,7 @@ impl Gpu {
         }
         let ctx = stream.context().clone();
         let attr = |a: CUdevice_attribute| -> Result<i32> { Ok(ctx.attribute(a)?) };
+        let name = ctx.name()?;
         let info = DeviceInfo {
             ordinal: ctx.ordinal(),
             compute_capability: (
@@ -96,8 +102,9 @@ impl Gpu {
                 CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )? as u32,
             l2_cache_bytes: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as u32,
+            emulated: is_emulator_name(&name),
         };
-        Ok(Gpu { ctx, stream, info, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) })
+        Ok(Gpu { ctx, stream, info, name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) })
     }
 
     /// The context.
@@ -113,6 +120,17 @@ impl Gpu {
     /// Device facts read at construction.
     pub fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// The device's name as the driver reports it (the emulator's contains "r1k-emu").
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// True on the `r1k-emu` emulated device: kernels run on the CPU, so results are real but no timing is a
+    /// measurement.
+    pub fn is_emulated(&self) -> bool {
+        self.info.emulated
     }
 
     /// Blocks the host until the stream is idle. Launchers never call this; tests and benches do.
@@ -195,6 +213,11 @@ impl Gpu {
     }
 }
 
+/// True for the device name of the `r1k-emu` emulated driver.
+pub fn is_emulator_name(name: &str) -> bool {
+    name.contains("r1k-emu")
+}
+
 /// Opens device 0 for a GPU test. Returns `None` (after printing why) when no usable GPU is present, unless
 /// `R1K_REQUIRE_GPU=1`, in which case a missing GPU fails the test.
 #[doc(hidden)]
@@ -204,7 +227,12 @@ pub fn test_gpu(test_name: &str) -> Option<Gpu> {
         Some(Error::KernelsNotBuilt.to_string())
     } else {
         match Gpu::new(0) {
-            Ok(gpu) => return Some(gpu),
+            Ok(gpu) => {
+                if gpu.is_emulated() {
+                    eprintln!("{test_name}: running on {} (emulated: results are checked, timings mean nothing)", gpu.device_name());
+                }
+                return Some(gpu);
+            }
             Err(e) => Some(e.to_string()),
         }
     };
@@ -214,6 +242,21 @@ pub fn test_gpu(test_name: &str) -> Option<Gpu> {
     }
     eprintln!("SKIPPED {test_name}: no usable GPU ({reason})");
     None
+}
+
+/// Opens device 0 for a benchmark or a measurement: like [`test_gpu`], but refuses the emulated device, whose
+/// timings measure the CPU running an emulator, never the kernels.
+#[doc(hidden)]
+pub fn bench_gpu(what: &str) -> Option<Gpu> {
+    let gpu = test_gpu(what)?;
+    if gpu.is_emulated() {
+        eprintln!(
+            "SKIPPED {what}: {} is an emulated device (kernels run on the CPU); its timings are not measurements",
+            gpu.device_name()
+        );
+        return None;
+    }
+    Some(gpu)
 }
 
 /// Like [`test_gpu`] but also requires an sm_90 device (for tests of sm_90a-only kernels).

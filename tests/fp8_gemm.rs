@@ -581,6 +581,7 @@ fn cpu_plan_rejects_what_the_kernels_cannot_do() {
         sm_count: 132,
         max_shared_memory_per_block_optin: 232_448,
         l2_cache_bytes: 50 << 20,
+            emulated: false,
     };
     for &(n, k) in DEEPSEEK_NK.iter().chain(&LLAMA_NK) {
         for &m in &SWEEP_M {
@@ -700,6 +701,7 @@ fn cpu_multicast_is_opt_in_and_hopper_only() {
         sm_count: 132,
         max_shared_memory_per_block_optin: 232_448,
         l2_cache_bytes: 50 << 20,
+            emulated: false,
     };
     let (m, n, k) = (4096usize, 7168usize, 7168usize);
     let kb = k.div_ceil(128);

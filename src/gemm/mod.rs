@@ -222,6 +222,7 @@ mod tests {
             sm_count: 132,
             max_shared_memory_per_block_optin: 232_448,
             l2_cache_bytes: 50 << 20,
+            emulated: false,
         }
     }
 
