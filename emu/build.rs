@@ -213,13 +213,22 @@ fn main() {
         let name = t.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
         let Some(stem) = name.strip_suffix("_test.cpp") else { continue };
         let exe = test_dir.join(stem);
+        // A test names the engine files it needs beyond the pure *_core.cpp ones with `// selftest-sources: a.cpp b.cpp`.
+        let text = fs::read_to_string(&t).unwrap_or_default();
+        let extra: Vec<PathBuf> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("// selftest-sources:"))
+            .flat_map(|l| l.split_whitespace().map(|f| cpp_dir.join(f)).collect::<Vec<_>>())
+            .collect();
         let status = Command::new(&cxx)
             .args(["-std=c++17", "-O1", "-w"])
             .arg(format!("-I{}", cpp_dir.display()))
             .arg(format!("-I{}", cuda_include.display()))
+            .arg(format!("-I{}", cuda_include.join("cccl").display()))
             .arg(format!("-I{}", cutlass.display()))
             .arg(&t)
             .args(&cores)
+            .args(&extra)
             .arg("-o")
             .arg(&exe)
             .status()

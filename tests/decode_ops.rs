@@ -106,10 +106,13 @@ fn head_bmm_absorbs_w_uk_and_applies_w_uv() {
         decode_ops::head_bmm(&gpu, &xd, &wuv, uv, &mut out).unwrap();
         assert_close(&out.to_host(&gpu).unwrap(), &reference, 1e-3, "apply W_UV");
     }
-    // A stride that would read past the weight is rejected before launch.
+    // A stride that would read past the weight is rejected before launch. (W_UK uses the first `nope` of each
+    // head's nope + v rows, so the last head must move by more than v rows to leave the weight.)
     let xd = DeviceTensor::from_host(&gpu, &random(2 * heads * nope, 1, 1.0), &[2, heads, nope]).unwrap();
     let mut out = DeviceTensor::<bf16>::zeros(&gpu, &[2, heads, latent]).unwrap();
-    let too_far = HeadWeightStrides { offset: 0, head: (nope + v) * latent + 1, i: latent, j: 1 };
+    let too_far = HeadWeightStrides { offset: 0, head: (nope + v) * latent + 16 * latent, i: latent, j: 1 };
+    let last = (heads - 1) * too_far.head + (nope - 1) * latent + latent - 1;
+    assert!(last >= w.len(), "the rejected case must really reach past the weight");
     assert!(matches!(decode_ops::head_bmm(&gpu, &xd, &wd, too_far, &mut out), Err(Error::Shape { .. })));
 }
 

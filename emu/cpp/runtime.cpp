@@ -375,7 +375,6 @@ void complete_warp_collective(Cta* cta, uint32_t warp, const std::shared_ptr<War
 }
 
 uint32_t warp_collective(const char* kind, uint32_t mask, uint32_t value, int mode, uint32_t b, uint32_t c) {
-    yield();
     Fiber& f = self_fiber();
     Cta* cta = f.cta;
     const uint32_t warp = f.linear / 32, lane = f.linear % 32;
@@ -785,7 +784,6 @@ void on_cta_exit(const char* key, std::function<void(Cta*)> hook) {
 // ---- prelude built-ins ----
 
 void syncthreads() {
-    yield();
     Fiber& f = self_fiber();
     Cta* cta = f.cta;
     NamedBarrier& b = cta->barriers[0];
@@ -805,7 +803,6 @@ void syncthreads() {
 }
 
 void named_barrier(uint32_t id, uint32_t count) {
-    yield();
     Fiber& f = self_fiber();
     Cta* cta = f.cta;
     // PTX ISA, bar/barrier: barrier ids 0..15; the thread count must be a multiple of the warp size.
