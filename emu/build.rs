@@ -31,7 +31,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", manifest.join(p).display());
     }
     println!("cargo:rerun-if-changed={}", kernels_dir.display());
-    for var in ["R1K_TOOLCHAIN_DIR", "R1K_EMU_ASAN", "CXX"] {
+    for var in ["R1K_TOOLCHAIN_DIR", "R1K_EMU_ASAN", "R1K_EMU_MUTANTS", "CXX"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let toolchain =
@@ -79,6 +79,7 @@ fn main() {
     let mut all_sites = Vec::new();
     let mut all_kernels = Vec::new();
     let mut stems = Vec::new();
+    let mut preprocessed: Vec<(String, String)> = Vec::new(); // (stem, preprocessed text)
     for src in &sources {
         let stem = src.file_stem().unwrap().to_str().unwrap().to_string();
         let mut pre = Command::new(&cxx);
@@ -94,6 +95,7 @@ fn main() {
         }
         let text = String::from_utf8(pre_out.stdout).unwrap();
         let lifted = lift::lift(&text, &kernels_abs, &stem).unwrap_or_else(|e| panic!("lifting {}: {e}", src.display()));
+        preprocessed.push((stem.clone(), text.clone()));
         let lifted_path = obj_dir.join(format!("{stem}.lifted.cpp"));
         write_if_changed(&lifted_path, &lifted.code);
         all_kernels.extend(lifted.kernels.iter().cloned());
@@ -199,6 +201,26 @@ fn main() {
     }
     println!("cargo:rustc-link-lib=dylib=stdc++");
     println!("cargo:rustc-env=R1K_EMU_KERNEL_COUNT={}", all_kernels.len());
+
+    if env::var("R1K_EMU_MUTANTS").map(|v| v == "1").unwrap_or(false) {
+        let engine_objects: Vec<PathBuf> = jobs
+            .iter()
+            .filter(|j| j.object.to_str().is_some_and(|p| p.ends_with(".engine.o")))
+            .map(|j| j.object.clone())
+            .collect();
+        let ctx = MutantContext {
+            cxx: &cxx,
+            common: &common,
+            cpp_dir: &cpp_dir,
+            kernels_dir: &kernels_dir,
+            obj_dir: &obj_dir,
+            preprocessed: &preprocessed,
+            engine_objects: &engine_objects,
+            asan,
+        };
+        let profile_dir = out.ancestors().nth(3).expect("OUT_DIR is target/<profile>/build/<pkg>/out").to_path_buf();
+        build_mutants(&ctx, &manifest.join("mutants.txt"), &profile_dir.join("emu-mutants"));
+    }
 
     // ---- standalone C++ self-tests (cpp/tests/*_test.cpp, linked with the pure *_core.cpp files) ----
     let test_dir = out.join("selftests");
@@ -309,4 +331,166 @@ fn run_jobs(cxx: &str, jobs: &[Job]) {
     if !failures.is_empty() {
         panic!("compiling for the emulator failed:\n{}", failures.join("\n"));
     }
+}
+
+struct MutantContext<'a> {
+    cxx: &'a str,
+    common: &'a [String],
+    cpp_dir: &'a Path,
+    kernels_dir: &'a Path,
+    obj_dir: &'a Path,
+    preprocessed: &'a [(String, String)],
+    engine_objects: &'a [PathBuf],
+    asan: bool,
+}
+
+struct Mutant {
+    id: String,
+    what: String,
+    file: String,
+    test: String,
+    /// Which occurrence of each text to replace (1-based); without it the text must occur exactly once.
+    nth: Option<usize>,
+    hunks: Vec<(String, String)>,
+}
+
+/// Parses mutants.txt (format described at its top).
+fn parse_mutants(text: &str) -> Vec<Mutant> {
+    let mut out: Vec<Mutant> = Vec::new();
+    let mut find: Vec<String> = Vec::new();
+    let mut replace: Vec<String> = Vec::new();
+    let flush = |m: Option<&mut Mutant>, find: &mut Vec<String>, replace: &mut Vec<String>| {
+        if let Some(m) = m {
+            if !find.is_empty() {
+                m.hunks.push((find.join("\n"), replace.join("\n")));
+            }
+        }
+        find.clear();
+        replace.clear();
+    };
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("## ") {
+            if let Some((id, what)) = rest.split_once(':') {
+                if !id.contains(' ') {
+                    flush(out.last_mut(), &mut find, &mut replace);
+                    out.push(Mutant {
+                        id: id.trim().into(),
+                        what: what.trim().into(),
+                        file: String::new(),
+                        test: String::new(),
+                        nth: None,
+                        hunks: Vec::new(),
+                    });
+                    continue;
+                }
+            }
+            if let Some(m) = out.last_mut() {
+                m.what = format!("{} {}", m.what, rest.trim());
+            }
+        } else if let Some(f) = line.strip_prefix("file: ") {
+            out.last_mut().expect("file: before a mutant").file = f.trim().into();
+        } else if let Some(n) = line.strip_prefix("nth: ") {
+            out.last_mut().expect("nth: before a mutant").nth = Some(n.trim().parse().expect("nth: a number"));
+        } else if let Some(t) = line.strip_prefix("test: ") {
+            out.last_mut().expect("test: before a mutant").test = t.trim().into();
+        } else if line == "@@" {
+            flush(out.last_mut(), &mut find, &mut replace);
+        } else if let Some(f) = line.strip_prefix("- ").or(if line == "-" { Some("") } else { None }) {
+            if !replace.is_empty() {
+                flush(out.last_mut(), &mut find, &mut replace);
+            }
+            find.push(f.to_string());
+        } else if let Some(r) = line.strip_prefix("+ ").or(if line == "+" { Some("") } else { None }) {
+            replace.push(r.to_string());
+        }
+    }
+    flush(out.last_mut(), &mut find, &mut replace);
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dest);
+        } else {
+            fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
+
+/// Builds one standalone engine shared library per mutant (the patched kernel sources, everything else shared
+/// with the normal build) into `dest`, with an index of (id, test, description, library).
+fn build_mutants(ctx: &MutantContext, list: &Path, dest: &Path) {
+    let mutants = parse_mutants(&fs::read_to_string(list).expect("emu/mutants.txt"));
+    fs::create_dir_all(dest).unwrap();
+    let exports = ctx.obj_dir.join("engine-exports.map");
+    write_if_changed(&exports, "{ global: r1k_emu_*; local: *; };\n");
+    let mut index = String::new();
+    for m in &mutants {
+        assert!(!m.file.is_empty() && !m.test.is_empty() && !m.hunks.is_empty(), "mutant {} is incomplete", m.id);
+        let work = ctx.obj_dir.join("mutants").join(&m.id);
+        let kdir = work.join("kernels");
+        let _ = fs::remove_dir_all(&kdir);
+        copy_dir(ctx.kernels_dir, &kdir);
+        let target = kdir.join(&m.file);
+        let mut text = fs::read_to_string(&target).unwrap_or_else(|_| panic!("mutant {}: no kernels/{}", m.id, m.file));
+        for (find, replace) in &m.hunks {
+            let at: Vec<usize> = text.match_indices(find.as_str()).map(|(i, _)| i).collect();
+            let pick = match m.nth {
+                None => {
+                    assert!(at.len() == 1, "mutant {}: the text to replace occurs {} times in kernels/{}", m.id, at.len(), m.file);
+                    at[0]
+                }
+                Some(n) => *at.get(n - 1).unwrap_or_else(|| panic!("mutant {}: no occurrence {n} in kernels/{}", m.id, m.file)),
+            };
+            text = format!("{}{}{}", &text[..pick], replace, &text[pick + find.len()..]);
+        }
+        fs::write(&target, text).unwrap();
+        let kabs = kdir.canonicalize().unwrap().display().to_string();
+        let mut objects: Vec<PathBuf> = ctx.engine_objects.to_vec();
+        let mut jobs = Vec::new();
+        let needle = format!("/{}\"", m.file);
+        for (stem, original) in ctx.preprocessed {
+            if !original.contains(&needle) {
+                objects.push(ctx.obj_dir.join(format!("{stem}.kernel.o")));
+                continue;
+            }
+            let src = kdir.join(format!("{stem}.cu"));
+            let pre = Command::new(ctx.cxx)
+                .args(ctx.common)
+                .arg(format!("-I{}", kdir.display()))
+                .arg("-include")
+                .arg(ctx.cpp_dir.join("prelude.h"))
+                .args(["-E", "-x", "c++"])
+                .arg(src.canonicalize().unwrap())
+                .output()
+                .expect("run g++ -E");
+            assert!(pre.status.success(), "mutant {}: preprocessing {stem} failed", m.id);
+            let lifted = lift::lift(&String::from_utf8(pre.stdout).unwrap(), &kabs, stem)
+                .unwrap_or_else(|e| panic!("mutant {}: lifting {stem}: {e}", m.id));
+            let path = work.join(format!("{stem}.lifted.cpp"));
+            write_if_changed(&path, &lifted.code);
+            let mut flags = ctx.common.to_vec();
+            flags.extend(["-O2".into(), "-w".into(), "-x".into(), "c++".into()]);
+            let object = work.join(format!("{stem}.kernel.o"));
+            objects.push(object.clone());
+            jobs.push(Job { source: path, object, flags, deps_hash: 0 });
+        }
+        assert!(!jobs.is_empty(), "mutant {}: no kernel translation unit includes kernels/{}", m.id, m.file);
+        run_jobs(ctx.cxx, &jobs);
+        let lib = dest.join(format!("{}.so", m.id));
+        let mut link = Command::new(ctx.cxx);
+        link.arg("-shared").arg("-o").arg(&lib).args(&objects);
+        link.arg(format!("-Wl,--version-script={}", exports.display()));
+        if ctx.asan {
+            link.arg("-fsanitize=address");
+        }
+        let status = link.status().expect("link mutant engine");
+        assert!(status.success(), "linking mutant {} failed", m.id);
+        index += &format!("{}\t{}\t{}\t{}\n", m.id, m.test, lib.display(), m.what);
+    }
+    fs::write(dest.join("index.tsv"), index).unwrap();
 }

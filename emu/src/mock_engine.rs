@@ -15,7 +15,7 @@ struct MockKernel {
 
 /// - `fill_u32(u32* out, u32 value, u32 n)`: out[i] = value + i, refusing memory not registered.
 /// - `trap()`: fails like a kernel that executed `trap`.
-/// - `read_map(CUtensorMap map, u64* out)`: out[0] = the map's first word, refusing a map not 64-byte aligned.
+/// - `read_map(CUtensorMap map, u64* out)`: out[0] = the map's first word, refusing a map not 128-byte aligned.
 /// - `sig_mismatch(u64)`: a signature the tests' cubin disagrees with.
 static KERNELS: [MockKernel; 4] = [
     MockKernel { name: c"fill_u32", params: &[8, 4, 4] },
@@ -101,8 +101,8 @@ pub unsafe fn r1k_emu_launch(
             }
             "read_map" => {
                 let map = *params;
-                if !(map as usize).is_multiple_of(64) {
-                    write_err(err, err_len, "read_map: tensor map parameter not 64-byte aligned");
+                if !(map as usize).is_multiple_of(128) {
+                    write_err(err, err_len, "read_map: tensor map parameter not 128-byte aligned");
                     return 719;
                 }
                 let out = *(*params.add(1)).cast::<*mut u64>();

@@ -53,6 +53,15 @@ pub unsafe extern "C" fn cuStreamDestroy_v2(h_stream: CUstream) -> CUresult {
         let stream = d.stream_mut(h)?;
         if let Some(m) = stream.capture.take() {
             d.invalidate_capture(m.capture, CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+            // Nothing can end a capture whose origin is gone: release the streams that joined it.
+            if d.captures.get(&m.capture).is_some_and(|c| c.origin == h) {
+                let capture = d.captures.remove(&m.capture).expect("checked above");
+                for member in capture.members {
+                    if let Some(s) = d.streams.get_mut(&member) {
+                        s.capture = None;
+                    }
+                }
+            }
         }
         d.streams.remove(&h);
         Ok(())

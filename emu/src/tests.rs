@@ -186,7 +186,7 @@ fn captured_launches_keep_copies_of_their_arguments() {
     assert_eq!(download_u32(out, 16), vec![0; 16], "capture ran nothing");
     assert_eq!(unsafe { cuGraphLaunch(exec, s) }, CUDA_SUCCESS);
     assert_eq!(download_u32(out, 16), (5..21).collect::<Vec<u32>>());
-    assert_eq!(download_u32(word, 2), [0xfeed_f00d, 0], "a 128-byte parameter, kept 64-byte aligned");
+    assert_eq!(download_u32(word, 2), [0xfeed_f00d, 0], "a 128-byte parameter, kept 128-byte aligned");
     unsafe {
         assert_eq!(cuGraphExecDestroy(exec), CUDA_SUCCESS);
         assert_eq!(cuMemFree_v2(out), CUDA_SUCCESS);

@@ -163,8 +163,8 @@ pub struct CUuuid {
     pub bytes: [u8; 16],
 }
 
-/// `CUtensorMap`: 128 opaque bytes (the engine writes its own encoding into them).
-#[repr(C, align(64))]
+/// `CUtensorMap`: 128 opaque bytes (the engine writes its own encoding into them), `alignas(128)` as in cuda.h.
+#[repr(C, align(128))]
 #[derive(Clone, Copy)]
 pub struct CUtensorMap {
     pub opaque: [u64; 16],

@@ -52,13 +52,14 @@ unsafe impl Send for Params {}
 // SAFETY: as above; an Owned block is never mutated through a shared reference.
 unsafe impl Sync for Params {}
 
-#[repr(C, align(64))]
+#[repr(C, align(128))]
 #[derive(Clone, Copy)]
-struct Chunk([u8; 64]);
+struct Chunk([u8; 128]);
 
 /// Deep copy of a kernel's arguments. Each parameter sits at an offset aligned to the largest power of two that
-/// divides its size (capped at 64): never less than its type's alignment, since a type's size is a multiple of its
-/// alignment, so the engine may read each one in place as its declared type (a CUtensorMap needs 64 bytes).
+/// divides its size (capped at 128): never less than its type's alignment, since a type's size is a multiple of its
+/// alignment, so the engine may read each one in place as its declared type (CUDA 13 declares CUtensorMap
+/// `alignas(128)`).
 #[derive(Clone)]
 pub struct ParamBlock {
     storage: Vec<Chunk>,
@@ -77,12 +78,12 @@ impl ParamBlock {
         let mut offsets = Vec::with_capacity(sizes.len());
         let mut end = 0usize;
         for &size in sizes {
-            let align = (1usize << size.trailing_zeros().min(6)).max(1);
+            let align = 1usize << size.trailing_zeros().min(7);
             let offset = end.div_ceil(align) * align;
             offsets.push(offset);
             end = offset + size as usize;
         }
-        let mut storage = vec![Chunk([0; 64]); end.div_ceil(64).max(1)];
+        let mut storage = vec![Chunk([0; 128]); end.div_ceil(128).max(1)];
         let base = storage.as_mut_ptr().cast::<u8>();
         for (i, (&size, &offset)) in sizes.iter().zip(&offsets).enumerate() {
             // SAFETY: `params` has sizes.len() entries (caller contract).
