@@ -10,15 +10,29 @@ use r1_kernels::gemm::sm90::{probes, swizzle_128b, Tma2d, TmaDtype};
 use r1_kernels::gemm::{self, GemmKernel, GemmOptions};
 use r1_kernels::reference::gemm::{calc_diff, fp8_gemm as ref_gemm, fp8_gemm_rows};
 use r1_kernels::reference::quant::{
-    quantize_per_block_with, quantize_per_token_group_with, scales_from_mn_major, scales_to_mn_major, ScaleFormat,
+    quantize_per_block, quantize_per_block_with, quantize_per_token_group, quantize_per_token_group_with,
+    scales_from_mn_major, scales_to_mn_major, ScaleFormat,
 };
 use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+
+mod common;
+use common::{emu_shrink, emu_shrink_described};
 
 const DEEPSEEK_NK: [(usize, usize); 6] =
     [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)];
 const LLAMA_NK: [(usize, usize); 2] = [(4096, 4096), (14336, 4096)];
 const SWEEP_M: [usize; 8] = [0, 1, 7, 64, 128, 129, 1000, 4096];
+
+// The emulated device (kernels run on the CPU) takes these instead. n and k shrink per shape, keeping what the real
+// shape exercises on the kernels: the ragged N tail of 2112 (192 = 128 + 64), K deeper than the pipeline (9 or more
+// K blocks against at most 8 stages: the ring wraps inside a tile), 4 K blocks for k = 512, and small-m split-K
+// (n = 128 is two tiles on the CI emulator's 4 SMs; the real GPU splits the real shapes at small m). The m values
+// keep m = 0, block M 64 (1, 7, 64), an exact and a one-past block M 128 tile (128, 129), several tile rows with a
+// ragged last one (520 for 1000) and more tile rows than one scheduler group of 8 (1152 = 9 × 128 for 4096).
+const DEEPSEEK_NK_EMU: [(usize, usize); 6] = [(192, 1152), (256, 384), (256, 512), (128, 1152), (256, 640), (256, 256)];
+const LLAMA_NK_EMU: [(usize, usize); 2] = [(256, 1024), (384, 256)];
+const SWEEP_M_EMU: [usize; 8] = [0, 1, 7, 64, 128, 129, 520, 1152];
 const RAGGED: [(usize, usize, usize); 6] =
     [(1, 8, 16), (7, 136, 144), (129, 264, 272), (65, 2056, 1040), (200, 120, 400), (33, 1000, 2064)];
 
@@ -194,11 +208,35 @@ fn kernels_for(gpu: &Gpu) -> Vec<GemmKernel> {
     }
 }
 
-fn sweep_shape(test: &str, n: usize, k: usize, seed: u64) {
+/// The sm_90a configuration the planner picks on this device, in words (what the emulated shapes are chosen to reach).
+fn sm90_path(gpu: &Gpu, m: usize, n: usize, k: usize) -> String {
+    let info = gpu.info();
+    let shape = gemm::GemmShape { m, n, k };
+    match gemm::choose_sm90_config(&shape, info.sm_count, info.max_shared_memory_per_block_optin) {
+        Ok(c) => {
+            let tiles = gemm::plan::num_tiles(&shape, c.block_m, c.block_n);
+            let split = if c.k_splits > 1 { format!("split-K {}×{} K blocks", c.k_splits, c.kb_per_split) } else { "unsplit".into() };
+            format!("block {}×{}, {} stages, {tiles} tiles on {} CTAs, {split}", c.block_m, c.block_n, c.stages, c.grid)
+        }
+        Err(e) => format!("no sm_90a plan ({e})"),
+    }
+}
+
+fn sweep_shape(test: &str, real: (usize, usize), emulated: (usize, usize), seed: u64) {
     let Some(gpu) = r1_kernels::device::test_gpu(test) else { return };
+    let describe = |ms: &[usize], (n, k): (usize, usize)| format!("m ∈ {ms:?}, n×k = {n}×{k}");
+    let (ms, (n, k)) = emu_shrink_described(
+        &gpu,
+        test,
+        ((&SWEEP_M[..], real), &describe(&SWEEP_M, real)),
+        ((&SWEEP_M_EMU[..], emulated), &describe(&SWEEP_M_EMU, emulated)),
+    );
     let w = weights(n, k, seed, ScaleFormat::F32);
     let dw = upload_weights(&gpu, &w);
-    for (mi, &m) in SWEEP_M.iter().enumerate() {
+    for (mi, &m) in ms.iter().enumerate() {
+        if gpu.is_emulated() && gpu.info().is_hopper() && m > 0 {
+            eprintln!("{test}: m={m} n={n} k={k}: Sm90 {}", sm90_path(&gpu, m, n, k));
+        }
         let x = acts(m, k, seed * 31 + mi as u64, ScaleFormat::F32);
         let rows = rows_to_check(m, seed + m as u64);
         let quant_ref = fp8_gemm_rows(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k, &rows).unwrap();
@@ -216,35 +254,35 @@ fn sweep_shape(test: &str, n: usize, k: usize, seed: u64) {
 
 #[test]
 fn gpu_sweep_2112x7168() {
-    sweep_shape("gpu_sweep_2112x7168", DEEPSEEK_NK[0].0, DEEPSEEK_NK[0].1, 1);
+    sweep_shape("gpu_sweep_2112x7168", DEEPSEEK_NK[0], DEEPSEEK_NK_EMU[0], 1);
 }
 #[test]
 fn gpu_sweep_24576x1536() {
-    sweep_shape("gpu_sweep_24576x1536", DEEPSEEK_NK[1].0, DEEPSEEK_NK[1].1, 2);
+    sweep_shape("gpu_sweep_24576x1536", DEEPSEEK_NK[1], DEEPSEEK_NK_EMU[1], 2);
 }
 #[test]
 fn gpu_sweep_32768x512() {
-    sweep_shape("gpu_sweep_32768x512", DEEPSEEK_NK[2].0, DEEPSEEK_NK[2].1, 3);
+    sweep_shape("gpu_sweep_32768x512", DEEPSEEK_NK[2], DEEPSEEK_NK_EMU[2], 3);
 }
 #[test]
 fn gpu_sweep_7168x16384() {
-    sweep_shape("gpu_sweep_7168x16384", DEEPSEEK_NK[3].0, DEEPSEEK_NK[3].1, 4);
+    sweep_shape("gpu_sweep_7168x16384", DEEPSEEK_NK[3], DEEPSEEK_NK_EMU[3], 4);
 }
 #[test]
 fn gpu_sweep_4096x7168() {
-    sweep_shape("gpu_sweep_4096x7168", DEEPSEEK_NK[4].0, DEEPSEEK_NK[4].1, 5);
+    sweep_shape("gpu_sweep_4096x7168", DEEPSEEK_NK[4], DEEPSEEK_NK_EMU[4], 5);
 }
 #[test]
 fn gpu_sweep_7168x2048() {
-    sweep_shape("gpu_sweep_7168x2048", DEEPSEEK_NK[5].0, DEEPSEEK_NK[5].1, 6);
+    sweep_shape("gpu_sweep_7168x2048", DEEPSEEK_NK[5], DEEPSEEK_NK_EMU[5], 6);
 }
 #[test]
 fn gpu_sweep_llama_4096x4096() {
-    sweep_shape("gpu_sweep_llama_4096x4096", LLAMA_NK[0].0, LLAMA_NK[0].1, 7);
+    sweep_shape("gpu_sweep_llama_4096x4096", LLAMA_NK[0], LLAMA_NK_EMU[0], 7);
 }
 #[test]
 fn gpu_sweep_llama_14336x4096() {
-    sweep_shape("gpu_sweep_llama_14336x4096", LLAMA_NK[1].0, LLAMA_NK[1].1, 8);
+    sweep_shape("gpu_sweep_llama_14336x4096", LLAMA_NK[1], LLAMA_NK_EMU[1], 8);
 }
 
 #[test]
@@ -267,7 +305,7 @@ fn gpu_ragged_tails_full_check() {
 #[test]
 fn gpu_ue8m0_scales() {
     let Some(gpu) = r1_kernels::device::test_gpu("gpu_ue8m0_scales") else { return };
-    let (m, n, k) = (129, 1024, 1536);
+    let (m, n, k) = emu_shrink(&gpu, "gpu_ue8m0_scales", (129, 1024, 1536), (129, 320, 768));
     let w = weights(n, k, 9, ScaleFormat::Ue8m0);
     let x = acts(m, k, 10, ScaleFormat::Ue8m0);
     assert!(w.sb.iter().chain(&x.sa_rows).all(|s| s.to_bits() & 0x007f_ffff == 0));
@@ -284,8 +322,12 @@ fn gpu_ue8m0_scales() {
 #[test]
 fn gpu_accumulate_into_fp32() {
     let Some(gpu) = r1_kernels::device::test_gpu("gpu_accumulate_into_fp32") else { return };
-    // 130×520 has few tiles: on sm_90a this also covers split-K with the accumulate reduction.
-    let (m, n, k) = (130, 520, 1568);
+    // 130×520 has few tiles: on sm_90a this also covers split-K with the accumulate reduction. The emulated device
+    // has 4 SMs, where only two tiles split: 130×56 (two tile rows of one ragged column).
+    let (m, n, k) = emu_shrink(&gpu, "gpu_accumulate_into_fp32", (130, 520, 1568), (130, 56, 1568));
+    if gpu.info().is_hopper() {
+        eprintln!("gpu_accumulate_into_fp32: Sm90 {}", sm90_path(&gpu, m, n, k));
+    }
     let w = weights(n, k, 11, ScaleFormat::F32);
     let x = acts(m, k, 12, ScaleFormat::F32);
     let dw = upload_weights(&gpu, &w);
@@ -312,9 +354,14 @@ fn gpu_accumulate_into_fp32() {
 
 #[test]
 fn gpu_repeat_runs_are_bitwise_identical() {
-    let Some(gpu) = r1_kernels::device::test_gpu("gpu_repeat_runs_are_bitwise_identical") else { return };
-    // The second shape takes the split-K path on the sm_90a kernel (few tiles).
-    for (i, &(m, n, k)) in [(1000usize, 2112usize, 7168usize), (7, 2112, 7168)].iter().enumerate() {
+    let test = "gpu_repeat_runs_are_bitwise_identical";
+    let Some(gpu) = r1_kernels::device::test_gpu(test) else { return };
+    // The second shape takes the split-K path on the sm_90a kernel (few tiles; on the emulator's 4 SMs, n = 128).
+    let shapes = emu_shrink(&gpu, test, [(1000usize, 2112usize, 7168usize), (7, 2112, 7168)], [(520, 192, 640), (7, 128, 1152)]);
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        if gpu.info().is_hopper() {
+            eprintln!("{test}: m={m} n={n} k={k}: Sm90 {}", sm90_path(&gpu, m, n, k));
+        }
         let w = weights(n, k, 14 + i as u64, ScaleFormat::F32);
         let x = acts(m, k, 15 + i as u64, ScaleFormat::F32);
         let dw = upload_weights(&gpu, &w);
@@ -387,8 +434,15 @@ fn gpu_bad_inputs_are_rejected() {
 /// the GEMM reads), then the GEMM, checked against the CPU reference on the downloaded codes and scales.
 #[test]
 fn gpu_end_to_end_with_gpu_quantization() {
-    let Some(gpu) = r1_kernels::device::test_gpu("gpu_end_to_end_with_gpu_quantization") else { return };
-    for &(m, n, k) in &[(7usize, 2112usize, 7168usize), (129, 1536, 1024), (1000, 576, 2048)] {
+    let test = "gpu_end_to_end_with_gpu_quantization";
+    let Some(gpu) = r1_kernels::device::test_gpu(test) else { return };
+    let shapes = emu_shrink(
+        &gpu,
+        test,
+        [(7usize, 2112usize, 7168usize), (129, 1536, 1024), (1000, 576, 2048)],
+        [(7, 128, 1152), (129, 384, 512), (520, 320, 384)],
+    );
+    for &(m, n, k) in &shapes {
         let mut rng = StdRng::seed_from_u64((m * n + k) as u64);
         let xf: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>() * 8.0 - 4.0).collect();
         let wf: Vec<f32> = (0..n * k).map(|_| (rng.random::<f32>() - 0.5) * 0.1).collect();
@@ -652,10 +706,18 @@ fn gpu_zz_multicast_sweep() {
             check_rows(&format!("Sm90Multicast block 128x{bn}: m={m} n={n} k={k}"), &d, &quant_ref, &exact);
         }
     }
-    for (si, &(n, k)) in [DEEPSEEK_NK[0], DEEPSEEK_NK[4], LLAMA_NK[0]].iter().enumerate() {
+    // Emulated: smaller n·k, and m = 488 (4 tile rows, an even count with 1000's ragged 104-row tail) and 1280
+    // (10 tile rows: 5 tile-row pairs, more than one scheduler group of 4 pairs) for 1000 (8) and 4096 (32).
+    let (shapes, ms) = emu_shrink(
+        &gpu,
+        "gpu_zz_multicast_sweep (sweep shapes)",
+        ([DEEPSEEK_NK[0], DEEPSEEK_NK[4], LLAMA_NK[0]], [1000usize, 4096]),
+        ([(192, 640), (256, 384), (256, 256)], [488, 1280]),
+    );
+    for (si, &(n, k)) in shapes.iter().enumerate() {
         let w = weights(n, k, 800 + si as u64, ScaleFormat::F32);
         let dw = upload_weights(&gpu, &w);
-        for m in [1000usize, 4096] {
+        for (mi, m) in ms.into_iter().enumerate() {
             let x = acts(m, k, 900 + si as u64 + m as u64, ScaleFormat::F32);
             let rows = rows_to_check(m, 77 + m as u64);
             let quant_ref = fp8_gemm_rows(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k, &rows).unwrap();
@@ -664,7 +726,7 @@ fn gpu_zz_multicast_sweep() {
             let what = format!("Sm90Multicast m={m} n={n} k={k}");
             check_rows(&what, &gather_rows(&d, n, &rows), &quant_ref, &exact);
             assert!(d.iter().all(|v| v.is_finite()), "{what}: poison left in unchecked rows");
-            if m == 1000 {
+            if mi == 0 {
                 let first: Vec<u32> = d.iter().map(|v| v.to_bits()).collect();
                 let again: Vec<u32> = run_bf16(&gpu, kernel, &x, &w, &dw).iter().map(|v| v.to_bits()).collect();
                 assert!(first == again, "{what}: repeated runs differ");
@@ -672,7 +734,7 @@ fn gpu_zz_multicast_sweep() {
         }
     }
     // Accumulate mode (fp32 D = C + A·B) on a shape with an odd tile-row count.
-    let (m, n, k) = (300, 520, 1568);
+    let (m, n, k) = emu_shrink(&gpu, "gpu_zz_multicast_sweep (accumulate)", (300, 520, 1568), (300, 264, 1056));
     let w = weights(n, k, 811, ScaleFormat::F32);
     let x = acts(m, k, 812, ScaleFormat::F32);
     let dw = upload_weights(&gpu, &w);
@@ -718,4 +780,42 @@ fn cpu_multicast_is_opt_in_and_hopper_only() {
     assert_eq!(tb.box_rows, mc.block_n / 2);
     info.compute_capability = (8, 0);
     assert!(matches!(plan(GemmKernel::Sm90Multicast, &info), Err(Error::UnsupportedDevice { .. })));
+}
+
+/// Hopper's wgmma accumulates FP8 products with about 14 significant bits (truncating), so a long K must be
+/// promoted to fp32 every 128 elements. All-positive data with uniform scales (every 128-group and 128×128 block
+/// has amax 1) makes the truncation bias add up: promoted, the error stays near 2e-3; accumulated over the whole K
+/// inside wgmma it reaches several percent. On the emulator in `hopper` numerics this separates a kernel without
+/// the promotion step from a correct one (emu/mutants.txt: no-promotion); on a GPU it checks the real thing.
+#[test]
+fn gpu_long_k_promotion() {
+    let Some(gpu) = r1_kernels::device::test_hopper("gpu_long_k_promotion") else { return };
+    let (m, n, k) = (256usize, 256usize, 2048usize);
+    let mut rng = StdRng::seed_from_u64(2048);
+    let mut positive = |len: usize| -> Vec<f32> {
+        (0..len).map(|i| if i % 128 == 0 { 1.0 } else { rng.random::<f32>() * 0.75 + 0.25 }).collect()
+    };
+    let x = positive(m * k);
+    let w = positive(n * k);
+    let (a, sa_rows) = quantize_per_token_group(&x, m, k, 128).unwrap();
+    let (b, sb) = quantize_per_block(&w, n, k, 128).unwrap();
+    assert!(sa_rows.iter().chain(&sb).all(|&s| s == sa_rows[0]), "uniform scales expected");
+    let sa_mn = scales_to_mn_major(&sa_rows, m, k / 128).unwrap();
+    let reference = ref_gemm(&a, &sa_rows, &b, &sb, m, n, k).unwrap();
+    let ad = DeviceTensor::from_host(&gpu, &a, &[m, k]).unwrap();
+    let sad = DeviceTensor::from_host(&gpu, &sa_mn, &[k / 128, m.div_ceil(4) * 4]).unwrap();
+    let bd = DeviceTensor::from_host(&gpu, &b, &[n, k]).unwrap();
+    let sbd = DeviceTensor::from_host(&gpu, &sb, &[n / 128, k / 128]).unwrap();
+    let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::from_bits(0xffff); m * n], &[m, n]).unwrap();
+    let opts = GemmOptions { kernel: GemmKernel::Sm90, ..Default::default() };
+    gemm::fp8_gemm(&gpu, &ad, &sad, &bd, &sbd, &mut out, &opts).unwrap();
+    let got: Vec<f32> = out.to_host(&gpu).unwrap().iter().map(|v| v.to_f32()).collect();
+    let mut worst = 0f32;
+    for (i, (&g, &r)) in got.iter().zip(&reference).enumerate() {
+        let rel = (g - r).abs() / r.abs();
+        worst = worst.max(rel);
+        // 2e-3 of accumulation error plus bf16 rounding (2^-9) fit well inside 2^-7.
+        assert!(rel <= 2f32.powi(-7), "element {i}: got {g}, reference {r}: relative error {rel:.2e}");
+    }
+    eprintln!("gpu_long_k_promotion: worst relative error {worst:.2e} over {m}×{n}×{k}");
 }

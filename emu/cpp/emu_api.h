@@ -1,5 +1,7 @@
 // C ABI between the emulated CUDA driver (Rust, src/) and the execution engine (C++, cpp/). Everything the driver
-// needs from the engine goes through here; nothing else crosses the language boundary.
+// needs from the engine goes through here; nothing else crosses the language boundary. The engine is
+// single-threaded: the driver serializes every call (registration, encoding, lookup, launch) under one lock. A
+// standalone engine library exporting these symbols can replace the linked-in one (R1K_EMU_ENGINE=path).
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -14,6 +16,9 @@ int r1k_emu_kernel_count(void);
 const char* r1k_emu_kernel_name(int i);
 // Opaque handle of the kernel called `name`, or NULL when the emulator has no such kernel.
 const void* r1k_emu_find_kernel(const char* name);
+// Sizes in bytes of the kernel's parameters, in order (what its trampoline reads from cuLaunchKernel's array);
+// returns how many it has, writing at most `max`.
+int r1k_emu_kernel_param_sizes(const void* kernel, uint32_t* sizes, int max);
 
 // ---- launches ----
 typedef struct {

@@ -24,42 +24,218 @@ pub struct EngineLaunchConfig {
 }
 
 // Unit tests run against a Rust stand-in (mock_engine.rs), so the driver's own logic is tested without the engine.
+//
+// The engine linked into this library is the default; `R1K_EMU_ENGINE=/path/engine.so` makes the driver use another
+// build of it instead (a standalone engine library exporting the same C ABI, e.g. one of the deliberately broken
+// "mutant" kernel builds of scripts/emu-mutants).
 #[cfg(not(test))]
 mod ffi {
     use super::EngineLaunchConfig;
-    use std::ffi::{c_char, c_int, c_void};
+    use std::ffi::{c_char, c_int, c_void, CStr, CString};
+    use std::sync::OnceLock;
+
+    type LaunchFn =
+        unsafe extern "C" fn(*const c_void, *const EngineLaunchConfig, *mut *mut c_void, *mut c_char, usize) -> c_int;
+    type EncodeFn = unsafe extern "C" fn(
+        *mut c_void,
+        c_int,
+        u32,
+        *mut c_void,
+        *const u64,
+        *const u64,
+        *const u32,
+        *const u32,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        *mut c_char,
+        usize,
+    ) -> c_int;
+
+    mod linked {
+        use super::EngineLaunchConfig;
+        use std::ffi::{c_char, c_int, c_void};
+        extern "C" {
+            pub fn r1k_emu_kernel_count() -> c_int;
+            pub fn r1k_emu_kernel_name(i: c_int) -> *const c_char;
+            pub fn r1k_emu_find_kernel(name: *const c_char) -> *const c_void;
+            pub fn r1k_emu_kernel_param_sizes(kernel: *const c_void, sizes: *mut u32, max: c_int) -> c_int;
+            pub fn r1k_emu_launch(
+                kernel: *const c_void,
+                config: *const EngineLaunchConfig,
+                params: *mut *mut c_void,
+                err: *mut c_char,
+                err_len: usize,
+            ) -> c_int;
+            pub fn r1k_emu_register_alloc(ptr: u64, bytes: u64);
+            pub fn r1k_emu_unregister_alloc(ptr: u64);
+            pub fn r1k_emu_tensor_map_encode_tiled(
+                map: *mut c_void,
+                data_type: c_int,
+                rank: u32,
+                global_address: *mut c_void,
+                global_dim: *const u64,
+                global_strides: *const u64,
+                box_dim: *const u32,
+                element_strides: *const u32,
+                interleave: c_int,
+                swizzle: c_int,
+                l2_promotion: c_int,
+                oob_fill: c_int,
+                err: *mut c_char,
+                err_len: usize,
+            ) -> c_int;
+        }
+    }
+
+    struct Api {
+        kernel_count: unsafe extern "C" fn() -> c_int,
+        kernel_name: unsafe extern "C" fn(c_int) -> *const c_char,
+        find_kernel: unsafe extern "C" fn(*const c_char) -> *const c_void,
+        kernel_param_sizes: unsafe extern "C" fn(*const c_void, *mut u32, c_int) -> c_int,
+        launch: LaunchFn,
+        register_alloc: unsafe extern "C" fn(u64, u64),
+        unregister_alloc: unsafe extern "C" fn(u64),
+        encode: EncodeFn,
+    }
 
     extern "C" {
-        pub fn r1k_emu_kernel_count() -> c_int;
-        pub fn r1k_emu_kernel_name(i: c_int) -> *const c_char;
-        pub fn r1k_emu_find_kernel(name: *const c_char) -> *const c_void;
-        /// Sizes in bytes of the kernel's parameters, in order; returns how many it has (writing at most `max`).
-        pub fn r1k_emu_kernel_param_sizes(kernel: *const c_void, sizes: *mut u32, max: c_int) -> c_int;
-        pub fn r1k_emu_launch(
-            kernel: *const c_void,
-            config: *const EngineLaunchConfig,
-            params: *mut *mut c_void,
-            err: *mut c_char,
-            err_len: usize,
-        ) -> c_int;
-        pub fn r1k_emu_register_alloc(ptr: u64, bytes: u64);
-        pub fn r1k_emu_unregister_alloc(ptr: u64);
-        pub fn r1k_emu_tensor_map_encode_tiled(
-            map: *mut c_void,
-            data_type: c_int,
-            rank: u32,
-            global_address: *mut c_void,
-            global_dim: *const u64,
-            global_strides: *const u64,
-            box_dim: *const u32,
-            element_strides: *const u32,
-            interleave: c_int,
-            swizzle: c_int,
-            l2_promotion: c_int,
-            oob_fill: c_int,
-            err: *mut c_char,
-            err_len: usize,
-        ) -> c_int;
+        fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+        fn dlerror() -> *const c_char;
+    }
+    const RTLD_NOW: c_int = 2;
+
+    fn die(what: String) -> ! {
+        eprintln!("r1k-emu: R1K_EMU_ENGINE: {what}");
+        std::process::abort();
+    }
+
+    fn load(path: &std::ffi::OsStr) -> Api {
+        use std::os::unix::ffi::OsStrExt;
+        let cpath = CString::new(path.as_bytes()).unwrap_or_else(|_| die("path contains NUL".into()));
+        // SAFETY: dlopen/dlsym/dlerror are called as documented; the library stays loaded for the process.
+        unsafe {
+            let handle = dlopen(cpath.as_ptr(), RTLD_NOW);
+            if handle.is_null() {
+                die(format!("cannot load {}: {}", path.to_string_lossy(), CStr::from_ptr(dlerror()).to_string_lossy()));
+            }
+            let sym = |name: &str| -> *mut c_void {
+                let cname = CString::new(name).expect("symbol name");
+                let p = dlsym(handle, cname.as_ptr());
+                if p.is_null() {
+                    die(format!("{} does not export {name}", path.to_string_lossy()));
+                }
+                p
+            };
+            Api {
+                kernel_count: std::mem::transmute::<*mut c_void, unsafe extern "C" fn() -> c_int>(sym(
+                    "r1k_emu_kernel_count",
+                )),
+                kernel_name: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int) -> *const c_char>(sym(
+                    "r1k_emu_kernel_name",
+                )),
+                find_kernel: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*const c_char) -> *const c_void>(
+                    sym("r1k_emu_find_kernel"),
+                ),
+                kernel_param_sizes: std::mem::transmute::<
+                    *mut c_void,
+                    unsafe extern "C" fn(*const c_void, *mut u32, c_int) -> c_int,
+                >(sym("r1k_emu_kernel_param_sizes")),
+                launch: std::mem::transmute::<*mut c_void, LaunchFn>(sym("r1k_emu_launch")),
+                register_alloc: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(u64, u64)>(sym(
+                    "r1k_emu_register_alloc",
+                )),
+                unregister_alloc: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(u64)>(sym(
+                    "r1k_emu_unregister_alloc",
+                )),
+                encode: std::mem::transmute::<*mut c_void, EncodeFn>(sym("r1k_emu_tensor_map_encode_tiled")),
+            }
+        }
+    }
+
+    fn api() -> &'static Api {
+        static API: OnceLock<Api> = OnceLock::new();
+        API.get_or_init(|| match std::env::var_os("R1K_EMU_ENGINE") {
+            Some(path) if !path.is_empty() => {
+                eprintln!("r1k-emu: using the engine in {}", path.to_string_lossy());
+                load(&path)
+            }
+            _ => Api {
+                kernel_count: linked::r1k_emu_kernel_count,
+                kernel_name: linked::r1k_emu_kernel_name,
+                find_kernel: linked::r1k_emu_find_kernel,
+                kernel_param_sizes: linked::r1k_emu_kernel_param_sizes,
+                launch: linked::r1k_emu_launch,
+                register_alloc: linked::r1k_emu_register_alloc,
+                unregister_alloc: linked::r1k_emu_unregister_alloc,
+                encode: linked::r1k_emu_tensor_map_encode_tiled,
+            },
+        })
+    }
+
+    pub unsafe fn r1k_emu_kernel_count() -> c_int {
+        (api().kernel_count)()
+    }
+    pub unsafe fn r1k_emu_kernel_name(i: c_int) -> *const c_char {
+        (api().kernel_name)(i)
+    }
+    pub unsafe fn r1k_emu_find_kernel(name: *const c_char) -> *const c_void {
+        (api().find_kernel)(name)
+    }
+    /// Sizes in bytes of the kernel's parameters, in order; returns how many it has (writing at most `max`).
+    pub unsafe fn r1k_emu_kernel_param_sizes(kernel: *const c_void, sizes: *mut u32, max: c_int) -> c_int {
+        (api().kernel_param_sizes)(kernel, sizes, max)
+    }
+    pub unsafe fn r1k_emu_launch(
+        kernel: *const c_void,
+        config: *const EngineLaunchConfig,
+        params: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int {
+        (api().launch)(kernel, config, params, err, err_len)
+    }
+    pub unsafe fn r1k_emu_register_alloc(ptr: u64, bytes: u64) {
+        (api().register_alloc)(ptr, bytes)
+    }
+    pub unsafe fn r1k_emu_unregister_alloc(ptr: u64) {
+        (api().unregister_alloc)(ptr)
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn r1k_emu_tensor_map_encode_tiled(
+        map: *mut c_void,
+        data_type: c_int,
+        rank: u32,
+        global_address: *mut c_void,
+        global_dim: *const u64,
+        global_strides: *const u64,
+        box_dim: *const u32,
+        element_strides: *const u32,
+        interleave: c_int,
+        swizzle: c_int,
+        l2_promotion: c_int,
+        oob_fill: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int {
+        (api().encode)(
+            map,
+            data_type,
+            rank,
+            global_address,
+            global_dim,
+            global_strides,
+            box_dim,
+            element_strides,
+            interleave,
+            swizzle,
+            l2_promotion,
+            oob_fill,
+            err,
+            err_len,
+        )
     }
 }
 #[cfg(test)]
