@@ -351,6 +351,8 @@ struct Mutant {
     test: String,
     /// Which occurrence of each text to replace (1-based); without it the text must occur exactly once.
     nth: Option<usize>,
+    /// Built and run only in the AddressSanitizer build (`mode: asan`), or only in the plain one.
+    asan_only: bool,
     hunks: Vec<(String, String)>,
 }
 
@@ -379,6 +381,7 @@ fn parse_mutants(text: &str) -> Vec<Mutant> {
                         file: String::new(),
                         test: String::new(),
                         nth: None,
+                        asan_only: false,
                         hunks: Vec::new(),
                     });
                     continue;
@@ -389,6 +392,9 @@ fn parse_mutants(text: &str) -> Vec<Mutant> {
             }
         } else if let Some(f) = line.strip_prefix("file: ") {
             out.last_mut().expect("file: before a mutant").file = f.trim().into();
+        } else if let Some(mode) = line.strip_prefix("mode: ") {
+            assert_eq!(mode.trim(), "asan", "mode: asan is the only mode");
+            out.last_mut().expect("mode: before a mutant").asan_only = true;
         } else if let Some(n) = line.strip_prefix("nth: ") {
             out.last_mut().expect("nth: before a mutant").nth = Some(n.trim().parse().expect("nth: a number"));
         } else if let Some(t) = line.strip_prefix("test: ") {
@@ -429,7 +435,7 @@ fn build_mutants(ctx: &MutantContext, list: &Path, dest: &Path) {
     let exports = ctx.obj_dir.join("engine-exports.map");
     write_if_changed(&exports, "{ global: r1k_emu_*; local: *; };\n");
     let mut index = String::new();
-    for m in &mutants {
+    for m in mutants.iter().filter(|m| m.asan_only == ctx.asan) {
         assert!(!m.file.is_empty() && !m.test.is_empty() && !m.hunks.is_empty(), "mutant {} is incomplete", m.id);
         let work = ctx.obj_dir.join("mutants").join(&m.id);
         let kdir = work.join("kernels");

@@ -78,6 +78,8 @@ pub mod layer;
 pub mod mla;
 pub mod model;
 pub mod moe;
+#[doc(hidden)]
+pub mod probe_log;
 pub mod quant;
 pub mod reference;
 pub mod report;
