@@ -278,7 +278,13 @@ fn run(args: Args) -> Result<(), String> {
     // The emulated device (r1k-emu) runs the kernels on the CPU, thread by thread: give it a CPU-sized problem.
     let real_gpu = gpu.as_ref().is_some_and(|g| !g.is_emulated());
     let batch = args.batch.unwrap_or(if real_gpu { 64 } else { 2 });
-    let context = args.context.unwrap_or(if real_gpu { 4096 } else if gpu.is_some() { 256 } else { 512 });
+    let context = args.context.unwrap_or(if real_gpu {
+        4096
+    } else if gpu.is_some() {
+        256
+    } else {
+        512
+    });
     println!(
         "DeepSeek-V3 layer {layer_idx} decode step: batch {batch}, mean context ~{context}, page {}, hidden {}, {} heads, \
          {} experts top-{} + {} shared{}",

@@ -229,7 +229,10 @@ pub fn test_gpu(test_name: &str) -> Option<Gpu> {
         match Gpu::new(0) {
             Ok(gpu) => {
                 if gpu.is_emulated() {
-                    eprintln!("{test_name}: running on {} (emulated: results are checked, timings mean nothing)", gpu.device_name());
+                    eprintln!(
+                        "{test_name}: running on {} (emulated: results are checked, timings mean nothing)",
+                        gpu.device_name()
+                    );
                 }
                 return Some(gpu);
             }

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 pub type Buffer<'a> = (&'a str, &'a [u8]);
 
 fn case_dir(root: &str, test: &str, case: &str) -> PathBuf {
-    let clean = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' }).collect::<String>();
+    let clean =
+        |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' }).collect::<String>();
     PathBuf::from(root).join(clean(test)).join(clean(case))
 }
 
@@ -24,7 +25,8 @@ pub fn probe_io(test: &str, case: &str, inputs: &[Buffer], outputs: &[Buffer]) {
         for (kind, bufs) in [("in", inputs), ("out", outputs)] {
             for (name, bytes) in bufs {
                 let path = dir.join(format!("{kind}-{name}.bin"));
-                fs::write(&path, bytes).unwrap_or_else(|e| panic!("probe record: cannot write {}: {e}", path.display()));
+                fs::write(&path, bytes)
+                    .unwrap_or_else(|e| panic!("probe record: cannot write {}: {e}", path.display()));
             }
         }
     }
@@ -33,8 +35,8 @@ pub fn probe_io(test: &str, case: &str, inputs: &[Buffer], outputs: &[Buffer]) {
         for (kind, bufs) in [("in", inputs), ("out", outputs)] {
             for (name, bytes) in bufs {
                 let path = dir.join(format!("{kind}-{name}.bin"));
-                let recorded = fs::read(&path)
-                    .unwrap_or_else(|e| panic!("probe replay: no recording {} ({e})", path.display()));
+                let recorded =
+                    fs::read(&path).unwrap_or_else(|e| panic!("probe replay: no recording {} ({e})", path.display()));
                 assert_eq!(recorded.len(), bytes.len(), "probe replay {test}/{case}: {kind} {name} has another size");
                 if let Some(i) = recorded.iter().zip(bytes.iter()).position(|(a, b)| a != b) {
                     panic!(
