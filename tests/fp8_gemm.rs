@@ -27,7 +27,8 @@ const SWEEP_M: [usize; 8] = [0, 1, 7, 64, 128, 129, 1000, 4096];
 // The emulated device (kernels run on the CPU) takes these instead. n and k shrink per shape, keeping what the real
 // shape exercises on the kernels: the ragged N tail of 2112 (192 = 128 + 64), K deeper than the pipeline (9 or more
 // K blocks against at most 8 stages: the ring wraps inside a tile), 4 K blocks for k = 512, and small-m split-K
-// (n = 128 is two tiles on the CI emulator's 4 SMs; the real GPU splits the real shapes at small m). The m values
+// (the planner splits at most two tiles over 4 SMs, the emulator's default: n = 128; on 132 SMs the real small-m
+// shapes with few N tiles split). The m values
 // keep m = 0, block M 64 (1, 7, 64), an exact and a one-past block M 128 tile (128, 129), several tile rows with a
 // ragged last one (520 for 1000) and more tile rows than one scheduler group of 8 (1152 = 9 × 128 for 4096).
 const DEEPSEEK_NK_EMU: [(usize, usize); 6] = [(192, 1152), (256, 384), (256, 512), (128, 1152), (256, 640), (256, 256)];
@@ -215,7 +216,11 @@ fn sm90_path(gpu: &Gpu, m: usize, n: usize, k: usize) -> String {
     match gemm::choose_sm90_config(&shape, info.sm_count, info.max_shared_memory_per_block_optin) {
         Ok(c) => {
             let tiles = gemm::plan::num_tiles(&shape, c.block_m, c.block_n);
-            let split = if c.k_splits > 1 { format!("split-K {}×{} K blocks", c.k_splits, c.kb_per_split) } else { "unsplit".into() };
+            let split = if c.k_splits > 1 {
+                format!("split-K {}×{} K blocks", c.k_splits, c.kb_per_split)
+            } else {
+                "unsplit".into()
+            };
             format!("block {}×{}, {} stages, {tiles} tiles on {} CTAs, {split}", c.block_m, c.block_n, c.stages, c.grid)
         }
         Err(e) => format!("no sm_90a plan ({e})"),
@@ -357,7 +362,8 @@ fn gpu_repeat_runs_are_bitwise_identical() {
     let test = "gpu_repeat_runs_are_bitwise_identical";
     let Some(gpu) = r1_kernels::device::test_gpu(test) else { return };
     // The second shape takes the split-K path on the sm_90a kernel (few tiles; on the emulator's 4 SMs, n = 128).
-    let shapes = emu_shrink(&gpu, test, [(1000usize, 2112usize, 7168usize), (7, 2112, 7168)], [(520, 192, 640), (7, 128, 1152)]);
+    let shapes =
+        emu_shrink(&gpu, test, [(1000usize, 2112usize, 7168usize), (7, 2112, 7168)], [(520, 192, 640), (7, 128, 1152)]);
     for (i, &(m, n, k)) in shapes.iter().enumerate() {
         if gpu.info().is_hopper() {
             eprintln!("{test}: m={m} n={n} k={k}: Sm90 {}", sm90_path(&gpu, m, n, k));
@@ -635,7 +641,7 @@ fn cpu_plan_rejects_what_the_kernels_cannot_do() {
         sm_count: 132,
         max_shared_memory_per_block_optin: 232_448,
         l2_cache_bytes: 50 << 20,
-            emulated: false,
+        emulated: false,
     };
     for &(n, k) in DEEPSEEK_NK.iter().chain(&LLAMA_NK) {
         for &m in &SWEEP_M {
@@ -763,7 +769,7 @@ fn cpu_multicast_is_opt_in_and_hopper_only() {
         sm_count: 132,
         max_shared_memory_per_block_optin: 232_448,
         l2_cache_bytes: 50 << 20,
-            emulated: false,
+        emulated: false,
     };
     let (m, n, k) = (4096usize, 7168usize, 7168usize);
     let kb = k.div_ceil(128);

@@ -109,7 +109,14 @@ fn gpu_decode_layer_matches_reference() {
         assert_eq!(times.stages.len(), 5);
         let got: Vec<f32> = out.to_host(&gpu).unwrap().iter().map(|v| v.to_f32()).collect();
         let (ids, _) = layer.last_routing(&gpu, &ws).unwrap();
-        let same_ids = ids.iter().zip(&reference.topk_ids).filter(|(a, b)| a == b).count();
+        // Per token, the experts both sides route to (near-equal scores may come in either order: that is not a
+        // routing difference).
+        let k = cfg.top_k;
+        let same_ids: usize = ids
+            .chunks(k)
+            .zip(reference.topk_ids.chunks(k))
+            .map(|(got, want)| got.iter().filter(|e| want.contains(e)).count())
+            .sum();
         assert!(same_ids * 100 >= ids.len() * 95, "case {case}: only {same_ids}/{} routed experts agree", ids.len());
         let diff = calc_diff(&got, &reference.out);
         assert!(diff < 2e-3, "case {case}: decode layer output differs from the reference (calc_diff {diff:.3e})");

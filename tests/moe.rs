@@ -13,6 +13,9 @@ use r1_kernels::reference::quant::{quantize_per_token_group, scales_from_mn_majo
 use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
 use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 
+mod common;
+use common::{emu_shrink, emu_shrink_described};
+
 fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
@@ -167,7 +170,8 @@ fn router_case(gpu: &Gpu, cfg: &RouterConfig, t: usize, with_bias: bool, bf16_in
 fn gpu_router_matches_reference() {
     let Some(gpu) = test_gpu("gpu_router_matches_reference") else { return };
     let ds = RouterConfig::deepseek_v3();
-    for (n, &t) in [1usize, 16, 128, 512, 4096].iter().enumerate() {
+    let ts = emu_shrink(&gpu, "gpu_router_matches_reference", [1usize, 16, 128, 512, 4096], [1, 16, 128, 512, 1000]);
+    for (n, &t) in ts.iter().enumerate() {
         router_case(&gpu, &ds, t, true, false, n as u64);
     }
     router_case(&gpu, &ds, 128, false, true, 40);
@@ -225,6 +229,14 @@ fn gpu_permute_matches_reference() {
     let Some(gpu) = test_gpu("gpu_permute_matches_reference") else { return };
     let mut seed = 100;
     // (1000, 2, 4): ~440 pairs per expert overflow Masked { max_m: 192 }, so the dropped-pair path runs on the GPU.
+    // The count kernel's cost is E × t·k: the emulated device takes 1024 tokens for 4096 (still 32 of its 256-pair
+    // chunks per expert).
+    let big_t = emu_shrink_described(
+        &gpu,
+        "gpu_permute_matches_reference",
+        (4096usize, "(t, k, E) = (4096, 8, 256)"),
+        (1024, "(t, k, E) = (1024, 8, 256)"),
+    );
     for &(t, k, e) in &[
         (0usize, 8usize, 256usize),
         (1, 1, 8),
@@ -232,7 +244,7 @@ fn gpu_permute_matches_reference() {
         (16, 2, 64),
         (128, 8, 256),
         (512, 2, 8),
-        (4096, 8, 256),
+        (big_t, 8, 256),
         (1000, 2, 4),
     ] {
         for layout in [
@@ -354,13 +366,26 @@ fn gpu_grouped_gemm_matches_reference() {
             Err(Error::UnsupportedDevice { .. })
         ));
     }
-    let cases = [(1usize, 1usize, 8usize), (16, 2, 8), (128, 8, 64), (512, 2, 64), (4096, 1, 8), (128, 8, 256)];
+    // (t, k, E) cases at N × K, and K of the masked 200-token case. A 64-row tile per expert hit makes the cost
+    // about E·64·N·K: the emulated device keeps the token/expert ratios (top-8 over many experts, 4 tokens over 256
+    // experts leaving most empty, many tiles per expert) with fewer experts and tokens, K = 256, and K = 640 (still
+    // deeper than the wgmma kernel's 4 stages) for 1024.
+    let (cases, (n, kdim), masked_k) = emu_shrink(
+        &gpu,
+        "gpu_grouped_gemm_matches_reference",
+        (
+            [(1usize, 1usize, 8usize), (16, 2, 8), (128, 8, 64), (512, 2, 64), (4096, 1, 8), (128, 8, 256)],
+            (256, 384),
+            1024,
+        ),
+        ([(1, 1, 8), (16, 2, 8), (32, 8, 32), (128, 2, 32), (1024, 1, 8), (4, 8, 256)], (256, 256), 640),
+    );
     for backend in backends {
         for (c, &(t, k, e)) in cases.iter().enumerate() {
-            check_grouped_gemm(&gpu, backend, t, k, e, 256, 384, Layout::Contiguous { block_m: 64 }, c as u64 * 10);
+            check_grouped_gemm(&gpu, backend, t, k, e, n, kdim, Layout::Contiguous { block_m: 64 }, c as u64 * 10);
         }
         check_grouped_gemm(&gpu, backend, 64, 2, 8, 128, 256, Layout::Masked { max_m: 64 }, 77);
-        check_grouped_gemm(&gpu, backend, 200, 2, 4, 384, 1024, Layout::Masked { max_m: 192 }, 78);
+        check_grouped_gemm(&gpu, backend, 200, 2, 4, 384, masked_k, Layout::Masked { max_m: 192 }, 78);
         external_masked_gemm(&gpu, backend);
     }
 }
@@ -466,8 +491,11 @@ fn layer_case_backends(
 
 #[test]
 fn gpu_gate_logits_bitwise_and_gate_routing() {
-    let Some(gpu) = test_gpu("gpu_gate_logits_bitwise_and_gate_routing") else { return };
-    for &(t, e, h) in &[(1usize, 8usize, 256usize), (13, 64, 1000), (128, 256, 7168)] {
+    let test = "gpu_gate_logits_bitwise_and_gate_routing";
+    let Some(gpu) = test_gpu(test) else { return };
+    // Emulated: DeepSeek's E and H with 16 tokens (two 8-token blocks) for 128.
+    let big = emu_shrink(&gpu, test, (128usize, 256usize, 7168usize), (16, 256, 7168));
+    for &(t, e, h) in &[(1usize, 8usize, 256usize), (13, 64, 1000), big] {
         let x = bf16_round(&uniform(t * h, 1.0, 1));
         let w = bf16_round(&uniform(e * h, 0.05, 2));
         let want = rm::gate_logits(&x, &w, t, e, h).unwrap();
@@ -503,12 +531,22 @@ fn gpu_layer_matches_reference() {
     let ds = RouterConfig::deepseek_v3();
     let small = |e, k, g, kg| RouterConfig { num_experts: e, top_k: k, num_groups: g, topk_groups: kg, ..ds };
     let contiguous = Layout::Contiguous { block_m: 64 };
+    // Each expert hit costs a 64-row tile of both GEMMs, three times per backend: the emulated device keeps the
+    // routing shapes (top-8 in 4 of 8 groups, a masked layout) with half or a quarter of the experts and tokens, and
+    // the DeepSeek-V3 routing with 2 tokens at hidden 768 (6 K blocks: still deeper than the wgmma ring),
+    // intermediate 128, for 16 tokens at 7168 and 256.
+    let (t2, (e3, t3), (e4, t4), (t5, h5, i5)) = emu_shrink(
+        &gpu,
+        "gpu_layer_matches_reference (case 2 t, case 3 E and t, case 4 E and t, case 5 t, H, I)",
+        (4096, (64, 128), (64, 512), (16, 7168, 256)),
+        (1024, (32, 32), (16, 256), (2, 768, 128)),
+    );
     layer_case(&gpu, &small(8, 2, 1, 1), 1, 256, 128, contiguous, 1);
-    layer_case(&gpu, &small(8, 1, 1, 1), 4096, 256, 128, contiguous, 2);
-    layer_case(&gpu, &small(64, 8, 8, 4), 128, 256, 128, contiguous, 3);
-    layer_case(&gpu, &small(64, 2, 1, 1), 512, 256, 256, Layout::Masked { max_m: 128 }, 4);
+    layer_case(&gpu, &small(8, 1, 1, 1), t2, 256, 128, contiguous, 2);
+    layer_case(&gpu, &small(e3, 8, 8, 4), t3, 256, 128, contiguous, 3);
+    layer_case(&gpu, &small(e4, 2, 1, 1), t4, 256, 256, Layout::Masked { max_m: 128 }, 4);
     // DeepSeek-V3 routing and hidden size with a reduced intermediate size (the CPU reference's cost).
-    layer_case(&gpu, &ds, 16, 7168, 256, contiguous, 5);
+    layer_case(&gpu, &ds, t5, h5, i5, contiguous, 5);
 }
 
 #[test]
@@ -571,9 +609,8 @@ fn fill_repeated<T: cudarc::driver::DeviceRepr + Copy>(gpu: &Gpu, dst: &mut Devi
     }
 }
 
-/// DeepSeek-V3 shaped weights (hidden 7168, intermediate 2048, 256 experts, one shared expert), device-filled.
-fn deepseek_weights(gpu: &Gpu, e: usize) -> ExpertWeights {
-    let (h, i) = (7168, 2048);
+/// DeepSeek-V3 shaped weights (`e` experts of hidden `h`, intermediate `i`), device-filled.
+fn deepseek_weights(gpu: &Gpu, e: usize, h: usize, i: usize) -> ExpertWeights {
     let mut rng = StdRng::seed_from_u64(9);
     let codes: Vec<E4M3> = (0..(1 << 24) + 13)
         .map(|_| rng.random::<u8>())
@@ -598,9 +635,12 @@ fn gpu_layer_graph_replay_equals_eager() {
     let Some(gpu) = test_gpu("gpu_layer_graph_replay_equals_eager") else { return };
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let cfg = RouterConfig::deepseek_v3();
-    let (t, h, i) = (64, 7168, 2048);
-    let experts = deepseek_weights(&gpu, 256);
-    let shared = deepseek_weights(&gpu, 1);
+    // DeepSeek-V3 routing on 256 experts; the emulated device takes 4 tokens at hidden 512, intermediate 128 (the
+    // real shapes are 11 GB of weights and 64 tokens).
+    let (t, h, i) =
+        emu_shrink(&gpu, "gpu_layer_graph_replay_equals_eager", (64usize, 7168usize, 2048usize), (4, 512, 128));
+    let experts = deepseek_weights(&gpu, 256, h, i);
+    let shared = deepseek_weights(&gpu, 1, h, i);
     let x = DeviceTensor::from_host(&gpu, &to_bf16(&uniform(t * h, 2.0, 1)), &[t, h]).unwrap();
     let logits = DeviceTensor::from_host(&gpu, &uniform(t * 256, 3.0, 2), &[t, 256]).unwrap();
     let bias = DeviceTensor::from_host(&gpu, &uniform(256, 0.05, 3), &[256]).unwrap();
@@ -684,11 +724,20 @@ fn gpu_zz_grouped_gemm_sm90_tma_matches_reference() {
         eprintln!("gpu_zz_grouped_gemm_sm90_tma_matches_reference: not sm_90, only the error path tested");
         return;
     }
+    // The emulated device (each expert hit is a 64-row tile per 128 columns) takes t ∈ {1, 16, 128}, E ∈ {8, 16},
+    // K = 256 for 384 in the sweep, 1024 tokens for 4096, K = 640 (deeper than a pipe's 4 stages) for 1024, and
+    // 32 experts / 32 tokens for 64 / 128 in the invalid-rows and layer checks.
+    let (ts, es, nk0, t_many, masked_k, (e_inv, e_layer, t_layer)) = emu_shrink(
+        &gpu,
+        "gpu_zz_grouped_gemm_sm90_tma_matches_reference",
+        ([1usize, 16, 512], [8usize, 64], (256usize, 384usize), 4096, 1024, (64, 64, 128)),
+        ([1, 16, 128], [8, 16], (256, 256), 1024, 640, (32, 32, 32)),
+    );
     let mut seed = 500;
-    for &t in &[1usize, 16, 512] {
-        for &e in &[8usize, 64] {
+    for &t in &ts {
+        for &e in &es {
             for &k in &[1usize, 8] {
-                for &(n, kdim) in &[(256usize, 384usize), (384, 128)] {
+                for &(n, kdim) in &[nk0, (384, 128)] {
                     check_grouped_gemm(&gpu, backend, t, k, e, n, kdim, Layout::Contiguous { block_m: 64 }, seed);
                     seed += 10;
                 }
@@ -696,14 +745,14 @@ fn gpu_zz_grouped_gemm_sm90_tma_matches_reference() {
         }
     }
     check_grouped_gemm(&gpu, backend, 300, 2, 8, 256, 512, Layout::Contiguous { block_m: 128 }, 901);
-    check_grouped_gemm(&gpu, backend, 4096, 1, 8, 128, 256, Layout::Contiguous { block_m: 64 }, 902);
+    check_grouped_gemm(&gpu, backend, t_many, 1, 8, 128, 256, Layout::Contiguous { block_m: 64 }, 902);
     check_grouped_gemm(&gpu, backend, 64, 2, 8, 128, 256, Layout::Masked { max_m: 64 }, 903);
-    check_grouped_gemm(&gpu, backend, 200, 2, 4, 384, 1024, Layout::Masked { max_m: 192 }, 904);
+    check_grouped_gemm(&gpu, backend, 200, 2, 4, 384, masked_k, Layout::Masked { max_m: 192 }, 904);
     external_masked_gemm(&gpu, backend);
-    tma_leaves_invalid_rows(&gpu, 16, 8, 64, Layout::Contiguous { block_m: 64 }, 905);
+    tma_leaves_invalid_rows(&gpu, 16, 8, e_inv, Layout::Contiguous { block_m: 64 }, 905);
     tma_leaves_invalid_rows(&gpu, 100, 2, 8, Layout::Contiguous { block_m: 128 }, 906);
     tma_leaves_invalid_rows(&gpu, 100, 4, 8, Layout::Masked { max_m: 64 }, 907);
     let ds = RouterConfig::deepseek_v3();
-    let small = RouterConfig { num_experts: 64, top_k: 8, num_groups: 8, topk_groups: 4, ..ds };
-    layer_case_backends(&gpu, &small, 128, 256, 128, Layout::Contiguous { block_m: 64 }, 908, &[backend]);
+    let small = RouterConfig { num_experts: e_layer, top_k: 8, num_groups: 8, topk_groups: 4, ..ds };
+    layer_case_backends(&gpu, &small, t_layer, 256, 128, Layout::Contiguous { block_m: 64 }, 908, &[backend]);
 }
