@@ -8,6 +8,7 @@
 
 use r1_kernels::gemm::sm90::{probes, swizzle_128b, Tma2d, TmaDtype};
 use r1_kernels::gemm::{self, GemmKernel, GemmOptions};
+use r1_kernels::probe_log::probe_io;
 use r1_kernels::reference::gemm::{calc_diff, fp8_gemm as ref_gemm, fp8_gemm_rows};
 use r1_kernels::reference::quant::{
     quantize_per_block, quantize_per_block_with, quantize_per_token_group, quantize_per_token_group_with,
@@ -531,6 +532,7 @@ fn gpu_0_probe_tma_box_and_swizzle() {
     // Box rows 100..228 run past row 199: those must come back zero-filled.
     let (x0, y0) = (128usize, 100usize);
     let got = probes::tma_box(&gpu, &d, &tma, x0 as i32, y0 as i32).unwrap();
+    probe_io("gpu_0_probe_tma_box_and_swizzle", "box", &[("src", &src)], &[("smem", &got)]);
     for r in 0..128 {
         for c in 0..128 {
             let want = if y0 + r < rows { src[(y0 + r) * cols + x0 + c] } else { 0 };
@@ -550,6 +552,12 @@ fn gpu_0_probe_wgmma_descriptors_and_fragment_layout() {
     let da = DeviceTensor::from_host(&gpu, &a, &[64, 128]).unwrap();
     let db = DeviceTensor::from_host(&gpu, &b, &[128, 128]).unwrap();
     let got = probes::wgmma_n128(&gpu, &da, &db).unwrap();
+    probe_io(
+        "gpu_0_probe_wgmma",
+        "n128",
+        &[("a", bytemuck::cast_slice(&a)), ("b", bytemuck::cast_slice(&b))],
+        &[("d", bytemuck::cast_slice(&got))],
+    );
     for r in 0..64 {
         for c in 0..128 {
             let want: f32 = (0..128).map(|kk| a[r * 128 + kk].to_f32() * b[c * 128 + kk].to_f32()).sum();
@@ -570,6 +578,13 @@ fn gpu_0_probe_promotion_step() {
     let (dacc, dfin, dsa, dsb) = (up(&acc, &[64, 160]), up(&fin, &[64, 160]), up(&sa, &[64]), up(&sb2, &[2]));
     for n0 in [0i32, 160, 480, 96 * 5] {
         let got = probes::promote_n160(&gpu, &dacc, &dfin, &dsa, &dsb, n0).unwrap();
+        let inputs: [(&str, &[u8]); 4] = [
+            ("acc", bytemuck::cast_slice(&acc)),
+            ("fin", bytemuck::cast_slice(&fin)),
+            ("sa", bytemuck::cast_slice(&sa)),
+            ("sb", bytemuck::cast_slice(&sb2)),
+        ];
+        probe_io("gpu_0_probe_promotion_step", &format!("n0-{n0}"), &inputs, &[("out", bytemuck::cast_slice(&got))]);
         for (r, &sar) in sa.iter().enumerate() {
             for c in 0..160 {
                 let slot = r1_kernels::gemm::plan::b_scale_slot(n0 as u32, c as u32) as usize;

@@ -2,6 +2,7 @@
 //! the plain and sm_90a kernels against the reference over the sweep.
 
 use r1_kernels::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace, SplitMode};
+use r1_kernels::probe_log::probe_io;
 use r1_kernels::reference::mla::{
     dequantize_kv_cache_fp8, mla_decode as ref_decode, quantize_kv_cache_fp8, MlaConfig, D_QK, D_V, FP8_TOKEN_BYTES,
 };
@@ -608,6 +609,10 @@ fn gpu_0_probe_sm90_tma_tile_load() {
         let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
         let dt = DeviceTensor::from_host(&gpu, table, &[table.len()]).unwrap();
         let got = mla::sm90::probe_tile_load(&gpu, &dc, &dt, t0, tok_end).unwrap();
+        let case = format!("page{page}-t0-{t0}-end-{tok_end}");
+        let inputs: [(&str, &[u8]); 2] =
+            [("cache", bytemuck::cast_slice(&cache)), ("table", bytemuck::cast_slice(table))];
+        probe_io("gpu_0_probe_sm90_tma_tile_load", &case, &inputs, &[("stage", &got)]);
         let bits: Vec<u16> = cache.iter().map(|x| x.to_bits()).collect();
         let want = mla::sm90::tile_image(&bits, table, page, t0, tok_end);
         assert!(got == want, "page {page} t0 {t0} tok_end {tok_end}: stage image differs");
@@ -631,6 +636,9 @@ fn gpu_0_probe_sm90_fp8_tile_load_and_dequant() {
         let dc = DeviceTensor::from_host(&gpu, &bytes, &[num_blocks, page, FP8_TOKEN_BYTES]).unwrap();
         let dt = DeviceTensor::from_host(&gpu, table, &[table.len()]).unwrap();
         let got = mla::sm90::probe_fp8_tile_load(&gpu, &dc, &dt, t0, tok_end).unwrap();
+        let case = format!("page{page}-t0-{t0}-end-{tok_end}");
+        let inputs: [(&str, &[u8]); 2] = [("cache", &bytes), ("table", bytemuck::cast_slice(table))];
+        probe_io("gpu_0_probe_sm90_fp8_tile_load_and_dequant", &case, &inputs, &[("stage", &got)]);
         let want = mla::sm90::tile_image(&deq, table, page, t0, tok_end);
         assert!(got == want, "page {page} t0 {t0} tok_end {tok_end}: dequantized stage image differs");
     }
@@ -652,6 +660,13 @@ fn gpu_0_probe_sm90_wgmma_qk_and_pv() {
         let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
         let dt = DeviceTensor::from_host(&gpu, &table, &[table.len()]).unwrap();
         let (s, o) = mla::sm90::probe_wgmma(&gpu, &dq, &dc, &dt).unwrap();
+        let inputs: [(&str, &[u8]); 3] = [
+            ("q", bytemuck::cast_slice(&q)),
+            ("cache", bytemuck::cast_slice(&cache)),
+            ("table", bytemuck::cast_slice(&table)),
+        ];
+        let outputs: [(&str, &[u8]); 2] = [("s", bytemuck::cast_slice(&s)), ("o", bytemuck::cast_slice(&o))];
+        probe_io("gpu_0_probe_sm90_wgmma_qk_and_pv", &format!("page{page}"), &inputs, &outputs);
         let key = |t: usize| {
             let off = (table[t / page] as usize * page + t % page) * D_QK;
             &cache[off..off + D_QK]
@@ -684,6 +699,13 @@ fn gpu_0_probe_sm90_narrow_wgmma_transposed() {
         let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
         let dt = DeviceTensor::from_host(&gpu, &table, &[table.len()]).unwrap();
         let (s, o) = mla::sm90::probe_narrow_wgmma(&gpu, &dq, &dc, &dt).unwrap();
+        let inputs: [(&str, &[u8]); 3] = [
+            ("q", bytemuck::cast_slice(&q)),
+            ("cache", bytemuck::cast_slice(&cache)),
+            ("table", bytemuck::cast_slice(&table)),
+        ];
+        let outputs: [(&str, &[u8]); 2] = [("s", bytemuck::cast_slice(&s)), ("o", bytemuck::cast_slice(&o))];
+        probe_io("gpu_0_probe_sm90_narrow_wgmma_transposed", &format!("page{page}"), &inputs, &outputs);
         let key = |t: usize| {
             let off = (table[t / page] as usize * page + t % page) * D_QK;
             &cache[off..off + D_QK]
