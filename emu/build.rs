@@ -34,8 +34,7 @@ fn main() {
     for var in ["R1K_TOOLCHAIN_DIR", "R1K_EMU_ASAN", "R1K_EMU_MUTANTS", "CXX"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    let toolchain =
-        env::var_os("R1K_TOOLCHAIN_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join(".cuda-toolchain"));
+    let toolchain = env::var_os("R1K_TOOLCHAIN_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join(".cuda-toolchain"));
     let cuda_include = toolchain.join("include");
     if !cuda_include.join("cuda.h").exists() {
         panic!(
@@ -99,7 +98,8 @@ fn main() {
             panic!("preprocessing {} failed:\n{}", src.display(), String::from_utf8_lossy(&pre_out.stderr));
         }
         let text = String::from_utf8(pre_out.stdout).unwrap();
-        let lifted = lift::lift(&text, &kernels_abs, &stem).unwrap_or_else(|e| panic!("lifting {}: {e}", src.display()));
+        let lifted =
+            lift::lift(&text, &kernels_abs, &stem).unwrap_or_else(|e| panic!("lifting {}: {e}", src.display()));
         preprocessed.push((stem.clone(), text.clone()));
         let lifted_path = obj_dir.join(format!("{stem}.lifted.cpp"));
         write_if_changed(&lifted_path, &lifted.code);
@@ -122,7 +122,8 @@ fn main() {
     }
 
     // ---- template check: every asm template must parse and be supported by the interpreter ----
-    let mut tcode = String::from("#include \"ptx_parse.h\"\nconst r1k_emu::TemplateSite r1k_emu_template_sites[] = {\n");
+    let mut tcode =
+        String::from("#include \"ptx_parse.h\"\nconst r1k_emu::TemplateSite r1k_emu_template_sites[] = {\n");
     for s in &all_sites {
         let cons: Vec<String> = s.constraints.iter().map(|c| format!("\"{c}\"")).collect();
         tcode += &format!(
@@ -134,7 +135,8 @@ fn main() {
         );
     }
     tcode += &format!("}};\nconst int r1k_emu_template_site_count = {};\n", all_sites.len());
-    tcode += "int main() { return r1k_emu::check_template_sites(r1k_emu_template_sites, r1k_emu_template_site_count); }\n";
+    tcode +=
+        "int main() { return r1k_emu::check_template_sites(r1k_emu_template_sites, r1k_emu_template_site_count); }\n";
     let tpath = out.join("template_check.cpp");
     write_if_changed(&tpath, &tcode);
     let checker = out.join("template_check");
@@ -192,12 +194,7 @@ fn main() {
 
     let lib = obj_dir.join("libr1kemu.a");
     let _ = fs::remove_file(&lib);
-    let status = Command::new("ar")
-        .arg("crs")
-        .arg(&lib)
-        .args(jobs.iter().map(|j| &j.object))
-        .status()
-        .expect("run ar");
+    let status = Command::new("ar").arg("crs").arg(&lib).args(jobs.iter().map(|j| &j.object)).status().expect("run ar");
     assert!(status.success(), "ar failed");
     println!("cargo:rustc-link-search=native={}", obj_dir.display());
     println!("cargo:rustc-link-lib=static:+whole-archive=r1kemu");
@@ -452,10 +449,18 @@ fn build_mutants(ctx: &MutantContext, list: &Path, dest: &Path) {
             let at: Vec<usize> = text.match_indices(find.as_str()).map(|(i, _)| i).collect();
             let pick = match m.nth {
                 None => {
-                    assert!(at.len() == 1, "mutant {}: the text to replace occurs {} times in kernels/{}", m.id, at.len(), m.file);
+                    assert!(
+                        at.len() == 1,
+                        "mutant {}: the text to replace occurs {} times in kernels/{}",
+                        m.id,
+                        at.len(),
+                        m.file
+                    );
                     at[0]
                 }
-                Some(n) => *at.get(n - 1).unwrap_or_else(|| panic!("mutant {}: no occurrence {n} in kernels/{}", m.id, m.file)),
+                Some(n) => {
+                    *at.get(n - 1).unwrap_or_else(|| panic!("mutant {}: no occurrence {n} in kernels/{}", m.id, m.file))
+                }
             };
             text = format!("{}{}{}", &text[..pick], replace, &text[pick + find.len()..]);
         }

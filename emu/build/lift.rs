@@ -471,9 +471,7 @@ fn lift_shared(sc: &mut Scanner, marker: usize, site: &str, serial: usize) -> Re
         if dims != "[]" {
             return Err(format!("{site}: extern __shared__ must be an array of unknown bound"));
         }
-        format!(
-            "\n#undef {name}\n#define {name} (reinterpret_cast<{ty}*>(::r1k_emu::dynamic_smem()))\n",
-        )
+        format!("\n#undef {name}\n#define {name} (reinterpret_cast<{ty}*>(::r1k_emu::dynamic_smem()))\n",)
     } else {
         let id = format!("{site}:{name}#{serial}");
         if dims.is_empty() {
