@@ -558,7 +558,16 @@ Numerics read_numerics() {
     throw LaunchError(std::string("R1K_EMU_NUMERICS must be exact or hopper, not ") + p);
 }
 
-uint64_t g_launch_counter = 0;
+// Launches made so far by the calling host thread. The scheduler's stream of random choices depends on the seed,
+// the kernel and this count only, so a test (one host thread) replays the same schedules whatever other tests run
+// beside it.
+thread_local uint64_t t_launch_counter = 0;
+
+uint64_t fnv1a(const char* s) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (; *s; ++s) h = (h ^ static_cast<unsigned char>(*s)) * 0x100000001b3ull;
+    return h;
+}
 
 // A watchdog for kernels that spin without ever calling into the emulator (nothing else can catch those).
 void start_watchdog() {
@@ -976,7 +985,7 @@ extern "C" int r1k_emu_launch(const void* kernel, const r1k_emu_launch_config* c
     }
     const char* seed_env = getenv("R1K_EMU_SEED");
     const uint64_t seed = seed_env ? strtoull(seed_env, nullptr, 0) : 1;
-    L.rng_state = seed * 0x2545F4914F6CDD1Dull + (++g_launch_counter);
+    L.rng_state = seed * 0x2545F4914F6CDD1Dull ^ fnv1a(k->name) ^ (++t_launch_counter * 0x9E3779B97F4A7C15ull);
     // One dynamic shared-memory base for the whole launch (every CTA has the same layout, as on the GPU), 16-byte
     // aligned but never 1024-byte aligned, so kernels must do the alignment the 128B swizzle needs themselves.
     L.dynamic_base = 16u * static_cast<uint32_t>(1 + splitmix(L.rng_state) % 63);
