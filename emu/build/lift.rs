@@ -284,30 +284,7 @@ fn lift_asm(sc: &mut Scanner, start: usize, kw_len: usize, site: &str) -> Result
     let close = sc.matching(b'(', b')')?;
     let inner = &src[open + 1..close];
     // Split at top-level ':' (operand expressions are inside parentheses, so their '::' never is).
-    let mut sections: Vec<(usize, usize)> = Vec::new();
-    let mut depth = 0i32;
-    let mut i = 0;
-    let mut sec_start = 0;
-    while i < inner.len() {
-        let c = inner[i];
-        if c == b'"' || c == b'\'' {
-            let mut s = Scanner { src: inner, pos: i };
-            s.skip_literal();
-            i = s.pos;
-            continue;
-        }
-        match c {
-            b'(' | b'[' | b'{' => depth += 1,
-            b')' | b']' | b'}' => depth -= 1,
-            b':' if depth == 0 => {
-                sections.push((sec_start, i));
-                sec_start = i + 1;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    sections.push((sec_start, inner.len()));
+    let sections = split_top_level(inner, b':');
     let text = |r: (usize, usize)| String::from_utf8_lossy(&inner[r.0..r.1]).trim().to_string();
     let template = text(sections[0]);
     if !template.starts_with('"') {
@@ -356,16 +333,16 @@ fn lift_asm(sc: &mut Scanner, start: usize, kw_len: usize, site: &str) -> Result
     Ok((replacement, end, AsmSite { site: site.to_string(), template_literals: template, constraints }))
 }
 
-/// Splits `"c"(expr), "c"(expr)` into (constraint literal, expr) pairs.
-fn split_operands(sec: &[u8]) -> Result<Vec<(String, String)>, String> {
+/// Byte ranges of `text` between occurrences of `sep` outside brackets and string or char literals.
+fn split_top_level(text: &[u8], sep: u8) -> Vec<(usize, usize)> {
     let mut parts = Vec::new();
     let mut depth = 0i32;
     let mut start = 0;
     let mut i = 0;
-    while i < sec.len() {
-        let c = sec[i];
+    while i < text.len() {
+        let c = text[i];
         if c == b'"' || c == b'\'' {
-            let mut s = Scanner { src: sec, pos: i };
+            let mut s = Scanner { src: text, pos: i };
             s.skip_literal();
             i = s.pos;
             continue;
@@ -373,15 +350,21 @@ fn split_operands(sec: &[u8]) -> Result<Vec<(String, String)>, String> {
         match c {
             b'(' | b'[' | b'{' => depth += 1,
             b')' | b']' | b'}' => depth -= 1,
-            b',' if depth == 0 => {
-                parts.push(&sec[start..i]);
+            _ if c == sep && depth == 0 => {
+                parts.push((start, i));
                 start = i + 1;
             }
             _ => {}
         }
         i += 1;
     }
-    parts.push(&sec[start..]);
+    parts.push((start, text.len()));
+    parts
+}
+
+/// Splits `"c"(expr), "c"(expr)` into (constraint literal, expr) pairs.
+fn split_operands(sec: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let parts = split_top_level(sec, b',').into_iter().map(|(a, b)| &sec[a..b]);
     let mut out = Vec::new();
     for p in parts {
         let s = String::from_utf8_lossy(p).trim().to_string();
