@@ -1,11 +1,12 @@
 //! Writes `BENCHMARKS.md` and `roofline.svg` from a results file produced by a device run.
 //!
 //! ```text
-//! cargo run --release --example report -- --measure-ceilings --results target/gpu-results.tsv   # on the GPU
-//! cargo run --example report -- --results target/gpu-results.tsv --out docs/
+//! cargo run --release --features bench-tools --example report -- --measure-ceilings --results target/gpu-results.tsv
+//! cargo run --features bench-tools --example report -- --results target/gpu-results.tsv --out docs/
 //! ```
 //!
-//! The results format is described in `src/report.rs` (tab-separated `meta`, `ceiling`, `note` and `kernel` lines).
+//! The example needs the `bench-tools` feature (cuBLAS, for the measured ceilings). The results format is described
+//! in `src/report/mod.rs` (tab-separated `meta`, `ceiling`, `note` and `kernel` lines).
 //! A file without `kernel` lines produces a page that says there are no device measurements.
 
 use std::path::PathBuf;
@@ -15,11 +16,11 @@ const HELP: &str = "\
 report: turn a benchmark results file into docs/BENCHMARKS.md and docs/roofline.svg
 
 USAGE:
-    cargo run --example report -- --results FILE [--out DIR]
-    cargo run --release --example report -- --measure-ceilings --results FILE
+    cargo run --features bench-tools --example report -- --results FILE [--out DIR]
+    cargo run --release --features bench-tools --example report -- --measure-ceilings --results FILE
 
 OPTIONS:
-    --results FILE   results file written by a device run (format v1, see src/report.rs):
+    --results FILE   results file written by a device run (format v1, see src/report/mod.rs):
                        meta<TAB>KEY<TAB>VALUE          date, commit, device
                        ceiling<TAB>NAME<TAB>VALUE      copy_gbps, bf16_tflops, fp8_tflops (same run)
                        note<TAB>TEXT

@@ -61,11 +61,22 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
-/// True when the CUDA driver library can be loaded. cudarc panics on first use when it cannot, so every entry point
-/// checks this first.
+/// Names of the driver library that every CUDA driver installation provides. Each is also on the list cudarc's
+/// loader tries, so when one of these loads, cudarc's first use of the driver succeeds too.
+#[cfg(not(windows))]
+const DRIVER_LIBRARIES: &[&str] = &["libcuda.so", "libcuda.so.1"];
+#[cfg(windows)]
+const DRIVER_LIBRARIES: &[&str] = &["nvcuda.dll"];
+
+/// True when the CUDA driver library can be loaded. With cudarc's (fallback) dynamic loading, cudarc opens libcuda on
+/// first use and panics when it cannot, so every entry point checks this first. With cudarc's `dynamic-linking`
+/// (selected by a dependent such as candle) libcuda is already loaded with the program, and this is true.
 pub fn cuda_driver_present() -> bool {
-    // SAFETY: only tries to dlopen libcuda; has no other side effect.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    DRIVER_LIBRARIES.iter().any(|&name| {
+        // SAFETY: the same probe as cudarc's own `is_culib_present`: opening the driver library runs only its
+        // constructors, which every CUDA program runs; the handle is closed again at once.
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
 }
 
 impl Gpu {

@@ -87,6 +87,10 @@ pub mod rng;
 pub mod tensor;
 pub mod timing;
 
+/// The cudarc this crate is built with (0.19.10 or newer in 0.19). [`Gpu::with_stream`], [`Gpu::context`],
+/// [`Gpu::function`], [`DeviceTensor::view`] and `From<DriverError>` speak its types, so a dependent that shares
+/// streams or buffers with this crate names them through this re-export and gets exactly the same version.
+pub use cudarc;
 pub use device::{DeviceInfo, Gpu};
 pub use error::{Error, Result};
 pub use fp8::E4M3;
