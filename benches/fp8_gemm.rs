@@ -149,8 +149,10 @@ fn bench_fp8_gemm(c: &mut Criterion) {
                 };
                 let mut run16 = || -> r1_kernels::Result<()> {
                     // SAFETY: buffers hold n·k, m·k and m·n bf16 as the config describes.
-                    unsafe { blas.gemm(cfg, &b16, &a16, &mut d16) }
-                        .map_err(|e| r1_kernels::Error::Driver(format!("cublas: {e:?}")))
+                    unsafe { blas.gemm(cfg, &b16, &a16, &mut d16) }.map_err(|e| r1_kernels::Error::CudaLibrary {
+                        call: "cublasGemmEx",
+                        message: format!("{:?}", e.0),
+                    })
                 };
                 group.bench_with_input(BenchmarkId::new("cublas_bf16", &shape), &(), |bch, _| {
                     bch.iter_custom(|iters| time_launches(&gpu, iters, &mut run16).expect("launch bf16"))

@@ -5,8 +5,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::Gpu;
-use crate::error::to_i32;
-use crate::error::{Error, Result};
+use crate::error::{to_i32, CudaCall, Error, Result};
 use crate::reference::decode_ops::RopeConfig;
 use crate::tensor::DeviceTensor;
 
@@ -37,7 +36,7 @@ fn launch_rms_norm(
     launch.arg(&x).arg(&residual).arg(&residual_out).arg(&weight).arg(&y).arg(&di).arg(&xs).arg(&ys).arg(&eps);
     // SAFETY: callers pass pointers of tensors whose shapes they checked: rows rows of `x_stride` / `y_stride`
     // elements with d ≤ both strides, residual tensors [rows, d], weight [d]. Null residual pointers disable the add.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -139,7 +138,7 @@ pub fn copy_columns(
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&sv).arg(&mut dv).arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args2.0).arg(&args2.1);
     // SAFETY: both column windows lie inside their rows (checked) and both tensors have `rows` rows.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -158,7 +157,7 @@ pub fn add(gpu: &Gpu, a: &DeviceTensor<bf16>, b: &DeviceTensor<bf16>, out: &mut 
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&av).arg(&bv).arg(&mut ov).arg(&ni);
     // SAFETY: all three tensors have n elements (checked); threads past n return.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -243,7 +242,7 @@ pub fn rope_inplace(
     launch.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4).arg(&args.5).arg(&args.6);
     // SAFETY: every slice lies inside its row (checked above); the grid covers rows·count·dim/2 pairs exactly and the
     // kernel returns for indices past that; positions has one entry per row.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -355,7 +354,7 @@ pub fn head_bmm_windows<O: BmmOutput>(
     launch.arg(&windows.0).arg(&windows.1).arg(&windows.2).arg(&windows.3).arg(&O::F32_FLAG).arg(&so);
     // SAFETY: x and out windows lie inside their rows and the largest weight index is below w.numel() (checked);
     // the grid covers exactly the output window and threads past n or t return.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -423,7 +422,7 @@ pub fn cache_append(
     launch.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4);
     // SAFETY: the kernel checks seq, position and block id against batch, max_blocks and num_blocks before writing,
     // so every write is inside the cache; reads are bounded by the checked shapes.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 

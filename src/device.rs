@@ -7,7 +7,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
-use crate::error::{Error, Result};
+use crate::error::{CudaCall, Error, Result};
 use crate::kernels;
 
 /// Statically known facts about a loaded device, read once at construction.
@@ -85,12 +85,13 @@ impl Gpu {
         if !cuda_driver_present() {
             return Err(Error::NoCudaDriver);
         }
-        let count = CudaContext::device_count()?;
-        if ordinal >= count.max(0) as usize {
-            return Err(Error::Driver(format!("no CUDA device with ordinal {ordinal} ({count} present)")));
+        let count = CudaContext::device_count().cuda_call("cuDeviceGetCount")?;
+        let count = count.max(0) as usize;
+        if ordinal >= count {
+            return Err(Error::NoSuchDevice { ordinal, count });
         }
-        let ctx = CudaContext::new(ordinal)?;
-        let stream = ctx.new_stream()?;
+        let ctx = CudaContext::new(ordinal).cuda_call("cuDevicePrimaryCtxRetain")?;
+        let stream = ctx.new_stream().cuda_call("cuStreamCreate")?;
         Self::with_stream(stream)
     }
 
@@ -100,8 +101,8 @@ impl Gpu {
             return Err(Error::NoCudaDriver);
         }
         let ctx = stream.context().clone();
-        let attr = |a: CUdevice_attribute| -> Result<i32> { Ok(ctx.attribute(a)?) };
-        let name = ctx.name()?;
+        let attr = |a: CUdevice_attribute| -> Result<i32> { ctx.attribute(a).cuda_call("cuDeviceGetAttribute") };
+        let name = ctx.name().cuda_call("cuDeviceGetName")?;
         let info = DeviceInfo {
             ordinal: ctx.ordinal(),
             compute_capability: (
@@ -146,16 +147,20 @@ impl Gpu {
 
     /// Blocks the host until the stream is idle. Launchers never call this; tests and benches do.
     pub fn synchronize(&self) -> Result<()> {
-        Ok(self.stream.synchronize()?)
+        self.stream.synchronize().cuda_call("cuStreamSynchronize")
     }
 
-    /// Errors unless this is an sm_90 device (for kernels that exist only as sm_90a cubins).
-    pub fn require_hopper(&self, what: &'static str) -> Result<()> {
+    /// Errors unless this is an sm_90 device (for kernels that exist only as sm_90a cubins); the error names `what`,
+    /// the kernel that needs it.
+    pub fn require_hopper(&self, what: &str) -> Result<()> {
         if self.info.is_hopper() {
             Ok(())
         } else {
-            let _ = what;
-            Err(Error::UnsupportedDevice { needs: "sm_90a (H100/H200/H800/H20)", found: self.info.arch_name() })
+            Err(Error::UnsupportedDevice {
+                kernel: what.to_string(),
+                needs: "sm_90a (H100/H200/H800/H20)",
+                found: self.info.arch_name(),
+            })
         }
     }
 
@@ -163,7 +168,9 @@ impl Gpu {
         if !kernels::KERNELS_BUILT {
             return Err(Error::KernelsNotBuilt);
         }
-        let mut modules = self.modules.lock().map_err(|_| Error::Driver("module cache poisoned".into()))?;
+        // A panic elsewhere cannot leave the cache half-updated (each update is one insert), so a poisoned lock is
+        // still a valid cache.
+        let mut modules = self.modules.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(m) = modules.get(module) {
             return Ok(m.clone());
         }
@@ -176,12 +183,16 @@ impl Gpu {
         };
         let Some(image) = image else {
             return if kernels::cubin(module).is_some() {
-                Err(Error::UnsupportedDevice { needs: "sm_90a (H100/H200/H800/H20)", found: self.info.arch_name() })
+                Err(Error::UnsupportedDevice {
+                    kernel: format!("kernel module `{module}`"),
+                    needs: "sm_90a (H100/H200/H800/H20)",
+                    found: self.info.arch_name(),
+                })
             } else {
-                Err(Error::Driver(format!("kernel module `{module}` is not embedded in this build")))
+                Err(Error::InvalidConfig(format!("kernel module `{module}` is not embedded in this build")))
             };
         };
-        let loaded = self.ctx.load_module(image)?;
+        let loaded = self.ctx.load_module(image).cuda_call("cuModuleLoadData")?;
         modules.insert(module, loaded.clone());
         Ok(loaded)
     }
@@ -191,6 +202,7 @@ impl Gpu {
     pub fn function(&self, module: &'static str, name: &'static str, dynamic_smem_bytes: u32) -> Result<CudaFunction> {
         if dynamic_smem_bytes > self.info.max_shared_memory_per_block_optin {
             return Err(Error::UnsupportedDevice {
+                kernel: format!("{module}::{name}"),
                 needs: "more shared memory per block than this device offers",
                 found: format!(
                     "{} bytes available, {} needed by {module}::{name}",
@@ -198,25 +210,27 @@ impl Gpu {
                 ),
             });
         }
-        let mut functions = self.functions.lock().map_err(|_| Error::Driver("function cache poisoned".into()))?;
+        let mut functions = self.functions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some((f, limit)) = functions.get_mut(&(module, name)) {
             if *limit < dynamic_smem_bytes {
                 f.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     dynamic_smem_bytes as i32,
-                )?;
+                )
+                .cuda_call("cuFuncSetAttribute")?;
                 *limit = dynamic_smem_bytes;
             }
             return Ok(f.clone());
         }
         let m = self.module(module)?;
-        let f = m.load_function(name)?;
+        let f = m.load_function(name).cuda_call("cuModuleGetFunction")?;
         let mut limit = 48 * 1024;
         if dynamic_smem_bytes > limit {
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 dynamic_smem_bytes as i32,
-            )?;
+            )
+            .cuda_call("cuFuncSetAttribute")?;
             limit = dynamic_smem_bytes;
         }
         functions.insert((module, name), (f.clone(), limit));

@@ -10,8 +10,7 @@ use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::Gpu;
-use crate::error::to_i32;
-use crate::error::{Error, Result};
+use crate::error::{to_i32, CudaCall, Error, Result};
 use crate::fp8::E4M3;
 use crate::gemm::plan;
 use crate::gemm::sm90::{Tma2d, TmaDtype};
@@ -99,7 +98,7 @@ pub fn route<T: RouterLogits>(
     launch.arg(&softmax).arg(&renorm).arg(&cfg.routed_scaling_factor);
     // SAFETY: cfg validated (E ≤ 1024, k ≤ 32, groups ≤ 32 dividing E); logits [t, E], bias [E] (read only when
     // has_bias), outputs [t, k]; each warp handles token < t and uses 2·E floats of the 4·2·E-float shared buffer.
-    unsafe { launch.launch(cfg_l) }?;
+    unsafe { launch.launch(cfg_l) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -135,7 +134,7 @@ pub fn gate_logits(
         LaunchConfig { grid_dim: (grid_u32("E", e.div_ceil(8))?, gy, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: shapes checked; warps with expert ≥ E return, tokens are bounded by t, columns by H (H % 8 == 0 keeps
     // the 16-byte loads in bounds and aligned).
-    unsafe { l.launch(c) }?;
+    unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -290,7 +289,7 @@ pub fn permute(
         l.arg(&ids).arg(&pi).arg(&mut cr).arg(&mut rk);
         let c = LaunchConfig { grid_dim: (e as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: grid = E CTAs writing counts_raw[e] (E entries); rank[i] written for i < pairs (its length).
-        unsafe { l.launch(c) }?;
+        unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     }
     let f = gpu.function(MODULE, "moe_offsets", 0)?;
     {
@@ -300,7 +299,7 @@ pub fn permute(
         l.arg(&cr).arg(&ei).arg(&masked).arg(&block_m).arg(&max_m).arg(&mut off).arg(&mut cn);
         let c = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one CTA of 1024 ≥ E threads; reads counts_raw[E], writes offsets[E+1] and counts[E].
-        unsafe { l.launch(c) }?;
+        unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     }
     let f = gpu.function(MODULE, "moe_scatter", 0)?;
     {
@@ -315,7 +314,7 @@ pub fn permute(
         };
         // SAFETY: one thread per pair (bounded by pairs); ids outside 0..E are skipped; rows are bounded by the
         // capacity (src_index's length) on the device.
-        unsafe { l.launch(c) }?;
+        unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     }
     let f = gpu.function(MODULE, "moe_gather", 0)?;
     {
@@ -328,7 +327,7 @@ pub fn permute(
         let c = LaunchConfig { grid_dim: (grid_u32("rows", cap)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one CTA per row < capacity; codes rows are H bytes (H % 128 == 0 so 16-byte vectors stay in
         // bounds and aligned); source tokens come from src_index and are bounded by t on the device.
-        unsafe { l.launch(c) }?;
+        unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     }
     Ok(())
 }
@@ -596,7 +595,7 @@ fn grouped_gemm_tma(
     // 0..E, so w_scales indices (e, n0/128, kb) are in bounds of [E, N/128, K/128]; stored rows are below
     // min(offsets[e] + counts[e], offsets[e+1], rows) and columns below N (N % 128 == 0), so `out` [rows, N] stays in
     // bounds whatever the device offsets hold. `smem` covers the ring of `stages` stages (plan::smem_bytes).
-    unsafe { l.launch(c) }?;
+    unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -692,7 +691,7 @@ pub fn grouped_gemm_with(
     // bounded by min(offsets[e] + counts[e], offsets[e+1], rows), so a/a_scales/out accesses stay in bounds whatever
     // the device offsets hold; w rows n0..n0+block_n ≤ N (N % 128 == 0) and K columns are in bounds since
     // K % 128 == 0. Both kernels take the same arguments.
-    unsafe { l.launch(c) }?;
+    unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -744,7 +743,7 @@ pub fn swiglu_quant(
     let c = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: shapes checked; one half-warp per (row, 128-group) below rows·I/128; offsets[E] read only with a
     // limit tensor of E+1 entries.
-    unsafe { l.launch(c) }?;
+    unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -799,7 +798,7 @@ pub fn combine(
     let c = LaunchConfig { grid_dim: (grid_u32("t", t)?, gy, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: shapes checked; rows read from row_of are bounded by `rows` on the device; columns by H (H % 8 == 0,
     // so 16-byte vectors stay in bounds and aligned); shared read only when given with shape [t, H].
-    unsafe { l.launch(c) }?;
+    unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 

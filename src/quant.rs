@@ -5,8 +5,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::Gpu;
-use crate::error::to_i32;
-use crate::error::{Error, Result};
+use crate::error::{to_i32, CudaCall, Error, Result};
 use crate::fp8::E4M3;
 use crate::reference::quant::{padded_scale_rows, ScaleFormat};
 use crate::tensor::DeviceTensor;
@@ -56,7 +55,7 @@ pub fn quantize_activations(
     launch.arg(&xv).arg(&mut qv).arg(&mut sv).arg(&mi).arg(&ki).arg(&m_pad).arg(&ue8m0).arg(&vec);
     // SAFETY: shapes were checked above: the kernel reads m·k bf16, writes m·k codes and ceil(k/128)·m_pad scales,
     // exactly the sizes of the three views; every index it forms is bounded by m, k and m_pad.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -100,7 +99,7 @@ pub fn quantize_weights(
     launch.arg(&wv).arg(&mut qv).arg(&mut sv).arg(&ni).arg(&ki).arg(&ue8m0).arg(&vec);
     // SAFETY: shapes checked above; the grid covers exactly ceil(n/128)×ceil(k/128) blocks and each thread bounds
     // its rows by n and its columns by k.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 

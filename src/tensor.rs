@@ -6,7 +6,7 @@
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
 use crate::device::Gpu;
-use crate::error::{Error, Result};
+use crate::error::{CudaCall, Error, Result};
 
 fn numel(shape: &[usize]) -> Result<usize> {
     shape
@@ -67,9 +67,9 @@ impl<T: DeviceRepr> DeviceTensor<T> {
         let stream = gpu.stream();
         let buffer = if n == 0 {
             // SAFETY: the single element is never read: every access is bounded by `numel`, which is 0.
-            unsafe { stream.alloc::<T>(1)? }
+            unsafe { stream.alloc::<T>(1) }.cuda_call("cuMemAllocAsync")?
         } else {
-            stream.clone_htod(data)?
+            stream.clone_htod(data).cuda_call("cuMemcpyHtoDAsync")?
         };
         Ok(DeviceTensor { data: buffer, shape: shape.to_vec(), numel: n })
     }
@@ -80,7 +80,7 @@ impl<T: DeviceRepr> DeviceTensor<T> {
     /// The caller must write every element before reading it back (reading returns whatever the allocator left).
     pub unsafe fn uninit(gpu: &Gpu, shape: &[usize]) -> Result<Self> {
         let n = numel(shape)?;
-        let buffer = unsafe { gpu.stream().alloc::<T>(n.max(1))? };
+        let buffer = unsafe { gpu.stream().alloc::<T>(n.max(1)) }.cuda_call("cuMemAllocAsync")?;
         Ok(DeviceTensor { data: buffer, shape: shape.to_vec(), numel: n })
     }
 
@@ -92,7 +92,7 @@ impl<T: DeviceRepr> DeviceTensor<T> {
         if self.numel == 0 {
             return Ok(Vec::new());
         }
-        Ok(gpu.stream().clone_dtoh(&self.data.slice(0..self.numel))?)
+        gpu.stream().clone_dtoh(&self.data.slice(0..self.numel)).cuda_call("cuMemcpyDtoHAsync")
     }
 
     /// Overwrites the whole tensor with `data` (e.g. to poison an output before a test launch).
@@ -101,7 +101,7 @@ impl<T: DeviceRepr> DeviceTensor<T> {
             return Err(Error::shape("data", self.numel, data.len()));
         }
         if self.numel > 0 {
-            gpu.stream().memcpy_htod(data, &mut self.data.slice_mut(0..self.numel))?;
+            gpu.stream().memcpy_htod(data, &mut self.data.slice_mut(0..self.numel)).cuda_call("cuMemcpyHtoDAsync")?;
         }
         Ok(())
     }
@@ -176,7 +176,7 @@ impl<T: DeviceRepr + ValidAsZeroBits> DeviceTensor<T> {
     /// A zero-filled tensor.
     pub fn zeros(gpu: &Gpu, shape: &[usize]) -> Result<Self> {
         let n = numel(shape)?;
-        let buffer = gpu.stream().alloc_zeros::<T>(n.max(1))?;
+        let buffer = gpu.stream().alloc_zeros::<T>(n.max(1)).cuda_call("cuMemAllocAsync")?;
         Ok(DeviceTensor { data: buffer, shape: shape.to_vec(), numel: n })
     }
 }

@@ -18,7 +18,7 @@ fn scratch(name: &str) -> PathBuf {
 
 fn io_message(r: r1_kernels::Result<impl std::fmt::Debug>) -> String {
     match r {
-        Err(Error::Io(msg)) => msg,
+        Err(Error::Io { message, .. }) => message,
         other => panic!("expected Error::Io, got {other:?}"),
     }
 }
@@ -305,7 +305,10 @@ fn garbage_is_an_error() {
     assert!(msg.contains(INDEX_FILE) && msg.contains("not valid JSON"), "{msg}");
     fs::remove_dir_all(&dir).unwrap();
     // No such directory; layer out of range.
-    assert!(matches!(load_layer("/nonexistent/r1k", &cfg, 1), Err(Error::Io(_))));
+    assert!(matches!(
+        load_layer("/nonexistent/r1k", &cfg, 1),
+        Err(Error::Io { kind: std::io::ErrorKind::NotFound, .. })
+    ));
     assert!(matches!(load_layer(std::env::temp_dir(), &cfg, 99), Err(Error::InvalidConfig(_))));
 }
 

@@ -63,7 +63,9 @@ fn malformed_lines_are_errors_with_line_numbers() {
         ("kernal\tk\n", "unknown record type"),
     ] {
         match parse_results(text) {
-            Err(r1_kernels::Error::Io(msg)) => assert!(msg.contains(needle), "{text:?}: {msg}"),
+            Err(r1_kernels::Error::Io { kind: std::io::ErrorKind::InvalidData, message }) => {
+                assert!(message.contains(needle), "{text:?}: {message}")
+            }
             other => panic!("{text:?}: expected an error, got {other:?}"),
         }
     }
@@ -262,9 +264,12 @@ fn write_report_to_a_temporary_directory() {
     check_well_formed(&std::fs::read_to_string(svg).unwrap());
     std::fs::write(&results, "kernel\tbroken\n").unwrap();
     match write_report(&results, &dir.join("out")) {
-        Err(r1_kernels::Error::Io(msg)) => assert!(msg.contains("fake-results.tsv") && msg.contains("line 1"), "{msg}"),
+        Err(r1_kernels::Error::Io { kind: std::io::ErrorKind::InvalidData, message }) => {
+            assert!(message.contains("fake-results.tsv") && message.contains("line 1"), "{message}")
+        }
         other => panic!("{other:?}"),
     }
-    assert!(write_report(&dir.join("missing.tsv"), &dir.join("out")).is_err());
+    let missing = write_report(&dir.join("missing.tsv"), &dir.join("out"));
+    assert!(matches!(missing, Err(r1_kernels::Error::Io { kind: std::io::ErrorKind::NotFound, .. })), "{missing:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

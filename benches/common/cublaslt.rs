@@ -202,7 +202,8 @@ impl LtFp8Gemm {
             )));
         }
         let stream = ctx.stream.clone();
-        self.set_scales(&stream, sa, sb).map_err(r1_kernels::Error::Driver)?;
+        self.set_scales(&stream, sa, sb)
+            .map_err(|message| r1_kernels::Error::CudaLibrary { call: "cublasLtMatmulDescSetAttribute", message })?;
         let (alpha, beta) = (1f32, 0f32);
         let (pa, _g1) = a.device_ptr(&stream);
         let (pb, _g2) = b.device_ptr(&stream);
@@ -232,7 +233,7 @@ impl LtFp8Gemm {
                 stream.cu_stream() as *mut _,
             )
         }
-        .map_err(|e| r1_kernels::Error::Driver(format!("cublasLtMatmul: {e:?}")))
+        .map_err(|e| r1_kernels::Error::CudaLibrary { call: "cublasLtMatmul", message: format!("{:?}", e.0) })
     }
 }
 

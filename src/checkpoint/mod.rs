@@ -34,8 +34,9 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The safetensors header limit (the `safetensors` crate refuses larger headers too).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
+/// Malformed or missing contents: an [`Error::Io`] of kind `InvalidData`.
 fn io_err(msg: impl Into<String>) -> Error {
-    Error::Io(msg.into())
+    Error::invalid_data(msg)
 }
 
 fn dtype_of(d: TensorDtype) -> Dtype {
@@ -92,8 +93,8 @@ struct HeaderEntry {
 /// Reads and parses only the header of a safetensors file.
 fn read_header(path: &Path) -> Result<Vec<HeaderEntry>> {
     let what = |msg: String| io_err(format!("{}: not a valid safetensors file: {msg}", path.display()));
-    let mut f = fs::File::open(path).map_err(|e| io_err(format!("{}: {e}", path.display())))?;
-    let len = f.metadata().map_err(|e| io_err(format!("{}: {e}", path.display())))?.len();
+    let mut f = fs::File::open(path).map_err(|e| Error::io(format_args!("{}", path.display()), &e))?;
+    let len = f.metadata().map_err(|e| Error::io(format_args!("{}", path.display()), &e))?.len();
     let mut n = [0u8; 8];
     f.read_exact(&mut n)
         .map_err(|_| what(format!("file is only {len} bytes, shorter than the 8-byte header length")))?;
@@ -157,7 +158,7 @@ fn read_header(path: &Path) -> Result<Vec<HeaderEntry>> {
 }
 
 fn read_index(path: &Path) -> Result<HashMap<String, String>> {
-    let text = fs::read_to_string(path).map_err(|e| io_err(format!("{}: {e}", path.display())))?;
+    let text = fs::read_to_string(path).map_err(|e| Error::io(format_args!("{}", path.display()), &e))?;
     let doc = json::parse(&text).map_err(|e| io_err(format!("{}: not valid JSON: {e}", path.display())))?;
     let Some(json::Json::Obj(map)) = doc.get("weight_map") else {
         return Err(io_err(format!("{}: no `weight_map` object", path.display())));
@@ -173,10 +174,11 @@ fn read_index(path: &Path) -> Result<HashMap<String, String>> {
 }
 
 fn list_shards(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = fs::read_dir(dir).map_err(|e| io_err(format!("checkpoint directory {}: {e}", dir.display())))?;
+    let entries =
+        fs::read_dir(dir).map_err(|e| Error::io(format_args!("checkpoint directory {}", dir.display()), &e))?;
     let mut shards = Vec::new();
     for entry in entries {
-        let path = entry.map_err(|e| io_err(format!("{}: {e}", dir.display())))?.path();
+        let path = entry.map_err(|e| Error::io(format_args!("{}", dir.display()), &e))?.path();
         if path.extension().is_some_and(|x| x == "safetensors") && path.is_file() {
             shards.push(path);
         }
@@ -190,7 +192,10 @@ impl Checkpoint {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
-            return Err(io_err(format!("checkpoint directory {} does not exist or is not a directory", dir.display())));
+            return Err(Error::Io {
+                kind: std::io::ErrorKind::NotFound,
+                message: format!("checkpoint directory {} does not exist or is not a directory", dir.display()),
+            });
         }
         let index_path = dir.join(INDEX_FILE);
         let index = if index_path.is_file() { Some(read_index(&index_path)?) } else { None };
@@ -257,7 +262,7 @@ impl Checkpoint {
         for (files_done, (file, wanted)) in by_file.into_iter().enumerate() {
             let file_bytes = fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
             progress(&LoadProgress { file: file.clone(), file_bytes, files_done, files_total });
-            let bytes = fs::read(&file).map_err(|e| io_err(format!("{}: {e}", file.display())))?;
+            let bytes = fs::read(&file).map_err(|e| Error::io(format_args!("{}", file.display()), &e))?;
             let st = SafeTensors::deserialize(&bytes).map_err(|e| {
                 io_err(format!("{}: not a valid safetensors file (truncated or corrupt?): {e}", file.display()))
             })?;
@@ -485,8 +490,10 @@ impl View for WriteView<'_> {
 
 fn write_shard(path: &Path, tensors: Vec<(String, WriteView<'_>)>) -> Result<()> {
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors, Some(metadata), path)
-        .map_err(|e| io_err(format!("writing {}: {e}", path.display())))
+    safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(io) => Error::io(format_args!("writing {}", path.display()), &io),
+        other => io_err(format!("writing {}: {other}", path.display())),
+    })
 }
 
 /// Writes `weights` as a small checkpoint in the real layout: the checkpoint's tensor names, dtypes and shapes, in two
@@ -500,7 +507,7 @@ pub fn write_layer_checkpoint(
 ) -> Result<Vec<PathBuf>> {
     let dir = dir.as_ref();
     weights.check_against(cfg)?;
-    fs::create_dir_all(dir).map_err(|e| io_err(format!("creating {}: {e}", dir.display())))?;
+    fs::create_dir_all(dir).map_err(|e| Error::io(format_args!("creating {}", dir.display()), &e))?;
     let layer = weights.layer;
     let attn_file = format!("model-layer{layer}-attn.safetensors");
     let mlp_file = format!("model-layer{layer}-mlp.safetensors");
@@ -528,7 +535,7 @@ pub fn write_layer_checkpoint(
     let paths = vec![dir.join(&attn_file), dir.join(&mlp_file)];
     write_shard(&paths[0], attn)?;
     write_shard(&paths[1], mlp)?;
-    write_index(&index_path, dir, &map).map_err(|e| io_err(format!("writing {}: {e}", index_path.display())))?;
+    write_index(&index_path, dir, &map)?;
     Ok(paths)
 }
 
@@ -556,7 +563,7 @@ fn write_index(path: &Path, dir: &Path, map: &BTreeMap<String, String>) -> Resul
         ));
     }
     text.push_str("  }\n}\n");
-    fs::write(path, text).map_err(|e| io_err(e.to_string()))
+    fs::write(path, text).map_err(|e| Error::io(format_args!("writing {}", path.display()), &e))
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::{DeviceInfo, Gpu};
-use crate::error::{Error, Result};
+use crate::error::{CudaCall, Error, Result};
 use crate::fp8::E4M3;
 use crate::reference::quant::ScaleFormat;
 use crate::tensor::DeviceTensor;
@@ -115,13 +115,21 @@ pub fn plan(
         GemmKernel::Plain => false,
         GemmKernel::Sm90 | GemmKernel::Sm90Multicast => {
             if !info.is_hopper() {
-                return Err(Error::UnsupportedDevice { needs: "sm_90a (H100/H200/H800/H20)", found: info.arch_name() });
+                return Err(Error::UnsupportedDevice {
+                    kernel: format!("fp8_gemm ({kernel:?} kernel)"),
+                    needs: "sm_90a (H100/H200/H800/H20)",
+                    found: info.arch_name(),
+                });
             }
             true
         }
     };
     if !use_sm90 && info.compute_capability.0 < 8 {
-        return Err(Error::UnsupportedDevice { needs: "sm_80 or newer", found: info.arch_name() });
+        return Err(Error::UnsupportedDevice {
+            kernel: "fp8_gemm (portable kernel)".into(),
+            needs: "sm_80 or newer",
+            found: info.arch_name(),
+        });
     }
     if shape.m == 0 || shape.n == 0 || shape.k == 0 {
         let zero_fill = shape.k == 0 && !accumulate && shape.m > 0 && shape.n > 0;
@@ -178,7 +186,7 @@ fn run<T: DeviceRepr + Copy + Default>(
             // ceil(n/128)·ceil(k/128); out has m·n elements of the type `acc` selects (bf16 when 0, f32 when 1). The
             // kernel bounds every load by m, n, k and every store by m, n; the grid covers ceil(m/64)×ceil(n/64)
             // tiles.
-            unsafe { launch.launch(cfg) }?;
+            unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
             Ok(())
         }
     }

@@ -267,6 +267,7 @@ pub fn choose_sm90_config(shape: &GemmShape, sm_count: u32, smem_limit: u32) -> 
     }
     let Some((_, block_n)) = best else {
         return Err(Error::UnsupportedDevice {
+            kernel: "fp8_gemm (Sm90 kernel)".into(),
             needs: "at least two FP8 GEMM pipeline stages of shared memory",
             found: format!("{smem_limit} bytes per block"),
         });
@@ -306,6 +307,7 @@ pub fn choose_sm90_mc2_config(shape: &GemmShape, sm_count: u32, smem_limit: u32)
     let clusters_max = sm_count / 2;
     if clusters_max == 0 {
         return Err(Error::UnsupportedDevice {
+            kernel: "fp8_gemm (Sm90Multicast kernel)".into(),
             needs: "at least two SMs for 2-CTA clusters",
             found: format!("{sm_count} SMs"),
         });
@@ -325,6 +327,7 @@ pub fn choose_sm90_mc2_config(shape: &GemmShape, sm_count: u32, smem_limit: u32)
     }
     let Some((_, block_n)) = best else {
         return Err(Error::UnsupportedDevice {
+            kernel: "fp8_gemm (Sm90Multicast kernel)".into(),
             needs: "at least two FP8 GEMM pipeline stages of shared memory",
             found: format!("{smem_limit} bytes per block"),
         });

@@ -9,11 +9,11 @@ use cudarc::driver::sys::{
     self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
     CUtensorMapSwizzle,
 };
-use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
 
 use super::plan::{GemmShape, Sm90Config, BLOCK_K};
 use crate::device::Gpu;
-use crate::error::{Error, Result};
+use crate::error::{CudaCall, Error, Result};
 use crate::fp8::E4M3;
 use crate::tensor::DeviceTensor;
 
@@ -173,7 +173,7 @@ impl Tma2d {
             )
         };
         if res != sys::CUresult::CUDA_SUCCESS {
-            return Err(Error::Driver(format!("cuTensorMapEncodeTiled({self:?}) failed: {res:?}")));
+            return Err(Error::cuda("cuTensorMapEncodeTiled", DriverError(res)));
         }
         Ok(map)
     }
@@ -262,7 +262,7 @@ fn launch_gemm<T: DeviceRepr>(
     // The split layout (k_splits × kb_per_split covering [0, ceil(k/128)) with no empty split) comes from
     // plan::choose_k_splits. Shared memory: `smem_bytes` covers the ring the kernel carves for `stages` stages (same
     // formula as plan::smem_bytes).
-    unsafe { launch.launch(launch_cfg) }?;
+    unsafe { launch.launch(launch_cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -346,7 +346,7 @@ fn launch_mc2<T: DeviceRepr>(
     // _gout) record the launch on the stream when dropped after the call.
     let res = unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) };
     if res != sys::CUresult::CUDA_SUCCESS {
-        return Err(Error::Driver(format!("cuLaunchKernelEx({}, cluster 2×1×1) failed: {res:?}", cfg.kernel_name()?)));
+        return Err(Error::cuda("cuLaunchKernelEx", DriverError(res)));
     }
     Ok(())
 }
@@ -397,7 +397,7 @@ pub(crate) fn launch<T: DeviceRepr>(
     // SAFETY: partial holds k_splits·m·n floats, out m·n elements of the type `mode` selects; n is even (validated
     // n % 8 == 0), so the kernel's float2 / bf16x2 pairs never straddle the end; the grid-stride loop is bounded by
     // m·n/2 pairs.
-    unsafe { launch.launch(launch_cfg) }?;
+    unsafe { launch.launch(launch_cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -429,7 +429,7 @@ pub mod probes {
             launch.arg(&map).arg(&mut ov).arg(&x0).arg(&y0).arg(&box_bytes);
             // SAFETY: the map describes `src` within its length (checked above); the kernel writes box_bytes bytes
             // to `out`, which has exactly that many; shared memory covers the box, alignment slack and one mbarrier.
-            unsafe { launch.launch(cfg) }?;
+            unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
         }
         out.to_host(gpu)
     }
@@ -448,7 +448,7 @@ pub mod probes {
             let mut launch = gpu.stream().launch_builder(&f);
             launch.arg(&av).arg(&bv).arg(&mut ov);
             // SAFETY: fixed sizes checked above; the kernel reads 64·128 and 128·128 bytes and writes 64·128 floats.
-            unsafe { launch.launch(cfg) }?;
+            unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
         }
         out.to_host(gpu)
     }
@@ -479,7 +479,7 @@ pub mod probes {
             let mut launch = gpu.stream().launch_builder(&f);
             launch.arg(&accv).arg(&finv).arg(&sav).arg(&sbv).arg(&mut ov).arg(&n0);
             // SAFETY: fixed sizes checked above; the kernel reads and writes exactly 64·160 floats per tile argument.
-            unsafe { launch.launch(cfg) }?;
+            unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
         }
         out.to_host(gpu)
     }

@@ -17,8 +17,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::Gpu;
-use crate::error::to_i32;
-use crate::error::{Error, Result};
+use crate::error::{to_i32, CudaCall, Error, Result};
 pub use crate::reference::mla::MlaConfig;
 use crate::reference::mla::{validate_inputs, D_QK, D_V, FP8_TOKEN_BYTES};
 use crate::tensor::DeviceTensor;
@@ -401,7 +400,7 @@ fn launch(
                 // [b, max_blocks], seqlens [b]. The kernel clamps seqlens to max_blocks·page, reads table columns
                 // below that only, skips entries outside 0..num_blocks, and writes partial slots
                 // split_offsets[b] + split < total_splits ≤ workspace splits (checked), rows < s_q·h.
-                unsafe { launch.launch(cfg) }?;
+                unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
             }
         }
     }
@@ -426,7 +425,7 @@ pub(crate) fn combine(
     launch.arg(&opv).arg(&lpv).arg(&sov).arg(&mut outv).arg(&mut lsev).arg(&c.batch).arg(&c.s_q).arg(&c.heads);
     // SAFETY: one warp per (sequence, row) below batch·s_q·h; it reads partial slots of its sequence
     // (split_offsets[b] .. split_offsets[b+1] ≤ workspace splits) and writes its row of out and one lse entry.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 

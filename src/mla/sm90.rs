@@ -13,7 +13,7 @@ use half::bf16;
 
 use super::{Checked, MlaPlan, MlaWorkspace};
 use crate::device::Gpu;
-use crate::error::{Error, Result};
+use crate::error::{CudaCall, Error, Result};
 use crate::reference::mla::{D_QK, D_ROPE, FP8_ROPE_OFFSET, FP8_TOKEN_BYTES};
 use crate::tensor::DeviceTensor;
 
@@ -367,7 +367,7 @@ pub(crate) fn launch_decode(
     // 656 bytes, validated); TMA clips boxes at the tensor edge (zero fill). Table entries are bounds-checked
     // against num_blocks in the kernel, which reads only columns below min(seqlen, max_blocks·page) / page; partial
     // slots and rows are bounded as for the portable kernel (checked in `validate`).
-    unsafe { launch.launch(cfg) }?;
+    unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }
 
@@ -407,7 +407,7 @@ pub fn probe_tile_load(
         }
         // SAFETY: one CTA; the table row is read below tok_end / page (checked); the cache through the tensor map;
         // `out` holds exactly TILE_BYTES.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     }
     out.to_host(gpu)
 }
@@ -449,7 +449,7 @@ pub fn probe_fp8_tile_load(
         }
         // SAFETY: one CTA; the table row is read below tok_end / page (checked); the cache through the tensor maps;
         // `out` holds exactly TILE_BYTES.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     }
     out.to_host(gpu)
 }
@@ -493,7 +493,7 @@ pub fn probe_wgmma(
         }
         // SAFETY: one CTA reading through the tensor maps and 64 / page table entries (checked); writes 64·64 and
         // 64·512 floats, the sizes of s and o.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     }
     Ok((s.to_host(gpu)?, o.to_host(gpu)?))
 }
@@ -539,7 +539,7 @@ pub fn probe_narrow_wgmma(
         }
         // SAFETY: one CTA reading through the tensor maps and 64 / page table entries (checked); writes 16·64 and
         // 16·512 floats, the sizes of s and o.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     }
     Ok((s.to_host(gpu)?, o.to_host(gpu)?))
 }
@@ -568,7 +568,7 @@ pub fn probe_softmax(gpu: &Gpu, s: &[f32]) -> Result<SoftmaxProbe> {
         let mut launch = gpu.stream().launch_builder(&f);
         launch.arg(&sv).arg(&mut mv).arg(&mut lv).arg(&mut pv).arg(&mut av);
         // SAFETY: two warpgroups reading 64·128 floats and writing 64, 64, 64·64 and 64 floats: the buffer sizes.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     }
     Ok((m.to_host(gpu)?, l.to_host(gpu)?, a.to_host(gpu)?, p.to_host(gpu)?))
 }

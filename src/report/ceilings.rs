@@ -35,7 +35,10 @@ pub fn measure_cublas_bf16_tflops(gpu: &Gpu, m: usize, n: usize, k: usize) -> Re
     // cudarc loads libcublas lazily and panics when it is missing: check first.
     // SAFETY: only tries to dlopen libcublas.
     if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-        return Err(Error::Driver("libcublas could not be loaded, so the cuBLAS ceiling cannot be measured".into()));
+        return Err(Error::CudaLibrary {
+            call: "cublasCreate",
+            message: "libcublas could not be loaded, so the cuBLAS ceiling cannot be measured".into(),
+        });
     }
     let to_i32 = |v: usize, what: &'static str| {
         i32::try_from(v).map_err(|_| Error::shape(what, "a dimension that fits in i32", v))
@@ -44,7 +47,8 @@ pub fn measure_cublas_bf16_tflops(gpu: &Gpu, m: usize, n: usize, k: usize) -> Re
     if m == 0 || n == 0 || k == 0 {
         return Err(Error::InvalidConfig("GEMM dimensions must be positive".into()));
     }
-    let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| Error::Driver(format!("cublasCreate: {e}")))?;
+    let blas = CudaBlas::new(gpu.stream().clone())
+        .map_err(|e| Error::CudaLibrary { call: "cublasCreate", message: format!("{:?}", e.0) })?;
     // Small non-zero values, so the timing is not of a degenerate all-zero input.
     let fill = |len: usize, salt: usize| -> Vec<bf16> {
         (0..len).map(|i| bf16::from_f32((((i * 7 + salt) % 17) as f32 - 8.0) / 64.0)).collect()
@@ -68,7 +72,7 @@ pub fn measure_cublas_bf16_tflops(gpu: &Gpu, m: usize, n: usize, k: usize) -> Re
     let t = median_launch_time(gpu, 5, 5, || {
         // SAFETY: the buffers hold exactly n·k, m·k and m·n elements, matching the leading dimensions above.
         unsafe { blas.gemm(cfg, b.buffer(), a.buffer(), c.buffer_mut()) }
-            .map_err(|e| Error::Driver(format!("cublasGemmEx: {e}")))
+            .map_err(|e| Error::CudaLibrary { call: "cublasGemmEx", message: format!("{:?}", e.0) })
     })?;
     Ok(2.0 * m as f64 * n as f64 * k as f64 / t.as_secs_f64() / 1e12)
 }

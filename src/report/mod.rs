@@ -221,7 +221,7 @@ pub fn parse_results(text: &str) -> Result<Results> {
     let mut r = Results::default();
     for (i, line) in text.lines().enumerate() {
         let lineno = i + 1;
-        let err = |msg: String| Error::Io(format!("results line {lineno}: {msg}"));
+        let err = |msg: String| Error::invalid_data(format!("results line {lineno}: {msg}"));
         let line = line.trim_end_matches('\r');
         if line.trim().is_empty() || line.starts_with('#') {
             continue;
@@ -731,18 +731,18 @@ pub fn render_roofline_svg(results: &Results) -> String {
 /// Reads `results_path` and writes `BENCHMARKS.md` and `roofline.svg` into `out_dir`; returns both paths.
 pub fn write_report(results_path: &Path, out_dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let text = std::fs::read_to_string(results_path)
-        .map_err(|e| Error::Io(format!("reading results {}: {e}", results_path.display())))?;
+        .map_err(|e| Error::io(format_args!("reading results {}", results_path.display()), &e))?;
     let results = parse_results(&text).map_err(|e| match e {
-        Error::Io(msg) => Error::Io(format!("{}: {msg}", results_path.display())),
+        Error::Io { kind, message } => Error::Io { kind, message: format!("{}: {message}", results_path.display()) },
         other => other,
     })?;
-    std::fs::create_dir_all(out_dir).map_err(|e| Error::Io(format!("creating {}: {e}", out_dir.display())))?;
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(format_args!("creating {}", out_dir.display()), &e))?;
     let source = results_path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
     let md_path = out_dir.join("BENCHMARKS.md");
     let svg_path = out_dir.join("roofline.svg");
     std::fs::write(&md_path, render_markdown(&results, &source))
-        .map_err(|e| Error::Io(format!("writing {}: {e}", md_path.display())))?;
+        .map_err(|e| Error::io(format_args!("writing {}", md_path.display()), &e))?;
     std::fs::write(&svg_path, render_roofline_svg(&results))
-        .map_err(|e| Error::Io(format!("writing {}: {e}", svg_path.display())))?;
+        .map_err(|e| Error::io(format_args!("writing {}", svg_path.display()), &e))?;
     Ok((md_path, svg_path))
 }
