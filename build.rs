@@ -1,6 +1,10 @@
 //! Compiles every `kernels/*.cu` with nvcc into an sm_90a cubin (plus portable compute_80 PTX for kernels marked
-//! `// r1k: portable`), saves each ptxas report next to its cubin, fails on any register spill, and generates
-//! `kernels.rs` in OUT_DIR that embeds the results. Without nvcc the crate builds CPU-only.
+//! `// r1k: portable`), saves each ptxas report next to its cubin, checks the reports for register spills, and
+//! generates `kernels.rs` in OUT_DIR that embeds the results.
+//!
+//! Without nvcc the crate builds CPU-only (GPU entry points return `Error::KernelsNotBuilt`) with a warning, unless
+//! the `require-kernels` feature or `R1K_REQUIRE_KERNELS=1` makes that an error. A spill is a warning, so a different
+//! nvcc cannot break a dependent's build; `R1K_REQUIRE_KERNELS=1` (set by the repository's CI) makes it an error.
 
 use std::collections::hash_map::DefaultHasher;
 use std::env;
@@ -30,7 +34,10 @@ fn main() {
     }
     println!("cargo:rustc-check-cfg=cfg(r1k_kernels_built)");
 
-    let require = env::var("R1K_REQUIRE_KERNELS").map(|v| v == "1").unwrap_or(false);
+    // R1K_REQUIRE_KERNELS=1 is the repository's CI switch: nvcc must be found and no kernel may spill. The
+    // `require-kernels` feature is a dependent's: nvcc must be found.
+    let ci_switch = env::var("R1K_REQUIRE_KERNELS").map(|v| v == "1").unwrap_or(false);
+    let require = ci_switch || env::var_os("CARGO_FEATURE_REQUIRE_KERNELS").is_some();
     let toolchain_dir =
         env::var_os("R1K_TOOLCHAIN_DIR").map(PathBuf::from).unwrap_or_else(|| manifest_dir.join(".cuda-toolchain"));
     let stamp = toolchain_dir.join(".installed");
@@ -41,16 +48,18 @@ fn main() {
     let kernels = discover_kernels(&kernels_dir);
     let Some(nvcc) = find_nvcc(&toolchain_dir) else {
         if require {
+            let why = if ci_switch { "R1K_REQUIRE_KERNELS=1" } else { "the `require-kernels` feature is on" };
             panic!(
-                "R1K_REQUIRE_KERNELS=1 but nvcc was not found (looked at $NVCC, $CUDA_HOME, $CUDA_PATH, {}, $PATH); \
-                 run scripts/setup-cuda-toolchain",
-                toolchain_dir.display()
+                "r1-kernels: {why} but nvcc was not found (looked at $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, {}, \
+                 $PATH). Install the CUDA toolkit's nvcc or point NVCC or CUDA_HOME at one; in a \
+                 checkout of the r1-kernels repository, scripts/setup-cuda-toolchain installs the pinned toolchain.",
+                toolchain_dir.join("bin").display()
             );
         }
         println!(
             "cargo:warning=r1-kernels: nvcc not found, building CPU-only (GPU entry points return \
-             Error::KernelsNotBuilt). Run scripts/setup-cuda-toolchain or set NVCC/CUDA_HOME, then `cargo clean -p \
-             r1-kernels` and rebuild."
+             Error::KernelsNotBuilt). Install the CUDA toolkit's nvcc or set NVCC or CUDA_HOME, then `cargo clean -p \
+             r1-kernels` and rebuild; enable the `require-kernels` feature to make this an error."
         );
         write_registry(&out_dir, &[], false);
         return;
@@ -75,6 +84,17 @@ fn main() {
     let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
     if !failures.is_empty() {
         panic!("r1-kernels: kernel build failed:\n{}", failures.join("\n\n"));
+    }
+    // Checked on every run from the saved reports (not only when a kernel was recompiled), so turning the CI switch
+    // on after a build that only warned still fails.
+    let spills = spill_report(&kernels, &out_dir);
+    if !spills.is_empty() {
+        if ci_switch {
+            panic!("r1-kernels: register spills are not allowed (R1K_REQUIRE_KERNELS=1):\n{}", spills.join("\n"));
+        }
+        for spill in &spills {
+            println!("cargo:warning=r1-kernels: register spill (the kernel still works, slower): {spill}");
+        }
     }
     write_registry(&out_dir, &kernels, true);
     println!("cargo:rustc-cfg=r1k_kernels_built");
@@ -182,6 +202,19 @@ fn spilling_functions(report: &str) -> Vec<String> {
     spills
 }
 
+/// One line per spilling function of every kernel, read from the ptxas reports saved next to the cubins.
+fn spill_report(kernels: &[Kernel], out_dir: &Path) -> Vec<String> {
+    let mut lines = Vec::new();
+    for kernel in kernels {
+        let report_path = out_dir.join(format!("{}.ptxas.txt", kernel.stem));
+        let report = fs::read_to_string(&report_path).unwrap_or_default();
+        for spill in spilling_functions(&report) {
+            lines.push(format!("{} ({}): {spill}", kernel.source.display(), report_path.display()));
+        }
+    }
+    lines
+}
+
 fn compile_kernel(
     nvcc: &Path,
     kernel: &Kernel,
@@ -215,15 +248,6 @@ fn compile_kernel(
     args.extend(["-cubin".into(), "-o".into(), cubin.display().to_string(), src.clone()]);
     let report = run_nvcc(nvcc, &args)?;
     fs::write(&report_path, &report).map_err(|e| e.to_string())?;
-    let spills = spilling_functions(&report);
-    if !spills.is_empty() {
-        return Err(format!(
-            "{}: register spills are not allowed (report in {}):\n  {}",
-            kernel.source.display(),
-            report_path.display(),
-            spills.join("\n  ")
-        ));
-    }
 
     if kernel.portable {
         let mut args: Vec<String> = PORTABLE_FLAGS.iter().map(|s| s.to_string()).collect();
