@@ -1,23 +1,24 @@
 //! Loading (and writing) one decoder layer of a DeepSeek-V3/R1 FP8 checkpoint in safetensors format.
 //!
 //! A checkpoint is a directory of `*.safetensors` shards, normally with a `model.safetensors.index.json` whose
-//! `weight_map` names the shard of every tensor. With an index, only the shards holding the requested layer are read;
-//! without one, every shard's header (a few hundred KB) is read to find them. Shards are read whole and parsed by the
-//! `safetensors` crate, which validates the header, the offsets and the file length; tensors are then copied out and
-//! checked against the expected dtype and shape (from [`DeepSeekV3Config::layer_tensor_specs`]). Every problem is an
-//! [`Error::Io`] naming the tensor and the file, never a panic.
+//! `weight_map` names the shard of every tensor. With an index, only the shards holding the requested layer are opened;
+//! without one, every shard's header (a few hundred KB) is parsed to find them. Shards are memory-mapped and parsed by
+//! the `safetensors` crate, which validates the header, the offsets and the file length; only the requested tensors'
+//! bytes are then read, copied out and checked against the expected dtype and shape (from
+//! [`DeepSeekV3Config::layer_tensor_specs`]). Every problem is an [`Error::Io`] naming the tensor and the file, never a
+//! panic.
 //!
-//! A V3 MoE layer is ≈ 11.4 GB; peak memory is that plus one shard (≈ 4.3 GB for the released checkpoints).
-
-pub mod json;
+//! A V3 MoE layer is ≈ 11.4 GB, the memory a load allocates; the mapped shards (≈ 4.3 GB each in the released
+//! checkpoints) are page cache, not allocations.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Display;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use half::bf16;
+use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors, View};
 
 use crate::error::{Error, Result};
@@ -30,9 +31,6 @@ use crate::model::{
 
 /// File name of the shard index in Hugging Face checkpoints.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
-
-/// The safetensors header limit (the `safetensors` crate refuses larger headers too).
-const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Malformed or missing contents: an [`Error::Io`] of kind `InvalidData`.
 fn io_err(msg: impl Into<String>) -> Error {
@@ -81,86 +79,47 @@ pub struct Checkpoint {
     index: Option<HashMap<String, String>>,
 }
 
-/// One entry of a safetensors header, parsed without reading the data.
+/// One tensor of a safetensors header.
 #[derive(Debug, Clone, PartialEq)]
 struct HeaderEntry {
     name: String,
-    dtype: String,
-    shape: Vec<usize>,
-    offsets: (u64, u64),
+    /// Bytes of data (the span of its `data_offsets`).
+    data_bytes: u64,
 }
 
-/// Reads and parses only the header of a safetensors file.
+/// Maps `path` read-only.
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = fs::File::open(path).map_err(|e| Error::io(format_args!("{}", path.display()), &e))?;
+    // SAFETY: the map is only read, and only during the load. A process truncating or rewriting the shard while it
+    // is loaded would change the mapped bytes or fault on them (SIGBUS); checkpoint files are not written while they
+    // are loaded, the contract every memory-mapping safetensors loader relies on.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(format_args!("mapping {}", path.display()), &e))
+}
+
+fn not_safetensors(path: &Path, e: impl Display) -> Error {
+    io_err(format!("{}: not a valid safetensors file (truncated or corrupt?): {e}", path.display()))
+}
+
+/// The tensors listed in a safetensors file's header, in data order. The `safetensors` crate validates the header,
+/// the offsets and the file length; only the header's pages of the mapped file are read.
 fn read_header(path: &Path) -> Result<Vec<HeaderEntry>> {
-    let what = |msg: String| io_err(format!("{}: not a valid safetensors file: {msg}", path.display()));
-    let mut f = fs::File::open(path).map_err(|e| Error::io(format_args!("{}", path.display()), &e))?;
-    let len = f.metadata().map_err(|e| Error::io(format_args!("{}", path.display()), &e))?.len();
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n)
-        .map_err(|_| what(format!("file is only {len} bytes, shorter than the 8-byte header length")))?;
-    let n = u64::from_le_bytes(n);
-    if n > MAX_HEADER_BYTES || n > len - 8 {
-        return Err(what(format!("header length {n} does not fit in the file ({len} bytes): truncated or corrupt")));
+    let map = map_file(path)?;
+    let (_, metadata) = SafeTensors::read_metadata(&map[..]).map_err(|e| not_safetensors(path, e))?;
+    let mut entries = Vec::new();
+    for name in metadata.offset_keys() {
+        if let Some(info) = metadata.info(&name) {
+            let (begin, end) = info.data_offsets;
+            entries.push(HeaderEntry { name, data_bytes: (end - begin) as u64 });
+        }
     }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| what(e.to_string()))?;
-    let text = std::str::from_utf8(&header).map_err(|e| what(format!("header is not UTF-8 ({e})")))?;
-    let doc = json::parse(text).map_err(|e| what(format!("header is not JSON ({e})")))?;
-    let json::Json::Obj(members) = doc else { return Err(what("header is not a JSON object".into())) };
-    let data_len = len - 8 - n;
-    let mut out = Vec::with_capacity(members.len());
-    for (name, v) in members {
-        if name == "__metadata__" {
-            continue;
-        }
-        let bad = || what(format!("malformed header entry for `{name}`"));
-        let dtype = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(bad)?.to_string();
-        let nums = |key: &str| -> Result<Vec<u64>> {
-            match v.get(key) {
-                Some(json::Json::Arr(xs)) => xs
-                    .iter()
-                    .map(|x| match x {
-                        json::Json::Num(f) if *f >= 0.0 && f.fract() == 0.0 && *f < 9.0e15 => Ok(*f as u64),
-                        _ => Err(bad()),
-                    })
-                    .collect(),
-                _ => Err(bad()),
-            }
-        };
-        let shape: Vec<usize> = nums("shape")?.into_iter().map(|d| d as usize).collect();
-        let offsets = nums("data_offsets")?;
-        let [begin, end] = offsets[..] else { return Err(bad()) };
-        if begin > end || end > data_len {
-            return Err(what(format!(
-                "tensor `{name}` has data_offsets [{begin}, {end}] outside the {data_len} data bytes: truncated or corrupt"
-            )));
-        }
-        let elem_bytes = match dtype.as_str() {
-            "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" => Some(1u64),
-            "BF16" | "F16" | "I16" | "U16" => Some(2),
-            "F32" | "I32" | "U32" => Some(4),
-            "F64" | "I64" | "U64" => Some(8),
-            _ => None,
-        };
-        let numel = shape.iter().try_fold(1u64, |a: u64, &d: &usize| a.checked_mul(d as u64));
-        if let (Some(size), Some(numel)) = (elem_bytes, numel) {
-            if numel.checked_mul(size) != Some(end - begin) {
-                return Err(what(format!(
-                    "tensor `{name}` ({dtype} {shape:?}) needs {} bytes but data_offsets give {}",
-                    numel.saturating_mul(size),
-                    end - begin
-                )));
-            }
-        }
-        out.push(HeaderEntry { name, dtype, shape, offsets: (begin, end) });
-    }
-    Ok(out)
+    Ok(entries)
 }
 
 fn read_index(path: &Path) -> Result<HashMap<String, String>> {
     let text = fs::read_to_string(path).map_err(|e| Error::io(format_args!("{}", path.display()), &e))?;
-    let doc = json::parse(&text).map_err(|e| io_err(format!("{}: not valid JSON: {e}", path.display())))?;
-    let Some(json::Json::Obj(map)) = doc.get("weight_map") else {
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| io_err(format!("{}: not valid JSON: {e}", path.display())))?;
+    let Some(map) = doc.get("weight_map").and_then(serde_json::Value::as_object) else {
         return Err(io_err(format!("{}: no `weight_map` object", path.display())));
     };
     let mut out = HashMap::with_capacity(map.len());
@@ -260,12 +219,9 @@ impl Checkpoint {
         let mut tensors = HashMap::with_capacity(names.len());
         let files_total = by_file.len();
         for (files_done, (file, wanted)) in by_file.into_iter().enumerate() {
-            let file_bytes = fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-            progress(&LoadProgress { file: file.clone(), file_bytes, files_done, files_total });
-            let bytes = fs::read(&file).map_err(|e| Error::io(format_args!("{}", file.display()), &e))?;
-            let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-                io_err(format!("{}: not a valid safetensors file (truncated or corrupt?): {e}", file.display()))
-            })?;
+            let map = map_file(&file)?;
+            progress(&LoadProgress { file: file.clone(), file_bytes: map.len() as u64, files_done, files_total });
+            let st = SafeTensors::deserialize(&map[..]).map_err(|e| not_safetensors(&file, e))?;
             for name in wanted {
                 let view = st.tensor(&name).map_err(|_| {
                     io_err(format!(
@@ -547,22 +503,15 @@ fn write_index(path: &Path, dir: &Path, map: &BTreeMap<String, String>) -> Resul
         let full = dir.join(file);
         if full.is_file() {
             for e in read_header(&full)? {
-                sizes.insert(e.name, e.offsets.1.saturating_sub(e.offsets.0));
+                sizes.insert(e.name, e.data_bytes);
             }
         }
     }
     let total: u64 = map.keys().filter_map(|k| sizes.get(k)).sum();
-    let mut text = format!("{{\n  \"metadata\": {{\n    \"total_size\": {total}\n  }},\n  \"weight_map\": {{\n");
-    let last = map.len().saturating_sub(1);
-    for (i, (name, file)) in map.iter().enumerate() {
-        text.push_str(&format!(
-            "    {}: {}{}\n",
-            json::quote(name),
-            json::quote(file),
-            if i < last { "," } else { "" }
-        ));
-    }
-    text.push_str("  }\n}\n");
+    let doc = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": map });
+    let mut text =
+        serde_json::to_string_pretty(&doc).map_err(|e| io_err(format!("writing {}: {e}", path.display())))?;
+    text.push('\n');
     fs::write(path, text).map_err(|e| Error::io(format_args!("writing {}", path.display()), &e))
 }
 
@@ -571,26 +520,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn header_reader_agrees_with_the_crate() {
+    fn header_and_index_list_every_tensor_with_its_size_and_shard() {
         let dir = std::env::temp_dir().join(format!("r1k-ckpt-hdr-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let cfg = DeepSeekV3Config::reduced();
         let w = synthetic_layer_weights(&cfg, 0, 1).unwrap();
         let paths = write_layer_checkpoint(&dir, &cfg, &w).unwrap();
+        let index = read_index(&dir.join(INDEX_FILE)).unwrap();
+        assert_eq!(index.len(), cfg.layer_tensor_specs(0).len());
+        let mut total = 0u64;
         for p in &paths {
             let bytes = fs::read(p).unwrap();
             let st = SafeTensors::deserialize(&bytes).unwrap();
             let entries = read_header(p).unwrap();
             assert_eq!(entries.len(), st.len());
+            let file = p.file_name().unwrap().to_str().unwrap();
             for e in entries {
-                let v = st.tensor(&e.name).unwrap();
-                assert_eq!(v.shape(), &e.shape[..]);
-                assert_eq!(v.dtype().to_string(), e.dtype);
-                assert_eq!(v.data().len() as u64, e.offsets.1 - e.offsets.0);
+                assert_eq!(st.tensor(&e.name).unwrap().data().len() as u64, e.data_bytes, "{}", e.name);
+                assert_eq!(index.get(&e.name).map(String::as_str), Some(file), "{}", e.name);
+                total += e.data_bytes;
             }
         }
-        let index = read_index(&dir.join(INDEX_FILE)).unwrap();
-        assert_eq!(index.len(), cfg.layer_tensor_specs(0).len());
+        // The index's total_size is the sum of the tensors' bytes, as Hugging Face writes it.
+        let doc: serde_json::Value = serde_json::from_str(&fs::read_to_string(dir.join(INDEX_FILE)).unwrap()).unwrap();
+        assert_eq!(doc["metadata"]["total_size"].as_u64(), Some(total));
         fs::remove_dir_all(&dir).unwrap();
     }
 }
