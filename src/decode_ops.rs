@@ -4,7 +4,7 @@
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use crate::device::Gpu;
+use crate::device::{check_devices, Gpu};
 use crate::error::{to_i32, CudaCall, Error, Result};
 use crate::reference::decode_ops::RopeConfig;
 use crate::tensor::DeviceTensor;
@@ -48,6 +48,7 @@ pub fn rms_norm(
     y: &mut DeviceTensor<bf16>,
     eps: f32,
 ) -> Result<()> {
+    check_devices!(gpu, x, weight, y)?;
     let [rows, d] = x.dims::<2>("x")?;
     weight.expect_shape("weight", &[d])?;
     y.expect_shape("y", &[rows, d])?;
@@ -69,6 +70,7 @@ pub fn add_rms_norm(
     y: &mut DeviceTensor<bf16>,
     eps: f32,
 ) -> Result<()> {
+    check_devices!(gpu, x, residual, residual_out, weight, y)?;
     let [rows, d] = x.dims::<2>("x")?;
     residual.expect_shape("residual", &[rows, d])?;
     residual_out.expect_shape("residual_out", &[rows, d])?;
@@ -91,6 +93,7 @@ pub fn rms_norm_prefix_inplace(
     weight: &DeviceTensor<bf16>,
     eps: f32,
 ) -> Result<()> {
+    check_devices!(gpu, x, weight)?;
     let [rows, row_len] = x.dims::<2>("x")?;
     let [d] = weight.dims::<1>("weight")?;
     if d > row_len {
@@ -112,6 +115,7 @@ pub fn copy_columns(
     dst_col: usize,
     width: usize,
 ) -> Result<()> {
+    check_devices!(gpu, src, dst)?;
     let src_len = *src.shape().last().ok_or_else(|| Error::shape("src", "rank ≥ 1", "rank 0"))?;
     let dst_len = *dst.shape().last().ok_or_else(|| Error::shape("dst", "rank ≥ 1", "rank 0"))?;
     let leading = |shape: &[usize]| shape[..shape.len() - 1].iter().product::<usize>();
@@ -144,6 +148,7 @@ pub fn copy_columns(
 
 /// `out = a + b`, elementwise, bf16 (one rounding).
 pub fn add(gpu: &Gpu, a: &DeviceTensor<bf16>, b: &DeviceTensor<bf16>, out: &mut DeviceTensor<bf16>) -> Result<()> {
+    check_devices!(gpu, a, b, out)?;
     b.expect_shape("b", a.shape())?;
     out.expect_shape("out", a.shape())?;
     let n = a.numel();
@@ -204,6 +209,7 @@ pub fn rope_inplace(
     tables: &RopeTables,
     slices: RopeSlices,
 ) -> Result<()> {
+    check_devices!(gpu, x, positions, tables.inv_freq)?;
     let [rows, row_len] = x.dims::<2>("x")?;
     positions.expect_shape("positions", &[rows])?;
     let dim = tables.cfg.dim;
@@ -305,6 +311,7 @@ pub fn head_bmm_windows<O: BmmOutput>(
     out: &mut DeviceTensor<O>,
     out_cols: Columns,
 ) -> Result<()> {
+    check_devices!(gpu, x, w, out)?;
     let [t, heads, x_len] = x.dims::<3>("x")?;
     let [ot, oh, out_len] = out.dims::<3>("out")?;
     if (ot, oh) != (t, heads) {
@@ -385,6 +392,7 @@ pub fn cache_append(
     positions: &DeviceTensor<i32>,
     host_table: Option<(&[i32], &[i32], &[i32])>,
 ) -> Result<()> {
+    check_devices!(gpu, rows, cache, block_table, seq_ids, positions)?;
     let [t, width] = rows.dims::<2>("rows")?;
     let [num_blocks, page, cw] = cache.dims::<3>("cache")?;
     if cw != width {

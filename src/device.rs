@@ -145,6 +145,13 @@ impl Gpu {
         self.info.emulated
     }
 
+    /// Errors with [`Error::DeviceMismatch`] for the first of `tensors` (argument name, device ordinal) that lives
+    /// on another device than this `Gpu`: a kernel handed another device's memory faults with a sticky error that
+    /// takes the whole context down. Every launcher checks its tensors with this before enqueueing.
+    pub fn check_devices(&self, tensors: &[(&'static str, usize)]) -> Result<()> {
+        all_on_device(self.info.ordinal, tensors)
+    }
+
     /// Blocks the host until the stream is idle. Launchers never call this; tests and benches do.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().cuda_call("cuStreamSynchronize")
@@ -238,6 +245,23 @@ impl Gpu {
     }
 }
 
+/// Errors with [`Error::DeviceMismatch`] for the first of `tensors` whose ordinal is not `expected`.
+fn all_on_device(expected: usize, tensors: &[(&'static str, usize)]) -> Result<()> {
+    match tensors.iter().find(|(_, got)| *got != expected) {
+        Some(&(arg, got)) => Err(Error::DeviceMismatch { arg, expected, got }),
+        None => Ok(()),
+    }
+}
+
+/// `check_devices!(gpu, a, b, ...)`: [`Gpu::check_devices`] for tensors (anything with `device_ordinal()`), each
+/// named as written.
+macro_rules! check_devices {
+    ($gpu:expr, $($t:expr),+ $(,)?) => {
+        $gpu.check_devices(&[$((stringify!($t), $t.device_ordinal())),+])
+    };
+}
+pub(crate) use check_devices;
+
 /// True for the device name of the `r1k-emu` emulated driver.
 pub fn is_emulator_name(name: &str) -> bool {
     name.contains("r1k-emu")
@@ -300,4 +324,19 @@ pub fn test_hopper(test_name: &str) -> Option<Gpu> {
     }
     eprintln!("SKIPPED {test_name}: needs sm_90, found {}", gpu.info().arch_name());
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_tensor_on_another_device_is_named() {
+        assert_eq!(all_on_device(1, &[("a", 1), ("b", 1)]), Ok(()));
+        assert_eq!(
+            all_on_device(1, &[("a", 1), ("b", 0), ("c", 2)]),
+            Err(Error::DeviceMismatch { arg: "b", expected: 1, got: 0 })
+        );
+        assert_eq!(all_on_device(0, &[]), Ok(()));
+    }
 }

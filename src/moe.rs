@@ -9,7 +9,7 @@
 use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use crate::device::Gpu;
+use crate::device::{check_devices, Gpu};
 use crate::error::{to_i32, CudaCall, Error, Result};
 use crate::fp8::E4M3;
 use crate::gemm::plan;
@@ -61,6 +61,10 @@ pub fn route<T: RouterLogits>(
     topk_ids: &mut DeviceTensor<i32>,
     topk_weights: &mut DeviceTensor<f32>,
 ) -> Result<()> {
+    check_devices!(gpu, logits, topk_ids, topk_weights)?;
+    if let Some(bias) = bias {
+        check_devices!(gpu, bias)?;
+    }
     cfg.validate()?;
     let [t, e] = logits.dims::<2>("logits")?;
     if e != cfg.num_experts {
@@ -110,6 +114,7 @@ pub fn gate_logits(
     w_gate: &DeviceTensor<bf16>,
     logits: &mut DeviceTensor<f32>,
 ) -> Result<()> {
+    check_devices!(gpu, x, w_gate, logits)?;
     let [t, h] = x.dims::<2>("x")?;
     let [e, h2] = w_gate.dims::<2>("w_gate")?;
     if h2 != h {
@@ -262,6 +267,8 @@ pub fn permute(
     xs: &DeviceTensor<f32>,
     out: &mut Permuted,
 ) -> Result<()> {
+    check_devices!(gpu, topk_ids, xq, xs)?;
+    check_devices!(gpu, out.codes, out.scales, out.src_index, out.row_of, out.offsets, out.counts)?;
     out.check()?;
     let (t, k, e, h) = (out.tokens, out.top_k, out.num_experts, out.hidden);
     topk_ids.expect_shape("topk_ids", &[t, k])?;
@@ -631,6 +638,7 @@ pub fn grouped_gemm_with(
     out: &mut DeviceTensor<bf16>,
     backend: GemmBackend,
 ) -> Result<()> {
+    check_devices!(gpu, a, a_scales, w, w_scales, offsets, counts, out)?;
     let [rows, kdim] = a.dims::<2>("a")?;
     let [e, n, k2] = w.dims::<3>("w")?;
     if k2 != kdim {
@@ -706,6 +714,10 @@ pub fn swiglu_quant(
     format: ScaleFormat,
     limit: Option<&DeviceTensor<i64>>,
 ) -> Result<()> {
+    check_devices!(gpu, h, q, scales)?;
+    if let Some(limit) = limit {
+        check_devices!(gpu, limit)?;
+    }
     let [rows, i2] = h.dims::<2>("h")?;
     if i2 == 0 || i2 % (2 * QUANT_BLOCK) != 0 {
         return Err(Error::Alignment { arg: "h", required: 2 * QUANT_BLOCK, got: i2 });
@@ -760,6 +772,10 @@ pub fn combine(
     skip_weights: bool,
     out: &mut DeviceTensor<bf16>,
 ) -> Result<()> {
+    check_devices!(gpu, y, row_of, weights, out)?;
+    if let Some(shared) = shared {
+        check_devices!(gpu, shared)?;
+    }
     let [rows, h] = y.dims::<2>("y")?;
     let [t, h2] = out.dims::<2>("out")?;
     if h2 != h {
@@ -937,7 +953,30 @@ pub fn moe_forward(
     x.expect_shape("x", &[t, h])?;
     out.expect_shape("out", &[t, h])?;
     // Every workspace buffer (public fields) is checked here, before the first launch, so a mismatch is an error
-    // with nothing enqueued rather than a failure half-way through the layer.
+    // with nothing enqueued rather than a failure half-way through the layer. Devices first: the workspace's private
+    // shared-expert buffers were allocated with its public ones.
+    check_devices!(gpu, x, out, experts.w13, experts.w13_scales, experts.w2, experts.w2_scales)?;
+    check_devices!(gpu, ws.topk_ids, ws.topk_weights, ws.logits, ws.xq, ws.xs, ws.h, ws.act, ws.act_scales, ws.y)?;
+    let p = &ws.perm;
+    check_devices!(gpu, p.codes, p.scales, p.src_index, p.row_of, p.offsets, p.counts)?;
+    if let Some(s) = shared {
+        check_devices!(gpu, s.w13, s.w13_scales, s.w2, s.w2_scales)?;
+    }
+    match routing {
+        Routing::Logits(l, bias) => {
+            check_devices!(gpu, l)?;
+            if let Some(bias) = bias {
+                check_devices!(gpu, bias)?;
+            }
+        }
+        Routing::TopK(ids, w) => check_devices!(gpu, ids, w)?,
+        Routing::Gate(g, bias) => {
+            check_devices!(gpu, g)?;
+            if let Some(bias) = bias {
+                check_devices!(gpu, bias)?;
+            }
+        }
+    }
     ws.perm.check()?;
     let cap = ws.perm.capacity();
     ws.perm.codes.expect_shape("workspace.perm", &[cap, h])?;

@@ -4,7 +4,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use crate::device::Gpu;
+use crate::device::{check_devices, Gpu};
 use crate::error::{to_i32, CudaCall, Error, Result};
 use crate::fp8::E4M3;
 use crate::reference::quant::{padded_scale_rows, ScaleFormat};
@@ -34,6 +34,7 @@ pub fn quantize_activations(
     scales: &mut DeviceTensor<f32>,
     format: ScaleFormat,
 ) -> Result<()> {
+    check_devices!(gpu, x, q, scales)?;
     let [m, k] = x.dims::<2>("x")?;
     q.expect_shape("q", &[m, k])?;
     scales.expect_shape("scales", &activation_scale_shape(m, k))?;
@@ -80,6 +81,7 @@ pub fn quantize_weights(
     scales: &mut DeviceTensor<f32>,
     format: ScaleFormat,
 ) -> Result<()> {
+    check_devices!(gpu, w, q, scales)?;
     let [n, k] = w.dims::<2>("w")?;
     q.expect_shape("q", &[n, k])?;
     scales.expect_shape("scales", &weight_scale_shape(n, k))?;

@@ -126,6 +126,10 @@ impl<T: DeviceRepr> DeviceTensor<T> {
     pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
         self.data.slice_mut(0..self.numel)
     }
+    /// The ordinal of the device this tensor's memory lives on.
+    pub fn device_ordinal(&self) -> usize {
+        self.data.ordinal()
+    }
     /// The underlying buffer (may hold one extra element when the tensor is empty).
     pub fn buffer(&self) -> &CudaSlice<T> {
         &self.data

@@ -38,6 +38,30 @@ fn gpu_entry_points_never_panic_without_a_gpu() {
 }
 
 #[test]
+fn gpu_tensors_of_another_device_are_refused() {
+    let name = "gpu_tensors_of_another_device_are_refused";
+    let Some(gpu0) = test_gpu(name) else { return };
+    let gpu1 = match Gpu::new(1) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            eprintln!("SKIPPED {name}: needs a second device ({e})");
+            return;
+        }
+    };
+    let x = DeviceTensor::from_host(&gpu1, &random_bf16(2 * 256, 5), &[2, 256]).unwrap();
+    let mut q = DeviceTensor::<E4M3>::zeros(&gpu0, &[2, 256]).unwrap();
+    let mut s = DeviceTensor::<f32>::zeros(&gpu0, &activation_scale_shape(2, 256)).unwrap();
+    let r = quantize_activations(&gpu0, &x, &mut q, &mut s, ScaleFormat::F32);
+    assert_eq!(r, Err(Error::DeviceMismatch { arg: "x", expected: 0, got: 1 }));
+    // The same tensors on their own device are fine.
+    let mut q1 = DeviceTensor::<E4M3>::zeros(&gpu1, &[2, 256]).unwrap();
+    let mut s1 = DeviceTensor::<f32>::zeros(&gpu1, &activation_scale_shape(2, 256)).unwrap();
+    quantize_activations(&gpu1, &x, &mut q1, &mut s1, ScaleFormat::F32).unwrap();
+    let r = quantize_activations(&gpu1, &x, &mut q, &mut s1, ScaleFormat::F32);
+    assert_eq!(r, Err(Error::DeviceMismatch { arg: "q", expected: 1, got: 0 }));
+}
+
+#[test]
 fn activation_quant_matches_reference_bitwise() {
     let Some(gpu) = test_gpu("activation_quant_matches_reference_bitwise") else { return };
     let shapes = [(1, 128), (7, 7168), (129, 1536), (64, 300), (3, 12), (5, 135), (1000, 512), (4, 128 * 3 + 8)];

@@ -31,7 +31,7 @@ pub mod sm90;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use crate::device::{DeviceInfo, Gpu};
+use crate::device::{check_devices, DeviceInfo, Gpu};
 use crate::error::{CudaCall, Error, Result};
 use crate::fp8::E4M3;
 use crate::reference::quant::ScaleFormat;
@@ -162,6 +162,7 @@ fn run<T: DeviceRepr + Copy + Default>(
     accumulate: bool,
     opts: &GemmOptions,
 ) -> Result<()> {
+    check_devices!(gpu, a, sa, b, sb, out)?;
     let p = plan(a.shape(), sa.shape(), b.shape(), sb.shape(), out.shape(), accumulate, opts.kernel, gpu.info())?;
     let shape = p.shape;
     match p.resolved {

@@ -16,7 +16,7 @@ pub mod sm90;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use crate::device::Gpu;
+use crate::device::{check_devices, Gpu};
 use crate::error::{to_i32, CudaCall, Error, Result};
 pub use crate::reference::mla::MlaConfig;
 use crate::reference::mla::{validate_inputs, D_QK, D_V, FP8_TOKEN_BYTES};
@@ -129,6 +129,15 @@ pub struct MlaOptions<'a> {
 enum Cache<'a> {
     Bf16(&'a DeviceTensor<bf16>),
     Fp8(&'a DeviceTensor<u8>),
+}
+
+impl Cache<'_> {
+    fn device_ordinal(&self) -> usize {
+        match self {
+            Cache::Bf16(t) => t.device_ordinal(),
+            Cache::Fp8(t) => t.device_ordinal(),
+        }
+    }
 }
 
 /// Validated launch parameters shared by the kernels.
@@ -346,6 +355,8 @@ fn launch(
     ws: &mut MlaWorkspace,
     backend: Backend,
 ) -> Result<()> {
+    check_devices!(gpu, q, cache, block_table, seqlens, out, lse)?;
+    check_devices!(gpu, plan.items, plan.cta_offsets, plan.split_offsets, ws.o_part, ws.lse_part)?;
     if c.batch == 0 {
         return Ok(());
     }
