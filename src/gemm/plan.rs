@@ -349,7 +349,7 @@ pub fn force_sm90_config(
     let k_splits = k_blocks.div_ceil(kb_per_split);
     let tiles = num_tiles(shape, f.block_m, f.block_n);
     let items = if multicast { 2 * mc2_num_pairs(shape, f.block_n) } else { tiles * u64::from(k_splits) };
-    if f.grid == 0 || u64::from(f.grid) > items || (multicast && f.grid % 2 != 0) {
+    if f.grid == 0 || u64::from(f.grid) > items || (multicast && !f.grid.is_multiple_of(2)) {
         return bad(format!("grid {} for {items} work items", f.grid));
     }
     if tiles.saturating_mul(u64::from(k_blocks)) >= 1 << 32 {
