@@ -622,7 +622,8 @@ fn gpu_0_probe_tma_box_and_swizzle() {
     };
     // Box rows 100..228 run past row 199: those must come back zero-filled.
     let (x0, y0) = (128usize, 100usize);
-    let got = probes::tma_box(&gpu, &d, &tma, x0 as i32, y0 as i32).unwrap();
+    let got =
+        expect_launched(&gpu, &["gemm_probe_tma"], || probes::tma_box(&gpu, &d, &tma, x0 as i32, y0 as i32)).unwrap();
     probe_io("gpu_0_probe_tma_box_and_swizzle", "box", &[("src", &src)], &[("smem", &got)]);
     for r in 0..128 {
         for c in 0..128 {
@@ -642,7 +643,7 @@ fn gpu_0_probe_wgmma_descriptors_and_fragment_layout() {
     let b: Vec<E4M3> = (0..128 * 128).map(|_| E4M3::from_f32(rng.random_range(-4i32..=4) as f32)).collect();
     let da = DeviceTensor::from_host(&gpu, &a, &[64, 128]).unwrap();
     let db = DeviceTensor::from_host(&gpu, &b, &[128, 128]).unwrap();
-    let got = probes::wgmma_n128(&gpu, &da, &db).unwrap();
+    let got = expect_launched(&gpu, &["gemm_probe_wgmma_n128"], || probes::wgmma_n128(&gpu, &da, &db)).unwrap();
     probe_io(
         "gpu_0_probe_wgmma",
         "n128",
@@ -668,7 +669,10 @@ fn gpu_0_probe_promotion_step() {
     let up = |v: &[f32], s: &[usize]| DeviceTensor::from_host(&gpu, v, s).unwrap();
     let (dacc, dfin, dsa, dsb) = (up(&acc, &[64, 160]), up(&fin, &[64, 160]), up(&sa, &[64]), up(&sb2, &[2]));
     for n0 in [0i32, 160, 480, 96 * 5] {
-        let got = probes::promote_n160(&gpu, &dacc, &dfin, &dsa, &dsb, n0).unwrap();
+        let got = expect_launched(&gpu, &["gemm_probe_promote_n160"], || {
+            probes::promote_n160(&gpu, &dacc, &dfin, &dsa, &dsb, n0)
+        })
+        .unwrap();
         let inputs: [(&str, &[u8]); 4] = [
             ("acc", bytemuck::cast_slice(&acc)),
             ("fin", bytemuck::cast_slice(&fin)),

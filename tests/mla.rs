@@ -707,7 +707,10 @@ fn gpu_0_probe_sm90_tma_tile_load() {
         let cache = random_bf16_bits(num_blocks * page * D_QK, &mut rng, 4.0);
         let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
         let dt = DeviceTensor::from_host(&gpu, table, &[table.len()]).unwrap();
-        let got = mla::sm90::probe_tile_load(&gpu, &dc, &dt, t0, tok_end).unwrap();
+        let got = expect_launched(&gpu, &["mla_sm90_probe_tile_load"], || {
+            mla::sm90::probe_tile_load(&gpu, &dc, &dt, t0, tok_end)
+        })
+        .unwrap();
         let case = format!("page{page}-t0-{t0}-end-{tok_end}");
         let inputs: [(&str, &[u8]); 2] =
             [("cache", bytemuck::cast_slice(&cache)), ("table", bytemuck::cast_slice(table))];
@@ -734,7 +737,10 @@ fn gpu_0_probe_sm90_fp8_tile_load_and_dequant() {
             dequantize_kv_cache_fp8(&bytes).unwrap().iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
         let dc = DeviceTensor::from_host(&gpu, &bytes, &[num_blocks, page, FP8_TOKEN_BYTES]).unwrap();
         let dt = DeviceTensor::from_host(&gpu, table, &[table.len()]).unwrap();
-        let got = mla::sm90::probe_fp8_tile_load(&gpu, &dc, &dt, t0, tok_end).unwrap();
+        let got = expect_launched(&gpu, &["mla_sm90_probe_fp8_tile_load"], || {
+            mla::sm90::probe_fp8_tile_load(&gpu, &dc, &dt, t0, tok_end)
+        })
+        .unwrap();
         let case = format!("page{page}-t0-{t0}-end-{tok_end}");
         let inputs: [(&str, &[u8]); 2] = [("cache", &bytes), ("table", bytemuck::cast_slice(table))];
         probe_io("gpu_0_probe_sm90_fp8_tile_load_and_dequant", &case, &inputs, &[("stage", &got)]);
@@ -758,7 +764,8 @@ fn gpu_0_probe_sm90_wgmma_qk_and_pv() {
         let dq = DeviceTensor::from_host(&gpu, &q, &[64, D_QK]).unwrap();
         let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
         let dt = DeviceTensor::from_host(&gpu, &table, &[table.len()]).unwrap();
-        let (s, o) = mla::sm90::probe_wgmma(&gpu, &dq, &dc, &dt).unwrap();
+        let (s, o) =
+            expect_launched(&gpu, &["mla_sm90_probe_wgmma"], || mla::sm90::probe_wgmma(&gpu, &dq, &dc, &dt)).unwrap();
         let inputs: [(&str, &[u8]); 3] = [
             ("q", bytemuck::cast_slice(&q)),
             ("cache", bytemuck::cast_slice(&cache)),
@@ -797,7 +804,10 @@ fn gpu_0_probe_sm90_narrow_wgmma_transposed() {
         let dq = DeviceTensor::from_host(&gpu, &q, &[16, D_QK]).unwrap();
         let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
         let dt = DeviceTensor::from_host(&gpu, &table, &[table.len()]).unwrap();
-        let (s, o) = mla::sm90::probe_narrow_wgmma(&gpu, &dq, &dc, &dt).unwrap();
+        let (s, o) = expect_launched(&gpu, &["mla_sm90_probe_narrow_wgmma"], || {
+            mla::sm90::probe_narrow_wgmma(&gpu, &dq, &dc, &dt)
+        })
+        .unwrap();
         let inputs: [(&str, &[u8]); 3] = [
             ("q", bytemuck::cast_slice(&q)),
             ("cache", bytemuck::cast_slice(&cache)),
@@ -840,7 +850,8 @@ fn gpu_0_probe_sm90_online_softmax_merge() {
             s[r * 128..(r + 1) * 128].fill(f32::NEG_INFINITY); // nothing visible
         }
     }
-    let (m, l, alpha, p) = mla::sm90::probe_softmax(&gpu, &s).unwrap();
+    let (m, l, alpha, p) =
+        expect_launched(&gpu, &["mla_sm90_probe_softmax"], || mla::sm90::probe_softmax(&gpu, &s)).unwrap();
     for r in 0..64 {
         let row = &s[r * 128..(r + 1) * 128];
         let m1 = row[..64].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
