@@ -31,6 +31,9 @@ fn main() {
         println!("cargo:rerun-if-changed={}", manifest.join(p).display());
     }
     println!("cargo:rerun-if-changed={}", kernels_dir.display());
+    for list in ["mutants.txt", "../tests/kernel-mutants.txt"] {
+        println!("cargo:rerun-if-changed={}", manifest.join(list).display());
+    }
     for var in ["R1K_TOOLCHAIN_DIR", "R1K_EMU_ASAN", "R1K_EMU_MUTANTS", "CXX"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -221,7 +224,10 @@ fn main() {
             asan,
         };
         let profile_dir = out.ancestors().nth(3).expect("OUT_DIR is target/<profile>/build/<pkg>/out").to_path_buf();
-        build_mutants(&ctx, &manifest.join("mutants.txt"), &profile_dir.join("emu-mutants"));
+        // The emulator's own mutants (each must be flagged by an emulator rule or a test) and the tests' kernel
+        // mutants (each a plausible kernel bug a test must catch), one index.
+        let lists = [manifest.join("mutants.txt"), manifest.join("../tests/kernel-mutants.txt")];
+        build_mutants(&ctx, &lists, &profile_dir.join("emu-mutants"));
     }
 
     // ---- standalone C++ self-tests (cpp/tests/*_test.cpp, linked with the pure *_core.cpp files) ----
@@ -431,8 +437,15 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// Builds one standalone engine shared library per mutant (the patched kernel sources, everything else shared
 /// with the normal build) into `dest`, with an index of (id, test, description, library).
-fn build_mutants(ctx: &MutantContext, list: &Path, dest: &Path) {
-    let mutants = parse_mutants(&fs::read_to_string(list).expect("emu/mutants.txt"));
+fn build_mutants(ctx: &MutantContext, lists: &[PathBuf], dest: &Path) {
+    let mut mutants = Vec::new();
+    for list in lists {
+        let text = fs::read_to_string(list).unwrap_or_else(|e| panic!("{}: {e}", list.display()));
+        mutants.extend(parse_mutants(&text));
+    }
+    let mut ids: Vec<&str> = mutants.iter().map(|m| m.id.as_str()).collect();
+    ids.sort_unstable();
+    assert!(ids.windows(2).all(|w| w[0] != w[1]), "mutant ids must be unique across {lists:?}");
     fs::create_dir_all(dest).unwrap();
     let exports = ctx.obj_dir.join("engine-exports.map");
     write_if_changed(&exports, "{ global: r1k_emu_*; local: *; };\n");

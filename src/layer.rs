@@ -78,6 +78,25 @@ pub struct LayerOptions {
     pub mla_backend: Backend,
 }
 
+/// Host copies of a decode step's intermediates ([`DecodeLayer::last_intermediates`]), laid out as the reference's
+/// [`crate::reference::layer::LayerTrace`] fields of the same names.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct StepIntermediates {
+    /// `[b, h, 576]` query fed to MLA.
+    pub q_mla: Vec<f32>,
+    /// `[b, 576]` the new cache rows (normalized latent and rotated key).
+    pub kv_row: Vec<f32>,
+    /// `[b, h, 512]` attention output in the latent space.
+    pub o_latent: Vec<f32>,
+    /// `[b, h]` log-sum-exp of the attention.
+    pub lse: Vec<f32>,
+    /// `[b, hidden]` residual after attention.
+    pub h: Vec<f32>,
+    /// `[b, hidden]` the MoE branch.
+    pub moe_out: Vec<f32>,
+}
+
 /// Preallocated activations of a decode step for a fixed batch size.
 pub struct DecodeWorkspace {
     batch: usize,
@@ -383,6 +402,23 @@ impl DecodeLayer {
             stages.push((w[1].0, w[0].1.elapsed_ms(&w[1].1)? as f64));
         }
         Ok(Some(StageTimes { stages }))
+    }
+
+    /// Test support: host copies of the intermediate tensors of the last [`Self::forward`] with this workspace (syncs),
+    /// in the layout of [`crate::reference::layer::LayerTrace`], so a test can check each stage on its own instead
+    /// of only the residual sum.
+    #[doc(hidden)]
+    pub fn last_intermediates(&self, gpu: &Gpu, ws: &DecodeWorkspace) -> Result<StepIntermediates> {
+        let f32s =
+            |t: &DeviceTensor<bf16>| -> Result<Vec<f32>> { Ok(t.to_host(gpu)?.iter().map(|v| v.to_f32()).collect()) };
+        Ok(StepIntermediates {
+            q_mla: f32s(&ws.q_mla)?,
+            kv_row: f32s(&ws.kv)?,
+            o_latent: f32s(&ws.o_latent)?,
+            lse: ws.lse.to_host(gpu)?,
+            h: f32s(&ws.h)?,
+            moe_out: f32s(&ws.moe_out)?,
+        })
     }
 
     /// Routing chosen in the last [`Self::forward`] with this workspace: `(topk_ids, topk_weights)` (syncs).

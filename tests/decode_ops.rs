@@ -7,6 +7,9 @@ use r1_kernels::reference::decode_ops::RopeConfig;
 use r1_kernels::{bf16, DeviceTensor, Error};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+mod common;
+use common::expect_launched;
+
 fn random(n: usize, seed: u64, scale: f32) -> Vec<bf16> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n).map(|_| bf16::from_f32((rng.random::<f32>() - 0.5) * 2.0 * scale)).collect()
@@ -36,7 +39,7 @@ fn rms_norm_matches_reference() {
         let xd = DeviceTensor::from_host(&gpu, &x, &[rows, d]).unwrap();
         let wd = DeviceTensor::from_host(&gpu, &w, &[d]).unwrap();
         let mut y = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; rows * d], &[rows, d]).unwrap();
-        decode_ops::rms_norm(&gpu, &xd, &wd, &mut y, 1e-6).unwrap();
+        expect_launched(&gpu, &["rms_norm_bf16"], || decode_ops::rms_norm(&gpu, &xd, &wd, &mut y, 1e-6)).unwrap();
         let first = y.to_host(&gpu).unwrap();
         assert_close(&first, &reference, 1e-5, "rms_norm");
         decode_ops::rms_norm(&gpu, &xd, &wd, &mut y, 1e-6).unwrap();
@@ -70,7 +73,8 @@ fn rope_matches_reference() {
         .unwrap();
         let mut xd = DeviceTensor::from_host(&gpu, &x, &[t, row_len]).unwrap();
         let pd = DeviceTensor::from_host(&gpu, &positions, &[t]).unwrap();
-        decode_ops::rope_inplace(&gpu, &mut xd, &pd, &tables, slices).unwrap();
+        expect_launched(&gpu, &["rope_bf16_inplace"], || decode_ops::rope_inplace(&gpu, &mut xd, &pd, &tables, slices))
+            .unwrap();
         // sincosf of large f32 angles agrees with f64 sin/cos of the same f32 angle to ~1e-6.
         assert_close(&xd.to_host(&gpu).unwrap(), &reference, 2e-3, "rope");
     }
@@ -91,7 +95,7 @@ fn head_bmm_absorbs_w_uk_and_applies_w_uv() {
             reference::head_bmm(&to_f32(&q_nope), &to_f32(&w), t, heads, nope, latent, uk.head, uk.i, uk.j).unwrap();
         let xd = DeviceTensor::from_host(&gpu, &q_nope, &[t, heads, nope]).unwrap();
         let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; t * heads * latent], &[t, heads, latent]).unwrap();
-        decode_ops::head_bmm(&gpu, &xd, &wd, uk, &mut out).unwrap();
+        expect_launched(&gpu, &["head_bmm_bf16"], || decode_ops::head_bmm(&gpu, &xd, &wd, uk, &mut out)).unwrap();
         assert_close(&out.to_host(&gpu).unwrap(), &reference, 1e-3, "absorb W_UK");
 
         // W_UV: o[t,h,d] = Σ_c o_lat[t,h,c] · W_UV_h[d, c], W_UV_h starting at row h·256 + 128.
@@ -135,7 +139,10 @@ fn cache_append_matches_reference_and_never_writes_out_of_bounds() {
     let td = DeviceTensor::from_host(&gpu, &table, &[batch, max_blocks]).unwrap();
     let sd = DeviceTensor::from_host(&gpu, &seqs, &[3]).unwrap();
     let pd = DeviceTensor::from_host(&gpu, &pos, &[3]).unwrap();
-    decode_ops::cache_append(&gpu, &rd, &mut cache, &td, &sd, &pd, Some((&table, &seqs, &pos))).unwrap();
+    expect_launched(&gpu, &["cache_append_bf16"], || {
+        decode_ops::cache_append(&gpu, &rd, &mut cache, &td, &sd, &pd, Some((&table, &seqs, &pos)))
+    })
+    .unwrap();
     assert_eq!(to_f32(&cache.to_host(&gpu).unwrap()), reference);
 
     // A garbage device table with no host copy: rows with bad slots are skipped on the device, nothing else changes.
@@ -190,11 +197,12 @@ fn fused_add_norm_prefix_norm_and_column_copies() {
     let q = random(t * heads * 192, 36, 1.0);
     let qd = DeviceTensor::from_host(&gpu, &q, &[t, heads, 192]).unwrap();
     let mut mla_q = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; t * heads * 576], &[t, heads, 576]).unwrap();
-    decode_ops::copy_columns(&gpu, &qd, 128, &mut mla_q, 512, 64).unwrap();
+    expect_launched(&gpu, &["copy_columns_bf16"], || decode_ops::copy_columns(&gpu, &qd, 128, &mut mla_q, 512, 64))
+        .unwrap();
     let got = mla_q.to_host(&gpu).unwrap();
     for row in 0..t * heads {
         assert_eq!(&got[row * 576 + 512..(row + 1) * 576], &q[row * 192 + 128..(row + 1) * 192]);
-        assert!(got[row * 576].to_f32().is_nan(), "copy wrote outside its window");
+        assert!(got[row * 576..row * 576 + 512].iter().all(|v| v.is_nan()), "copy wrote outside its window");
     }
     assert!(decode_ops::copy_columns(&gpu, &qd, 129, &mut mla_q, 512, 64).is_err());
     assert!(decode_ops::copy_columns(&gpu, &qd, 128, &mut mla_q, 513, 64).is_err());
@@ -241,4 +249,27 @@ fn head_bmm_with_f32_output_computes_router_logits() {
     for (g, r) in logits.to_host(&gpu).unwrap().iter().zip(&reference) {
         assert!((g - r).abs() <= 1e-5 * r.abs() + 1e-5, "logit {g} vs {r}");
     }
+}
+
+#[test]
+fn add_matches_reference_bitwise() {
+    let Some(gpu) = test_gpu("add_matches_reference_bitwise") else { return };
+    // Odd lengths (a scalar tail after any vector width) and one large enough for several blocks.
+    for &(rows, d) in &[(1usize, 7168usize), (3, 5), (37, 1536)] {
+        let (a, b) = (random(rows * d, 91 + rows as u64, 3.0), random(rows * d, 92 + rows as u64, 3.0));
+        let want: Vec<u16> = a.iter().zip(&b).map(|(x, y)| bf16::from_f32(x.to_f32() + y.to_f32()).to_bits()).collect();
+        let (ad, bd) = (
+            DeviceTensor::from_host(&gpu, &a, &[rows, d]).unwrap(),
+            DeviceTensor::from_host(&gpu, &b, &[rows, d]).unwrap(),
+        );
+        let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; rows * d], &[rows, d]).unwrap();
+        expect_launched(&gpu, &["add_bf16"], || decode_ops::add(&gpu, &ad, &bd, &mut out)).unwrap();
+        let got: Vec<u16> = out.to_host(&gpu).unwrap().iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want, "add {rows}×{d}: bf16(a + b) elementwise");
+    }
+    let short = DeviceTensor::<bf16>::zeros(&gpu, &[3, 4]).unwrap();
+    let mut out = DeviceTensor::from_host(&gpu, &[bf16::NAN; 15], &[3, 5]).unwrap();
+    let b = DeviceTensor::<bf16>::zeros(&gpu, &[3, 5]).unwrap();
+    assert!(decode_ops::add(&gpu, &short, &b, &mut out).is_err());
+    assert!(out.to_host(&gpu).unwrap().iter().all(|v| v.is_nan()), "a rejected add wrote its output");
 }

@@ -7,7 +7,7 @@
 //! (|d − ref| ≤ 2^-8·|ref| + 1e-3·rms(ref)). Large shapes check a random subset of rows (plus the first and last).
 
 use r1_kernels::gemm::sm90::{probes, swizzle_128b, Tma2d, TmaDtype};
-use r1_kernels::gemm::{self, GemmKernel, GemmOptions};
+use r1_kernels::gemm::{self, ForcedSm90, GemmKernel, GemmOptions};
 use r1_kernels::probe_log::probe_io;
 use r1_kernels::reference::gemm::{calc_diff, fp8_gemm as ref_gemm, fp8_gemm_rows};
 use r1_kernels::reference::quant::{
@@ -18,7 +18,7 @@ use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod common;
-use common::{emu_shrink, emu_shrink_described};
+use common::{block_magnitude, emu_shrink, emu_shrink_described, expect_launched, sm90_part};
 
 const DEEPSEEK_NK: [(usize, usize); 6] =
     [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)];
@@ -68,7 +68,7 @@ fn gen_chunked(
     rows: usize,
     k: usize,
     seed: u64,
-    value: impl Fn(usize, &mut StdRng) -> f32 + Sync,
+    value: impl Fn(usize, usize, &mut StdRng) -> f32 + Sync,
     quantize: impl Fn(&[f32], usize) -> (Vec<E4M3>, Vec<f32>) + Sync,
 ) -> (Vec<f32>, Vec<E4M3>, Vec<f32>) {
     let parts: Vec<(Vec<f32>, Vec<E4M3>, Vec<f32>)> = std::thread::scope(|scope| {
@@ -78,7 +78,7 @@ fn gen_chunked(
                 scope.spawn(move || {
                     let (r0, r1) = (c * GEN_CHUNK, ((c + 1) * GEN_CHUNK).min(rows));
                     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ c as u64);
-                    let v: Vec<f32> = (r0 * k..r1 * k).map(|i| value(i / k.max(1), &mut rng)).collect();
+                    let v: Vec<f32> = (r0 * k..r1 * k).map(|i| value(i / k.max(1), i % k.max(1), &mut rng)).collect();
                     let (q, s) = quantize(&v, r1 - r0);
                     (v, q, s)
                 })
@@ -95,26 +95,39 @@ fn gen_chunked(
     (v, q, s)
 }
 
+/// One random power of two in [2^-2, 2^2] per (row block, 128-column block) of a `rows × k` matrix, row-major over
+/// the blocks; `block_rows` is 128 for weights (their scale blocks) and 1 for activations (their 1×128 groups).
+fn magnitudes(rows: usize, k: usize, block_rows: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6d61_676e);
+    (0..rows.div_ceil(block_rows) * k.div_ceil(128)).map(|_| block_magnitude(&mut rng)).collect()
+}
+
 fn weights(n: usize, k: usize, seed: u64, format: ScaleFormat) -> Weights {
-    // Magnitudes vary per 128-row block so the block scales differ (within a block they are alike, as in trained
-    // weights, so the E4M3 rounding error stays what DeepGEMM's metric is calibrated for).
+    // Every 128×128 block has its own magnitude (a random power of two in [2^-2, 2^2]), so the block scales differ
+    // by up to 16× and a scale read from the wrong block is an O(1) error; within a block values are alike, as in
+    // trained weights, so the E4M3 rounding error stays what DeepGEMM's metric is calibrated for.
+    let mags = magnitudes(n, k, 128, seed);
+    let kb = k.div_ceil(128);
     let (w, b, sb) = gen_chunked(
         n,
         k,
         seed,
-        |row, rng| (rng.random::<f32>() - 0.5) * (1.0 + ((row / 128) % 7) as f32) * 0.05,
+        |row, col, rng| (rng.random::<f32>() - 0.5) * 0.05 * mags[(row / 128) * kb + col / 128],
         |w, rows| quantize_per_block_with(w, rows, k, 128, format).unwrap(),
     );
     Weights { n, k, w, b, sb }
 }
 
 fn acts(m: usize, k: usize, seed: u64, format: ScaleFormat) -> Acts {
-    // Per-token magnitudes differ (so the 1×128 scales do).
+    // Per-token magnitudes differ, and every (row, 128-column group) has its own power-of-two factor: the 1×128
+    // scales differ by up to 16× between neighbouring groups and rows.
+    let mags = magnitudes(m, k, 1, seed);
+    let kb = k.div_ceil(128);
     let (x, a, sa_rows) = gen_chunked(
         m,
         k,
         seed,
-        |row, rng| (rng.random::<f32>() - 0.5) * (1.0 + (row % 13) as f32),
+        |row, col, rng| (rng.random::<f32>() - 0.5) * (1.0 + (row % 13) as f32) * mags[row * kb + col / 128],
         |x, rows| quantize_per_token_group_with(x, rows, k, 128, format).unwrap(),
     );
     let sa_mn = scales_to_mn_major(&sa_rows, m, k.div_ceil(128)).unwrap();
@@ -160,13 +173,19 @@ fn exact_rows(x: &[f32], w: &[f32], n: usize, k: usize, rows: &[usize]) -> Vec<f
     out
 }
 
-fn check_rows(what: &str, got_rows: &[f32], quant_ref: &[f32], exact: &[f32]) {
-    let rms = (quant_ref.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / quant_ref.len().max(1) as f64).sqrt();
-    let atol = 1e-3 * rms as f32;
-    for (i, (&g, &r)) in got_rows.iter().zip(quant_ref).enumerate() {
-        assert!(g.is_finite(), "{what}: element {i} is {g} (poison left or overflow)");
-        let tol = r.abs() * 2f32.powi(-8) + atol;
-        assert!((g - r).abs() <= tol, "{what}: element {i}: got {g}, reference {r} (tolerance {tol})");
+/// Elementwise over every given element, relative to each output row's own scale: |d − ref| ≤ 2^-8·|ref| (bf16
+/// rounding) + 1e-3·rms(that row of ref) (accumulation order and Hopper's ~14-bit FP8 accumulation inside a K block).
+/// Rows are `n` wide.
+fn check_rows_n(what: &str, n: usize, got_rows: &[f32], quant_ref: &[f32], exact: &[f32]) {
+    assert_eq!(got_rows.len(), quant_ref.len(), "{what}: element count");
+    for (r, (got, want)) in got_rows.chunks(n.max(1)).zip(quant_ref.chunks(n.max(1))).enumerate() {
+        let rms = (want.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / want.len().max(1) as f64).sqrt();
+        let atol = 1e-3 * rms as f32;
+        for (c, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(g.is_finite(), "{what}: row {r} col {c} is {g} (poison left or overflow)");
+            let tol = w.abs() * 2f32.powi(-8) + atol;
+            assert!((g - w).abs() <= tol, "{what}: row {r} col {c}: got {g}, reference {w} (tolerance {tol})");
+        }
     }
     // The metric is a statistic of E4M3 rounding (≈ 6e-4 for these inputs): meaningful over enough elements only.
     if got_rows.len() >= MIN_METRIC_ELEMENTS {
@@ -193,21 +212,26 @@ fn upload_weights(gpu: &Gpu, w: &Weights) -> Dev {
 
 /// Runs `kernel` on (acts, weights) into a NaN-poisoned bf16 output and returns it as f32.
 fn run_bf16(gpu: &Gpu, kernel: GemmKernel, x: &Acts, w: &Weights, dw: &Dev) -> Vec<f32> {
+    run_bf16_with(gpu, &GemmOptions { kernel, ..Default::default() }, x, w, dw)
+}
+
+fn run_bf16_with(gpu: &Gpu, opts: &GemmOptions, x: &Acts, w: &Weights, dw: &Dev) -> Vec<f32> {
     let (m, n, k) = (x.m, w.n, w.k);
     let a = DeviceTensor::from_host(gpu, &x.a, &[m, k]).unwrap();
     let sa = DeviceTensor::from_host(gpu, &x.sa_mn, &[k.div_ceil(128), m.div_ceil(4) * 4]).unwrap();
     let mut out = DeviceTensor::from_host(gpu, &vec![bf16::from_bits(0xffff); m * n], &[m, n]).unwrap();
-    let opts = GemmOptions { kernel, ..Default::default() };
-    gemm::fp8_gemm(gpu, &a, &sa, &dw.b, &dw.sb, &mut out, &opts).unwrap();
+    gemm::fp8_gemm(gpu, &a, &sa, &dw.b, &dw.sb, &mut out, opts).unwrap();
     out.to_host(gpu).unwrap().iter().map(|v| v.to_f32()).collect()
 }
 
-fn kernels_for(gpu: &Gpu) -> Vec<GemmKernel> {
-    if gpu.info().is_hopper() {
-        vec![GemmKernel::Plain, GemmKernel::Sm90]
-    } else {
-        vec![GemmKernel::Plain]
+/// The portable kernel everywhere, and the sm_90a kernel where it can run (elsewhere that part says SKIPPED, or
+/// fails under `R1K_REQUIRE_GPU=1`).
+fn kernels_for(gpu: &Gpu, test: &str) -> Vec<GemmKernel> {
+    let mut kernels = vec![GemmKernel::Plain];
+    if sm90_part(gpu, test) {
+        kernels.push(GemmKernel::Sm90);
     }
+    kernels
 }
 
 /// The sm_90a configuration the planner picks on this device, in words (what the emulated shapes are chosen to reach).
@@ -247,11 +271,11 @@ fn sweep_shape(test: &str, real: (usize, usize), emulated: (usize, usize), seed:
         let rows = rows_to_check(m, seed + m as u64);
         let quant_ref = fp8_gemm_rows(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k, &rows).unwrap();
         let exact = exact_rows(&x.x, &w.w, n, k, &rows);
-        for kernel in kernels_for(&gpu) {
+        for kernel in kernels_for(&gpu, test) {
             let d = run_bf16(&gpu, kernel, &x, &w, &dw);
             assert_eq!(d.len(), m * n);
             let what = format!("{kernel:?} m={m} n={n} k={k}");
-            check_rows(&what, &gather_rows(&d, n, &rows), &quant_ref, &exact);
+            check_rows_n(&what, n, &gather_rows(&d, n, &rows), &quant_ref, &exact);
             // Unchecked rows must at least be written (no poison left).
             assert!(d.iter().all(|v| v.is_finite()), "{what}: poison left in unchecked rows");
         }
@@ -293,7 +317,8 @@ fn gpu_sweep_llama_14336x4096() {
 
 #[test]
 fn gpu_ragged_tails_full_check() {
-    let Some(gpu) = r1_kernels::device::test_gpu("gpu_ragged_tails_full_check") else { return };
+    let test = "gpu_ragged_tails_full_check";
+    let Some(gpu) = r1_kernels::device::test_gpu(test) else { return };
     for (i, &(m, n, k)) in RAGGED.iter().enumerate() {
         let w = weights(n, k, 100 + i as u64, ScaleFormat::F32);
         let x = acts(m, k, 200 + i as u64, ScaleFormat::F32);
@@ -301,9 +326,13 @@ fn gpu_ragged_tails_full_check() {
         let rows: Vec<usize> = (0..m).collect();
         let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
         let exact = exact_rows(&x.x, &w.w, n, k, &rows);
-        for kernel in kernels_for(&gpu) {
-            let d = run_bf16(&gpu, kernel, &x, &w, &dw);
-            check_rows(&format!("{kernel:?} ragged m={m} n={n} k={k}"), &d, &quant_ref, &exact);
+        for kernel in kernels_for(&gpu, test) {
+            let d = if kernel == GemmKernel::Plain {
+                expect_launched(&gpu, &["fp8_gemm_plain"], || run_bf16(&gpu, kernel, &x, &w, &dw))
+            } else {
+                run_bf16(&gpu, kernel, &x, &w, &dw)
+            };
+            check_rows_n(&format!("{kernel:?} ragged m={m} n={n} k={k}"), n, &d, &quant_ref, &exact);
         }
     }
 }
@@ -319,21 +348,21 @@ fn gpu_ue8m0_scales() {
     let rows: Vec<usize> = (0..m).collect();
     let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
     let exact = exact_rows(&x.x, &w.w, n, k, &rows);
-    for kernel in kernels_for(&gpu) {
+    for kernel in kernels_for(&gpu, "gpu_ue8m0_scales") {
         let d = run_bf16(&gpu, kernel, &x, &w, &dw);
-        check_rows(&format!("{kernel:?} ue8m0"), &d, &quant_ref, &exact);
+        check_rows_n(&format!("{kernel:?} ue8m0"), n, &d, &quant_ref, &exact);
     }
 }
 
+/// fp32 accumulate (`D = C + A·B`) on every path that implements it, each forced and named: the portable kernel,
+/// the sm_90a kernel adding in its own epilogue (no split, block M 64 and 128), and split-K, where the kernel writes
+/// partials and the reduction adds. 130 rows: two tile rows of block M 128 (the second ragged); k = 1568 is 13 K
+/// blocks, past the 8-stage ring.
 #[test]
 fn gpu_accumulate_into_fp32() {
-    let Some(gpu) = r1_kernels::device::test_gpu("gpu_accumulate_into_fp32") else { return };
-    // 130×520 has few tiles: on sm_90a this also covers split-K with the accumulate reduction. The emulated device
-    // has 4 SMs, where only two tiles split: 130×56 (two tile rows of one ragged column).
-    let (m, n, k) = emu_shrink(&gpu, "gpu_accumulate_into_fp32", (130, 520, 1568), (130, 56, 1568));
-    if gpu.info().is_hopper() {
-        eprintln!("gpu_accumulate_into_fp32: Sm90 {}", sm90_path(&gpu, m, n, k));
-    }
+    let test = "gpu_accumulate_into_fp32";
+    let Some(gpu) = r1_kernels::device::test_gpu(test) else { return };
+    let (m, n, k) = (130, 264, 1568);
     let w = weights(n, k, 11, ScaleFormat::F32);
     let x = acts(m, k, 12, ScaleFormat::F32);
     let dw = upload_weights(&gpu, &w);
@@ -342,18 +371,36 @@ fn gpu_accumulate_into_fp32() {
     let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
     let a = DeviceTensor::from_host(&gpu, &x.a, &[m, k]).unwrap();
     let sa = DeviceTensor::from_host(&gpu, &x.sa_mn, &[k.div_ceil(128), m.div_ceil(4) * 4]).unwrap();
-    for kernel in kernels_for(&gpu) {
+    let forced = |block_m, block_n, grid, k_splits| ForcedSm90 { block_m, block_n, grid, k_splits, stages: 0 };
+    let mut paths = vec![(GemmOptions::default(), "portable", vec!["fp8_gemm_plain"])];
+    paths[0].0.kernel = GemmKernel::Plain;
+    if sm90_part(&gpu, test) {
+        let sm90 = |f| GemmOptions { kernel: GemmKernel::Sm90, force_sm90: Some(f), ..Default::default() };
+        paths.push((sm90(forced(128, 112, 2, 1)), "sm90 in-kernel add", vec!["fp8_gemm_sm90_m128n112"]));
+        paths.push((sm90(forced(64, 160, 3, 1)), "sm90 in-kernel add", vec!["fp8_gemm_sm90_m64n160"]));
+        let split = vec!["fp8_gemm_sm90_m128n64", "fp8_gemm_splitk_reduce"];
+        paths.push((sm90(forced(128, 64, 5, 3)), "sm90 split-K, reduction adds", split));
+    }
+    for (opts, path, kernels) in paths {
+        let what = format!("accumulate {path} {:?}", opts.force_sm90);
+        eprintln!("{test}: {m}×{n}×{k} {what}");
         let mut d = DeviceTensor::from_host(&gpu, &c, &[m, n]).unwrap();
-        let opts = GemmOptions { kernel, ..Default::default() };
-        gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d, &opts).unwrap();
-        let got = d.to_host(&gpu).unwrap();
-        // fp32 output: no bf16 rounding, but Hopper's ~14-bit FP8 accumulation inside each 128-wide K block leaves
-        // errors of about 2^-13 · rms(D); allow 8× that.
-        let rms = (quant_ref.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / quant_ref.len() as f64).sqrt() as f32;
-        for i in 0..m * n {
-            let want = c[i] + quant_ref[i];
-            let tol = 1e-3 * (quant_ref[i].abs() + rms) + 1e-6 * c[i].abs();
-            assert!((got[i] - want).abs() <= tol, "{kernel:?} accumulate element {i}: {} vs {want}", got[i]);
+        expect_launched(&gpu, &kernels, || gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d, &opts))
+            .unwrap();
+        check_accumulated(&what, n, &d.to_host(&gpu).unwrap(), &c, &quant_ref);
+    }
+}
+
+/// fp32 output: no bf16 rounding, but Hopper's ~14-bit FP8 accumulation inside each 128-wide K block leaves errors
+/// of about 2^-13 of the row's scale; allow 8× that, relative to each row's own rms.
+fn check_accumulated(what: &str, n: usize, got: &[f32], c: &[f32], quant_ref: &[f32]) {
+    for (r, want_row) in quant_ref.chunks(n).enumerate() {
+        let rms = (want_row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / n as f64).sqrt() as f32;
+        for (j, &q) in want_row.iter().enumerate() {
+            let i = r * n + j;
+            let want = c[i] + q;
+            let tol = 1e-3 * (q.abs() + rms) + 1e-6 * c[i].abs();
+            assert!((got[i] - want).abs() <= tol, "{what}: row {r} col {j}: {} vs {want} (C {})", got[i], c[i]);
         }
     }
 }
@@ -372,7 +419,7 @@ fn gpu_repeat_runs_are_bitwise_identical() {
         let w = weights(n, k, 14 + i as u64, ScaleFormat::F32);
         let x = acts(m, k, 15 + i as u64, ScaleFormat::F32);
         let dw = upload_weights(&gpu, &w);
-        for kernel in kernels_for(&gpu) {
+        for kernel in kernels_for(&gpu, test) {
             let first: Vec<u32> = run_bf16(&gpu, kernel, &x, &w, &dw).iter().map(|v| v.to_bits()).collect();
             for _ in 0..3 {
                 let again: Vec<u32> = run_bf16(&gpu, kernel, &x, &w, &dw).iter().map(|v| v.to_bits()).collect();
@@ -385,7 +432,7 @@ fn gpu_repeat_runs_are_bitwise_identical() {
 #[test]
 fn gpu_k_zero_and_m_zero() {
     let Some(gpu) = r1_kernels::device::test_gpu("gpu_k_zero_and_m_zero") else { return };
-    for kernel in kernels_for(&gpu) {
+    for kernel in kernels_for(&gpu, "gpu_k_zero_and_m_zero") {
         let opts = GemmOptions { kernel, ..Default::default() };
         // k = 0: D = 0 (bf16), C unchanged (accumulate).
         let a = DeviceTensor::<E4M3>::zeros(&gpu, &[3, 0]).unwrap();
@@ -467,12 +514,12 @@ fn gpu_end_to_end_with_gpu_quantization() {
         let xq: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
         let wq: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
         let exact = exact_rows(&xq, &wq, n, k, &rows);
-        for kernel in kernels_for(&gpu) {
+        for kernel in kernels_for(&gpu, test) {
             let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::from_bits(0xffff); m * n], &[m, n]).unwrap();
             let opts = GemmOptions { kernel, ..Default::default() };
             gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &opts).unwrap();
             let d: Vec<f32> = out.to_host(&gpu).unwrap().iter().map(|v| v.to_f32()).collect();
-            check_rows(&format!("{kernel:?} end-to-end m={m} n={n} k={k}"), &d, &quant_ref, &exact);
+            check_rows_n(&format!("{kernel:?} end-to-end m={m} n={n} k={k}"), n, &d, &quant_ref, &exact);
         }
     }
 }
@@ -486,28 +533,72 @@ fn n_for_block(m: usize, k: usize, bm: u32, bn: u32, sm_count: u32, smem: u32) -
     })
 }
 
-/// Every `fp8_gemm_sm90_m{BM}n{BN}` entry point, fully checked on a ragged shape (n not a multiple of the block,
-/// k % 128 != 0, m past one tile for block M 128). The sweep alone never selects some of them (m64n160 among them).
-/// Named gpu_zz_* so a single-threaded run does it last: a trap here must not poison the context for the sweeps.
-#[test]
-fn gpu_zz_sm90_every_block_shape() {
-    let Some(gpu) = r1_kernels::device::test_hopper("gpu_zz_sm90_every_block_shape") else { return };
-    let (sms, smem) = (gpu.info().sm_count, gpu.info().max_shared_memory_per_block_optin);
-    let k = 400;
-    for (i, &(m, bm)) in [(5usize, 64u32), (200, 128)].iter().enumerate() {
-        for (j, &bn) in gemm::plan::SM90_BLOCK_N.iter().enumerate() {
-            let n = n_for_block(m, k, bm, bn, sms, smem).expect("a shape for every block");
-            let seed = 300 + 10 * i as u64 + j as u64;
-            let w = weights(n, k, seed, ScaleFormat::F32);
-            let x = acts(m, k, seed + 100, ScaleFormat::F32);
-            let dw = upload_weights(&gpu, &w);
-            let rows: Vec<usize> = (0..m).collect();
-            let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
-            let exact = exact_rows(&x.x, &w.w, n, k, &rows);
-            let d = run_bf16(&gpu, GemmKernel::Sm90, &x, &w, &dw);
-            check_rows(&format!("Sm90 block {bm}x{bn}: m={m} n={n} k={k}"), &d, &quant_ref, &exact);
-        }
+/// Runs one forced sm_90a configuration on a fresh ragged problem and checks every element of the output.
+#[allow(clippy::too_many_arguments)]
+fn check_forced(
+    gpu: &Gpu,
+    test: &str,
+    kernel: GemmKernel,
+    f: ForcedSm90,
+    mnk: (usize, usize, usize),
+    name: &str,
+    seed: u64,
+) {
+    let (m, n, k) = mnk;
+    let w = weights(n, k, seed, ScaleFormat::F32);
+    let x = acts(m, k, seed + 100, ScaleFormat::F32);
+    let dw = upload_weights(gpu, &w);
+    let rows: Vec<usize> = (0..m).collect();
+    let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
+    let exact = exact_rows(&x.x, &w.w, n, k, &rows);
+    let shape = gemm::GemmShape { m, n, k };
+    let tiles = gemm::plan::num_tiles(&shape, f.block_m, f.block_n);
+    let kb = shape.k_blocks();
+    let cluster = if kernel == GemmKernel::Sm90Multicast { "mc2_" } else { "" };
+    assert_eq!(name, format!("fp8_gemm_sm90_{cluster}m{}n{}", f.block_m, f.block_n), "the kernel this block selects");
+    let what = format!("{name}: m={m} n={n} k={k} ({kb} K blocks), {tiles} tiles on {} CTAs, {f:?}", f.grid);
+    eprintln!("{test}: {what}");
+    let mut kernels = vec![name];
+    if f.k_splits > 1 {
+        kernels.push("fp8_gemm_splitk_reduce");
     }
+    let opts = GemmOptions { kernel, force_sm90: Some(f), ..Default::default() };
+    let d = expect_launched(gpu, &kernels, || run_bf16_with(gpu, &opts, &x, &w, &dw));
+    check_rows_n(&what, n, &d, &quant_ref, &exact);
+}
+
+/// Every `fp8_gemm_sm90_m{BM}n{BN}` instantiation with a forced configuration (the planner alone never selects
+/// some of them, and what it selects depends on the SM count), each fully checked on a ragged problem (m, n not
+/// multiples of the block, k % 128 = 16) with more K blocks than ring stages (the ring wraps inside a tile and again
+/// across tiles) and three tiles per persistent CTA; then the same with K split in two (the partial-tile output mode
+/// and the ordered reduction, for every block shape), and the grouped tile order with a partial last group
+/// (10 tile rows, groups of 8). Named gpu_zz_* so a single-threaded run does it last: a trap here must not poison
+/// the context for the sweeps.
+#[test]
+fn gpu_zz_sm90_every_instantiation_forced() {
+    let test = "gpu_zz_sm90_every_instantiation_forced";
+    let Some(gpu) = r1_kernels::device::test_hopper(test) else { return };
+    let smem = gpu.info().max_shared_memory_per_block_optin;
+    let instantiations = [
+        (64, 64, "fp8_gemm_sm90_m64n64"),
+        (64, 112, "fp8_gemm_sm90_m64n112"),
+        (64, 128, "fp8_gemm_sm90_m64n128"),
+        (64, 160, "fp8_gemm_sm90_m64n160"),
+        (128, 64, "fp8_gemm_sm90_m128n64"),
+        (128, 112, "fp8_gemm_sm90_m128n112"),
+        (128, 128, "fp8_gemm_sm90_m128n128"),
+        (128, 160, "fp8_gemm_sm90_m128n160"),
+    ];
+    for (i, (bm, bn, name)) in instantiations.into_iter().enumerate() {
+        let stages = gemm::plan::pick_stages(bm, bn, smem).expect("a ring fits");
+        let mnk = (bm as usize * 3 / 2 + 3, 2 * bn as usize + 24, 128 * (stages as usize + 1) + 16);
+        let f = ForcedSm90 { block_m: bm, block_n: bn, grid: 2, k_splits: 1, stages: 0 };
+        check_forced(&gpu, test, GemmKernel::Sm90, f, mnk, name, 300 + i as u64);
+        let f = ForcedSm90 { grid: 5, k_splits: 2, ..f };
+        check_forced(&gpu, test, GemmKernel::Sm90, f, mnk, name, 1300 + i as u64);
+    }
+    let f = ForcedSm90 { block_m: 64, block_n: 64, grid: 3, k_splits: 1, stages: 0 };
+    check_forced(&gpu, test, GemmKernel::Sm90, f, (635, 72, 256), "fp8_gemm_sm90_m64n64", 399);
 }
 
 // ---- sm_90a primitive probes: each names the building block it checks. Named gpu_0_* so a single-threaded run
@@ -531,7 +622,8 @@ fn gpu_0_probe_tma_box_and_swizzle() {
     };
     // Box rows 100..228 run past row 199: those must come back zero-filled.
     let (x0, y0) = (128usize, 100usize);
-    let got = probes::tma_box(&gpu, &d, &tma, x0 as i32, y0 as i32).unwrap();
+    let got =
+        expect_launched(&gpu, &["gemm_probe_tma"], || probes::tma_box(&gpu, &d, &tma, x0 as i32, y0 as i32)).unwrap();
     probe_io("gpu_0_probe_tma_box_and_swizzle", "box", &[("src", &src)], &[("smem", &got)]);
     for r in 0..128 {
         for c in 0..128 {
@@ -551,7 +643,7 @@ fn gpu_0_probe_wgmma_descriptors_and_fragment_layout() {
     let b: Vec<E4M3> = (0..128 * 128).map(|_| E4M3::from_f32(rng.random_range(-4i32..=4) as f32)).collect();
     let da = DeviceTensor::from_host(&gpu, &a, &[64, 128]).unwrap();
     let db = DeviceTensor::from_host(&gpu, &b, &[128, 128]).unwrap();
-    let got = probes::wgmma_n128(&gpu, &da, &db).unwrap();
+    let got = expect_launched(&gpu, &["gemm_probe_wgmma_n128"], || probes::wgmma_n128(&gpu, &da, &db)).unwrap();
     probe_io(
         "gpu_0_probe_wgmma",
         "n128",
@@ -577,7 +669,10 @@ fn gpu_0_probe_promotion_step() {
     let up = |v: &[f32], s: &[usize]| DeviceTensor::from_host(&gpu, v, s).unwrap();
     let (dacc, dfin, dsa, dsb) = (up(&acc, &[64, 160]), up(&fin, &[64, 160]), up(&sa, &[64]), up(&sb2, &[2]));
     for n0 in [0i32, 160, 480, 96 * 5] {
-        let got = probes::promote_n160(&gpu, &dacc, &dfin, &dsa, &dsb, n0).unwrap();
+        let got = expect_launched(&gpu, &["gemm_probe_promote_n160"], || {
+            probes::promote_n160(&gpu, &dacc, &dfin, &dsa, &dsb, n0)
+        })
+        .unwrap();
         let inputs: [(&str, &[u8]); 4] = [
             ("acc", bytemuck::cast_slice(&acc)),
             ("fin", bytemuck::cast_slice(&fin)),
@@ -613,7 +708,7 @@ fn cpu_reference_agrees_with_scale_layout_roundtrip() {
     assert!(diff < 1e-3, "quantization error alone exceeds the metric");
     // The bf16-rounded reference passes the same checks the GPU output must pass.
     let rounded: Vec<f32> = d.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
-    check_rows("bf16-rounded reference", &rounded, &d, &exact);
+    check_rows_n("bf16-rounded reference", n, &rounded, &d, &exact);
 }
 
 /// The GPU tests' thresholds are achievable: the bf16-rounded reference passes them for the ragged cases and the
@@ -632,7 +727,7 @@ fn cpu_gpu_thresholds_are_achievable() {
         let exact = exact_rows(&x.x, &w.w, n, k, &rows);
         let rounded: Vec<f32> = d.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
         eprintln!("{m}×{n}×{k}: calc_diff {:.2e} over {} elements", calc_diff(&rounded, &exact), rounded.len());
-        check_rows(&format!("bf16 reference {m}×{n}×{k}"), &rounded, &d, &exact);
+        check_rows_n(&format!("bf16 reference {m}×{n}×{k}"), n, &rounded, &d, &exact);
     }
 }
 
@@ -712,6 +807,16 @@ fn gpu_zz_multicast_sweep() {
     let Some(gpu) = r1_kernels::device::test_hopper("gpu_zz_multicast_sweep") else { return };
     let (sms, smem) = (gpu.info().sm_count, gpu.info().max_shared_memory_per_block_optin);
     let kernel = GemmKernel::Sm90Multicast;
+    // Forced: one cluster walks all 6 tile pairs (3 tile rows: the last pair's rank 1 has no tile) with more K
+    // blocks than stages, so the ring wraps inside and across pairs; every element checked.
+    for (i, (bn, name)) in
+        [(128, "fp8_gemm_sm90_mc2_m128n128"), (160, "fp8_gemm_sm90_mc2_m128n160")].into_iter().enumerate()
+    {
+        let stages = gemm::plan::pick_stages(128, bn, smem).expect("a ring fits");
+        let f = ForcedSm90 { block_m: 128, block_n: bn, grid: 2, k_splits: 1, stages: 0 };
+        let mnk = (300, 2 * bn as usize + 24, 128 * (stages as usize + 1) + 16);
+        check_forced(&gpu, "gpu_zz_multicast_sweep", kernel, f, mnk, name, 650 + i as u64);
+    }
     let k = 400;
     for (i, bn) in gemm::plan::SM90_MC2_BLOCK_N.into_iter().enumerate() {
         for (j, m) in [1usize, 129, 300, 520].into_iter().enumerate() {
@@ -724,7 +829,7 @@ fn gpu_zz_multicast_sweep() {
             let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
             let exact = exact_rows(&x.x, &w.w, n, k, &rows);
             let d = run_bf16(&gpu, kernel, &x, &w, &dw);
-            check_rows(&format!("Sm90Multicast block 128x{bn}: m={m} n={n} k={k}"), &d, &quant_ref, &exact);
+            check_rows_n(&format!("Sm90Multicast block 128x{bn}: m={m} n={n} k={k}"), n, &d, &quant_ref, &exact);
         }
     }
     // Emulated: smaller n·k, and m = 488 (4 tile rows, an even count with 1000's ragged 104-row tail) and 1280
@@ -745,7 +850,7 @@ fn gpu_zz_multicast_sweep() {
             let exact = exact_rows(&x.x, &w.w, n, k, &rows);
             let d = run_bf16(&gpu, kernel, &x, &w, &dw);
             let what = format!("Sm90Multicast m={m} n={n} k={k}");
-            check_rows(&what, &gather_rows(&d, n, &rows), &quant_ref, &exact);
+            check_rows_n(&what, n, &gather_rows(&d, n, &rows), &quant_ref, &exact);
             assert!(d.iter().all(|v| v.is_finite()), "{what}: poison left in unchecked rows");
             if mi == 0 {
                 let first: Vec<u32> = d.iter().map(|v| v.to_bits()).collect();

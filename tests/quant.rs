@@ -8,6 +8,9 @@ use r1_kernels::reference::quant::{
 use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+mod common;
+use common::expect_launched;
+
 fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
     let mut rng = StdRng::seed_from_u64(seed);
     // Mix magnitudes across groups so scales differ, with a few exact zeros and large outliers.
@@ -76,7 +79,8 @@ fn activation_quant_matches_reference_bitwise() {
             let mut q = DeviceTensor::from_host(&gpu, &vec![E4M3(0xff); m * k], &[m, k]).unwrap();
             let shape = activation_scale_shape(m, k);
             let mut s = DeviceTensor::from_host(&gpu, &vec![f32::NAN; shape[0] * shape[1]], &shape).unwrap();
-            quantize_activations(&gpu, &xd, &mut q, &mut s, format).unwrap();
+            expect_launched(&gpu, &["act_quant_group128"], || quantize_activations(&gpu, &xd, &mut q, &mut s, format))
+                .unwrap();
             let (q_gpu, s_gpu) = (q.to_host(&gpu).unwrap(), s.to_host(&gpu).unwrap());
             assert_eq!(q_gpu, q_ref, "codes differ for m={m} k={k} {format:?}");
             let s_bits: Vec<u32> = s_gpu.iter().map(|v| v.to_bits()).collect();
@@ -102,7 +106,8 @@ fn weight_quant_matches_reference_bitwise() {
             let mut q = DeviceTensor::from_host(&gpu, &vec![E4M3(0xff); n * k], &[n, k]).unwrap();
             let shape = weight_scale_shape(n, k);
             let mut s = DeviceTensor::from_host(&gpu, &vec![f32::NAN; shape[0] * shape[1]], &shape).unwrap();
-            quantize_weights(&gpu, &wd, &mut q, &mut s, format).unwrap();
+            expect_launched(&gpu, &["weight_quant_block128"], || quantize_weights(&gpu, &wd, &mut q, &mut s, format))
+                .unwrap();
             assert_eq!(q.to_host(&gpu).unwrap(), q_ref, "codes differ for n={n} k={k}");
             let s_gpu: Vec<u32> = s.to_host(&gpu).unwrap().iter().map(|v| v.to_bits()).collect();
             let s_ref: Vec<u32> = s_ref.iter().map(|v| v.to_bits()).collect();

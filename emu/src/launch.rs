@@ -150,6 +150,7 @@ fn launch(
                 f.param_sizes.len()
             );
         }
+        record_launch(&f.name);
         LaunchWork {
             kernel: f.kernel,
             name: f.name.clone(),
@@ -159,6 +160,31 @@ fn launch(
         }
     };
     submit(stream as usize, Work::Launch(Box::new(work)))
+}
+
+thread_local! {
+    /// Launches accepted from this host thread, by kernel name.
+    static LAUNCHES: std::cell::RefCell<std::collections::HashMap<String, u64>> = Default::default();
+}
+
+fn record_launch(name: &str) {
+    LAUNCHES.with(|l| *l.borrow_mut().entry(name.to_owned()).or_default() += 1);
+}
+
+/// Not a CUDA entry point: how many launches of kernel `name` this host thread has enqueued (validated and
+/// submitted, including launches recorded into a stream capture). Tests find it with `dlsym` to check that the
+/// kernel they mean to cover is the one that ran; a real driver has no such symbol.
+///
+/// # Safety
+/// `name` must be null or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn r1k_emu_launch_count(name: *const std::ffi::c_char) -> u64 {
+    if name.is_null() {
+        return 0;
+    }
+    // SAFETY: the caller passes a NUL-terminated string.
+    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy();
+    LAUNCHES.with(|l| l.borrow().get(name.as_ref()).copied().unwrap_or(0))
 }
 
 #[no_mangle]

@@ -37,7 +37,7 @@ use crate::fp8::E4M3;
 use crate::reference::quant::ScaleFormat;
 use crate::tensor::DeviceTensor;
 
-pub use plan::{choose_sm90_config, validate_shapes, GemmShape, Sm90Config};
+pub use plan::{choose_sm90_config, validate_shapes, ForcedSm90, GemmShape, Sm90Config};
 
 /// Kernel module (file stem) of the portable kernel.
 pub const PLAIN_MODULE: &str = "fp8_gemm";
@@ -69,6 +69,11 @@ pub struct GemmOptions {
     /// the kernels compute the same products either way (a product of powers of two is exact in fp32), so this is
     /// informational and lets callers keep the format next to the data.
     pub scale_format: ScaleFormat,
+    /// Test-only: run the sm_90a kernel ([`GemmKernel::Sm90`] or [`GemmKernel::Sm90Multicast`]) with this fixed
+    /// configuration instead of the planner's, so tests cover a stated path whatever the SM count. An error with any
+    /// other kernel choice.
+    #[doc(hidden)]
+    pub force_sm90: Option<ForcedSm90>,
 }
 
 /// What a call resolved to.
@@ -151,6 +156,19 @@ pub fn plan(
     Ok(Plan { shape, resolved, zero_fill: false })
 }
 
+/// Replaces a plan's sm_90a configuration by a forced one ([`GemmOptions::force_sm90`]).
+fn apply_forced(p: &mut Plan, forced: &ForcedSm90, kernel: GemmKernel, info: &DeviceInfo) -> Result<()> {
+    if !matches!(kernel, GemmKernel::Sm90 | GemmKernel::Sm90Multicast) {
+        return Err(Error::InvalidConfig(format!(
+            "force_sm90 needs GemmKernel::Sm90 or Sm90Multicast, not {kernel:?}"
+        )));
+    }
+    if let Resolved::Sm90(cfg) = &mut p.resolved {
+        *cfg = plan::force_sm90_config(&p.shape, cfg, forced, info.max_shared_memory_per_block_optin)?;
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run<T: DeviceRepr + Copy + Default>(
     gpu: &Gpu,
@@ -163,7 +181,10 @@ fn run<T: DeviceRepr + Copy + Default>(
     opts: &GemmOptions,
 ) -> Result<()> {
     check_devices!(gpu, a, sa, b, sb, out)?;
-    let p = plan(a.shape(), sa.shape(), b.shape(), sb.shape(), out.shape(), accumulate, opts.kernel, gpu.info())?;
+    let mut p = plan(a.shape(), sa.shape(), b.shape(), sb.shape(), out.shape(), accumulate, opts.kernel, gpu.info())?;
+    if let Some(forced) = &opts.force_sm90 {
+        apply_forced(&mut p, forced, opts.kernel, gpu.info())?;
+    }
     let shape = p.shape;
     match p.resolved {
         Resolved::Empty => {
@@ -267,6 +288,47 @@ mod tests {
         ));
         let old = DeviceInfo { compute_capability: (7, 5), ..ampere() };
         assert!(plan_for(128, 256, 512, false, GemmKernel::Auto, &old).is_err());
+    }
+
+    #[test]
+    fn forced_configurations_are_checked() {
+        let h = hopper();
+        let mut p = plan_for(300, 520, 1040, false, GemmKernel::Sm90, &h).unwrap();
+        let f = ForcedSm90 { block_m: 128, block_n: 160, grid: 2, k_splits: 3, stages: 0 };
+        apply_forced(&mut p, &f, GemmKernel::Sm90, &h).unwrap();
+        let Resolved::Sm90(c) = p.resolved else { panic!("not sm90") };
+        // 9 K blocks in splits of 3; 3 × 4 tiles × 3 splits = 36 items on 2 CTAs; 6 stages fit for 128×160.
+        assert_eq!((c.block_m, c.block_n, c.grid, c.k_splits, c.kb_per_split, c.stages), (128, 160, 2, 3, 3, 6));
+        assert_eq!(c.kernel_name().unwrap(), "fp8_gemm_sm90_m128n160");
+        // 4 splits of 9 K blocks are ceil(9/4) = 3 long: 3 splits.
+        let mut p = plan_for(300, 520, 1040, false, GemmKernel::Sm90, &h).unwrap();
+        apply_forced(&mut p, &ForcedSm90 { k_splits: 4, ..f }, GemmKernel::Sm90, &h).unwrap();
+        let Resolved::Sm90(c) = p.resolved else { panic!("not sm90") };
+        assert_eq!((c.k_splits, c.kb_per_split), (3, 3));
+        let reject = |f: ForcedSm90, kernel: GemmKernel| {
+            let mut p = plan_for(300, 520, 1040, false, kernel, &h).unwrap();
+            assert!(matches!(apply_forced(&mut p, &f, kernel, &h), Err(Error::InvalidConfig(_))), "{f:?} {kernel:?}");
+        };
+        reject(ForcedSm90 { block_n: 96, ..f }, GemmKernel::Sm90);
+        reject(ForcedSm90 { block_m: 256, ..f }, GemmKernel::Sm90);
+        reject(ForcedSm90 { grid: 0, ..f }, GemmKernel::Sm90);
+        reject(ForcedSm90 { grid: 37, ..f }, GemmKernel::Sm90);
+        reject(ForcedSm90 { k_splits: 0, ..f }, GemmKernel::Sm90);
+        reject(ForcedSm90 { k_splits: 10, ..f }, GemmKernel::Sm90);
+        reject(ForcedSm90 { stages: 9, ..f }, GemmKernel::Sm90);
+        reject(ForcedSm90 { stages: 8, ..f }, GemmKernel::Sm90); // 8 stages of 128×160 exceed 227 KiB
+        reject(f, GemmKernel::Auto);
+        reject(ForcedSm90 { k_splits: 1, ..f }, GemmKernel::Plain);
+        // Multicast: block N 128/160, one split, an even grid of at most 2 × tile pairs (2 × 2 × 5 here).
+        let mc = ForcedSm90 { block_m: 128, block_n: 128, grid: 2, k_splits: 1, stages: 0 };
+        let mut p = plan_for(300, 520, 1040, false, GemmKernel::Sm90Multicast, &h).unwrap();
+        apply_forced(&mut p, &mc, GemmKernel::Sm90Multicast, &h).unwrap();
+        let Resolved::Sm90(c) = p.resolved else { panic!("not sm90") };
+        assert_eq!((c.cluster_m, c.grid, c.block_n), (2, 2, 128));
+        reject(ForcedSm90 { grid: 3, ..mc }, GemmKernel::Sm90Multicast);
+        reject(ForcedSm90 { k_splits: 2, ..mc }, GemmKernel::Sm90Multicast);
+        reject(ForcedSm90 { block_n: 64, ..mc }, GemmKernel::Sm90Multicast);
+        reject(ForcedSm90 { grid: 22, ..mc }, GemmKernel::Sm90Multicast);
     }
 
     #[test]

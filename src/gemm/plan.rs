@@ -296,6 +296,79 @@ pub fn choose_sm90_config(shape: &GemmShape, sm_count: u32, smem_limit: u32) -> 
     })
 }
 
+/// A fixed sm_90a launch configuration in place of the planner's choice, so a test states (and prints) the path it
+/// covers whatever the device's SM count: block shape, persistent grid, K splits and ring depth. Set through the
+/// hidden [`super::GemmOptions::force_sm90`]; validated by [`force_sm90_config`] like any other argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForcedSm90 {
+    /// Tile rows: 64 or 128 (128 for the multicast kernels).
+    pub block_m: u32,
+    /// Tile columns: one of [`SM90_BLOCK_N`] ([`SM90_MC2_BLOCK_N`] for the multicast kernels).
+    pub block_n: u32,
+    /// Persistent CTAs, `1..=` work items (even for the multicast kernels, at most twice their tile pairs).
+    pub grid: u32,
+    /// K splits (1: none); the split length is `ceil(k_blocks / k_splits)`, so the count may come out lower (no split
+    /// is ever empty). Must be 1 for the multicast kernels.
+    pub k_splits: u32,
+    /// Ring depth; 0 takes the deepest that fits, as the planner does.
+    pub stages: u32,
+}
+
+/// Applies a [`ForcedSm90`] to the configuration the planner chose for the same kernel family (plain or 2-CTA
+/// multicast), checking everything the kernels rely on.
+pub fn force_sm90_config(
+    shape: &GemmShape,
+    planned: &Sm90Config,
+    f: &ForcedSm90,
+    smem_limit: u32,
+) -> Result<Sm90Config> {
+    let bad = |what: String| Err(Error::InvalidConfig(format!("forced sm_90a GEMM configuration {f:?}: {what}")));
+    let multicast = planned.cluster_m == 2;
+    let blocks_n: &[u32] = if multicast { &SM90_MC2_BLOCK_N } else { &SM90_BLOCK_N };
+    if !SM90_BLOCK_M.contains(&f.block_m) || (multicast && f.block_m != 128) {
+        return bad(format!("block M {} has no kernel", f.block_m));
+    }
+    if !blocks_n.contains(&f.block_n) || !b_scale_span_ok(f.block_n) {
+        return bad(format!("block N {} has no kernel", f.block_n));
+    }
+    let stages = if f.stages == 0 {
+        match pick_stages(f.block_m, f.block_n, smem_limit) {
+            Some(s) => s,
+            None => return bad("not even two stages fit in shared memory".into()),
+        }
+    } else {
+        f.stages
+    };
+    if !(2..=SM90_MAX_STAGES).contains(&stages) || smem_bytes(f.block_m, f.block_n, stages) > smem_limit {
+        return bad(format!("{stages} stages do not fit"));
+    }
+    let k_blocks = shape.k_blocks().max(1) as u32;
+    if f.k_splits == 0 || f.k_splits > k_blocks.min(MAX_K_SPLITS) || (multicast && f.k_splits != 1) {
+        return bad(format!("{} K splits over {k_blocks} K blocks", f.k_splits));
+    }
+    let kb_per_split = k_blocks.div_ceil(f.k_splits);
+    let k_splits = k_blocks.div_ceil(kb_per_split);
+    let tiles = num_tiles(shape, f.block_m, f.block_n);
+    let items = if multicast { 2 * mc2_num_pairs(shape, f.block_n) } else { tiles * u64::from(k_splits) };
+    if f.grid == 0 || u64::from(f.grid) > items || (multicast && !f.grid.is_multiple_of(2)) {
+        return bad(format!("grid {} for {items} work items", f.grid));
+    }
+    if tiles.saturating_mul(u64::from(k_blocks)) >= 1 << 32 {
+        return bad("2^32 or more tile × K-block iterations".into());
+    }
+    Ok(Sm90Config {
+        block_m: f.block_m,
+        block_n: f.block_n,
+        stages,
+        grid: f.grid,
+        k_splits,
+        kb_per_split,
+        smem_bytes: smem_bytes(f.block_m, f.block_n, stages),
+        threads: 128 * (f.block_m / 64 + 1),
+        ..*planned
+    })
+}
+
 /// Tile-row pairs per scheduler group of the multicast kernels (the same 8 tile rows as [`SM90_GROUP_M`]).
 pub const SM90_MC2_GROUP_PAIRS: u32 = SM90_GROUP_M / 2;
 

@@ -182,6 +182,8 @@ pub struct LayerTrace {
     pub topk_ids: Vec<i32>,
     /// `[b, top_k]` their weights.
     pub topk_weights: Vec<f32>,
+    /// `[b, hidden]` the MoE branch (routed experts combined with the shared expert, bf16).
+    pub moe_out: Vec<f32>,
     /// `[b, hidden]` the layer's output.
     pub out: Vec<f32>,
 }
@@ -288,7 +290,7 @@ pub fn decode_layer(layer: &PreparedLayer, x: &[f32], kv_cache: &mut [f32], step
         moe::moe_forward_fp8(&hn, b, &topk_ids, &topk_weights, cfg.top_k, &layer.experts, Some(&layer.shared))?;
     let mut out: Vec<f32> = h.iter().zip(&moe_out).map(|(a, b)| a + b).collect();
     round_bf16(&mut out);
-    Ok(LayerTrace { q_mla, kv_row: kv, o_latent, lse, h, topk_ids, topk_weights, out })
+    Ok(LayerTrace { q_mla, kv_row: kv, o_latent, lse, h, topk_ids, topk_weights, moe_out, out })
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 use std::fmt::Debug;
 
 use r1_kernels::Gpu;
+use rand::Rng;
 
 /// `real` on a real GPU; on the emulated device `emulated`, announced as
 /// "emulated device: <test> uses <emulated> instead of <real>".
@@ -30,4 +31,67 @@ pub fn emu_shrink_described<T>(gpu: &Gpu, test: &str, real: (T, &str), emulated:
     } else {
         real.0
     }
+}
+
+/// Whether the sm_90a part of a test that also checks the portable kernels can run. On another device it says
+/// SKIPPED for that part (or, with `R1K_REQUIRE_GPU=1`, fails): a test never narrows its coverage in silence.
+pub fn sm90_part(gpu: &Gpu, test: &str) -> bool {
+    if gpu.info().is_hopper() {
+        return true;
+    }
+    if std::env::var("R1K_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!(
+            "{test}: R1K_REQUIRE_GPU=1 but the GPU is {}, not sm_90: the sm_90a kernels cannot run",
+            gpu.info().arch_name()
+        );
+    }
+    eprintln!("SKIPPED {test} (sm_90a part): needs sm_90, found {}", gpu.info().arch_name());
+    false
+}
+
+type LaunchCount = unsafe extern "C" fn(*const std::ffi::c_char) -> u64;
+
+/// The emulated driver's per-thread launch counter (`r1k_emu_launch_count`, not part of CUDA).
+fn emulator_launch_counter() -> LaunchCount {
+    use std::sync::OnceLock;
+    static COUNTER: OnceLock<(libloading::Library, LaunchCount)> = OnceLock::new();
+    COUNTER
+        .get_or_init(|| {
+            // SAFETY: libcuda.so is already loaded (cudarc opened it to create the context), so this only takes
+            // another reference to the same library, whose initializers have run.
+            let lib = unsafe { libloading::Library::new("libcuda.so") }.expect("the emulated libcuda.so");
+            // SAFETY: the emulator defines the symbol with exactly this signature (emu/src/launch.rs).
+            let f: LaunchCount = *unsafe { lib.get::<LaunchCount>(b"r1k_emu_launch_count\0") }
+                .expect("the emulated driver exports r1k_emu_launch_count");
+            (lib, f)
+        })
+        .1
+}
+
+fn launches_of(name: &str) -> u64 {
+    let c = std::ffi::CString::new(name).expect("kernel name");
+    // SAFETY: a NUL-terminated string, as the function requires.
+    unsafe { emulator_launch_counter()(c.as_ptr()) }
+}
+
+/// Runs `body` and, on the emulated device, checks that it launched every kernel in `kernels` (entry-point names as
+/// in kernels/*.cu) at least once from this thread: a test states which kernels it covers, and a planner change that
+/// silently routes it elsewhere fails it. Every `extern "C"` kernel must be named in some `expect_launched` list
+/// (tests/coverage.rs checks that on the CPU). On a real GPU the launches are not observable and only `body` runs.
+pub fn expect_launched<R>(gpu: &Gpu, kernels: &[&str], body: impl FnOnce() -> R) -> R {
+    if !gpu.is_emulated() {
+        return body();
+    }
+    let before: Vec<u64> = kernels.iter().map(|k| launches_of(k)).collect();
+    let out = body();
+    for (k, b) in kernels.iter().zip(before) {
+        assert!(launches_of(k) > b, "expected a launch of kernel `{k}`, but this test did not launch it");
+    }
+    out
+}
+
+/// A random power of two in [2^-2, 2^2]: the factor test data uses per scale block, so that a scale read from the
+/// wrong block is an O(1) error rather than one inside rounding noise.
+pub fn block_magnitude(rng: &mut impl Rng) -> f32 {
+    2f32.powi(rng.random_range(-2..=2))
 }
