@@ -50,33 +50,40 @@ fn rms_norm_matches_reference() {
 #[test]
 fn rope_matches_reference() {
     let Some(gpu) = test_gpu("rope_matches_reference") else { return };
-    let cfg = RopeConfig::deepseek_v3();
-    let tables = RopeTables::new(&gpu, cfg).unwrap();
-    // q-like: [t, 16 heads × 192], rope in the last 64 of each head; kv-like: [t, 576], rope in the last 64.
-    for &(t, row_len, slices) in &[
-        (5usize, 16 * 192, RopeSlices { count: 16, stride: 192, offset: 128 }),
-        (9, 576, RopeSlices { count: 1, stride: 0, offset: 512 }),
-    ] {
-        let x = random(t * row_len, t as u64, 2.0);
-        let positions: Vec<i32> = (0..t as i32).map(|i| i * 9973 % 163_840).collect();
-        let mut reference = to_f32(&x);
-        reference::rope(
-            &mut reference,
-            t,
-            row_len,
-            slices.count,
-            slices.stride.max(cfg.dim),
-            slices.offset,
-            &positions,
-            &cfg,
-        )
-        .unwrap();
-        let mut xd = DeviceTensor::from_host(&gpu, &x, &[t, row_len]).unwrap();
-        let pd = DeviceTensor::from_host(&gpu, &positions, &[t]).unwrap();
-        expect_launched(&gpu, &["rope_bf16_inplace"], || decode_ops::rope_inplace(&gpu, &mut xd, &pd, &tables, slices))
+    // DeepSeek-V3's configuration (its mscale and mscale_all_dim are equal: cos/sin unscaled) and one with a
+    // different mscale (cos/sin scaled by the YaRN magnitude ratio), so the kernel's scale path runs too.
+    for cfg in
+        [RopeConfig::deepseek_v3(), RopeConfig { mscale: 0.707, mscale_all_dim: 0.0, ..RopeConfig::deepseek_v3() }]
+    {
+        let tables = RopeTables::new(&gpu, cfg).unwrap();
+        // q-like: [t, 16 heads × 192], rope in the last 64 of each head; kv-like: [t, 576], rope in the last 64.
+        for &(t, row_len, slices) in &[
+            (5usize, 16 * 192, RopeSlices { count: 16, stride: 192, offset: 128 }),
+            (9, 576, RopeSlices { count: 1, stride: 0, offset: 512 }),
+        ] {
+            let x = random(t * row_len, t as u64, 2.0);
+            let positions: Vec<i32> = (0..t as i32).map(|i| i * 9973 % 163_840).collect();
+            let mut reference = to_f32(&x);
+            reference::rope(
+                &mut reference,
+                t,
+                row_len,
+                slices.count,
+                slices.stride.max(cfg.dim),
+                slices.offset,
+                &positions,
+                &cfg,
+            )
             .unwrap();
-        // sincosf of large f32 angles agrees with f64 sin/cos of the same f32 angle to ~1e-6.
-        assert_close(&xd.to_host(&gpu).unwrap(), &reference, 2e-3, "rope");
+            let mut xd = DeviceTensor::from_host(&gpu, &x, &[t, row_len]).unwrap();
+            let pd = DeviceTensor::from_host(&gpu, &positions, &[t]).unwrap();
+            expect_launched(&gpu, &["rope_bf16_inplace"], || {
+                decode_ops::rope_inplace(&gpu, &mut xd, &pd, &tables, slices)
+            })
+            .unwrap();
+            // sincosf of large f32 angles agrees with f64 sin/cos of the same f32 angle to ~1e-6.
+            assert_close(&xd.to_host(&gpu).unwrap(), &reference, 2e-3, "rope");
+        }
     }
 }
 
@@ -109,7 +116,25 @@ fn head_bmm_absorbs_w_uk_and_applies_w_uv() {
         let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; t * heads * v], &[t, heads, v]).unwrap();
         decode_ops::head_bmm(&gpu, &xd, &wuv, uv, &mut out).unwrap();
         assert_close(&out.to_host(&gpu).unwrap(), &reference, 1e-3, "apply W_UV");
+        // The same through a window offset into the whole kv_b weight (what the layer does).
+        let uv_in_place = HeadWeightStrides { offset: nope * latent, ..uv };
+        let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; t * heads * v], &[t, heads, v]).unwrap();
+        decode_ops::head_bmm(&gpu, &xd, &wd, uv_in_place, &mut out).unwrap();
+        assert_close(&out.to_host(&gpu).unwrap(), &reference, 1e-3, "apply W_UV through a weight offset");
     }
+    // A reduction length that is not a multiple of the kernel's chunk (600 = 512 + 88) with an offset window.
+    let (t, hs, k, n) = (5usize, 3usize, 600usize, 40usize);
+    let x = random(t * hs * k, 61, 1.0);
+    let wbig = random(7 + hs * k * n, 62, 0.05);
+    let st = HeadWeightStrides { offset: 7, head: k * n, i: n, j: 1 };
+    let reference = reference::head_bmm(&to_f32(&x), &to_f32(&wbig[7..]), t, hs, k, n, st.head, st.i, st.j).unwrap();
+    let (xd, wd) = (
+        DeviceTensor::from_host(&gpu, &x, &[t, hs, k]).unwrap(),
+        DeviceTensor::from_host(&gpu, &wbig, &[wbig.len()]).unwrap(),
+    );
+    let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; t * hs * n], &[t, hs, n]).unwrap();
+    decode_ops::head_bmm(&gpu, &xd, &wd, st, &mut out).unwrap();
+    assert_close(&out.to_host(&gpu).unwrap(), &reference, 1e-3, "k = 600 with a weight offset");
     // A stride that would read past the weight is rejected before launch. (W_UK uses the first `nope` of each
     // head's nope + v rows, so the last head must move by more than v rows to leave the weight.)
     let xd = DeviceTensor::from_host(&gpu, &random(2 * heads * nope, 1, 1.0), &[2, heads, nope]).unwrap();

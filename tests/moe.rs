@@ -9,7 +9,9 @@ use r1_kernels::moe::{
 };
 use r1_kernels::quant::{activation_scale_shape, quantize_activations};
 use r1_kernels::reference::moe::{self as rm, calc_diff, combine_token, fp8_row_times_matrix, ExpertsFp8};
-use r1_kernels::reference::quant::{quantize_per_token_group, scales_from_mn_major, ScaleFormat};
+use r1_kernels::reference::quant::{
+    quantize_per_token_group, quantize_per_token_group_with, scales_from_mn_major, ScaleFormat,
+};
 use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
 use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 
@@ -625,31 +627,36 @@ fn gpu_layer_matches_reference() {
 fn gpu_stages_compose_and_combine_is_bitwise() {
     let Some(gpu) = test_gpu("gpu_stages_compose_and_combine_is_bitwise") else { return };
     // Combine alone: random y rows, bitwise against combine_token (with and without weights / shared).
-    let (t, k, h, rows) = (33, 4, 384, 200);
-    let y = bf16_round(&uniform(rows * h, 3.0, 1));
-    let sh = bf16_round(&uniform(t * h, 1.0, 2));
-    let mut rng = StdRng::seed_from_u64(3);
-    let row_of: Vec<i32> = (0..t * k).map(|_| rng.random_range(-1..rows as i32)).collect();
-    let wts = uniform(t * k, 1.0, 4);
-    let yd = DeviceTensor::from_host(&gpu, &to_bf16(&y), &[rows, h]).unwrap();
-    let rd = DeviceTensor::from_host(&gpu, &row_of, &[t * k]).unwrap();
-    let wd = DeviceTensor::from_host(&gpu, &wts, &[t, k]).unwrap();
-    let sd = DeviceTensor::from_host(&gpu, &to_bf16(&sh), &[t, h]).unwrap();
-    for (skip, shared) in [(false, true), (true, false)] {
-        let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; t * h], &[t, h]).unwrap();
-        expect_launched(&gpu, &["moe_combine"], || combine(&gpu, &yd, &rd, &wd, shared.then_some(&sd), skip, &mut out))
+    // H = 384 and H = 2176 (past 1024 columns: a second grid row of column blocks, and a ragged one).
+    for &(t, k, h, rows) in &[(33usize, 4usize, 384usize, 200usize), (6, 3, 2176, 20)] {
+        let y = bf16_round(&uniform(rows * h, 3.0, 1));
+        let sh = bf16_round(&uniform(t * h, 1.0, 2));
+        let mut rng = StdRng::seed_from_u64(3);
+        let row_of: Vec<i32> = (0..t * k).map(|_| rng.random_range(-1..rows as i32)).collect();
+        let wts = uniform(t * k, 1.0, 4);
+        let yd = DeviceTensor::from_host(&gpu, &to_bf16(&y), &[rows, h]).unwrap();
+        let rd = DeviceTensor::from_host(&gpu, &row_of, &[t * k]).unwrap();
+        let wd = DeviceTensor::from_host(&gpu, &wts, &[t, k]).unwrap();
+        let sd = DeviceTensor::from_host(&gpu, &to_bf16(&sh), &[t, h]).unwrap();
+        for (skip, shared) in [(false, true), (true, false)] {
+            let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; t * h], &[t, h]).unwrap();
+            expect_launched(&gpu, &["moe_combine"], || {
+                combine(&gpu, &yd, &rd, &wd, shared.then_some(&sd), skip, &mut out)
+            })
             .unwrap();
-        let got = from_bf16(&out.to_host(&gpu).unwrap());
-        for tok in 0..t {
-            let ys: Vec<Option<(&[f32], f32)>> = (0..k)
-                .map(|s| {
-                    let r = row_of[tok * k + s];
-                    (r >= 0)
-                        .then(|| (&y[r as usize * h..(r as usize + 1) * h], if skip { 1.0 } else { wts[tok * k + s] }))
-                })
-                .collect();
-            let want = combine_token(&ys, shared.then(|| &sh[tok * h..(tok + 1) * h]), h);
-            assert_eq!(bits(&got[tok * h..(tok + 1) * h]), bits(&want), "combine token {tok} skip={skip}");
+            let got = from_bf16(&out.to_host(&gpu).unwrap());
+            for tok in 0..t {
+                let ys: Vec<Option<(&[f32], f32)>> = (0..k)
+                    .map(|s| {
+                        let r = row_of[tok * k + s];
+                        (r >= 0).then(|| {
+                            (&y[r as usize * h..(r as usize + 1) * h], if skip { 1.0 } else { wts[tok * k + s] })
+                        })
+                    })
+                    .collect();
+                let want = combine_token(&ys, shared.then(|| &sh[tok * h..(tok + 1) * h]), h);
+                assert_eq!(bits(&got[tok * h..(tok + 1) * h]), bits(&want), "combine token {tok} skip={skip}");
+            }
         }
     }
     // SwiGLU alone: bitwise against the reference (the exp is twinned).
@@ -662,6 +669,7 @@ fn gpu_stages_compose_and_combine_is_bitwise() {
     expect_launched(&gpu, &["moe_swiglu_quant"], || swiglu_quant(&gpu, &hd, &mut q, &mut s, ScaleFormat::F32, None))
         .unwrap();
     let (qg, sg) = (q.to_host(&gpu).unwrap(), scales_from_mn_major(&s.to_host(&gpu).unwrap(), r, i / 128).unwrap());
+    let q_f32_run = qg.clone();
     let mut mismatches = 0;
     for row in 0..r {
         let (qr, sr) = rm::swiglu_quant(&hbuf[row * 2 * i..(row + 1) * 2 * i], i).unwrap();
@@ -669,6 +677,39 @@ fn gpu_stages_compose_and_combine_is_bitwise() {
         mismatches += qr.iter().zip(&qg[row * i..(row + 1) * i]).filter(|(a, b)| a != b).count();
     }
     assert_eq!(mismatches, 0, "{mismatches} swiglu codes differ");
+    // The scale rows past r (padding up to a multiple of 4) are zeroed.
+    let raw = s.to_host(&gpu).unwrap();
+    let rows_pad = shape[1];
+    for g in 0..i / 128 {
+        assert!(raw[g * rows_pad + r..(g + 1) * rows_pad].iter().all(|&v| v == 0.0), "swiglu scale padding rows");
+    }
+    // Power-of-two scales: the same SwiGLU values quantized with UE8M0 scales, bitwise.
+    let mut s8 = DeviceTensor::from_host(&gpu, &vec![f32::NAN; shape[0] * shape[1]], &shape).unwrap();
+    swiglu_quant(&gpu, &hd, &mut q, &mut s8, ScaleFormat::Ue8m0, None).unwrap();
+    let (qg, sg) = (q.to_host(&gpu).unwrap(), scales_from_mn_major(&s8.to_host(&gpu).unwrap(), r, i / 128).unwrap());
+    for row in 0..r {
+        let hr = &hbuf[row * 2 * i..(row + 1) * 2 * i];
+        let act: Vec<f32> = (0..i).map(|c| rm::silu(hr[c]) * hr[i + c]).collect();
+        let (qr, sr) = quantize_per_token_group_with(&act, 1, i, 128, ScaleFormat::Ue8m0).unwrap();
+        assert!(sr.iter().all(|v| v.to_bits() & 0x007f_ffff == 0), "UE8M0 scales are powers of two");
+        assert_eq!(bits(&sr), bits(&sg[row * (i / 128)..(row + 1) * (i / 128)]), "ue8m0 swiglu scales row {row}");
+        assert_eq!(&qr[..], &qg[row * i..(row + 1) * i], "ue8m0 swiglu codes row {row}");
+    }
+    // With a limit (a permutation's offsets: rows at or past offsets[E] are not in use) those rows stay untouched.
+    let offsets: Vec<i64> = vec![0, 12, 20];
+    let od = DeviceTensor::from_host(&gpu, &offsets, &[3]).unwrap();
+    let mut ql = DeviceTensor::from_host(&gpu, &vec![E4M3(0xff); r * i], &[r, i]).unwrap();
+    let mut sl = DeviceTensor::from_host(&gpu, &vec![f32::NAN; shape[0] * shape[1]], &shape).unwrap();
+    swiglu_quant(&gpu, &hd, &mut ql, &mut sl, ScaleFormat::F32, Some(&od)).unwrap();
+    let (ql, sl) = (ql.to_host(&gpu).unwrap(), sl.to_host(&gpu).unwrap());
+    let full = q_f32_run;
+    assert_eq!(&ql[..20 * i], &full[..20 * i], "rows below the limit as without it");
+    assert!(ql[20 * i..].iter().all(|c| c.0 == 0xff), "rows past the limit were written");
+    for g in 0..i / 128 {
+        let col = &sl[g * rows_pad..(g + 1) * rows_pad];
+        assert!(col[20..].iter().all(|v| v.is_nan()), "scales of rows past the limit were written");
+        assert_eq!(bits(&col[..20]), bits(&raw[g * rows_pad..g * rows_pad + 20]));
+    }
 }
 
 /// Fills a large device tensor from a repeated host pattern (DeepSeek-size weights without an 11 GB host copy).

@@ -70,7 +70,13 @@ fn activation_quant_matches_reference_bitwise() {
     let shapes = [(1, 128), (7, 7168), (129, 1536), (64, 300), (3, 12), (5, 135), (1000, 512), (4, 128 * 3 + 8)];
     for (case, &(m, k)) in shapes.iter().enumerate() {
         for format in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
-            let x = random_bf16(m * k, case as u64);
+            let mut x = random_bf16(m * k, case as u64);
+            if case == 1 {
+                // An all-zero group (the amax floor) and a group with a huge value next to tiny ones.
+                x[128..256].fill(bf16::ZERO);
+                x[7168 + 5] = bf16::from_f32(3.0e38);
+                x[2 * 7168 + 300] = bf16::from_f32(-1.0e-30);
+            }
             let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
             let (q_ref, s_ref) = quantize_per_token_group_with(&x32, m, k, 128, format).unwrap();
             let s_ref = scales_to_mn_major(&s_ref, m, k.div_ceil(128)).unwrap();
