@@ -91,6 +91,8 @@ pub struct StepIntermediates {
     pub o_latent: Vec<f32>,
     /// `[b, h]` log-sum-exp of the attention.
     pub lse: Vec<f32>,
+    /// `[b, hidden]` the attention branch (o_proj output).
+    pub attn: Vec<f32>,
     /// `[b, hidden]` residual after attention.
     pub h: Vec<f32>,
     /// `[b, hidden]` the MoE branch.
@@ -416,6 +418,7 @@ impl DecodeLayer {
             kv_row: f32s(&ws.kv)?,
             o_latent: f32s(&ws.o_latent)?,
             lse: ws.lse.to_host(gpu)?,
+            attn: f32s(&ws.attn)?,
             h: f32s(&ws.h)?,
             moe_out: f32s(&ws.moe_out)?,
         })

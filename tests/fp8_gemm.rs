@@ -174,13 +174,15 @@ fn exact_rows(x: &[f32], w: &[f32], n: usize, k: usize, rows: &[usize]) -> Vec<f
 }
 
 /// Elementwise over every given element, relative to each output row's own scale: |d − ref| ≤ 2^-8·|ref| (bf16
-/// rounding) + 1e-3·rms(that row of ref) (accumulation order and Hopper's ~14-bit FP8 accumulation inside a K block).
-/// Rows are `n` wide.
+/// rounding) + 4e-3·rms(that row of ref): accumulation order, and Hopper's ~14-bit FP8 accumulation inside each
+/// 128-wide K block, whose error scales with the block's partial sums (with per-group magnitudes up to 16× apart
+/// they can exceed the row's result several times). A scale from the wrong block moves elements by tens of
+/// percent of the row's rms. Rows are `n` wide.
 fn check_rows_n(what: &str, n: usize, got_rows: &[f32], quant_ref: &[f32], exact: &[f32]) {
     assert_eq!(got_rows.len(), quant_ref.len(), "{what}: element count");
     for (r, (got, want)) in got_rows.chunks(n.max(1)).zip(quant_ref.chunks(n.max(1))).enumerate() {
         let rms = (want.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / want.len().max(1) as f64).sqrt();
-        let atol = 1e-3 * rms as f32;
+        let atol = 4e-3 * rms as f32;
         for (c, (&g, &w)) in got.iter().zip(want).enumerate() {
             assert!(g.is_finite(), "{what}: row {r} col {c} is {g} (poison left or overflow)");
             let tol = w.abs() * 2f32.powi(-8) + atol;

@@ -378,7 +378,10 @@ fn check_grouped_gemm(
         gv.extend_from_slice(&got[row * n..(row + 1) * n]);
     }
     let what = format!("grouped GEMM {backend:?} t={t} k={k} E={e} n={n} K={kdim} {layout:?}");
-    check_rows_relative(&what, &gv, &rv, n, 1e-3);
+    // Hopper's FP8 wgmma keeps ~14 bits while accumulating a 128-wide K block, so the error scales with the block's
+    // partial sums, which (scaled 1×128 groups) can exceed the row's result several times over: 4e-3 of the row's
+    // rms. A scale from the wrong row or K block moves elements by tens of percent of it.
+    check_rows_relative(&what, &gv, &rv, n, 4e-3);
     let diff = calc_diff(&gv, &rv);
     assert!(diff < 1e-5, "{what}: should be bf16-exact-ish: calc_diff {diff}");
 }
@@ -552,15 +555,17 @@ fn layer_case_backends(
     }
 }
 
-/// A MoE layer output against the reference: DeepGEMM's `calc_diff` over the whole output and over each token alone
-/// (one wrong token or slot is a large share of its own row, whatever the batch size), and finite everywhere.
+/// A MoE layer output against the reference: DeepGEMM's `calc_diff` over the whole output (< 1e-3) and over each
+/// token alone (< 3e-3: one wrong token or slot is a large share of its own row, whatever the batch size), and
+/// finite everywhere. With exact accumulation the GPU matches the reference to ~1e-9; Hopper's FP8 accumulation
+/// flips a few requantized SwiGLU codes (a token's calc_diff up to ~6e-4).
 fn check_layer_output(what: &str, got: &[f32], want: &[f32], h: usize) {
     assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
     let diff = calc_diff(got, want);
     let worst = got.chunks(h).zip(want.chunks(h)).map(|(g, w)| calc_diff(g, w)).fold(0f64, f64::max);
     eprintln!("{what}: calc_diff {diff:.3e}, worst token {worst:.3e}");
-    assert!(diff < 1e-4, "{what}: calc_diff {diff}");
-    assert!(worst < 1e-3, "{what}: a token's calc_diff {worst}");
+    assert!(diff < 1e-3, "{what}: calc_diff {diff}");
+    assert!(worst < 3e-3, "{what}: a token's calc_diff {worst}");
 }
 
 #[test]

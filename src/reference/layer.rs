@@ -176,6 +176,8 @@ pub struct LayerTrace {
     pub o_latent: Vec<f32>,
     /// `[b, h]` log-sum-exp of the attention.
     pub lse: Vec<f32>,
+    /// `[b, hidden]` the attention branch (o_proj output, bf16).
+    pub attn: Vec<f32>,
     /// `[b, hidden]` residual after attention.
     pub h: Vec<f32>,
     /// `[b, top_k]` routed experts.
@@ -279,6 +281,7 @@ pub fn decode_layer(layer: &PreparedLayer, x: &[f32], kv_cache: &mut [f32], step
     round_bf16(&mut o);
     let attn = fp8_linear(&o, b, &layer.attn.o_proj)?;
     let mut h: Vec<f32> = x.iter().zip(&attn).map(|(a, b)| a + b).collect();
+    let attn_branch = attn;
     round_bf16(&mut h);
     let hn = rms(&h, &layer.post_attention_layernorm, b, eps)?;
 
@@ -290,7 +293,7 @@ pub fn decode_layer(layer: &PreparedLayer, x: &[f32], kv_cache: &mut [f32], step
         moe::moe_forward_fp8(&hn, b, &topk_ids, &topk_weights, cfg.top_k, &layer.experts, Some(&layer.shared))?;
     let mut out: Vec<f32> = h.iter().zip(&moe_out).map(|(a, b)| a + b).collect();
     round_bf16(&mut out);
-    Ok(LayerTrace { q_mla, kv_row: kv, o_latent, lse, h, topk_ids, topk_weights, moe_out, out })
+    Ok(LayerTrace { q_mla, kv_row: kv, o_latent, lse, attn: attn_branch, h, topk_ids, topk_weights, moe_out, out })
 }
 
 #[cfg(test)]
