@@ -37,7 +37,8 @@ fn fill_repeated<T: cudarc::driver::DeviceRepr + Copy>(gpu: &Gpu, dst: &mut Devi
     let mut at = 0;
     while at < n {
         let len = pattern.len().min(n - at);
-        let mut view = dst.buffer_mut().slice_mut(at..at + len);
+        let mut all = dst.view_mut();
+        let mut view = all.slice_mut(at..at + len);
         gpu.stream().memcpy_htod(&pattern[..len], &mut view).expect("upload");
         at += len;
     }

@@ -44,20 +44,26 @@ impl DeviceInfo {
 /// (module, function name) of a cached kernel.
 type FunctionKey = (&'static str, &'static str);
 
-/// A GPU: context + stream + kernel cache. Cheap to share behind an `Arc`; every launcher takes `&Gpu` and enqueues
-/// on [`Gpu::stream`] without synchronizing.
-pub struct Gpu {
+/// What every [`Gpu`] of one device shares: the context, the device facts and the loaded kernels.
+struct DeviceKernels {
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
     info: DeviceInfo,
     name: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<FunctionKey, (CudaFunction, u32)>>,
 }
 
+/// A GPU: context + stream + kernel cache. Cheap to share behind an `Arc`; every launcher takes `&Gpu` and enqueues
+/// on [`Gpu::stream`] without synchronizing. Several streams of one device share one kernel cache: make the first
+/// `Gpu` with [`Gpu::new`], [`Gpu::with_stream`] or [`Gpu::from_raw_stream`] and the others with [`Gpu::on_stream`].
+pub struct Gpu {
+    shared: Arc<DeviceKernels>,
+    stream: Arc<CudaStream>,
+}
+
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gpu").field("info", &self.info).finish()
+        f.debug_struct("Gpu").field("info", &self.shared.info).finish()
     }
 }
 
@@ -95,7 +101,8 @@ impl Gpu {
         Self::with_stream(stream)
     }
 
-    /// Wraps a caller-owned stream (and its context): launches are enqueued on it, in the caller's order.
+    /// Wraps a caller-owned stream (and its context): launches are enqueued on it, in the caller's order. Loads
+    /// kernels into a cache of its own; [`Gpu::on_stream`] makes more `Gpu`s that share it.
     pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self> {
         if !cuda_driver_present() {
             return Err(Error::NoCudaDriver);
@@ -116,12 +123,78 @@ impl Gpu {
             l2_cache_bytes: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as u32,
             emulated: is_emulator_name(&name),
         };
-        Ok(Gpu { ctx, stream, info, name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) })
+        let shared = DeviceKernels {
+            ctx,
+            info,
+            name,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        };
+        Ok(Gpu { shared: Arc::new(shared), stream })
+    }
+
+    /// A `Gpu` for another stream of the same device that shares this one's loaded kernels (no module is loaded
+    /// twice). Errors with [`Error::DeviceMismatch`] when `stream` belongs to another context.
+    pub fn on_stream(&self, stream: Arc<CudaStream>) -> Result<Gpu> {
+        let theirs = stream.context();
+        if theirs.cu_ctx() != self.shared.ctx.cu_ctx() {
+            return Err(Error::DeviceMismatch {
+                arg: "stream",
+                expected: self.shared.info.ordinal,
+                got: theirs.ordinal(),
+            });
+        }
+        Ok(Gpu { shared: self.shared.clone(), stream })
+    }
+
+    /// Wraps a raw `CUstream` that another library owns (an engine on another cudarc version, or its own CUDA
+    /// bindings), in the primary context of device `ordinal`, the one cudarc and the CUDA runtime use. Launches are
+    /// enqueued on that stream, in the owner's order; dropping the `Gpu` does not destroy the stream.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of the primary context of device `ordinal`, and it must stay alive as long as
+    /// this `Gpu` (or anything made from it with [`Gpu::on_stream`]) is used.
+    pub unsafe fn from_raw_stream(ordinal: usize, stream: cudarc::driver::sys::CUstream) -> Result<Gpu> {
+        if !cuda_driver_present() {
+            return Err(Error::NoCudaDriver);
+        }
+        let count = CudaContext::device_count().cuda_call("cuDeviceGetCount")?.max(0) as usize;
+        if ordinal >= count {
+            return Err(Error::NoSuchDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal).cuda_call("cuDevicePrimaryCtxRetain")?;
+        // SAFETY: the caller guarantees a live stream of this (primary) context that outlives the wrapper.
+        let stream = unsafe { ctx.wrap_borrowed_stream(stream) };
+        Gpu::with_stream(stream)
+    }
+
+    /// True when `self` and `other` share one kernel cache (made from one another with [`Gpu::on_stream`]).
+    pub fn shares_kernels_with(&self, other: &Gpu) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// Loads every kernel module this device can run, now, so that no module is loaded later: call it before
+    /// capturing a CUDA graph or entering a latency-critical loop. (Launchers otherwise load a module on its first
+    /// use.) Returns how many modules are loaded.
+    pub fn preload(&self) -> Result<usize> {
+        let mut loaded = 0;
+        for module in kernels::modules() {
+            let runnable = if self.shared.info.is_hopper() {
+                kernels::cubin(module).is_some()
+            } else {
+                self.shared.info.compute_capability.0 >= 8 && kernels::ptx(module).is_some()
+            };
+            if runnable {
+                self.module(module)?;
+                loaded += 1;
+            }
+        }
+        Ok(loaded)
     }
 
     /// The context.
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+        &self.shared.ctx
     }
 
     /// The stream every launch goes to.
@@ -131,25 +204,25 @@ impl Gpu {
 
     /// Device facts read at construction.
     pub fn info(&self) -> &DeviceInfo {
-        &self.info
+        &self.shared.info
     }
 
     /// The device's name as the driver reports it (the emulator's contains "r1k-emu").
     pub fn device_name(&self) -> &str {
-        &self.name
+        &self.shared.name
     }
 
     /// True on the `r1k-emu` emulated device: kernels run on the CPU, so results are real but no timing is a
     /// measurement.
     pub fn is_emulated(&self) -> bool {
-        self.info.emulated
+        self.shared.info.emulated
     }
 
     /// Errors with [`Error::DeviceMismatch`] for the first of `tensors` (argument name, device ordinal) that lives
     /// on another device than this `Gpu`: a kernel handed another device's memory faults with a sticky error that
     /// takes the whole context down. Every launcher checks its tensors with this before enqueueing.
     pub fn check_devices(&self, tensors: &[(&'static str, usize)]) -> Result<()> {
-        all_on_device(self.info.ordinal, tensors)
+        all_on_device(self.shared.info.ordinal, tensors)
     }
 
     /// Blocks the host until the stream is idle. Launchers never call this; tests and benches do.
@@ -160,13 +233,13 @@ impl Gpu {
     /// Errors unless this is an sm_90 device (for kernels that exist only as sm_90a cubins); the error names `what`,
     /// the kernel that needs it.
     pub fn require_hopper(&self, what: &str) -> Result<()> {
-        if self.info.is_hopper() {
+        if self.shared.info.is_hopper() {
             Ok(())
         } else {
             Err(Error::UnsupportedDevice {
                 kernel: what.to_string(),
                 needs: "sm_90a (H100/H200/H800/H20)",
-                found: self.info.arch_name(),
+                found: self.shared.info.arch_name(),
             })
         }
     }
@@ -177,13 +250,13 @@ impl Gpu {
         }
         // A panic elsewhere cannot leave the cache half-updated (each update is one insert), so a poisoned lock is
         // still a valid cache.
-        let mut modules = self.modules.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut modules = self.shared.modules.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(m) = modules.get(module) {
             return Ok(m.clone());
         }
-        let image = if self.info.is_hopper() {
+        let image = if self.shared.info.is_hopper() {
             kernels::cubin(module).map(|bytes| Ptx::from_binary(bytes.to_vec()))
-        } else if self.info.compute_capability.0 >= 8 {
+        } else if self.shared.info.compute_capability.0 >= 8 {
             kernels::ptx(module).map(Ptx::from_src)
         } else {
             None
@@ -193,13 +266,13 @@ impl Gpu {
                 Err(Error::UnsupportedDevice {
                     kernel: format!("kernel module `{module}`"),
                     needs: "sm_90a (H100/H200/H800/H20)",
-                    found: self.info.arch_name(),
+                    found: self.shared.info.arch_name(),
                 })
             } else {
                 Err(Error::InvalidConfig(format!("kernel module `{module}` is not embedded in this build")))
             };
         };
-        let loaded = self.ctx.load_module(image).cuda_call("cuModuleLoadData")?;
+        let loaded = self.shared.ctx.load_module(image).cuda_call("cuModuleLoadData")?;
         modules.insert(module, loaded.clone());
         Ok(loaded)
     }
@@ -207,17 +280,17 @@ impl Gpu {
     /// Returns `module::name`, loading the module on first use, with its dynamic shared-memory limit raised to at
     /// least `dynamic_smem_bytes` (needed above 48 KiB).
     pub fn function(&self, module: &'static str, name: &'static str, dynamic_smem_bytes: u32) -> Result<CudaFunction> {
-        if dynamic_smem_bytes > self.info.max_shared_memory_per_block_optin {
+        if dynamic_smem_bytes > self.shared.info.max_shared_memory_per_block_optin {
             return Err(Error::UnsupportedDevice {
                 kernel: format!("{module}::{name}"),
                 needs: "more shared memory per block than this device offers",
                 found: format!(
                     "{} bytes available, {} needed by {module}::{name}",
-                    self.info.max_shared_memory_per_block_optin, dynamic_smem_bytes
+                    self.shared.info.max_shared_memory_per_block_optin, dynamic_smem_bytes
                 ),
             });
         }
-        let mut functions = self.functions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut functions = self.shared.functions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some((f, limit)) = functions.get_mut(&(module, name)) {
             if *limit < dynamic_smem_bytes {
                 f.set_attribute(

@@ -130,13 +130,35 @@ impl<T: DeviceRepr> DeviceTensor<T> {
     pub fn device_ordinal(&self) -> usize {
         self.data.ordinal()
     }
-    /// The underlying buffer (may hold one extra element when the tensor is empty).
+    /// The underlying buffer: at least [`Self::numel`] elements (one unused element when the tensor is empty).
     pub fn buffer(&self) -> &CudaSlice<T> {
         &self.data
     }
-    /// The underlying buffer, mutably.
-    pub fn buffer_mut(&mut self) -> &mut CudaSlice<T> {
+    /// The underlying buffer, mutably. Crate-internal: handing it out would let safe code swap in a shorter buffer
+    /// behind the shape that launchers trust. Users write through [`Self::view_mut`], which covers exactly the
+    /// tensor's elements.
+    pub(crate) fn buffer_mut(&mut self) -> &mut CudaSlice<T> {
         &mut self.data
+    }
+
+    /// Wraps a cudarc allocation the caller already owns (for example an engine's own buffer, or one made through
+    /// the re-exported [`crate::cudarc`]) as a tensor of `shape`, without copying. The slice may be longer than the
+    /// shape needs; the tensor covers its first `numel` elements. Errors when it is shorter.
+    pub fn from_cuda_slice(data: CudaSlice<T>, shape: &[usize]) -> Result<Self> {
+        let n = numel(shape)?;
+        if data.len() < n.max(1) {
+            return Err(Error::shape(
+                "data",
+                format!("at least {} elements for shape {shape:?}", n.max(1)),
+                data.len(),
+            ));
+        }
+        Ok(DeviceTensor { data, shape: shape.to_vec(), numel: n })
+    }
+
+    /// Unwraps the allocation (at least [`Self::numel`] elements), e.g. to hand an output back to an engine.
+    pub fn into_cuda_slice(self) -> CudaSlice<T> {
+        self.data
     }
 
     /// Checks that the shape is exactly `expected`.

@@ -390,6 +390,21 @@ fn gpu_accumulate_into_fp32() {
         expect_launched(&gpu, &kernels, || gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d, &opts))
             .unwrap();
         check_accumulated(&what, n, &d.to_host(&gpu).unwrap(), &c, &quant_ref);
+        // The same with a caller-owned workspace (NaN-filled, larger than needed): no allocation, same bits.
+        let need = gemm::workspace_elements(&gpu, m, n, k, true, &opts).unwrap();
+        assert_eq!(need > 0, opts.force_sm90.is_some_and(|f| f.k_splits > 1), "{what}: workspace {need}");
+        let mut ws = DeviceTensor::from_host(&gpu, &vec![f32::NAN; need + 100], &[need + 100]).unwrap();
+        let mut d2 = DeviceTensor::from_host(&gpu, &c, &[m, n]).unwrap();
+        gemm::fp8_gemm_accumulate_with_workspace(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d2, &mut ws, &opts).unwrap();
+        let bits = |t: &DeviceTensor<f32>| t.to_host(&gpu).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&d2), bits(&d), "{what}: caller workspace");
+        if need > 0 {
+            let mut short = DeviceTensor::<f32>::zeros(&gpu, &[need - 1]).unwrap();
+            let mut d3 = DeviceTensor::from_host(&gpu, &c, &[m, n]).unwrap();
+            let r = gemm::fp8_gemm_accumulate_with_workspace(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d3, &mut short, &opts);
+            assert!(matches!(r, Err(Error::Shape { arg: "workspace", .. })), "{what}: {r:?}");
+            assert_eq!(d3.to_host(&gpu).unwrap(), c, "{what}: a refused call wrote its output");
+        }
     }
 }
 

@@ -62,6 +62,81 @@ fn gpu_tensors_of_another_device_are_refused() {
     quantize_activations(&gpu1, &x, &mut q1, &mut s1, ScaleFormat::F32).unwrap();
     let r = quantize_activations(&gpu1, &x, &mut q, &mut s1, ScaleFormat::F32);
     assert_eq!(r, Err(Error::DeviceMismatch { arg: "q", expected: 1, got: 0 }));
+    // A stream of device 1 cannot share device 0's kernels.
+    let r = gpu0.on_stream(gpu1.stream().clone());
+    assert!(matches!(r, Err(Error::DeviceMismatch { arg: "stream", expected: 0, got: 1 })), "{r:?}");
+}
+
+/// Quantizes `x` on `gpu` and checks codes and scales bitwise against the CPU reference.
+fn quantize_and_check(gpu: &Gpu, what: &str, m: usize, k: usize, seed: u64) {
+    let x = random_bf16(m * k, seed);
+    let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let (q_ref, s_ref) = quantize_per_token_group_with(&x32, m, k, 128, ScaleFormat::F32).unwrap();
+    let s_ref = scales_to_mn_major(&s_ref, m, k.div_ceil(128)).unwrap();
+    let xd = DeviceTensor::from_host(gpu, &x, &[m, k]).unwrap();
+    let mut q = DeviceTensor::from_host(gpu, &vec![E4M3(0xff); m * k], &[m, k]).unwrap();
+    let shape = activation_scale_shape(m, k);
+    let mut s = DeviceTensor::from_host(gpu, &vec![f32::NAN; shape[0] * shape[1]], &shape).unwrap();
+    quantize_activations(gpu, &xd, &mut q, &mut s, ScaleFormat::F32).unwrap();
+    assert_eq!(q.to_host(gpu).unwrap(), q_ref, "{what}: codes");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&s.to_host(gpu).unwrap()), bits(&s_ref), "{what}: scales");
+}
+
+/// The entry points for engines that own their streams and memory: a second stream sharing the kernel cache, a raw
+/// `CUstream` borrowed from another library, a caller-owned allocation wrapped without a copy, and every module
+/// loaded up front so that a captured graph loads nothing.
+#[test]
+fn gpu_engine_streams_buffers_and_preload() {
+    use r1_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let Some(gpu) = test_gpu("gpu_engine_streams_buffers_and_preload") else { return };
+    quantize_and_check(&gpu, "own stream", 3, 256, 1);
+
+    let second = gpu.on_stream(gpu.context().new_stream().unwrap()).unwrap();
+    assert!(second.shares_kernels_with(&gpu));
+    quantize_and_check(&second, "second stream, shared kernels", 5, 384, 2);
+
+    let owned = gpu.context().new_stream().unwrap();
+    // SAFETY: `owned` is a live stream of device 0's primary context and outlives `borrowed`.
+    let borrowed = unsafe { Gpu::from_raw_stream(0, owned.cu_stream()) }.unwrap();
+    assert!(!borrowed.shares_kernels_with(&gpu));
+    quantize_and_check(&borrowed, "borrowed raw stream", 4, 128, 3);
+    drop(borrowed);
+    owned.synchronize().unwrap();
+
+    // A caller-owned allocation (longer than needed) as the output, without a copy; too short is an error.
+    let (m, k) = (2, 256);
+    let x = DeviceTensor::from_host(&gpu, &random_bf16(m * k, 4), &[m, k]).unwrap();
+    let raw_q = gpu.stream().alloc_zeros::<E4M3>(m * k + 64).unwrap();
+    let mut q = DeviceTensor::from_cuda_slice(raw_q, &[m, k]).unwrap();
+    let mut s = DeviceTensor::<f32>::zeros(&gpu, &activation_scale_shape(m, k)).unwrap();
+    quantize_activations(&gpu, &x, &mut q, &mut s, ScaleFormat::F32).unwrap();
+    let codes = q.to_host(&gpu).unwrap();
+    let back = q.into_cuda_slice();
+    assert_eq!(back.len(), m * k + 64);
+    assert_eq!(gpu.stream().clone_dtoh(&back.slice(0..m * k)).unwrap(), codes);
+    let short = gpu.stream().alloc_zeros::<E4M3>(m * k - 1).unwrap();
+    assert!(matches!(DeviceTensor::from_cuda_slice(short, &[m, k]), Err(Error::Shape { arg: "data", .. })));
+
+    // Preloaded, a step can be captured and replayed: the graph's result equals the eager one.
+    let fresh = Gpu::new(0).unwrap();
+    assert!(fresh.preload().unwrap() > 0, "no module loaded");
+    let mut q = DeviceTensor::from_host(&fresh, &vec![E4M3(0); m * k], &[m, k]).unwrap();
+    let mut s = DeviceTensor::<f32>::zeros(&fresh, &activation_scale_shape(m, k)).unwrap();
+    let x = DeviceTensor::from_host(&fresh, &random_bf16(m * k, 5), &[m, k]).unwrap();
+    fresh.synchronize().unwrap();
+    // SAFETY: every buffer is used on this one stream only.
+    unsafe { fresh.context().disable_event_tracking() };
+    fresh.stream().begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    let captured = quantize_activations(&fresh, &x, &mut q, &mut s, ScaleFormat::F32);
+    let graph = fresh.stream().end_capture(CUgraphInstantiate_flags(0)).unwrap();
+    unsafe { fresh.context().enable_event_tracking() };
+    captured.unwrap();
+    graph.expect("a captured graph").launch().unwrap();
+    let (gq, gs) = (q.to_host(&fresh).unwrap(), s.to_host(&fresh).unwrap());
+    quantize_activations(&fresh, &x, &mut q, &mut s, ScaleFormat::F32).unwrap();
+    assert_eq!(gq, q.to_host(&fresh).unwrap(), "replayed codes equal eager");
+    assert_eq!(gs, s.to_host(&fresh).unwrap(), "replayed scales equal eager");
 }
 
 #[test]

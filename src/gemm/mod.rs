@@ -28,7 +28,7 @@
 pub mod plan;
 pub mod sm90;
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 use half::bf16;
 
 use crate::device::{check_devices, DeviceInfo, Gpu};
@@ -170,7 +170,7 @@ fn apply_forced(p: &mut Plan, forced: &ForcedSm90, kernel: GemmKernel, info: &De
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run<T: DeviceRepr + Copy + Default>(
+fn run<T: DeviceRepr + ValidAsZeroBits>(
     gpu: &Gpu,
     a: &DeviceTensor<E4M3>,
     sa: &DeviceTensor<f32>,
@@ -179,8 +179,12 @@ fn run<T: DeviceRepr + Copy + Default>(
     out: &mut DeviceTensor<T>,
     accumulate: bool,
     opts: &GemmOptions,
+    workspace: Option<&mut DeviceTensor<f32>>,
 ) -> Result<()> {
     check_devices!(gpu, a, sa, b, sb, out)?;
+    if let Some(ws) = &workspace {
+        check_devices!(gpu, ws)?;
+    }
     let mut p = plan(a.shape(), sa.shape(), b.shape(), sb.shape(), out.shape(), accumulate, opts.kernel, gpu.info())?;
     if let Some(forced) = &opts.force_sm90 {
         apply_forced(&mut p, forced, opts.kernel, gpu.info())?;
@@ -189,11 +193,11 @@ fn run<T: DeviceRepr + Copy + Default>(
     match p.resolved {
         Resolved::Empty => {
             if p.zero_fill {
-                out.copy_from_host(gpu, &vec![T::default(); out.numel()])?;
+                gpu.stream().memset_zeros(&mut out.view_mut()).cuda_call("cuMemsetD8Async")?;
             }
             Ok(())
         }
-        Resolved::Sm90(cfg) => sm90::launch(gpu, &shape, &cfg, a, sa, b, sb, out, accumulate),
+        Resolved::Sm90(cfg) => sm90::launch(gpu, &shape, &cfg, a, sa, b, sb, out, accumulate, workspace),
         Resolved::Plain { grid } => {
             let f = gpu.function(PLAIN_MODULE, "fp8_gemm_plain", 0)?;
             let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -215,7 +219,9 @@ fn run<T: DeviceRepr + Copy + Default>(
 }
 
 /// `out[m, n] (bf16) = A·Bᵀ` with block scales; see the module docs for layouts and requirements. Enqueued on the
-/// GPU's stream; m = 0 launches nothing; k = 0 writes zeros.
+/// GPU's stream; m = 0 launches nothing; k = 0 writes zeros (a stream-ordered memset). When the plan splits K it
+/// allocates its fp32 partials on the stream (`cuMemAllocAsync`); [`fp8_gemm_with_workspace`] takes them from the
+/// caller instead, which is the form to capture in a CUDA graph.
 pub fn fp8_gemm(
     gpu: &Gpu,
     a: &DeviceTensor<E4M3>,
@@ -225,7 +231,7 @@ pub fn fp8_gemm(
     out: &mut DeviceTensor<bf16>,
     opts: &GemmOptions,
 ) -> Result<()> {
-    run(gpu, a, sa, b, sb, out, false, opts)
+    run(gpu, a, sa, b, sb, out, false, opts, None)
 }
 
 /// `c[m, n] (fp32) += A·Bᵀ` with block scales (D = C + A·B in place). Same requirements as [`fp8_gemm`].
@@ -238,7 +244,62 @@ pub fn fp8_gemm_accumulate(
     c: &mut DeviceTensor<f32>,
     opts: &GemmOptions,
 ) -> Result<()> {
-    run(gpu, a, sa, b, sb, c, true, opts)
+    run(gpu, a, sa, b, sb, c, true, opts, None)
+}
+
+/// fp32 elements of workspace [`fp8_gemm_with_workspace`] / [`fp8_gemm_accumulate_with_workspace`] need for an
+/// `m × n × k` problem on this device with these options (0 when the plan does not split K). Pure: computed from
+/// the shapes and the device facts, nothing is allocated.
+pub fn workspace_elements(
+    gpu: &Gpu,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    opts: &GemmOptions,
+) -> Result<usize> {
+    let kb = k.div_ceil(128);
+    let shapes = ([m, k], [kb, m.div_ceil(4) * 4], [n, k], [n.div_ceil(128), kb], [m, n]);
+    let mut p = plan(&shapes.0, &shapes.1, &shapes.2, &shapes.3, &shapes.4, accumulate, opts.kernel, gpu.info())?;
+    if let Some(forced) = &opts.force_sm90 {
+        apply_forced(&mut p, forced, opts.kernel, gpu.info())?;
+    }
+    Ok(match p.resolved {
+        Resolved::Sm90(cfg) => sm90::workspace_elements(&p.shape, &cfg),
+        _ => 0,
+    })
+}
+
+/// [`fp8_gemm`] with a caller-owned fp32 workspace of at least [`workspace_elements`] elements (any shape), so
+/// that a split-K plan allocates nothing: for CUDA-graph capture and engines with their own allocator. Launches only;
+/// no allocation, copy or synchronization.
+#[allow(clippy::too_many_arguments)]
+pub fn fp8_gemm_with_workspace(
+    gpu: &Gpu,
+    a: &DeviceTensor<E4M3>,
+    sa: &DeviceTensor<f32>,
+    b: &DeviceTensor<E4M3>,
+    sb: &DeviceTensor<f32>,
+    out: &mut DeviceTensor<bf16>,
+    workspace: &mut DeviceTensor<f32>,
+    opts: &GemmOptions,
+) -> Result<()> {
+    run(gpu, a, sa, b, sb, out, false, opts, Some(workspace))
+}
+
+/// [`fp8_gemm_accumulate`] with a caller-owned workspace, as [`fp8_gemm_with_workspace`].
+#[allow(clippy::too_many_arguments)]
+pub fn fp8_gemm_accumulate_with_workspace(
+    gpu: &Gpu,
+    a: &DeviceTensor<E4M3>,
+    sa: &DeviceTensor<f32>,
+    b: &DeviceTensor<E4M3>,
+    sb: &DeviceTensor<f32>,
+    c: &mut DeviceTensor<f32>,
+    workspace: &mut DeviceTensor<f32>,
+    opts: &GemmOptions,
+) -> Result<()> {
+    run(gpu, a, sa, b, sb, c, true, opts, Some(workspace))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use cudarc::driver::sys::{
     self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
     CUtensorMapSwizzle,
 };
-use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
 
 use super::plan::{GemmShape, Sm90Config, BLOCK_K};
 use crate::device::Gpu;
@@ -234,15 +234,15 @@ fn launch_gemm<T: DeviceRepr>(
     cfg: &Sm90Config,
     maps: &[TensorMap; 3],
     sb: &DeviceTensor<f32>,
-    out: &mut DeviceTensor<T>,
+    ov: &mut CudaViewMut<'_, T>,
     mode: OutputMode,
 ) -> Result<()> {
     let want = match mode {
         OutputMode::F32Partial => cfg.k_splits as usize * shape.m * shape.n,
         _ => shape.m * shape.n,
     };
-    if out.numel() != want {
-        return Err(Error::shape("out", want, out.numel()));
+    if ov.len() != want {
+        return Err(Error::shape("out", want, ov.len()));
     }
     let f = gpu.function(MODULE, cfg.kernel_name()?, cfg.smem_bytes)?;
     let launch_cfg =
@@ -251,9 +251,8 @@ fn launch_gemm<T: DeviceRepr>(
     let (stages, group_m, mode) = (cfg.stages as i32, cfg.group_m as i32, mode as i32);
     let (splits, per) = (cfg.k_splits as i32, cfg.kb_per_split as i32);
     let sbv = sb.view();
-    let mut ov = out.view_mut();
     let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&sbv).arg(&mut ov);
+    launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&sbv).arg(ov);
     launch.arg(&m).arg(&n).arg(&k).arg(&stages).arg(&group_m).arg(&mode).arg(&splits).arg(&per);
     // SAFETY: the tensor maps describe exactly a [m, k], b [n, k] and sa [ceil(k/128), m_pad] (TMA never reads
     // outside them and zero-fills out-of-range box elements); sb has ceil(n/128)·ceil(k/128) floats and the kernel
@@ -365,6 +364,7 @@ pub(crate) fn launch<T: DeviceRepr>(
     sb: &DeviceTensor<f32>,
     out: &mut DeviceTensor<T>,
     accumulate: bool,
+    workspace: Option<&mut DeviceTensor<f32>>,
 ) -> Result<()> {
     gpu.require_hopper("fp8_gemm sm90")?;
     let [ta, tb, tsa] = gemm_tmas(shape, cfg);
@@ -379,26 +379,51 @@ pub(crate) fn launch<T: DeviceRepr>(
         return launch_mc2(gpu, shape, cfg, &maps, sb, out, final_mode);
     }
     if cfg.k_splits <= 1 {
-        return launch_gemm(gpu, shape, cfg, &maps, sb, out, final_mode);
+        return launch_gemm(gpu, shape, cfg, &maps, sb, &mut out.view_mut(), final_mode);
     }
-    // SAFETY: every element of the workspace is written by the GEMM launch before the reduction reads it: the work
-    // items (tile, split) cover every (row < m, col < n) once per split (plan tests check the coverage).
-    let mut partial = unsafe { DeviceTensor::<f32>::uninit(gpu, &[cfg.k_splits as usize, shape.m, shape.n])? };
+    let need = workspace_elements(shape, cfg);
+    let mut owned;
+    let ws = match workspace {
+        Some(ws) => {
+            if ws.numel() < need {
+                return Err(Error::shape("workspace", format!("at least {need} fp32 elements"), ws.numel()));
+            }
+            ws
+        }
+        None => {
+            // SAFETY: every element is written by the GEMM launch before the reduction reads it (below).
+            owned = unsafe { DeviceTensor::<f32>::uninit(gpu, &[need])? };
+            &mut owned
+        }
+    };
+    // Every element of the first k_splits·m·n workspace floats is written by the GEMM launch before the reduction
+    // reads it: the work items (tile, split) cover every (row < m, col < n) once per split (plan tests check the
+    // coverage).
+    let mut all = ws.view_mut();
+    let mut partial = all.slice_mut(0..need);
     launch_gemm(gpu, shape, cfg, &maps, sb, &mut partial, OutputMode::F32Partial)?;
     let pairs = (shape.m as u64 * shape.n as u64) / 2;
     let blocks = pairs.div_ceil(256).min(u64::from(gpu.info().sm_count) * 8).max(1) as u32;
     let f = gpu.function(MODULE, "fp8_gemm_splitk_reduce", 0)?;
     let launch_cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (m, n, splits, mode) = (shape.m as i32, shape.n as i32, cfg.k_splits as i32, final_mode as i32);
-    let pv = partial.view();
     let mut ov = out.view_mut();
     let mut launch = stream.launch_builder(&f);
-    launch.arg(&pv).arg(&mut ov).arg(&m).arg(&n).arg(&splits).arg(&mode);
+    launch.arg(&mut partial).arg(&mut ov).arg(&m).arg(&n).arg(&splits).arg(&mode);
     // SAFETY: partial holds k_splits·m·n floats, out m·n elements of the type `mode` selects; n is even (validated
     // n % 8 == 0), so the kernel's float2 / bf16x2 pairs never straddle the end; the grid-stride loop is bounded by
     // m·n/2 pairs.
     unsafe { launch.launch(launch_cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
+}
+
+/// fp32 workspace elements a configuration needs: `k_splits · m · n` split-K partials, 0 without split-K.
+pub fn workspace_elements(shape: &GemmShape, cfg: &Sm90Config) -> usize {
+    if cfg.k_splits > 1 {
+        cfg.k_splits as usize * shape.m * shape.n
+    } else {
+        0
+    }
 }
 
 /// Launchers of the primitive-test kernels (`gemm_probe_*` in kernels/fp8_gemm_sm90.cu), used by the GPU tests to
