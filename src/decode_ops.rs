@@ -41,6 +41,8 @@ fn launch_rms_norm(
 }
 
 /// `y = rms_norm(x) · weight` over the last dimension of `x` [rows, d].
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn rms_norm(
     gpu: &Gpu,
     x: &DeviceTensor<bf16>,
@@ -61,6 +63,8 @@ pub fn rms_norm(
 
 /// Fused residual add + RMSNorm: `h = x + residual` (rounded to bf16, written to `residual_out`), `y = rms_norm(h) ·
 /// weight`. All of x, residual, residual_out, y are [rows, d].
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn add_rms_norm(
     gpu: &Gpu,
     x: &DeviceTensor<bf16>,
@@ -87,6 +91,8 @@ pub fn add_rms_norm(
 
 /// Normalizes, in place, the first `weight.len()` columns of every row of `x` [rows, row_len] (e.g. the 512-wide
 /// latent of a 576-wide kv_a row, leaving its 64 RoPE columns untouched).
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn rms_norm_prefix_inplace(
     gpu: &Gpu,
     x: &mut DeviceTensor<bf16>,
@@ -107,6 +113,8 @@ pub fn rms_norm_prefix_inplace(
 
 /// Copies columns `[src_col, src_col + width)` of `src` [rows, src_len] into columns `[dst_col, dst_col + width)`
 /// of `dst` [rows, dst_len] (rows may be given as any leading shape; only the last dimension is the row length).
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn copy_columns(
     gpu: &Gpu,
     src: &DeviceTensor<bf16>,
@@ -147,6 +155,8 @@ pub fn copy_columns(
 }
 
 /// `out = a + b`, elementwise, bf16 (one rounding).
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn add(gpu: &Gpu, a: &DeviceTensor<bf16>, b: &DeviceTensor<bf16>, out: &mut DeviceTensor<bf16>) -> Result<()> {
     check_devices!(gpu, a, b, out)?;
     b.expect_shape("b", a.shape())?;
@@ -186,6 +196,8 @@ pub struct RopeTables {
 
 impl RopeTables {
     /// Uploads `cfg.inv_freq()`.
+    ///
+    /// Graph capture: no (allocates and copies from the host); call it before capturing.
     pub fn new(gpu: &Gpu, cfg: RopeConfig) -> Result<Self> {
         if cfg.dim == 0 || !cfg.dim.is_multiple_of(2) {
             return Err(Error::InvalidConfig(format!("rope dim must be even and positive, got {}", cfg.dim)));
@@ -202,6 +214,8 @@ impl RopeTables {
 
 /// Rotates interleaved pairs of `x` [rows, row_len] in place at `positions` [rows] (see
 /// [`crate::reference::decode_ops::rope`]).
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn rope_inplace(
     gpu: &Gpu,
     x: &mut DeviceTensor<bf16>,
@@ -302,6 +316,8 @@ fn head_bmm_smem_bytes(k: usize) -> u32 {
 /// `out[t, h, out.col + j] = Σ_i x[t, h, x.col + i] · w[s.offset + h·s.head + i·s.i + j·s.j]` for `i < x_cols.len`,
 /// `j < out_cols.len`; fp32 accumulation, bf16 out. `x` is [t, heads, x_len] and `out` [t, heads, out_len]; columns
 /// outside `out_cols` are not touched. With whole-row windows this is a plain per-head batched matmul.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn head_bmm_windows<O: BmmOutput>(
     gpu: &Gpu,
     x: &DeviceTensor<bf16>,
@@ -366,6 +382,8 @@ pub fn head_bmm_windows<O: BmmOutput>(
 }
 
 /// `out[t, h, j] = Σ_i x[t, h, i] · w[s.offset + h·s.head + i·s.i + j·s.j]` with `x` [t, heads, k], `out` [t, heads, n].
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn head_bmm<O: BmmOutput>(
     gpu: &Gpu,
     x: &DeviceTensor<bf16>,
@@ -382,6 +400,8 @@ pub fn head_bmm<O: BmmOutput>(
 /// `block_table` [batch, max_blocks]. When `host_table` (a host copy of block_table, seq_ids and positions) is
 /// given, every index is validated before launch; the kernel also bounds-checks on the device and skips rows whose
 /// slot is out of range, so a bad device table never writes out of bounds.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
 pub fn cache_append(
     gpu: &Gpu,

@@ -169,6 +169,8 @@ fn mark(gpu: &Gpu, marks: &mut Option<Marks>, stage: &'static str) -> Result<()>
 
 impl DecodeLayer {
     /// Uploads a prepared layer.
+    ///
+    /// Graph capture: no (allocates and copies from the host); call it before capturing.
     pub fn upload(gpu: &Gpu, layer: &PreparedLayer) -> Result<Self> {
         let cfg = layer.cfg.clone();
         let up = |v: &[bf16], shape: &[usize]| DeviceTensor::from_host(gpu, v, shape);
@@ -200,6 +202,8 @@ impl DecodeLayer {
     }
 
     /// Activation buffers for `batch` sequences.
+    ///
+    /// Graph capture: no (allocates device memory); call it before capturing.
     pub fn workspace(&self, gpu: &Gpu, batch: usize) -> Result<DecodeWorkspace> {
         let c = &self.cfg;
         let (b, heads) = (batch, c.num_heads);
@@ -257,6 +261,9 @@ impl DecodeLayer {
 
     /// Runs the step: `x` [b, hidden] → `out` [b, hidden], appending each sequence's kv row to `kv_cache`
     /// [num_blocks, page, 576]. With `timed`, returns per-stage GPU times (this synchronizes at the end).
+    ///
+    /// Graph capture: no (builds the MLA plan and workspace for the step's lengths: allocations and host
+    /// copies)
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,

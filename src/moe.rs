@@ -53,6 +53,8 @@ impl RouterLogits for bf16 {
 
 /// Routes `logits` `[t, E]` into `topk_ids` `[t, k]` and `topk_weights` `[t, k]` exactly like
 /// [`crate::reference::moe::route`], bit for bit (ids and weights: the exp and the softmax sum order are twinned).
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn route<T: RouterLogits>(
     gpu: &Gpu,
     cfg: &RouterConfig,
@@ -108,6 +110,8 @@ pub fn route<T: RouterLogits>(
 
 /// Router gate GEMM: `logits` `[t, E]` f32 = `x` `[t, H]` · `w_gate` `[E, H]`ᵀ (bf16 in, f32 math, bitwise
 /// [`crate::reference::moe::gate_logits`]). `H % 8 == 0`.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn gate_logits(
     gpu: &Gpu,
     x: &DeviceTensor<bf16>,
@@ -145,6 +149,8 @@ pub fn gate_logits(
 
 /// Uploads host-visible `topk_ids` `[t, k]` after checking every id is in `−1..E` (the check the device cannot do
 /// without a sync; on the device, out-of-range ids are skipped, never dereferenced).
+///
+/// Graph capture: no (allocates and copies from the host); call it before capturing.
 pub fn upload_topk_ids(gpu: &Gpu, ids: &[i32], t: usize, k: usize, num_experts: usize) -> Result<DeviceTensor<i32>> {
     if ids.len() != t * k {
         return Err(Error::shape("topk_ids", format!("[{t}, {k}]"), ids.len()));
@@ -185,6 +191,8 @@ pub struct Permuted {
 impl Permuted {
     /// Allocates (zero-filled) buffers. Contiguous `block_m` and masked `max_m` must be multiples of
     /// [`GEMM_BLOCK_M`]; `H` a multiple of 128; `E ≤ 1024`.
+    ///
+    /// Graph capture: no (allocates device memory); call it before capturing.
     pub fn new(gpu: &Gpu, t: usize, k: usize, num_experts: usize, hidden: usize, layout: Layout) -> Result<Self> {
         let (pairs, cap) = Self::validate_config(t, k, num_experts, hidden, layout)?;
         Ok(Permuted {
@@ -260,6 +268,8 @@ impl Permuted {
 /// Groups the pairs of `topk_ids` `[t, k]` by expert (stable: by token, then slot) and gathers the quantized
 /// activations `xq` `[t, H]` / `xs` `[H/128, round_up(t, 4)]` (as [`crate::quant::quantize_activations`] writes
 /// them) into `out`. Four launches, no host sync; ids outside `0..E` are skipped.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn permute(
     gpu: &Gpu,
     topk_ids: &DeviceTensor<i32>,
@@ -342,6 +352,8 @@ pub fn permute(
 /// Segment offsets `[E + 1]` = `e · max_m` for activations that arrive already in the masked layout
 /// (e.g. from DeepEP's low-latency dispatch: `[E, max_m, H]` viewed as `[E · max_m, H]` rows, with its device
 /// `counts[E]`), so they can go straight into [`grouped_gemm`]. `max_m` must be a multiple of [`GEMM_BLOCK_M`].
+///
+/// Graph capture: no (allocates and copies from the host); call it before capturing.
 pub fn masked_offsets(gpu: &Gpu, num_experts: usize, max_m: usize) -> Result<DeviceTensor<i64>> {
     if max_m == 0 || !max_m.is_multiple_of(GEMM_BLOCK_M) {
         return Err(Error::Alignment { arg: "max_m", required: GEMM_BLOCK_M, got: max_m });
@@ -370,6 +382,8 @@ pub struct ExpertWeights {
 
 impl ExpertWeights {
     /// Uploads reference weights.
+    ///
+    Graph capture: no (allocates and copies from the host); call it before capturing.
     pub fn from_reference(gpu: &Gpu, w: &ExpertsFp8) -> Result<Self> {
         let (e, h, i) = (w.num_experts, w.hidden, w.intermediate);
         Ok(ExpertWeights {
@@ -611,6 +625,8 @@ fn grouped_gemm_tma(
 /// `a` `[rows, K]` with scales `[K/128, round_up(rows, 4)]`; `w` `[E, N, K]` with scales `[E, N/128, K/128]`.
 /// Segment starts must be multiples of [`GEMM_BLOCK_M`] (what [`permute`] produces). Dispatches to the wgmma
 /// kernel on sm_90 when it is built, else to the portable SIMT kernel.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm(
     gpu: &Gpu,
@@ -626,6 +642,8 @@ pub fn grouped_gemm(
 }
 
 /// [`grouped_gemm`] with an explicit kernel choice.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm_with(
     gpu: &Gpu,
@@ -706,6 +724,8 @@ pub fn grouped_gemm_with(
 /// Fused SwiGLU + requant: `h` `[rows, 2I]` (gate | up, bf16) → `q` `[rows, I]` E4M3 and scales
 /// `[I/128, round_up(rows, 4)]` (the down GEMM's layout). With `limit` (a permutation's offsets), rows at or past
 /// `offsets[E]` are skipped.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn swiglu_quant(
     gpu: &Gpu,
     h: &DeviceTensor<bf16>,
@@ -763,6 +783,8 @@ pub fn swiglu_quant(
 /// bf16 out (bitwise [`crate::reference::moe::combine_token`]). Slots whose row is −1 (or out of range) are skipped;
 /// `skip_weights` uses weight 1 (for an all-to-all that applies the weights itself). `y` `[rows, H]`, `row_of` and
 /// `weights` `t·k` entries, `shared`/`out` `[t, H]`.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn combine(
     gpu: &Gpu,
     y: &DeviceTensor<bf16>,
@@ -860,6 +882,8 @@ struct SharedWorkspace {
 impl MoeWorkspace {
     /// Buffers for `t` tokens with `cfg`, hidden `H`, routed intermediate `I`, shared intermediate `shared_i`
     /// (`None`: no shared expert), in `layout`.
+    ///
+    Graph capture: no (allocates device memory); call it before capturing.
     pub fn new(
         gpu: &Gpu,
         cfg: &RouterConfig,
@@ -930,6 +954,8 @@ pub enum Routing<'a> {
 /// The whole MoE layer: quantize `x` `[t, H]` (1×128, F32 scales), route (optionally after the gate GEMM), permute, gate+up grouped GEMM, SwiGLU +
 /// requant, down grouped GEMM, shared expert (if given, same kernels with one expert), combine → `out` `[t, H]`
 /// bf16. About 12 launches, no host synchronization and no allocation: capturable into a CUDA graph.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
 pub fn moe_forward(
     gpu: &Gpu,

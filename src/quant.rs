@@ -27,6 +27,8 @@ pub fn weight_scale_shape(n: usize, k: usize) -> [usize; 2] {
 
 /// Quantizes bf16 activations `x` [m, k] into `q` [m, k] and `scales` [ceil(k/128), round_up(m, 4)] (MN-major, the
 /// FP8 GEMM's layout; padding rows are written as 0). Enqueued on the GPU's stream; m = 0 launches nothing.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn quantize_activations(
     gpu: &Gpu,
     x: &DeviceTensor<bf16>,
@@ -61,6 +63,8 @@ pub fn quantize_activations(
 }
 
 /// Allocating form of [`quantize_activations`].
+///
+/// Graph capture: no (allocates device memory); call it before capturing.
 pub fn quantize_activations_new(
     gpu: &Gpu,
     x: &DeviceTensor<bf16>,
@@ -74,6 +78,8 @@ pub fn quantize_activations_new(
 }
 
 /// Quantizes bf16 weights `w` [n, k] into `q` [n, k] and `scales` [ceil(n/128), ceil(k/128)] (row-major).
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 pub fn quantize_weights(
     gpu: &Gpu,
     w: &DeviceTensor<bf16>,
@@ -106,6 +112,8 @@ pub fn quantize_weights(
 }
 
 /// Allocating form of [`quantize_weights`].
+///
+/// Graph capture: no (allocates device memory); call it before capturing.
 pub fn quantize_weights_new(
     gpu: &Gpu,
     w: &DeviceTensor<bf16>,

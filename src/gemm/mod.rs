@@ -222,6 +222,9 @@ fn run<T: DeviceRepr + ValidAsZeroBits>(
 /// GPU's stream; m = 0 launches nothing; k = 0 writes zeros (a stream-ordered memset). When the plan splits K it
 /// allocates its fp32 partials on the stream (`cuMemAllocAsync`); [`fp8_gemm_with_workspace`] takes them from the
 /// caller instead, which is the form to capture in a CUDA graph.
+///
+/// Graph capture: yes, but a split-K plan allocates its partials on the stream (`cuMemAllocAsync`, captured as an
+/// allocation node); [`fp8_gemm_with_workspace`] allocates nothing.
 pub fn fp8_gemm(
     gpu: &Gpu,
     a: &DeviceTensor<E4M3>,
@@ -235,6 +238,8 @@ pub fn fp8_gemm(
 }
 
 /// `c[m, n] (fp32) += A·Bᵀ` with block scales (D = C + A·B in place). Same requirements as [`fp8_gemm`].
+///
+/// Graph capture: as [`fp8_gemm`].
 pub fn fp8_gemm_accumulate(
     gpu: &Gpu,
     a: &DeviceTensor<E4M3>,
@@ -273,6 +278,8 @@ pub fn workspace_elements(
 /// [`fp8_gemm`] with a caller-owned fp32 workspace of at least [`workspace_elements`] elements (any shape), so
 /// that a split-K plan allocates nothing: for CUDA-graph capture and engines with their own allocator. Launches only;
 /// no allocation, copy or synchronization.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
 pub fn fp8_gemm_with_workspace(
     gpu: &Gpu,
@@ -288,6 +295,8 @@ pub fn fp8_gemm_with_workspace(
 }
 
 /// [`fp8_gemm_accumulate`] with a caller-owned workspace, as [`fp8_gemm_with_workspace`].
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
 pub fn fp8_gemm_accumulate_with_workspace(
     gpu: &Gpu,

@@ -45,6 +45,9 @@ pub struct MlaPlan {
 
 impl MlaPlan {
     /// Schedules `seqlens` (host copy of the device `seqlens`) for pages of `page_size` tokens and uploads the plan.
+    ///
+    /// Graph capture: no (allocates and copies from the host); call it before capturing.
+    /// A graph captured with this plan replays the schedule of these lengths.
     pub fn new(gpu: &Gpu, seqlens: &[i32], page_size: usize, mode: SplitMode) -> Result<Self> {
         let split = plan_splits(seqlens, page_size, mode)?;
         let flat: Vec<i32> =
@@ -56,12 +59,16 @@ impl MlaPlan {
     }
 
     /// Balanced plan with one piece per SM of `gpu`.
+    ///
+    /// Graph capture: no (allocates and copies from the host); call it before capturing.
     pub fn balanced(gpu: &Gpu, seqlens: &[i32], page_size: usize) -> Result<Self> {
         Self::new(gpu, seqlens, page_size, SplitMode::Balanced { target_ctas: gpu.info().sm_count.max(1) as usize })
     }
 
     /// Balanced plan sized for `backend`: the decode grid is (CTAs, row groups), so aim for about one CTA per SM
     /// in total (`sm_count / row_groups` pieces, at least one).
+    ///
+    /// Graph capture: no (allocates and copies from the host); call it before capturing.
     pub fn for_backend(gpu: &Gpu, seqlens: &[i32], cfg: &MlaConfig, backend: Backend) -> Result<Self> {
         let rows = cfg.s_q.saturating_mul(cfg.heads).max(1);
         let groups = match backend {
@@ -90,6 +97,8 @@ pub struct MlaWorkspace {
 
 impl MlaWorkspace {
     /// Allocates the partials for `plan` and `cfg` (`s_q · heads` rows per split).
+    ///
+    /// Graph capture: no (allocates device memory); call it before capturing.
     pub fn new(gpu: &Gpu, plan: &MlaPlan, cfg: &MlaConfig) -> Result<Self> {
         Self::with_capacity(gpu, plan.split.total_splits(), cfg.s_q * cfg.heads)
     }
@@ -303,6 +312,9 @@ fn validate(
 
 /// MLA decode with a bf16 cache `[num_blocks, page_size, 576]`. Writes `out` `[b, s_q, h, 512]` bf16 and `lse`
 /// `[b, h, s_q]` f32 (natural log; +inf for rows that attend no key). Enqueued on the GPU's stream.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
+/// The plan is fixed at capture: replays keep its schedule, so lengths must not outgrow it.
 #[allow(clippy::too_many_arguments)]
 pub fn mla_decode(
     gpu: &Gpu,
@@ -323,6 +335,8 @@ pub fn mla_decode(
 
 /// MLA decode with the FP8 cache `[num_blocks, page_size, 656]` bytes (layout:
 /// [`crate::reference::mla::fp8_token_layout`]), dequantized in the kernel. Otherwise as [`mla_decode`].
+///
+/// Graph capture: as [`mla_decode`].
 #[allow(clippy::too_many_arguments)]
 pub fn mla_decode_fp8(
     gpu: &Gpu,
