@@ -383,7 +383,7 @@ pub struct ExpertWeights {
 impl ExpertWeights {
     /// Uploads reference weights.
     ///
-    Graph capture: no (allocates and copies from the host); call it before capturing.
+    /// Graph capture: no (allocates and copies from the host); call it before capturing.
     pub fn from_reference(gpu: &Gpu, w: &ExpertsFp8) -> Result<Self> {
         let (e, h, i) = (w.num_experts, w.hidden, w.intermediate);
         Ok(ExpertWeights {
@@ -883,7 +883,7 @@ impl MoeWorkspace {
     /// Buffers for `t` tokens with `cfg`, hidden `H`, routed intermediate `I`, shared intermediate `shared_i`
     /// (`None`: no shared expert), in `layout`.
     ///
-    Graph capture: no (allocates device memory); call it before capturing.
+    /// Graph capture: no (allocates device memory); call it before capturing.
     pub fn new(
         gpu: &Gpu,
         cfg: &RouterConfig,
