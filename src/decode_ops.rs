@@ -212,7 +212,7 @@ impl RopeTables {
     }
 }
 
-/// Rotates interleaved pairs of `x` [rows, row_len] in place at `positions` [rows] (see
+/// Rotates interleaved pairs of `x` `[rows, row_len]` in place at `positions` `[rows]` (see
 /// [`crate::reference::decode_ops::rope`]).
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).

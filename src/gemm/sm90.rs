@@ -478,7 +478,7 @@ pub mod probes {
         out.to_host(gpu)
     }
 
-    /// Two promotion steps on a [64, 160] tile at column `n0`: returns fin_in + 2 × (acc · sa[row] · sb2[slot]),
+    /// Two promotion steps on a [64, 160] tile at column `n0`: returns `fin_in + 2 × (acc · sa[row] · sb2[slot])`,
     /// each step one fmaf per element (see `r1k::gemm::promote`).
     pub fn promote_n160(
         gpu: &Gpu,

@@ -26,7 +26,7 @@ pub const TILE_N: usize = 64;
 pub const BLOCK_BYTES: usize = 64 * 128;
 /// Bytes of a Q tile or K stage: 9 column blocks.
 pub const TILE_BYTES: usize = 9 * BLOCK_BYTES;
-/// Bytes of the cross-warpgroup exchange: row maxima / sums [2][64] f32.
+/// Bytes of the cross-warpgroup exchange: row maxima / sums `[2][64]` f32.
 pub const RED_BYTES: usize = 2 * 64 * 4;
 /// Bytes of the P-fragment exchange: [4 k-steps][4 registers][128 threads] u32.
 pub const XBUF_BYTES: usize = 4 * 4 * 128 * 4;
@@ -81,7 +81,7 @@ pub const fn narrow_p_offset(r: usize, k: usize) -> usize {
     swizzle128(r, 2 * k)
 }
 
-/// Bytes of a raw FP8 stage: codes [2][64][256 B] + scales [64][16 B].
+/// Bytes of a raw FP8 stage: codes `[2][64][256 B]` + scales `[64][16 B]`.
 pub const FP8_RAW_BYTES: usize = 2 * 64 * 256 + 64 * 16;
 /// Dynamic shared memory of the FP8 kernel: slack + Q + latent (8 blocks) + 2 RoPE blocks + 2 raw stages + barriers.
 /// (The P exchange of the FP8 kernel goes through the raw stage of the tile being computed.)
