@@ -2,7 +2,7 @@
 //!
 //! Hand-written CUDA kernels for the performance core of DeepSeek-V3/R1-style models (FP8 block-scaled GEMM,
 //! Mixture-of-Experts, MLA decode), launched from safe Rust through cudarc's driver API, each with a CPU reference
-//! in [`reference`](crate::reference) that is simple enough to trust.
+//! in [`crate::reference`] that is simple enough to trust.
 //!
 //! Every GPU entry point validates shapes, alignment and index ranges on the host and returns an [`Error`] instead of
 //! launching on bad input. The crate builds and runs its CPU paths on machines without CUDA: GPU entry points then
