@@ -591,3 +591,26 @@ fn fuzz_checkpoint_loader_on_damaged_files() {
     let _ = fs::remove_dir_all(&pristine);
     let _ = fs::remove_dir_all(&work);
 }
+
+// ------------------------------------------------------------------------------------------------ regressions
+// Failing cases found by the properties above (or by the overflow paths they drive), kept with their exact inputs.
+
+/// `validate_inputs` computed the table's capacity as `max_blocks · page_size` unchecked: with a huge page size it
+/// wrapped (to −2 here) and rejected a batch of empty sequences (in debug builds: an overflow panic).
+#[test]
+fn mla_validate_inputs_with_a_huge_page_accepts_empty_sequences() {
+    let cfg = MlaConfig { batch: 1, s_q: 1, heads: 1, page_size: usize::MAX, softmax_scale: 0.1, causal: false };
+    let d = validate_inputs(576, 0, &[5, 5], &[0], &cfg).unwrap();
+    assert_eq!((d.num_blocks, d.max_blocks), (0, 2));
+}
+
+/// `validate_inputs` compared q's length with `batch·s_q·heads·576` computed unchecked: a panic in debug builds (and a
+/// wrapped product in release).
+#[test]
+fn mla_validate_inputs_with_overflowing_sizes_is_an_error() {
+    for (batch, s_q, heads) in [(1usize << 62, 4usize, 1usize), (1, usize::MAX, 2), (1, 1, 1 << 60)] {
+        let cfg = MlaConfig { batch, s_q, heads, page_size: 64, softmax_scale: 0.1, causal: false };
+        let r = validate_inputs(0, 0, &[], &[], &cfg);
+        assert!(matches!(r, Err(Error::Shape { arg: "q", .. })), "{cfg:?}: {r:?}");
+    }
+}
