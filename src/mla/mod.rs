@@ -91,7 +91,9 @@ pub struct MlaWorkspace {
 impl MlaWorkspace {
     /// Allocates the partials for `plan` and `cfg` (`s_q · heads` rows per split).
     pub fn new(gpu: &Gpu, plan: &MlaPlan, cfg: &MlaConfig) -> Result<Self> {
-        Self::with_capacity(gpu, plan.split.total_splits(), cfg.s_q * cfg.heads)
+        let rows =
+            cfg.s_q.checked_mul(cfg.heads).ok_or_else(|| Error::shape("cfg", "s_q·heads that fits", "overflow"))?;
+        Self::with_capacity(gpu, plan.split.total_splits(), rows)
     }
 
     /// Allocates room for `splits` splits of `rows` rows each.
