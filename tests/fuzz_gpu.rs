@@ -479,9 +479,9 @@ fn fuzz_moe_permute() {
         }
         let config_valid = (1..=1024).contains(&e)
             && h > 0
-            && h % 128 == 0
+            && h.is_multiple_of(128)
             && match layout {
-                Layout::Contiguous { block_m: m } | Layout::Masked { max_m: m } => m > 0 && m % 64 == 0,
+                Layout::Contiguous { block_m: m } | Layout::Masked { max_m: m } => m > 0 && m.is_multiple_of(64),
             };
         let mut perm = match Permuted::new(&gpu, t, k, e, h, layout) {
             Err(err) => {
@@ -583,7 +583,7 @@ fn fuzz_moe_swiglu_quant() {
     fuzz::run("moe::swiglu_quant", strategy, |((rows, i2), p, limit, empty_limit, ue8m0, seed)| {
         let format = if ue8m0 { ScaleFormat::Ue8m0 } else { ScaleFormat::F32 };
         let hs = perturb(&[rows, i2], p[0].0, p[0].1);
-        let hv = from_bf16(&to_bf16(&values(numel(&hs), seed, 3.0, seed % 4 == 0)));
+        let hv = from_bf16(&to_bf16(&values(numel(&hs), seed, 3.0, seed.is_multiple_of(4))));
         let hd = DeviceTensor::from_host(&gpu, &to_bf16(&hv), &hs).unwrap();
         let inter = i2 / 2;
         let qs = perturb(&[rows, inter], p[1].0, p[1].1);
@@ -600,7 +600,7 @@ fn fuzz_moe_swiglu_quant() {
         });
         let valid = hs.len() == 2
             && hs[1] > 0
-            && hs[1] % 256 == 0
+            && hs[1].is_multiple_of(256)
             && qs == [hs[0], hs[1] / 2]
             && ss == activation_scale_shape(hs[0], hs[1] / 2)
             && !(limit.is_some() && empty_limit);
@@ -682,7 +682,7 @@ fn fuzz_moe_combine() {
         let valid = ys.len() == 2
             && os.len() == 2
             && os[1] == ys[1]
-            && ys[1] % 8 == 0
+            && ys[1].is_multiple_of(8)
             && wsh.len() == 2
             && wsh[0] == os[0]
             && numel(&rs) == wsh[0] * wsh[1]
@@ -753,7 +753,7 @@ fn fuzz_moe_grouped_gemm() {
         let sh: Vec<Vec<usize>> = want.iter().zip(&p).map(|(s, &(how, at))| perturb(s, how, at)).collect();
         let a = codes(numel(&sh[0]), seed + 1);
         let a_rows = scales(rows * (kd / 128), seed + 2, 1.0 / 32.0);
-        let sa = if sh[1] == want[1] && kdim % 128 == 0 && kdim > 0 {
+        let sa = if sh[1] == want[1] && kdim.is_multiple_of(128) && kdim > 0 {
             scales_to_mn_major(&a_rows[..rows * (kdim / 128)], rows, kdim / 128).unwrap()
         } else {
             scales(numel(&sh[1]), seed + 2, 1.0 / 32.0)
@@ -770,7 +770,7 @@ fn fuzz_moe_grouped_gemm() {
         let cd = DeviceTensor::from_host(&gpu, &counts, &sh[5]).unwrap();
         let (mut out, o0) = poisoned::<bf16>(&gpu, &sh[6]);
         let shapes_ok = sh.iter().zip(&want).all(|(g, w)| g == w);
-        let valid = shapes_ok && kdim > 0 && kdim % 128 == 0 && n > 0 && n % 128 == 0;
+        let valid = shapes_ok && kdim > 0 && kdim.is_multiple_of(128) && n > 0 && n.is_multiple_of(128);
         let what = format!("t={t} k={k} E={e} K={kdim} N={n} {backend:?} shapes {sh:?}");
         match moe::grouped_gemm_with(&gpu, &ad, &sad, &wd, &swd, &od, &cd, &mut out, backend) {
             Err(err) => {
@@ -859,14 +859,14 @@ fn fuzz_moe_forward_and_workspace() {
             let ws_cfg =
                 if matches!(fault, MoeFault::WorkspaceExperts) { RouterConfig::softmax(e * 2, k, true) } else { cfg };
             // A workspace for another hidden size is only a fault next to valid experts.
-            prop_assume!(h % 128 == 0 || !matches!(fault, MoeFault::WorkspaceHidden));
+            prop_assume!(h.is_multiple_of(128) || !matches!(fault, MoeFault::WorkspaceHidden));
             let ws_valid = ws_h > 0
-                && ws_h % 128 == 0
+                && ws_h.is_multiple_of(128)
                 && i > 0
-                && i % 128 == 0
+                && i.is_multiple_of(128)
                 && shared_i != Some(0)
                 && match layout {
-                    Layout::Contiguous { block_m: m } | Layout::Masked { max_m: m } => m > 0 && m % 64 == 0,
+                    Layout::Contiguous { block_m: m } | Layout::Masked { max_m: m } => m > 0 && m.is_multiple_of(64),
                 };
             let mut ws = match MoeWorkspace::new(&gpu, &ws_cfg, ws_t, ws_h, i, shared_i, layout) {
                 Err(err) => {
@@ -1135,7 +1135,7 @@ fn fuzz_mla_decode() {
                 MlaFault::TableEntry(_) => !table_fault,
                 _ => false,
             };
-            let hopper_page_ok = matches!(page, 8 | 16 | 32 | 64) || page % 64 == 0;
+            let hopper_page_ok = matches!(page, 8 | 16 | 32 | 64) || page.is_multiple_of(64);
             let what = format!("{cfg:?} lens {lens:?} {backend:?} fp8={fp8} {mode:?} fault {fault:?}");
             match r {
                 Err(e) => {

@@ -103,8 +103,8 @@ fn fuzz_gemm_plan() {
         let dims_ok = m <= gemm::plan::MAX_DIM
             && n <= gemm::plan::MAX_DIM
             && k <= gemm::plan::MAX_DIM
-            && k % 16 == 0
-            && n % 8 == 0;
+            && k.is_multiple_of(16)
+            && n.is_multiple_of(8);
         let r = gemm::plan(&got[0], &got[1], &got[2], &got[3], &got[4], accumulate, kernel, &info);
         let v = gemm::validate_shapes(&got[0], &got[1], &got[2], &got[3], &got[4]);
         check!(v.is_ok() == (shapes_exact && dims_ok), "validate_shapes {got:?}: {v:?}");
@@ -396,7 +396,7 @@ fn fuzz_router_config_validate() {
             }
             Ok(()) => {
                 // What the router kernel relies on.
-                check!((1..=1024).contains(&e) && (1..=32).contains(&g) && e % g == 0, "{cfg:?}");
+                check!((1..=1024).contains(&e) && (1..=32).contains(&g) && e.is_multiple_of(g), "{cfg:?}");
                 check!((1..=g).contains(&kg) && (1..=32).contains(&k) && k <= kg * (e / g), "{cfg:?}");
                 check!(scale.is_finite(), "{cfg:?}");
                 Ok(Outcome::Matched)

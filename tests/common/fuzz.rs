@@ -82,7 +82,8 @@ pub fn run<S: Strategy>(
 #[macro_export]
 macro_rules! check {
     ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
+        let holds: bool = $cond;
+        if !holds {
             return Err(proptest::test_runner::TestCaseError::fail(format!($($fmt)+)));
         }
     };
