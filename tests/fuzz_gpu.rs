@@ -1415,6 +1415,250 @@ fn fuzz_decode_ops() {
     );
 }
 
+/// Which of the remaining decode ops a case calls.
+#[derive(Debug, Clone, Copy)]
+enum DecodeOp2 {
+    Rope,
+    HeadBmm,
+    CacheAppend,
+}
+
+fn small_or_huge(small: std::ops::Range<usize>) -> impl Strategy<Value = usize> {
+    prop_oneof![6 => small, 1 => prop::sample::select(vec![1usize << 31, usize::MAX - 40, usize::MAX])]
+}
+
+#[test]
+fn fuzz_decode_rope_head_bmm_cache_append() {
+    let Some(gpu) = test_gpu("fuzz_decode_rope_head_bmm_cache_append") else { return };
+    let tables = decode_ops::RopeTables::new(&gpu, rdo::RopeConfig::deepseek_v3()).unwrap();
+    let dim = tables.config().dim;
+    let strategy = (
+        prop::sample::select(vec![DecodeOp2::Rope, DecodeOp2::HeadBmm, DecodeOp2::CacheAppend]),
+        (0usize..4, 1usize..4, prop::sample::select(vec![8usize, 16, 64, 128, 192, 100])),
+        (small_or_huge(0..4), small_or_huge(0..200), small_or_huge(0..130), small_or_huge(0..20)),
+        perturbations::<5>(),
+        any::<bool>(),
+        any::<u64>(),
+    );
+    fuzz::run(
+        "decode_ops::{rope_inplace, head_bmm_windows, cache_append}",
+        strategy,
+        |(op, (t, heads, len), (a, b, c, d), p, flag, seed)| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let what = format!("{op:?} t={t} heads={heads} len={len} ({a}, {b}, {c}, {d}) {p:?} {flag}");
+            match op {
+                DecodeOp2::Rope => {
+                    let slices = decode_ops::RopeSlices { count: a, stride: b, offset: c };
+                    let xs = perturb(&[t, len], p[0].0, p[0].1);
+                    let x0 = to_bf16(&without_extremes(values(numel(&xs), seed, 2.0, flag)));
+                    let mut xd = DeviceTensor::from_host(&gpu, &x0, &xs).unwrap();
+                    let ps = perturb(&[t], p[1].0, p[1].1);
+                    let pos: Vec<i32> = (0..numel(&ps))
+                        .map(|_| if rng.random_range(0..8) == 0 { i32::MAX } else { rng.random_range(-5..163_840) })
+                        .collect();
+                    let pd = DeviceTensor::from_host(&gpu, &pos, &ps).unwrap();
+                    let fits = |v: usize| v <= i32::MAX as usize;
+                    let valid = xs.len() == 2
+                        && ps == [xs[0]]
+                        && fits(a)
+                        && fits(b)
+                        && fits(c)
+                        && (a == 0
+                            || (c
+                                .checked_add(dim)
+                                .and_then(|e| b.checked_mul(a - 1).and_then(|s| s.checked_add(e)))
+                                .is_some_and(|end| end <= xs[1])
+                                && (a == 1 || b >= dim)));
+                    match decode_ops::rope_inplace(&gpu, &mut xd, &pd, &tables, slices) {
+                        Err(e) => {
+                            expect_validation_error(&what, &e)?;
+                            check!(!valid, "{what}: rejected: {e}");
+                            untouched(&gpu, "x", &xd, &x0)?;
+                            Ok(Outcome::Rejected)
+                        }
+                        Ok(()) => {
+                            check!(valid, "{what}: accepted x {xs:?} positions {ps:?}");
+                            let (rows, row_len) = (xs[0], xs[1]);
+                            let mut want = from_bf16(&x0);
+                            if a > 0 {
+                                let cfg = tables.config();
+                                rdo::rope(&mut want, rows, row_len, a, b.max(dim), c, &pos, cfg).unwrap();
+                            }
+                            let got = from_bf16(&download(&gpu, "x", &xd)?);
+                            for (j, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                                let ok =
+                                    (g - w).abs() <= w.abs() / 128.0 + 2e-3 || (g.is_nan() && w.is_nan()) || g == w;
+                                check!(ok, "{what}: x[{j}] {g} vs reference {w}");
+                            }
+                            Ok(Outcome::Matched)
+                        }
+                    }
+                }
+                DecodeOp2::HeadBmm => {
+                    // x [t, heads, len] with a window [a, a + b) (mod sizes keep most windows in range), out
+                    // [t, heads, 24] with a window [c, c + 8); weights from `d` on, strides (k·n, n, 1).
+                    let x_cols = decode_ops::Columns { col: a, len: if b < 200 { b % (len + 1) } else { b } };
+                    let out_cols = decode_ops::Columns { col: if c < 130 { c % 20 } else { c }, len: 8.min(d.max(1)) };
+                    let (k, n) = (x_cols.len, out_cols.len);
+                    let off = if d < 20 { d } else { 0 };
+                    let strides = decode_ops::HeadWeightStrides { offset: off, head: k.wrapping_mul(n), i: n, j: 1 };
+                    let xs = perturb(&[t, heads, len], p[0].0, p[0].1);
+                    let x = from_bf16(&to_bf16(&values(numel(&xs), seed, 1.0, false)));
+                    let xd = DeviceTensor::from_host(&gpu, &to_bf16(&x), &xs).unwrap();
+                    let w_len = if k < 1 << 20 && n < 1 << 20 { off + heads * k * n } else { 64 };
+                    let w_len = if flag { w_len.saturating_sub(1) } else { w_len };
+                    let wv = from_bf16(&to_bf16(&values(w_len, seed + 1, 0.5, false)));
+                    let wd = DeviceTensor::from_host(&gpu, &to_bf16(&wv), &[w_len]).unwrap();
+                    let os = perturb(&[t, heads, 24], p[1].0, p[1].1);
+                    let (mut out, o0) = poisoned::<bf16>(&gpu, &os);
+                    let r = decode_ops::head_bmm_windows(&gpu, &xd, x_cols, &wd, strides, &mut out, out_cols);
+                    let in_row = |col: usize, l: usize, row: usize| col.checked_add(l).is_some_and(|e| e <= row);
+                    let last = (heads > 0 && k > 0 && n > 0).then(|| {
+                        ((heads - 1) as u128) * (strides.head as u128)
+                            + off as u128
+                            + ((k - 1) * strides.i) as u128
+                            + ((n - 1) * strides.j) as u128
+                    });
+                    let valid = xs.len() == 3
+                        && os.len() == 3
+                        && os[..2] == xs[..2]
+                        && in_row(x_cols.col, k, xs[2])
+                        && in_row(out_cols.col, n, os[2])
+                        && last.is_none_or(|l| l < w_len as u128);
+                    match r {
+                        Err(e) => {
+                            expect_validation_error(&what, &e)?;
+                            check!(!valid, "{what}: rejected: {e}");
+                            untouched(&gpu, "out", &out, &o0)?;
+                            Ok(Outcome::Rejected)
+                        }
+                        Ok(()) => {
+                            check!(valid, "{what}: accepted x {xs:?} out {os:?} {x_cols:?} {out_cols:?} w {w_len}");
+                            let (t, heads, x_len) = (xs[0], xs[1], xs[2]);
+                            let window: Vec<f32> = x
+                                .chunks(x_len.max(1))
+                                .take(t * heads)
+                                .flat_map(|row| row[x_cols.col..x_cols.col + k].to_vec())
+                                .collect();
+                            let got = from_bf16(&download(&gpu, "out", &out)?);
+                            let want = if n > 0 {
+                                rdo::head_bmm(
+                                    &window,
+                                    wv.get(off..).unwrap_or(&[]),
+                                    t,
+                                    heads,
+                                    k,
+                                    n,
+                                    strides.head,
+                                    strides.i,
+                                    1,
+                                )
+                                .unwrap()
+                            } else {
+                                Vec::new()
+                            };
+                            for row in 0..t * heads {
+                                for col in 0..24 {
+                                    let g = got[row * 24 + col];
+                                    if col >= out_cols.col && col < out_cols.col + n {
+                                        let w = want[row * n + col - out_cols.col];
+                                        check!(
+                                            (g - w).abs() <= w.abs() / 128.0 + 1e-3,
+                                            "{what}: out[{row}, {col}] {g} vs {w}"
+                                        );
+                                    } else {
+                                        check!(
+                                            g.to_bits() == o0[row * 24 + col].to_f32().to_bits(),
+                                            "{what}: out[{row}, {col}] outside the window written"
+                                        );
+                                    }
+                                }
+                            }
+                            Ok(Outcome::Matched)
+                        }
+                    }
+                }
+                DecodeOp2::CacheAppend => {
+                    let (width, page, batch, max_blocks, num_blocks) = (len, 1 + a % 4, heads, 1 + c % 3, 1 + d % 5);
+                    let table: Vec<i32> =
+                        (0..batch * max_blocks).map(|_| rng.random_range(-1..num_blocks as i32 + 1)).collect();
+                    let seqs: Vec<i32> = (0..t).map(|_| rng.random_range(-1..batch as i32 + 1)).collect();
+                    let pos: Vec<i32> = (0..t).map(|_| rng.random_range(-1..(max_blocks * page) as i32 + 2)).collect();
+                    let shapes = [
+                        perturb(&[t, width], p[0].0, p[0].1),
+                        perturb(&[num_blocks, page, width], p[1].0, p[1].1),
+                        perturb(&[batch, max_blocks], p[2].0, p[2].1),
+                        perturb(&[t], p[3].0, p[3].1),
+                        perturb(&[t], p[4].0, p[4].1),
+                    ];
+                    // The cache's page count and page size are its own: slots follow the cache passed.
+                    let cache_ok = shapes[1].len() == 3 && shapes[1][2] == width && shapes[1][1] > 0;
+                    let (pages, page) = if cache_ok { (shapes[1][0], shapes[1][1]) } else { (num_blocks, page) };
+                    // So is the table's shape (its contents are the same values, row-major).
+                    let fit =
+                        |v: &[i32], n: usize| (0..n).map(|j| v.get(j).copied().unwrap_or(0)).collect::<Vec<i32>>();
+                    let table_dev = fit(&table, numel(&shapes[2]));
+                    let table_ok = shapes[2].len() == 2 && shapes[2][1] > 0;
+                    let mb = if table_ok { shapes[2][1] } else { max_blocks };
+                    let slot = |r: usize| {
+                        rdo::cache_slots(&table_dev, mb, pages, page, &seqs[r..r + 1], &pos[r..r + 1])
+                            .ok()
+                            .map(|s| s[0])
+                    };
+                    let slots: Vec<Option<usize>> = (0..t).map(slot).collect();
+                    let mut seen: Vec<usize> = slots.iter().flatten().copied().collect();
+                    seen.sort_unstable();
+                    seen.dedup();
+                    // Two rows into one slot race on the device: not a valid call.
+                    prop_assume!(seen.len() == slots.iter().flatten().count());
+                    let rows = to_bf16(&values(numel(&shapes[0]), seed, 1.0, false));
+                    let rd = DeviceTensor::from_host(&gpu, &rows, &shapes[0]).unwrap();
+                    let (mut cache, c0) = poisoned::<bf16>(&gpu, &shapes[1]);
+                    let td = DeviceTensor::from_host(&gpu, &table_dev, &shapes[2]).unwrap();
+                    let sd = DeviceTensor::from_host(&gpu, &fit(&seqs, numel(&shapes[3])), &shapes[3]).unwrap();
+                    let pd = DeviceTensor::from_host(&gpu, &fit(&pos, numel(&shapes[4])), &shapes[4]).unwrap();
+                    // With the host copy every index is checked before the launch; without it the device skips rows
+                    // whose slot is invalid. Cases that change the table's shape always pass the host copy.
+                    let host = flag || p[2].0 != 0;
+                    let host_table = host.then_some((&table[..], &seqs[..], &pos[..]));
+                    // The host copy must match the device table's size (and then holds the same values).
+                    let table_ok = table_ok && (!host || table_dev.len() == table.len());
+                    let r = decode_ops::cache_append(&gpu, &rd, &mut cache, &td, &sd, &pd, host_table);
+                    let valid = cache_ok
+                        && table_ok
+                        && shapes[0] == [t, width]
+                        && shapes[3] == [t]
+                        && shapes[4] == [t]
+                        && (!host || slots.iter().all(Option::is_some));
+                    match r {
+                        Err(e) => {
+                            expect_validation_error(&what, &e)?;
+                            check!(!valid, "{what}: rejected: {e}");
+                            untouched(&gpu, "cache", &cache, &c0)?;
+                            Ok(Outcome::Rejected)
+                        }
+                        Ok(()) => {
+                            check!(valid, "{what}: accepted {shapes:?} host={host}");
+                            let mut want = c0.clone();
+                            for (r, s) in slots.iter().enumerate() {
+                                if let Some(s) = *s {
+                                    want[s * width..(s + 1) * width].copy_from_slice(&rows[r * width..(r + 1) * width]);
+                                }
+                            }
+                            let got = download(&gpu, "cache", &cache)?;
+                            check!(
+                                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{what}: cache differs from the reference"
+                            );
+                            Ok(Outcome::Matched)
+                        }
+                    }
+                }
+            }
+        },
+    );
+}
+
 // ---------------------------------------------------------------------------------------- two devices
 
 #[test]

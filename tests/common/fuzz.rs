@@ -2,7 +2,7 @@
 //! how each case ended, and helpers for the property every case must satisfy: a typed error with every output buffer
 //! bitwise untouched, or success with a result equal to the CPU reference.
 //!
-//! - `R1K_FUZZ_CASES`: cases per entry point (default 64);
+//! - `R1K_FUZZ_CASES`: cases per entry point (default 256);
 //! - `R1K_FUZZ_SEED`: base seed (default 0x5eed); each entry point derives its own stream from it and its name, so a
 //!   failing case replays with the same two variables whatever else runs.
 //!
@@ -18,9 +18,9 @@ use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRu
 use r1_kernels::cudarc::driver::DeviceRepr;
 use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
 
-/// Cases per entry point: `R1K_FUZZ_CASES`, default 64.
+/// Cases per entry point: `R1K_FUZZ_CASES`, default 256.
 pub fn cases() -> u32 {
-    std::env::var("R1K_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+    std::env::var("R1K_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
 }
 
 /// Base seed: `R1K_FUZZ_SEED` (decimal or 0x-hex), default 0x5eed.
