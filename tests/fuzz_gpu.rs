@@ -1516,8 +1516,8 @@ fn fuzz_decode_rope_head_bmm_cache_append() {
                     let last = (heads > 0 && k > 0 && n > 0).then(|| {
                         ((heads - 1) as u128) * (strides.head as u128)
                             + off as u128
-                            + ((k - 1) * strides.i) as u128
-                            + ((n - 1) * strides.j) as u128
+                            + (k as u128 - 1) * strides.i as u128
+                            + (n as u128 - 1) * strides.j as u128
                     });
                     let valid = xs.len() == 3
                         && os.len() == 3
