@@ -131,11 +131,12 @@ pub fn copy_columns(
     if rows != dst_rows {
         return Err(Error::shape("dst", format!("{rows} rows"), dst_rows));
     }
-    if src_col + width > src_len {
-        return Err(Error::shape("src", format!("rows of at least {} elements", src_col + width), src_len));
+    // Checked: a window end past usize::MAX is out of range too, not an overflow.
+    if src_col.checked_add(width).is_none_or(|end| end > src_len) {
+        return Err(Error::shape("src", format!("rows of at least {src_col} + {width} elements"), src_len));
     }
-    if dst_col + width > dst_len {
-        return Err(Error::shape("dst", format!("rows of at least {} elements", dst_col + width), dst_len));
+    if dst_col.checked_add(width).is_none_or(|end| end > dst_len) {
+        return Err(Error::shape("dst", format!("rows of at least {dst_col} + {width} elements"), dst_len));
     }
     let args = (rows as i64, to_i32("width", width)?, to_i32("src", src_len)?, to_i32("src_col", src_col)?);
     let args2 = (to_i32("dst", dst_len)?, to_i32("dst_col", dst_col)?);
@@ -231,7 +232,7 @@ pub fn rope_inplace(
         let end = slices
             .stride
             .checked_mul(slices.count - 1)
-            .and_then(|v| v.checked_add(slices.offset + dim))
+            .and_then(|v| v.checked_add(slices.offset.checked_add(dim)?))
             .ok_or_else(|| Error::shape("slices", "in-row extents", format!("{slices:?}")))?;
         if end > row_len {
             return Err(Error::shape("x", format!("rows of at least {end} elements for {slices:?}"), row_len));
@@ -333,11 +334,16 @@ pub fn head_bmm_windows<O: BmmOutput>(
     if (ot, oh) != (t, heads) {
         return Err(Error::shape("out", format!("[{t}, {heads}, _]"), format!("{:?}", out.shape())));
     }
-    if x_cols.col + x_cols.len > x_len {
-        return Err(Error::shape("x", format!("rows of at least {} elements", x_cols.col + x_cols.len), x_len));
+    // Checked: a window end past usize::MAX is out of range too, not an overflow.
+    if x_cols.col.checked_add(x_cols.len).is_none_or(|end| end > x_len) {
+        return Err(Error::shape("x", format!("rows of at least {} + {} elements", x_cols.col, x_cols.len), x_len));
     }
-    if out_cols.col + out_cols.len > out_len {
-        return Err(Error::shape("out", format!("rows of at least {} elements", out_cols.col + out_cols.len), out_len));
+    if out_cols.col.checked_add(out_cols.len).is_none_or(|end| end > out_len) {
+        return Err(Error::shape(
+            "out",
+            format!("rows of at least {} + {} elements", out_cols.col, out_cols.len),
+            out_len,
+        ));
     }
     let (k, n) = (x_cols.len, out_cols.len);
     if heads > 0 && k > 0 && n > 0 {

@@ -100,7 +100,9 @@ impl MlaWorkspace {
     ///
     /// Graph capture: no (allocates device memory); call it before capturing.
     pub fn new(gpu: &Gpu, plan: &MlaPlan, cfg: &MlaConfig) -> Result<Self> {
-        Self::with_capacity(gpu, plan.split.total_splits(), cfg.s_q * cfg.heads)
+        let rows =
+            cfg.s_q.checked_mul(cfg.heads).ok_or_else(|| Error::shape("cfg", "s_q·heads that fits", "overflow"))?;
+        Self::with_capacity(gpu, plan.split.total_splits(), rows)
     }
 
     /// Allocates room for `splits` splits of `rows` rows each.

@@ -135,7 +135,10 @@ pub fn validate_inputs(
     cfg: &MlaConfig,
 ) -> Result<MlaDims> {
     cfg.validate()?;
-    if q_len != cfg.q_len() {
+    // Checked: a configuration whose q would not fit in memory matches no buffer (cfg.q_len() would overflow).
+    let want_q =
+        cfg.batch.checked_mul(cfg.s_q).and_then(|v| v.checked_mul(cfg.heads)).and_then(|v| v.checked_mul(D_QK));
+    if Some(q_len) != want_q {
         return Err(Error::shape("q", format!("[{}, {}, {}, {D_QK}]", cfg.batch, cfg.s_q, cfg.heads), q_len));
     }
     if !cache_tokens.is_multiple_of(cfg.page_size) {
@@ -150,7 +153,8 @@ pub fn validate_inputs(
         return Err(Error::shape("block_table", format!("[{}, max_blocks]", cfg.batch), block_table.len()));
     }
     for (b, &len) in seqlens.iter().enumerate() {
-        let cap = (max_blocks * cfg.page_size) as i64;
+        // Saturating: a table whose capacity overflows usize holds every i32 length.
+        let cap = max_blocks.saturating_mul(cfg.page_size).min(i64::MAX as usize - 1) as i64;
         if len < 0 || len as i64 > cap {
             return Err(Error::IndexOutOfRange { arg: "seqlens", position: b, value: len as i64, bound: cap + 1 });
         }
