@@ -1,7 +1,8 @@
 // Small ops around a DeepSeek-V3 decode step. All memory-bound except head_bmm.
 //
-// rms_norm_bf16: one CTA (256 threads) per row; fp32 sum of squares reduced in a fixed tree order (shuffles, then a
-//   smem pass over the 8 warps), so results are bitwise reproducible. Optionally fused with the residual add and
+// rms_norm_bf16: one CTA (256 threads) per row; the row's largest magnitude first (its exponent scales the squares, so
+//   no finite input overflows or underflows the sum), then the fp32 sum of squares reduced in a fixed tree order
+//   (shuffles, then a smem pass over the 8 warps), so results are bitwise reproducible. Optionally fused with the residual add and
 //   with strided rows (normalize the 512-wide latent inside a 576-wide kv row in place). Bytes: 2·rows·d read +
 //   2·rows·d written (+ the residual's 4·rows·d).
 // copy_columns_bf16 / add_bf16: plumbing for the decode layer (q_pe into the MLA query, residual adds).
@@ -38,10 +39,25 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_bf16(const __nv_bfloa
         }
         return v;
     };
+    // Pass 1: the row's largest magnitude, whose binary exponent e scales the sum of squares (x·2^-e has magnitude
+    // below 1), so a row of huge finite values cannot overflow it and a row of tiny ones cannot underflow it. The
+    // scaling is by a power of two: for every row whose squares stay normal in f32, every rounding below is the
+    // unscaled computation's, shifted, and the result has the same bits.
+    float amax = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) amax = fmaxf(amax, fabsf(load(c)));
+#pragma unroll
+    for (int mask = 16; mask > 0; mask >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = amax;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < 8; ++w) amax = fmaxf(amax, warp_sums[w]);
+    __syncthreads();  // every thread has read the maxima before the slots are reused for the sums
+    int e = 0;
+    if (amax > 0.0f && amax <= 3.4028235e38f) frexpf(amax, &e);
     float sum = 0.0f;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        const float v = load(c);
-        sum = fmaf(v, v, sum);
+        const float u = ldexpf(load(c), -e);
+        sum = fmaf(u, u, sum);
     }
 #pragma unroll
     for (int mask = 16; mask > 0; mask >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, mask);
@@ -51,12 +67,12 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_bf16(const __nv_bfloa
 #pragma unroll
     for (int w = 0; w < 8; ++w) total += warp_sums[w];
     // Correctly rounded sqrt and division (not rsqrtf, ~2 ulp) keep the normalized activations within one bf16 rounding
-    // of the f64 reference, so router top-k choices do not flip on near-ties.
-    const float inv = 1.0f / sqrtf(total / static_cast<float>(d) + eps);
+    // of the f64 reference, so router top-k choices do not flip on near-ties. eps joins the scaled sum as eps·2^-2e.
+    const float inv = 1.0f / sqrtf(total / static_cast<float>(d) + ldexpf(eps, -2 * e));
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         const float v = load(c);
         if (residual_out != nullptr) residual_out[row * d + c] = __float2bfloat16_rn(v);
-        y[row * y_stride + c] = __float2bfloat16_rn(v * inv * __bfloat162float(weight[c]));
+        y[row * y_stride + c] = __float2bfloat16_rn(ldexpf(v, -e) * inv * __bfloat162float(weight[c]));
     }
 }
 
