@@ -204,6 +204,34 @@ fn rms(x: &[f32], weight: &[bf16], rows: usize, eps: f32) -> Result<Vec<f32>> {
     Ok(y)
 }
 
+/// The MoE half of a layer for the residual `h` [b, hidden] (bf16 values as f32).
+#[derive(Debug, Clone)]
+pub struct MoeBranch {
+    /// `[b, top_k]` routed experts.
+    pub topk_ids: Vec<i32>,
+    /// `[b, top_k]` their weights.
+    pub topk_weights: Vec<f32>,
+    /// `[b, hidden]` the branch's output (routed experts + shared expert), added to `h` by the layer.
+    pub moe_out: Vec<f32>,
+}
+
+/// Post-attention RMSNorm, router (with the selection bias), routed experts and shared expert on `h` [b, hidden].
+/// [`decode_layer`] runs this on its own residual; a caller can run it on a GPU's residual to check the MoE half
+/// alone (routing near-ties then resolve the same way on both sides).
+pub fn moe_branch(layer: &PreparedLayer, h: &[f32], b: usize) -> Result<MoeBranch> {
+    let cfg = &layer.cfg;
+    if h.len() != b * cfg.hidden {
+        return Err(Error::shape("h", format!("[{b}, {}]", cfg.hidden), h.len()));
+    }
+    let hn = rms(h, &layer.post_attention_layernorm, b, cfg.rms_norm_eps)?;
+    let router = router_config(cfg);
+    let logits = moe::gate_logits(&hn, &bf16_to_f32(&layer.gate_weight), b, cfg.n_routed_experts, cfg.hidden)?;
+    let (topk_ids, topk_weights) = moe::route(&logits, Some(&layer.e_score_correction_bias), b, &router)?;
+    let moe_out =
+        moe::moe_forward_fp8(&hn, b, &topk_ids, &topk_weights, cfg.top_k, &layer.experts, Some(&layer.shared))?;
+    Ok(MoeBranch { topk_ids, topk_weights, moe_out })
+}
+
 /// Runs the decode step for `x` [b, hidden] (bf16 values as f32), appending each sequence's new kv row to
 /// `kv_cache` [num_blocks, page, 576] in place.
 pub fn decode_layer(layer: &PreparedLayer, x: &[f32], kv_cache: &mut [f32], step: &DecodeStep) -> Result<LayerTrace> {
@@ -283,14 +311,7 @@ pub fn decode_layer(layer: &PreparedLayer, x: &[f32], kv_cache: &mut [f32], step
     let mut h: Vec<f32> = x.iter().zip(&attn).map(|(a, b)| a + b).collect();
     let attn_branch = attn;
     round_bf16(&mut h);
-    let hn = rms(&h, &layer.post_attention_layernorm, b, eps)?;
-
-    // MoE.
-    let router = router_config(cfg);
-    let logits = moe::gate_logits(&hn, &bf16_to_f32(&layer.gate_weight), b, cfg.n_routed_experts, hidden)?;
-    let (topk_ids, topk_weights) = moe::route(&logits, Some(&layer.e_score_correction_bias), b, &router)?;
-    let moe_out =
-        moe::moe_forward_fp8(&hn, b, &topk_ids, &topk_weights, cfg.top_k, &layer.experts, Some(&layer.shared))?;
+    let MoeBranch { topk_ids, topk_weights, moe_out } = moe_branch(layer, &h, b)?;
     let mut out: Vec<f32> = h.iter().zip(&moe_out).map(|(a, b)| a + b).collect();
     round_bf16(&mut out);
     Ok(LayerTrace { q_mla, kv_row: kv, o_latent, lse, attn: attn_branch, h, topk_ids, topk_weights, moe_out, out })
