@@ -73,7 +73,32 @@ fn make_case(seed: u64, batch: usize, s_q: usize, heads: usize, page: usize, seq
 }
 
 /// The reference, one thread per group of sequences (the big sweeps need it).
-fn reference(case: &Case, cache: &[f32]) -> (Vec<f32>, Vec<f32>) {
+/// The reference's log-sum-exp per (batch, query row, head), with the absolute error each row may carry from the
+/// scores' fp32 accumulation.
+struct RefLse {
+    lse: Vec<f32>,
+    /// `2^-18 · softmax_scale · ‖q_row‖₂ · max over the sequence's keys of ‖k‖₂` (Cauchy–Schwarz bounds every
+    /// score's Σ|q_i·k_i| by it). Hopper's wgmma truncates its fused fp32 sums (36 chained 16-product steps over the
+    /// 576 score columns), so a score that cancels to near 0 keeps an absolute error proportional to the terms it
+    /// summed, not to itself: seen on an H200, a single-key row with lse 0.00305 off by 1.1e-6 (seed 332, the
+    /// emulator's hopper numerics reproduce it bit for bit), which a bound relative to |lse| alone rejects.
+    slack: Vec<f32>,
+}
+
+impl RefLse {
+    fn part(&self, rows: std::ops::Range<usize>) -> RefLse {
+        RefLse { lse: self.lse[rows.clone()].to_vec(), slack: self.slack[rows].to_vec() }
+    }
+}
+
+impl std::ops::Deref for RefLse {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.lse
+    }
+}
+
+fn reference(case: &Case, cache: &[f32]) -> (Vec<f32>, RefLse) {
     let c = &case.cfg;
     let per_o = c.s_q * c.heads * D_V;
     let per_l = c.heads * c.s_q;
@@ -96,7 +121,25 @@ fn reference(case: &Case, cache: &[f32]) -> (Vec<f32>, Vec<f32>) {
             });
         }
     });
-    (o, lse)
+    let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    let slack = (0..c.batch)
+        .flat_map(|b| {
+            let page = c.page_size;
+            let len = case.seqlens[b].max(0) as usize;
+            let max_key = (0..len)
+                .map(|t| {
+                    let blk = case.table[b * case.max_blocks + t / page] as usize;
+                    norm(&cache[(blk * page + t % page) * D_QK..][..D_QK])
+                })
+                .fold(0f64, f64::max);
+            (0..c.s_q * c.heads).map(move |r| (b, r, max_key))
+        })
+        .map(|(b, r, max_key)| {
+            let q = &case.q[(b * c.s_q * c.heads + r) * D_QK..][..D_QK];
+            (2f64.powi(-18) * f64::from(c.softmax_scale) * norm(q) * max_key) as f32
+        })
+        .collect();
+    (o, RefLse { lse, slack })
 }
 
 /// Bound on |o − reference| relative to each output row's own scale (row = one (sequence, query, head): D_V values):
@@ -111,7 +154,7 @@ const ROW_REL: f32 = 0.04;
 /// spread over a row (a wrong tile, page or scale) stands out even where each element stays inside [`ROW_REL`].
 const ROW_RMS_REL: f64 = 0.01;
 
-fn check_close(what: &str, _backend: Backend, got_o: &[f32], got_lse: &[f32], want_o: &[f32], want_lse: &[f32]) {
+fn check_close(what: &str, _backend: Backend, got_o: &[f32], got_lse: &[f32], want_o: &[f32], want_lse: &RefLse) {
     assert_eq!(got_o.len(), want_o.len());
     assert_eq!(got_lse.len(), want_lse.len());
     let (mut worst, mut worst_rms) = (0f32, 0f64);
@@ -143,13 +186,14 @@ fn check_close(what: &str, _backend: Backend, got_o: &[f32], got_lse: &[f32], wa
     if std::env::var("R1K_TEST_VERBOSE").is_ok() {
         eprintln!("{what}: worst |o error| / row rms {worst:.2e}, worst row rms error / row rms {worst_rms:.2e}");
     }
-    for (i, (&g, &w)) in got_lse.iter().zip(want_lse).enumerate() {
+    for (i, ((&g, &w), &slack)) in got_lse.iter().zip(&want_lse.lse).zip(&want_lse.slack).enumerate() {
         if !w.is_finite() || !g.is_finite() {
             assert!(g == w || (g.is_nan() && w.is_nan()), "{what}: lse[{i}] {g} vs {w}");
             continue;
         }
         let err = (g - w).abs();
-        assert!(err < 1e-6 || err < 8.0 / 65536.0 * w.abs(), "{what}: lse[{i}] {g} vs {w}");
+        let tol = 1e-6 + 8.0 / 65536.0 * w.abs() + slack;
+        assert!(err <= tol, "{what}: lse[{i}] {g} vs {w} (tolerance {tol:.3e})");
     }
 }
 
@@ -585,8 +629,15 @@ fn gpu_1_plain_garbage_table_without_host_copy_never_faults() {
     let o: Vec<f32> = out.to_host(&gpu).unwrap().iter().map(|x| x.to_f32()).collect();
     let l = lse.to_host(&gpu).unwrap();
     let (po, pl) = (16 * D_V, 16);
-    check_close("seq 0", Backend::Portable, &o[..po], &l[..pl], &want_o[..po], &want_l[..pl]);
-    check_close("seq 2", Backend::Portable, &o[2 * po..], &l[2 * pl..], &want_o[2 * po..], &want_l[2 * pl..]);
+    check_close("seq 0", Backend::Portable, &o[..po], &l[..pl], &want_o[..po], &want_l.part(0..pl));
+    check_close(
+        "seq 2",
+        Backend::Portable,
+        &o[2 * po..],
+        &l[2 * pl..],
+        &want_o[2 * po..],
+        &want_l.part(2 * pl..want_l.len()),
+    );
     // With the host copy the same table is an error.
     let opts = MlaOptions { block_table_host: Some(&case.table), ..Default::default() };
     let r = mla::mla_decode(&gpu, &d.q, &d.cache, &d.table, &d.seqlens, &plan, &c, &mut out, &mut lse, &mut ws, &opts);
@@ -663,7 +714,7 @@ fn cpu_reference_sweep_consistency() {
     let (o, l) = reference(&case, &case.cache);
     let (o1, l1) = ref_decode(&case.q, &case.cache, &case.table, &case.seqlens, &case.cfg).unwrap();
     assert_eq!(o, o1);
-    assert_eq!(l, l1);
+    assert_eq!(l.lse, l1);
     assert!(o.iter().all(|x| x.is_finite()));
     let bytes = quantize_kv_cache_fp8(&case.cache).unwrap();
     assert_eq!(bytes.len(), case.num_blocks * case.cfg.page_size * FP8_TOKEN_BYTES);
@@ -871,4 +922,17 @@ fn gpu_0_probe_sm90_online_softmax_merge() {
             assert!((p[r * 64 + c] - want).abs() <= want * 2f32.powi(-7), "P[{r},{c}]");
         }
     }
+}
+
+#[test]
+fn gpu_2_sm90_cancelling_score_keeps_accumulation_error() {
+    // The sweep point that failed on an H200 under a bound relative to |lse| alone: batch 50's single key scores
+    // 0.00305 after cancellation, off by 1.1e-6 through wgmma's truncated fp32 sums (the emulator's hopper numerics
+    // give the same bits). The bound now carries the terms' magnitude (RefLse::slack).
+    let Some(gpu) = hopper("mla sm90 lse of a cancelling score") else { return };
+    let case = make_case(332, 64, 1, 16, 64, lens(64, 1, true, 332), true);
+    let d = upload(&gpu, &case, None);
+    let (want_o, want_l) = reference(&case, &case.cache);
+    let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::Hopper, false);
+    check_close("b64 s_q1 h16 s_k1 (seed 332)", Backend::Hopper, &o, &l, &want_o, &want_l);
 }
