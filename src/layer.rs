@@ -65,7 +65,7 @@ pub struct DecodeLayer {
     experts: ExpertWeights,
     shared: ExpertWeights,
     rope: RopeTables,
-    /// Kernel choices (defaults: automatic GEMM choice, portable MLA until the sm_90a path is verified on a device).
+    /// Kernel choices (defaults: automatic GEMM and MLA kernel choice by device).
     pub options: LayerOptions,
 }
 

@@ -239,7 +239,7 @@ fn run_gpu(
     lse.copy_from_host(gpu, &vec![f32::NAN; c.lse_len()]).unwrap();
     let opts = MlaOptions { block_table_host: Some(&case.table), backend };
     // Nothing launches when no sequence has a key.
-    let kernels = [decode_kernel(backend, c.s_q * c.heads, fp8), "mla_combine"];
+    let kernels = [decode_kernel(backend.resolve(gpu, c.page_size), c.s_q * c.heads, fp8), "mla_combine"];
     let kernels: &[&str] = if case.seqlens.iter().all(|&l| l == 0) { &[] } else { &kernels };
     expect_launched(gpu, kernels, || {
         if fp8 {
@@ -267,8 +267,10 @@ fn run_gpu(
 
 /// The decode kernel a backend launches for `rows` = s_q·h query rows per sequence (src/mla/sm90.rs's selection,
 /// restated so a test that means to cover a kernel fails when the launch goes elsewhere).
+/// The kernel a resolved `backend` launches (see [`Backend::resolve`]).
 fn decode_kernel(backend: Backend, rows: usize, fp8: bool) -> &'static str {
     match (backend, fp8) {
+        (Backend::Auto, _) => panic!("decode_kernel takes a resolved backend"),
         (Backend::Portable, false) => "mla_decode_plain_bf16",
         (Backend::Portable, true) => "mla_decode_plain_fp8",
         (Backend::HopperWide, false) => "mla_decode_sm90_bf16",
@@ -935,4 +937,23 @@ fn gpu_2_sm90_cancelling_score_keeps_accumulation_error() {
     let (want_o, want_l) = reference(&case, &case.cache);
     let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::Hopper, false);
     check_close("b64 s_q1 h16 s_k1 (seed 332)", Backend::Hopper, &o, &l, &want_o, &want_l);
+}
+
+#[test]
+fn gpu_2_auto_backend_follows_device_and_page_size() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla Backend::Auto") else { return };
+    let hopper = gpu.info().is_hopper();
+    assert_eq!(Backend::Auto.resolve(&gpu, 64), if hopper { Backend::Hopper } else { Backend::Portable });
+    assert_eq!(Backend::Auto.resolve(&gpu, 48), Backend::Portable, "48-token pages are not an sm_90a page size");
+    for chosen in [Backend::Portable, Backend::Hopper, Backend::HopperWide] {
+        assert_eq!(chosen.resolve(&gpu, 48), chosen, "an explicit choice is kept");
+    }
+    // The resolved kernel is the one launched (run_gpu checks the launch), and it matches the reference.
+    for (i, page) in [64usize, 48].into_iter().enumerate() {
+        let case = make_case(70 + i as u64, 3, 1, 16, page, vec![130, 1, 77], true);
+        let d = upload(&gpu, &case, None);
+        let (want_o, want_l) = reference(&case, &case.cache);
+        let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::Auto, false);
+        check_close(&format!("auto page {page}"), Backend::Auto, &o, &l, &want_o, &want_l);
+    }
 }
