@@ -129,7 +129,12 @@ pub fn gate_logits(
     }
     logits.expect_shape("logits", &[t, e])?;
     let (ti, ei, hi) = (to_i32("t", t)?, to_i32("E", e)?, to_i32("H", h)?);
-    if t == 0 || e == 0 || h == 0 {
+    if t == 0 || e == 0 {
+        return Ok(());
+    }
+    if h == 0 {
+        // Empty dot products: every logit is 0 (a stream-ordered memset, capturable like the kernel).
+        gpu.stream().memset_zeros(&mut logits.view_mut()).cuda_call("cuMemsetD8Async")?;
         return Ok(());
     }
     let gy =
@@ -358,12 +363,13 @@ pub fn masked_offsets(gpu: &Gpu, num_experts: usize, max_m: usize) -> Result<Dev
     if max_m == 0 || !max_m.is_multiple_of(GEMM_BLOCK_M) {
         return Err(Error::Alignment { arg: "max_m", required: GEMM_BLOCK_M, got: max_m });
     }
-    let offsets: Vec<i64> = (0..=num_experts)
-        .map(|e| {
-            let v = e.checked_mul(max_m).ok_or_else(|| Error::shape("max_m", "E·max_m below 2^63", max_m))?;
-            to_i64("E·max_m", v)
-        })
-        .collect::<Result<_>>()?;
+    // Both bounds before anything is allocated: the grouped GEMM takes E as an i32, offsets are i64.
+    to_i32("E", num_experts)?;
+    num_experts
+        .checked_mul(max_m)
+        .filter(|&end| i64::try_from(end).is_ok())
+        .ok_or_else(|| Error::shape("max_m", "E·max_m below 2^63", format!("{num_experts}·{max_m}")))?;
+    let offsets: Vec<i64> = (0..=num_experts as i64).map(|e| e * max_m as i64).collect();
     DeviceTensor::from_host(gpu, &offsets, &[num_experts + 1])
 }
 

@@ -421,6 +421,87 @@ fn fuzz_moe_route() {
     });
 }
 
+#[test]
+fn fuzz_moe_gate_logits() {
+    let Some(gpu) = test_gpu("fuzz_moe_gate_logits") else { return };
+    let strategy = (
+        0usize..10,
+        prop::sample::select(vec![0usize, 1, 3, 8, 9, 17]),
+        prop::sample::select(vec![0usize, 8, 12, 16, 128, 136, 264]),
+        perturbations::<3>(),
+        any::<bool>(),
+        any::<u64>(),
+    );
+    fuzz::run("moe::gate_logits", strategy, |(t, e, h, p, specials, seed)| {
+        let xs = perturb(&[t, h], p[0].0, p[0].1);
+        let wsh = perturb(&[e, h], p[1].0, p[1].1);
+        let ls = perturb(&[t, e], p[2].0, p[2].1);
+        let x = from_bf16(&to_bf16(&values(numel(&xs), seed, 2.0, specials)));
+        let w = from_bf16(&to_bf16(&values(numel(&wsh), seed + 1, 0.5, false)));
+        let xd = DeviceTensor::from_host(&gpu, &to_bf16(&x), &xs).unwrap();
+        let wd = DeviceTensor::from_host(&gpu, &to_bf16(&w), &wsh).unwrap();
+        let (mut logits, l0) = poisoned::<f32>(&gpu, &ls);
+        let r = moe::gate_logits(&gpu, &xd, &wd, &mut logits);
+        // Perturbed shapes can still agree with each other (for other t, E, H): valid is their agreement.
+        let consistent = xs.len() == 2 && wsh.len() == 2 && ls.len() == 2;
+        let valid = consistent && wsh[1] == xs[1] && ls == [xs[0], wsh[0]] && xs[1] % 8 == 0;
+        let (t, e, h) = if consistent { (xs[0], wsh[0], xs[1]) } else { (t, e, h) };
+        match r {
+            Err(err) => {
+                expect_validation_error("gate_logits", &err)?;
+                check!(!valid, "valid gate_logits t={t} E={e} H={h} rejected: {err}");
+                untouched(&gpu, "logits", &logits, &l0)?;
+                Ok(Outcome::Rejected)
+            }
+            Ok(()) => {
+                check!(valid, "accepted x {xs:?} w {wsh:?} logits {ls:?}");
+                let want = rm::gate_logits(&x, &w, t, e, h).unwrap();
+                let got = download(&gpu, "logits", &logits)?;
+                // The reference fixes the kernel's summation order (32 lanes of fused multiply-adds): bitwise.
+                let same = got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| same_f32(*a, *b));
+                check!(same, "logits t={t} E={e} H={h}: {got:?} vs reference {want:?}");
+                Ok(Outcome::Matched)
+            }
+        }
+    });
+}
+
+#[test]
+fn fuzz_moe_masked_offsets() {
+    let Some(gpu) = test_gpu("fuzz_moe_masked_offsets") else { return };
+    let block = moe::GEMM_BLOCK_M;
+    let strategy = (
+        prop_oneof![
+            4 => 0usize..300,
+            // Past what the grouped GEMM can index (E is an i32 there): rejected before anything is allocated.
+            1 => prop::sample::select(vec![i32::MAX as usize + 1, usize::MAX / 2, usize::MAX]),
+        ],
+        prop_oneof![
+            4 => prop::sample::select(vec![0usize, 1, 64, block, 2 * block, 3 * block + 1, 1 << 20]),
+            1 => prop::sample::select(vec![usize::MAX / block * block, (i64::MAX as usize) / block * block]),
+        ],
+    );
+    fuzz::run("moe::masked_offsets", strategy, |(e, max_m)| {
+        let r = moe::masked_offsets(&gpu, e, max_m);
+        let fits = e <= i32::MAX as usize && (e as u128) * (max_m as u128) <= i64::MAX as u128;
+        let valid = max_m > 0 && max_m.is_multiple_of(block) && fits;
+        match r {
+            Err(err) => {
+                expect_validation_error("masked_offsets", &err)?;
+                check!(!valid, "valid masked_offsets E={e} max_m={max_m} rejected: {err}");
+                Ok(Outcome::Rejected)
+            }
+            Ok(offsets) => {
+                check!(valid, "accepted E={e} max_m={max_m}");
+                let got = download(&gpu, "offsets", &offsets)?;
+                let want: Vec<i64> = (0..=e as i64).map(|i| i * max_m as i64).collect();
+                check!(got == want, "offsets E={e} max_m={max_m}: {got:?}");
+                Ok(Outcome::Matched)
+            }
+        }
+    });
+}
+
 fn layout() -> impl Strategy<Value = Layout> {
     prop_oneof![
         prop::sample::select(vec![64usize, 64, 64, 128, 128, 0, 100])
@@ -1788,4 +1869,19 @@ fn mla_workspace_for_a_config_whose_rows_overflow_is_an_error() {
     let cfg = MlaConfig { batch: 1, s_q: 1 << 33, heads: 1 << 33, page_size: 64, softmax_scale: 0.1, causal: false };
     let r = MlaWorkspace::new(&gpu, &plan, &cfg);
     assert!(matches!(r, Err(Error::Shape { .. })), "{r:?}");
+}
+
+#[test]
+fn masked_offsets_past_i32_experts_or_i64_offsets_is_an_error_before_allocating() {
+    let Some(gpu) = test_gpu("masked_offsets_past_i32_experts_or_i64_offsets_is_an_error_before_allocating") else {
+        return;
+    };
+    let block = moe::GEMM_BLOCK_M;
+    // These once built the whole offset vector first: 2^31 experts asked for 16 GiB, usize::MAX never finished.
+    for (e, max_m) in [(i32::MAX as usize + 1, block), (usize::MAX, block), (2, (i64::MAX as usize) / block * block)] {
+        let r = moe::masked_offsets(&gpu, e, max_m);
+        assert!(matches!(r, Err(Error::Shape { .. })), "E={e} max_m={max_m}: {r:?}");
+    }
+    let offsets = moe::masked_offsets(&gpu, 3, 2 * block).unwrap();
+    assert_eq!(offsets.to_host(&gpu).unwrap(), vec![0, 2 * block as i64, 4 * block as i64, 6 * block as i64]);
 }

@@ -584,6 +584,12 @@ fn gpu_gate_logits_bitwise_and_gate_routing() {
         expect_launched(&gpu, &["moe_gate_logits"], || gate_logits(&gpu, &xd, &wd, &mut l)).unwrap();
         assert_eq!(bits(&l.to_host(&gpu).unwrap()), bits(&want), "gate logits t={t} E={e} H={h}");
     }
+    // H = 0: empty dot products, so every logit is 0 (the launcher once returned without writing them).
+    let (xd, wd) =
+        (DeviceTensor::<bf16>::zeros(&gpu, &[3, 0]).unwrap(), DeviceTensor::<bf16>::zeros(&gpu, &[5, 0]).unwrap());
+    let mut l = DeviceTensor::from_host(&gpu, &[f32::NAN; 15], &[3, 5]).unwrap();
+    gate_logits(&gpu, &xd, &wd, &mut l).unwrap();
+    assert_eq!(l.to_host(&gpu).unwrap(), vec![0f32; 15], "gate logits with H = 0");
     // The fused gate path routes exactly like the reference fed with the reference logits.
     let cfg = RouterConfig { num_experts: 16, top_k: 2, num_groups: 4, topk_groups: 2, ..RouterConfig::deepseek_v3() };
     let (t, h, i) = (40, 256, 128);
