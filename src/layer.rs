@@ -7,7 +7,7 @@ use cudarc::driver::CudaEvent;
 use half::bf16;
 
 use crate::decode_ops::{self, Columns, HeadWeightStrides, RopeSlices, RopeTables};
-use crate::device::Gpu;
+use crate::device::{check_devices, Gpu};
 use crate::error::{Error, Result};
 use crate::fp8::E4M3;
 use crate::gemm::{self, GemmOptions};
@@ -102,6 +102,8 @@ pub struct StepIntermediates {
 /// Preallocated activations of a decode step for a fixed batch size.
 pub struct DecodeWorkspace {
     batch: usize,
+    /// The dimensions of the layer it was made for.
+    cfg: DeepSeekV3Config,
     xn: DeviceTensor<bf16>,
     xq: DeviceTensor<E4M3>,
     xs: DeviceTensor<f32>,
@@ -214,6 +216,7 @@ impl DecodeLayer {
         let seq_ids: Vec<i32> = (0..b as i32).collect();
         Ok(DecodeWorkspace {
             batch,
+            cfg: c.clone(),
             xn: z16(&[b, c.hidden])?,
             xq: zq(&[b, c.hidden])?,
             xs: zf(&activation_scale_shape(b, c.hidden))?,
@@ -277,6 +280,12 @@ impl DecodeLayer {
     ) -> Result<Option<StageTimes>> {
         let c = &self.cfg;
         let b = ws.batch;
+        // Everything that can reject the step is checked before the first launch: an error leaves `kv_cache` and
+        // `out` untouched (only the workspace's scratch may have been written by an earlier failed step).
+        if ws.cfg != *c {
+            return Err(Error::InvalidConfig("the workspace was made for a layer of other dimensions".into()));
+        }
+        check_devices!(gpu, x, kv_cache, out, batch.block_table, batch.seqlens, batch.positions, ws.xn)?;
         let (heads, nope, rope_d, v_dim, latent) =
             (c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let (qk, width) = (nope + rope_d, latent + rope_d);
@@ -315,6 +324,20 @@ impl DecodeLayer {
         ws.q_mla.set_shape(&[b, 1, heads, width])?;
         ws.o_latent.set_shape(&[b, 1, heads, latent])?;
         ws.o.set_shape(&[b, heads, v_dim])?;
+        let mla_opts = MlaOptions { block_table_host: Some(batch.block_table_host), backend: self.options.mla_backend };
+        mla::check_decode(
+            gpu,
+            &ws.q_mla,
+            kv_cache,
+            batch.block_table,
+            batch.seqlens,
+            &plan,
+            &mla_cfg,
+            &ws.o_latent,
+            &ws.lse,
+            &mla_ws,
+            &mla_opts,
+        )?;
         let mut marks = Marks::new(gpu, timed)?;
 
         decode_ops::rms_norm(gpu, x, &self.input_layernorm, &mut ws.xn, eps)?;
@@ -377,7 +400,7 @@ impl DecodeLayer {
             &mut ws.o_latent,
             &mut ws.lse,
             &mut mla_ws,
-            &MlaOptions { block_table_host: Some(batch.block_table_host), backend: self.options.mla_backend },
+            &mla_opts,
         )?;
         mark(gpu, &mut marks, "MLA decode")?;
 

@@ -178,3 +178,50 @@ fn gpu_decode_layer_matches_reference() {
         assert_eq!(out2.to_host(&gpu).unwrap(), out.to_host(&gpu).unwrap(), "case {case}: not deterministic");
     }
 }
+
+#[test]
+fn gpu_rejected_step_leaves_cache_and_output_untouched() {
+    let Some(gpu) = test_gpu("gpu_rejected_step_leaves_cache_and_output_untouched") else { return };
+    let cfg = DeepSeekV3Config::small();
+    let prepared = PreparedLayer::new(&cfg, synthetic_layer_weights(&cfg, cfg.first_k_dense, 5).unwrap()).unwrap();
+    let layer = DecodeLayer::upload(&gpu, &prepared).unwrap();
+    // Sequence 1's first page is out of range; its new token lands on its (valid) second page. The step once
+    // appended every new row before MLA's table check rejected the step, leaving the cache half-written.
+    let mut s = setup(&cfg, &[20, 100], 64, 7);
+    s.table[s.max_blocks] = -1;
+    let to_bf16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+    let num_blocks = s.cache.len() / (s.page * 576);
+    let cache0 = to_bf16(&s.cache);
+    let mut cache = DeviceTensor::from_host(&gpu, &cache0, &[num_blocks, s.page, 576]).unwrap();
+    let x = DeviceTensor::from_host(&gpu, &to_bf16(&s.x), &[2, cfg.hidden]).unwrap();
+    let table = DeviceTensor::from_host(&gpu, &s.table, &[2, s.max_blocks]).unwrap();
+    let seqlens = DeviceTensor::from_host(&gpu, &s.seqlens, &[2]).unwrap();
+    let positions = DeviceTensor::from_host(&gpu, &[19, 99], &[2]).unwrap();
+    let batch = DecodeBatch {
+        block_table: &table,
+        block_table_host: &s.table,
+        seqlens: &seqlens,
+        seqlens_host: &s.seqlens,
+        positions: &positions,
+    };
+    let mut ws = layer.workspace(&gpu, 2).unwrap();
+    let out0 = vec![bf16::from_f32(7.0); 2 * cfg.hidden];
+    let mut out = DeviceTensor::from_host(&gpu, &out0, &[2, cfg.hidden]).unwrap();
+    let r = layer.forward(&gpu, &mut ws, &x, &mut cache, &batch, &mut out, false);
+    assert!(matches!(r, Err(r1_kernels::Error::IndexOutOfRange { .. })), "{r:?}");
+    gpu.synchronize().unwrap();
+    let same = |a: &[bf16], b: &[bf16]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    assert!(same(&cache.to_host(&gpu).unwrap(), &cache0), "the rejected step wrote the cache");
+    assert!(same(&out.to_host(&gpu).unwrap(), &out0), "the rejected step wrote the output");
+    // A workspace made for a layer of other dimensions is refused before anything runs.
+    let other_cfg = DeepSeekV3Config { hidden: 384, ..cfg.clone() };
+    let other = DecodeLayer::upload(
+        &gpu,
+        &PreparedLayer::new(&other_cfg, synthetic_layer_weights(&other_cfg, other_cfg.first_k_dense, 6).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let mut other_ws = other.workspace(&gpu, 2).unwrap();
+    let r = layer.forward(&gpu, &mut other_ws, &x, &mut cache, &batch, &mut out, false);
+    assert!(matches!(r, Err(r1_kernels::Error::InvalidConfig(_))), "{r:?}");
+}

@@ -328,6 +328,27 @@ fn validate(
     check_launch(&sh, &plan.split, cfg, opts.block_table_host)
 }
 
+/// Every host check [`mla_decode`] makes before it launches, without launching: a caller that writes other
+/// outputs first (the decode layer appends to the cache) runs this before them, so a bad step writes nothing.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_decode(
+    gpu: &Gpu,
+    q: &DeviceTensor<bf16>,
+    kv_cache: &DeviceTensor<bf16>,
+    block_table: &DeviceTensor<i32>,
+    seqlens: &DeviceTensor<i32>,
+    plan: &MlaPlan,
+    cfg: &MlaConfig,
+    out: &DeviceTensor<bf16>,
+    lse: &DeviceTensor<f32>,
+    workspace: &MlaWorkspace,
+    opts: &MlaOptions,
+) -> Result<()> {
+    validate(q, kv_cache.shape(), D_QK, block_table, seqlens, plan, cfg, out, lse, workspace, opts)?;
+    check_devices!(gpu, q, kv_cache, block_table, seqlens, out, lse)?;
+    check_devices!(gpu, plan.items, plan.cta_offsets, plan.split_offsets, workspace.o_part, workspace.lse_part)
+}
+
 /// MLA decode with a bf16 cache `[num_blocks, page_size, 576]`. Writes `out` `[b, s_q, h, 512]` bf16 and `lse`
 /// `[b, h, s_q]` f32 (natural log; +inf for rows that attend no key). Enqueued on the GPU's stream.
 ///
