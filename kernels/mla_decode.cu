@@ -1,6 +1,7 @@
 // MLA decode, plain SIMT kernels: the obviously-correct second opinion for the sm_90a fast path and the fallback on
-// non-Hopper GPUs. Split-KV: each CTA walks the work items the host scheduler (src/mla/sched.rs) gave it and writes
-// one fp32 partial output + partial lse per item; `mla_combine` merges a sequence's partials.
+// non-Hopper GPUs. Split-KV: each CTA walks the work items the scheduler (src/mla/sched.rs on the host, or
+// `mla_plan_balanced` below on the device) gave it and writes one fp32 partial output + partial lse per item;
+// `mla_combine` merges a sequence's partials.
 //
 // Numbers (b sequences, s_q queries, h heads, s_k keys): flops = 2·b·h·s_q·s_k·(576 + 512); minimum bytes = KV read
 // once (s_k·1152 B bf16, s_k·656 B FP8) + q (b·s_q·h·1152 B) + o (b·s_q·h·1024 B). This kernel re-reads the KV of a
@@ -272,4 +273,95 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int c = 0; c < 16; ++c) dst[32 * c] = __float2bfloat16_rn(out_v[c]);
     if (lane == 0) lse[(static_cast<size_t>(b) * h + row % h) * s_q + row / h] = total;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The split plan computed on the device, for a decode step that is captured once and replayed while the lengths
+// change (mla::MlaPlan::on_device). It is the host scheduler's balanced mode (src/mla/sched.rs, plan_splits) written
+// as a closed form: the batch's pages, in sequence order, are cut every `quota = max(1, ceil(total / ctas))` pages
+// and CTA c owns global pages [c·quota, (c+1)·quota). A sequence with P pages before it and n of its own has one
+// item per CTA its range [P, P + n) meets, in CTA order, numbered 0.. as its splits. The grid of the decode kernels
+// stays `ctas` whatever the lengths: CTAs past the last used one get an empty item range.
+//
+// Lengths are clamped to 0 ..= max_blocks·page (the decode kernels clamp the same way), so no item names a table
+// column at or past max_blocks. Capacity: items ≤ batch + ctas − 1, which the host sized the buffers for.
+//
+// One CTA of 1024 threads; sequences are processed 1024 at a time with block-wide exclusive scans of their page and
+// item counts (64-bit pages: batch · max_blocks may pass 2^31).
+constexpr int kPlanThreads = 1024;
+
+__device__ __forceinline__ long long plan_pages(const int* seqlens, int s, int batch, int page, int max_blocks) {
+    if (s >= batch) return 0;
+    const long long len = min(max(seqlens[s], 0), max_blocks * page);
+    return (len + page - 1) / page;
+}
+
+// Exclusive scan of `v` over the block; `total` receives the sum. Uses `scratch[32]`.
+__device__ long long block_exclusive_scan(long long v, long long* scratch, long long* total) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    long long inc = v;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+        const long long o = __shfl_up_sync(0xffffffffu, inc, d);
+        if (lane >= d) inc += o;
+    }
+    if (lane == 31) scratch[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        long long w = lane < kPlanThreads / 32 ? scratch[lane] : 0;
+        long long winc = w;
+#pragma unroll
+        for (int d = 1; d < 32; d *= 2) {
+            const long long o = __shfl_up_sync(0xffffffffu, winc, d);
+            if (lane >= d) winc += o;
+        }
+        scratch[lane] = winc - w;  // exclusive prefix of warp sums
+        if (lane == 31) scratch[32] = winc;
+    }
+    __syncthreads();
+    const long long result = scratch[warp] + inc - v;
+    *total = scratch[32];
+    __syncthreads();  // scratch is reused by the next call
+    return result;
+}
+
+// seqlens: [batch]. items: int4 [batch + ctas − 1] (seq, start_block, end_block, split). cta_offsets: [ctas + 1].
+// split_offsets: [batch + 1].
+extern "C" __global__ void __launch_bounds__(kPlanThreads)
+    mla_plan_balanced(const int* __restrict__ seqlens, int batch, int page, int max_blocks, int ctas,
+                      int4* __restrict__ items, int* __restrict__ cta_offsets, int* __restrict__ split_offsets) {
+    __shared__ long long scratch[33];
+    long long total_pages = 0;
+    for (int base = 0; base < batch; base += kPlanThreads) {
+        long long chunk;
+        block_exclusive_scan(plan_pages(seqlens, base + threadIdx.x, batch, page, max_blocks), scratch, &chunk);
+        total_pages += chunk;
+    }
+    const long long quota = max(1LL, (total_pages + ctas - 1) / ctas);
+    long long pages_before = 0, items_before = 0;
+    for (int base = 0; base < batch; base += kPlanThreads) {
+        const int s = base + threadIdx.x;
+        const long long n = plan_pages(seqlens, s, batch, page, max_blocks);
+        long long chunk_pages, chunk_items;
+        const long long p = pages_before + block_exclusive_scan(n, scratch, &chunk_pages);
+        const long long first_cta = p / quota;
+        const long long pieces = n > 0 ? (p + n - 1) / quota - first_cta + 1 : 0;
+        const long long item0 = items_before + block_exclusive_scan(pieces, scratch, &chunk_items);
+        if (s < batch) {
+            split_offsets[s] = static_cast<int>(item0);
+            for (long long j = 0; j < pieces; ++j) {
+                const long long c = first_cta + j;
+                const long long start = max(p, c * quota), end = min(p + n, (c + 1) * quota);
+                items[item0 + j] = make_int4(s, static_cast<int>(start - p), static_cast<int>(end - p),
+                                             static_cast<int>(j));
+                if (start == c * quota) cta_offsets[c] = static_cast<int>(item0 + j);  // the piece that opens CTA c
+            }
+        }
+        pages_before += chunk_pages;
+        items_before += chunk_items;
+    }
+    // CTAs past the last used one (and the end marker) start at the end: empty ranges.
+    const long long used = (total_pages + quota - 1) / quota;
+    for (long long c = used + threadIdx.x; c <= ctas; c += kPlanThreads) cta_offsets[c] = static_cast<int>(items_before);
+    if (threadIdx.x == 0) split_offsets[batch] = static_cast<int>(items_before);
 }

@@ -1192,7 +1192,7 @@ fn fuzz_mla_decode() {
                 && shapes[3] == [batch]
                 && shapes[4] == [batch, s_q, heads, D_V]
                 && shapes[5] == [batch, heads, s_q];
-            let small_ws_ok = matches!(fault, MlaFault::SmallWorkspace) && plan.split().total_splits() <= 1;
+            let small_ws_ok = matches!(fault, MlaFault::SmallWorkspace) && plan.max_splits() <= 1;
             let fault_free = match fault {
                 MlaFault::None => true,
                 MlaFault::Shape(..) => shapes_ok,
@@ -1253,7 +1253,7 @@ fn fuzz_mla_workspace_new() {
         let bytes = s_q
             .checked_mul(heads)
             .and_then(|r| r.checked_mul(D_V + 1))
-            .and_then(|r| r.checked_mul(plan.split().total_splits().max(1)))
+            .and_then(|r| r.checked_mul(plan.max_splits().max(1)))
             .and_then(|r| r.checked_mul(4));
         match MlaWorkspace::new(&gpu, &plan, &cfg) {
             // An allocation the device cannot hold is the driver's out-of-memory error.

@@ -14,6 +14,7 @@ use common::{block_magnitude, emu_shrink, expect_launched};
 
 /// One randomly generated problem: bf16-representable values, a permuted block table whose unused entries are huge,
 /// and NaN in tail tokens and unused pages.
+#[derive(Clone)]
 struct Case {
     cfg: MlaConfig,
     seqlens: Vec<i32>,
@@ -955,5 +956,197 @@ fn gpu_2_auto_backend_follows_device_and_page_size() {
         let (want_o, want_l) = reference(&case, &case.cache);
         let (o, l) = run_gpu(&gpu, &case, &d, sm_mode(&gpu), Backend::Auto, false);
         check_close(&format!("auto page {page}"), Backend::Auto, &o, &l, &want_o, &want_l);
+    }
+}
+
+// ------------------------------------------------------------------------------------------ plan on the device
+
+/// Decodes `case` with a plan computed on the device; (o as f32, lse).
+fn run_device_plan(gpu: &Gpu, case: &Case, d: &DeviceCase, backend: Backend, fp8: bool) -> (Vec<f32>, Vec<f32>) {
+    let c = &case.cfg;
+    let mut plan = MlaPlan::on_device(gpu, c, case.max_blocks, backend).unwrap();
+    expect_launched(gpu, &["mla_plan_balanced"], || plan.update(gpu, &d.seqlens)).unwrap();
+    let mut ws = MlaWorkspace::new(gpu, &plan, c).unwrap();
+    let mut out = DeviceTensor::from_host(gpu, &vec![bf16::NAN; c.o_len()], &[c.batch, c.s_q, c.heads, D_V]).unwrap();
+    let mut lse = DeviceTensor::from_host(gpu, &vec![f32::NAN; c.lse_len()], &[c.batch, c.heads, c.s_q]).unwrap();
+    let opts = MlaOptions { block_table_host: None, backend };
+    if fp8 {
+        mla::mla_decode_fp8(gpu, &d.q, &d.cache_fp8, &d.table, &d.seqlens, &plan, c, &mut out, &mut lse, &mut ws, &opts)
+    } else {
+        mla::mla_decode(gpu, &d.q, &d.cache, &d.table, &d.seqlens, &plan, c, &mut out, &mut lse, &mut ws, &opts)
+    }
+    .unwrap();
+    (out.to_host(gpu).unwrap().iter().map(|v| v.to_f32()).collect(), lse.to_host(gpu).unwrap())
+}
+
+#[test]
+fn gpu_1_device_plan_equals_the_host_plan() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla plan on the device") else { return };
+    let mut rng = StdRng::seed_from_u64(77);
+    // Batches past the planner's 1024 threads, empty sequences, lengths past the table (clamped, as the kernels do).
+    for (i, &(batch, max_len, page)) in
+        [(1usize, 1i32, 64usize), (3, 300, 16), (37, 5000, 64), (1500, 700, 64), (5, 0, 64), (64, 130, 24)]
+            .iter()
+            .enumerate()
+    {
+        let max_blocks = (max_len.max(1) as usize).div_ceil(page);
+        let lens: Vec<i32> = (0..batch)
+            .map(|_| match rng.random_range(0..10) {
+                0 => 0,
+                1 => -5,
+                2 => (max_blocks * page) as i32 + 9,
+                _ => rng.random_range(0..=max_len),
+            })
+            .collect();
+        let clamped: Vec<i32> = lens.iter().map(|&l| l.clamp(0, (max_blocks * page) as i32)).collect();
+        for backend in [Backend::Portable, Backend::Auto] {
+            let cfg = MlaConfig { batch, s_q: 1, heads: 16, page_size: page, softmax_scale: 0.1, causal: true };
+            let seqlens = DeviceTensor::from_host(&gpu, &lens, &[batch]).unwrap();
+            let mut plan = MlaPlan::on_device(&gpu, &cfg, max_blocks, backend).unwrap();
+            assert!(plan.split().is_none());
+            expect_launched(&gpu, &["mla_plan_balanced"], || plan.update(&gpu, &seqlens)).unwrap();
+            let (items, ctas, splits) = plan.download(&gpu).unwrap();
+            let host = MlaPlan::for_backend(&gpu, &clamped, &cfg, backend).unwrap();
+            let want = host.split().unwrap();
+            let n = want.items.len();
+            let flat: Vec<i32> =
+                want.items.iter().flat_map(|it| [it.seq, it.start_block, it.end_block, it.split]).collect();
+            let what = format!("case {i} ({batch} sequences, page {page}, {backend:?})");
+            assert_eq!(&items[..4 * n], &flat[..], "{what}: items");
+            let used = want.num_ctas();
+            assert_eq!(&ctas[..=used], &want.cta_offsets[..], "{what}: CTA offsets");
+            assert!(ctas[used..].iter().all(|&c| c == n as i32), "{what}: unused CTAs are empty");
+            assert_eq!(splits, want.split_offsets, "{what}: split offsets");
+            assert!(n <= plan.max_splits(), "{what}: capacity");
+        }
+    }
+}
+
+#[test]
+fn gpu_2_device_plan_decodes_bitwise_like_the_host_plan() {
+    let Some(gpu) = r1_kernels::device::test_gpu("mla decode with the device plan") else { return };
+    let mut backends = vec![Backend::Portable];
+    if gpu.info().is_hopper() {
+        backends.extend([Backend::Hopper, Backend::HopperWide]);
+    }
+    for (i, &(b, s_q, h, s_k)) in [(3usize, 1usize, 16usize, 300i32), (2, 2, 16, 130)].iter().enumerate() {
+        let case = make_case(500 + i as u64, b, s_q, h, 64, lens(b, s_k, true, 500 + i as u64), true);
+        let bytes = quantize_kv_cache_fp8(&case.cache).unwrap();
+        let d = upload(&gpu, &case, Some(&bytes));
+        let (want_o, want_l) = reference(&case, &case.cache);
+        for &backend in &backends {
+            for fp8 in [false, true] {
+                let what = format!("case {i} {backend:?} fp8={fp8}");
+                let mode = SplitMode::Balanced {
+                    target_ctas: MlaPlan::for_backend(&gpu, &case.seqlens, &case.cfg, backend)
+                        .unwrap()
+                        .split()
+                        .unwrap()
+                        .num_ctas()
+                        .max(1),
+                };
+                let host = run_gpu(&gpu, &case, &d, mode, backend, fp8);
+                let device = run_device_plan(&gpu, &case, &d, backend, fp8);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&device.0), bits(&host.0), "{what}: o");
+                assert_eq!(bits(&device.1), bits(&host.1), "{what}: lse");
+                if !fp8 {
+                    check_close(&what, backend, &device.0, &device.1, &want_o, &want_l);
+                }
+            }
+        }
+    }
+    // A device plan takes no host table (it cannot know which entries the lengths reach) and a table of its width.
+    let case = make_case(510, 2, 1, 16, 64, vec![70, 5], true);
+    let d = upload(&gpu, &case, None);
+    let c = &case.cfg;
+    let plan = MlaPlan::on_device(&gpu, c, case.max_blocks + 1, Backend::Portable).unwrap();
+    let mut ws = MlaWorkspace::new(&gpu, &plan, c).unwrap();
+    let mut out = DeviceTensor::<bf16>::zeros(&gpu, &[c.batch, c.s_q, c.heads, D_V]).unwrap();
+    let mut lse = DeviceTensor::<f32>::zeros(&gpu, &[c.batch, c.heads, c.s_q]).unwrap();
+    let opts = MlaOptions { block_table_host: None, backend: Backend::Portable };
+    let r = mla::mla_decode(&gpu, &d.q, &d.cache, &d.table, &d.seqlens, &plan, c, &mut out, &mut lse, &mut ws, &opts);
+    assert!(matches!(r, Err(Error::InvalidConfig(_))), "{r:?}");
+    let plan = MlaPlan::on_device(&gpu, c, case.max_blocks, Backend::Portable).unwrap();
+    let opts = MlaOptions { block_table_host: Some(&case.table), backend: Backend::Portable };
+    let r = mla::mla_decode(&gpu, &d.q, &d.cache, &d.table, &d.seqlens, &plan, c, &mut out, &mut lse, &mut ws, &opts);
+    assert!(matches!(r, Err(Error::InvalidConfig(_))), "{r:?}");
+    let mut host_plan = MlaPlan::new(&gpu, &case.seqlens, 64, SplitMode::Balanced { target_ctas: 2 }).unwrap();
+    assert!(matches!(host_plan.update(&gpu, &d.seqlens), Err(Error::InvalidConfig(_))));
+}
+
+#[test]
+fn gpu_2_captured_decode_replays_with_changed_lengths() {
+    use r1_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let Some(gpu) = r1_kernels::device::test_gpu("mla decode captured once, replayed with new lengths") else { return };
+    let backend = Backend::Auto;
+    let (b, s_q, h, page, max_blocks) = (4usize, 2usize, 16usize, 64usize, 5usize);
+    // Every step shares the shapes; lengths, queries and cache contents change. Step 0 is captured.
+    let steps: Vec<Vec<i32>> = vec![vec![70, 1, 300, 129], vec![320, 0, 2, 64], vec![5, 200, 17, 250], vec![0; 4]];
+    let cases: Vec<Case> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut c = make_case(600 + i as u64, b, s_q, h, page, l.clone(), true);
+            // One table shape for all steps: pad to max_blocks columns (the extra columns are never read).
+            let mb = c.max_blocks;
+            let mut table = vec![i32::MAX; b * max_blocks];
+            for s in 0..b {
+                table[s * max_blocks..s * max_blocks + mb.min(max_blocks)]
+                    .copy_from_slice(&c.table[s * mb..s * mb + mb.min(max_blocks)]);
+            }
+            c.table = table;
+            c.max_blocks = max_blocks;
+            c
+        })
+        .collect();
+    let num_blocks = cases.iter().map(|c| c.num_blocks).max().unwrap();
+    let cfg = cases[0].cfg;
+    let to_bf = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+    let pad_cache = |c: &Case| {
+        let mut v = to_bf(&c.cache);
+        v.resize(num_blocks * page * D_QK, bf16::NAN);
+        v
+    };
+    let mut q = DeviceTensor::from_host(&gpu, &to_bf(&cases[0].q), &[b, s_q, h, D_QK]).unwrap();
+    let mut cache = DeviceTensor::from_host(&gpu, &pad_cache(&cases[0]), &[num_blocks, page, D_QK]).unwrap();
+    let mut table = DeviceTensor::from_host(&gpu, &cases[0].table, &[b, max_blocks]).unwrap();
+    let mut seqlens = DeviceTensor::from_host(&gpu, &cases[0].seqlens, &[b]).unwrap();
+    let mut out = DeviceTensor::<bf16>::zeros(&gpu, &[b, s_q, h, D_V]).unwrap();
+    let mut lse = DeviceTensor::<f32>::zeros(&gpu, &[b, h, s_q]).unwrap();
+    let mut plan = MlaPlan::on_device(&gpu, &cfg, max_blocks, backend).unwrap();
+    let mut ws = MlaWorkspace::new(&gpu, &plan, &cfg).unwrap();
+    gpu.preload().unwrap();
+    gpu.synchronize().unwrap();
+    let opts = MlaOptions { block_table_host: None, backend };
+    // SAFETY: every buffer is used on this one stream only, so cudarc's cross-stream events are not needed.
+    unsafe { gpu.context().disable_event_tracking() };
+    gpu.stream().begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    let captured = plan.update(&gpu, &seqlens).and_then(|()| {
+        mla::mla_decode(&gpu, &q, &cache, &table, &seqlens, &plan, &cfg, &mut out, &mut lse, &mut ws, &opts)
+    });
+    let graph = gpu.stream().end_capture(CUgraphInstantiate_flags(0)).unwrap();
+    unsafe { gpu.context().enable_event_tracking() };
+    captured.unwrap();
+    let graph = graph.expect("a captured graph");
+    for (i, case) in cases.iter().enumerate() {
+        q.copy_from_host(&gpu, &to_bf(&case.q)).unwrap();
+        cache.copy_from_host(&gpu, &pad_cache(case)).unwrap();
+        table.copy_from_host(&gpu, &case.table).unwrap();
+        seqlens.copy_from_host(&gpu, &case.seqlens).unwrap();
+        out.copy_from_host(&gpu, &vec![bf16::NAN; cfg.o_len()]).unwrap();
+        lse.copy_from_host(&gpu, &vec![f32::NAN; cfg.lse_len()]).unwrap();
+        graph.launch().unwrap();
+        let replay_o: Vec<u16> = out.to_host(&gpu).unwrap().iter().map(|v| v.to_bits()).collect();
+        let replay_l: Vec<u32> = lse.to_host(&gpu).unwrap().iter().map(|v| v.to_bits()).collect();
+        // Eager: the same device plan, updated and launched outside any graph.
+        let padded = Case { cache: pad_cache(case).iter().map(|v| v.to_f32()).collect(), num_blocks, ..case.clone() };
+        let d = upload(&gpu, &padded, None);
+        let (o, l) = run_device_plan(&gpu, &padded, &d, backend, false);
+        let what = format!("step {i} lengths {:?}", case.seqlens);
+        assert_eq!(replay_o, o.iter().map(|v| bf16::from_f32(*v).to_bits()).collect::<Vec<_>>(), "{what}: o");
+        assert_eq!(replay_l, l.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{what}: lse");
+        let (want_o, want_l) = reference(&padded, &padded.cache);
+        check_close(&what, backend, &o, &l, &want_o, &want_l);
     }
 }

@@ -31,16 +31,40 @@ pub const MAX_TOKENS: usize = (1 << 31) - 1024;
 pub const PLAIN_ROWS_PER_CTA: usize = 16;
 const PLAIN_TILE: usize = 16;
 const PLAIN_THREADS: u32 = 256;
+/// Threads of the one-CTA device planner (`mla_plan_balanced`).
+const PLAN_THREADS: u32 = 1024;
 /// Dynamic shared memory of the plain kernel: q rows and one K tile as fp32 (stride 577) plus 16 token flags.
 pub const PLAIN_SMEM_BYTES: usize = 4 * (PLAIN_ROWS_PER_CTA * D_QK + PLAIN_TILE * (D_QK + 1) + PLAIN_TILE);
 
-/// A split plan resident on the device.
+/// A split plan resident on the device: made on the host from host lengths ([`MlaPlan::new`]), or computed on the
+/// device from the device lengths ([`MlaPlan::on_device`] + [`MlaPlan::update`]) so a captured decode step stays
+/// valid when the lengths change.
 #[derive(Debug)]
 pub struct MlaPlan {
-    split: SplitPlan,
+    schedule: Schedule,
     items: DeviceTensor<i32>,
     cta_offsets: DeviceTensor<i32>,
     split_offsets: DeviceTensor<i32>,
+}
+
+#[derive(Debug)]
+enum Schedule {
+    /// Made on the host: the exact items of these lengths.
+    Host(SplitPlan),
+    /// Computed on the device into buffers of fixed capacity; the decode grid is always `ctas`.
+    Device { batch: usize, page_size: usize, max_blocks: usize, ctas: usize },
+}
+
+/// What a launch needs to know of a plan.
+pub(crate) struct PlanInfo<'a> {
+    pub batch: usize,
+    pub page_size: usize,
+    /// Partial slots the plan can name (a device plan's capacity).
+    pub splits: usize,
+    /// Host lengths (host plans only: a device plan's lengths live on the device).
+    pub seqlens: Option<&'a [i32]>,
+    /// The block table's width a device plan was made for.
+    pub max_blocks: Option<usize>,
 }
 
 impl MlaPlan {
@@ -55,7 +79,122 @@ impl MlaPlan {
         let items = DeviceTensor::from_host(gpu, &flat, &[split.items.len(), 4])?;
         let cta_offsets = DeviceTensor::from_host(gpu, &split.cta_offsets, &[split.cta_offsets.len()])?;
         let split_offsets = DeviceTensor::from_host(gpu, &split.split_offsets, &[split.split_offsets.len()])?;
-        Ok(MlaPlan { split, items, cta_offsets, split_offsets })
+        Ok(MlaPlan { schedule: Schedule::Host(split), items, cta_offsets, split_offsets })
+    }
+
+    /// A balanced plan (as [`MlaPlan::for_backend`]) that the device fills from the device `seqlens` on every
+    /// [`MlaPlan::update`]: fixed buffers (`batch + ctas − 1` items) and a fixed decode grid (`ctas` CTAs, chosen
+    /// from the SM count and `backend` as in [`MlaPlan::for_backend`]), so the update, [`mla_decode`] and
+    /// [`mla_decode_fp8`] can be captured in a CUDA graph once and replayed while the lengths change. Until the first
+    /// update the plan holds no work (every row's output is 0 with lse +inf).
+    ///
+    /// Lengths are read on the device, so the launchers cannot check them on the host: the kernels clamp them to
+    /// `0 ..= max_blocks · page_size` and skip table entries outside the cache (no out-of-bounds access; the rows of
+    /// a sequence whose length is out of range are unspecified). `max_blocks` is the block table's width.
+    /// The items of a length set are exactly [`plan_splits`]'s in [`SplitMode::Balanced`] with `ctas` CTAs.
+    ///
+    /// Graph capture: no (allocates); make it before capturing. [`MlaPlan::update`] may be captured.
+    pub fn on_device(gpu: &Gpu, cfg: &MlaConfig, max_blocks: usize, backend: Backend) -> Result<Self> {
+        cfg.validate()?;
+        if max_blocks.saturating_mul(cfg.page_size) > MAX_TOKENS {
+            return Err(Error::shape(
+                "max_blocks",
+                "max_blocks·page_size ≤ 2^31 − 1024 tokens",
+                max_blocks.saturating_mul(cfg.page_size),
+            ));
+        }
+        let ctas = Self::target_ctas(gpu, cfg, backend);
+        let capacity = cfg.batch + ctas;
+        to_i32("batch + CTAs", capacity)?;
+        let z = |n: usize, shape: &[usize]| DeviceTensor::from_host(gpu, &vec![0i32; n], shape);
+        Ok(MlaPlan {
+            schedule: Schedule::Device { batch: cfg.batch, page_size: cfg.page_size, max_blocks, ctas },
+            items: z(capacity * 4, &[capacity, 4])?,
+            cta_offsets: z(ctas + 1, &[ctas + 1])?,
+            split_offsets: z(cfg.batch + 1, &[cfg.batch + 1])?,
+        })
+    }
+
+    /// Recomputes a device plan from the device lengths `seqlens` `[batch]` (one small kernel, no host
+    /// synchronization). Errors for a host plan.
+    ///
+    /// Graph capture: yes (one launch; no allocation, copy or synchronization).
+    pub fn update(&mut self, gpu: &Gpu, seqlens: &DeviceTensor<i32>) -> Result<()> {
+        let Schedule::Device { batch, page_size, max_blocks, ctas } = self.schedule else {
+            return Err(Error::InvalidConfig("update needs a plan made by MlaPlan::on_device".into()));
+        };
+        seqlens.expect_shape("seqlens", &[batch])?;
+        check_devices!(gpu, seqlens, self.items, self.cta_offsets, self.split_offsets)?;
+        if batch == 0 {
+            return Ok(());
+        }
+        let (bi, pi, mi, ci) = (
+            to_i32("batch", batch)?,
+            to_i32("page_size", page_size)?,
+            to_i32("max_blocks", max_blocks)?,
+            to_i32("CTAs", ctas)?,
+        );
+        let f = gpu.function(MODULE, "mla_plan_balanced", 0)?;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (PLAN_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let sv = seqlens.view();
+        let (mut iv, mut cv, mut ov) =
+            (self.items.view_mut(), self.cta_offsets.view_mut(), self.split_offsets.view_mut());
+        let mut launch = gpu.stream().launch_builder(&f);
+        launch.arg(&sv).arg(&bi).arg(&pi).arg(&mi).arg(&ci).arg(&mut iv).arg(&mut cv).arg(&mut ov);
+        // SAFETY: seqlens is [batch]; the kernel clamps each length to 0..=max_blocks·page, so it writes at most
+        // batch + ctas − 1 items (< the batch + ctas allocated), ctas + 1 CTA offsets and batch + 1 split offsets.
+        unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
+        Ok(())
+    }
+
+    /// CTAs of a balanced plan for `backend`: about one CTA per SM over the decode grid's row groups.
+    fn target_ctas(gpu: &Gpu, cfg: &MlaConfig, backend: Backend) -> usize {
+        let rows = cfg.s_q.saturating_mul(cfg.heads).max(1);
+        let groups = match backend.resolve(gpu, cfg.page_size) {
+            Backend::Auto | Backend::Portable => rows.div_ceil(PLAIN_ROWS_PER_CTA),
+            Backend::Hopper => rows.div_ceil(sm90::rows_per_cta(rows, false)),
+            Backend::HopperWide => rows.div_ceil(sm90::ROWS_PER_CTA),
+        };
+        (gpu.info().sm_count as usize / groups).max(1)
+    }
+
+    /// Partial slots the plan may name: what an [`MlaWorkspace`] for it must hold (a device plan's capacity).
+    pub fn max_splits(&self) -> usize {
+        self.info().splits
+    }
+
+    /// CTAs of the decode grid.
+    pub(crate) fn num_ctas(&self) -> usize {
+        match &self.schedule {
+            Schedule::Host(split) => split.num_ctas(),
+            Schedule::Device { ctas, .. } => *ctas,
+        }
+    }
+
+    pub(crate) fn info(&self) -> PlanInfo<'_> {
+        match &self.schedule {
+            Schedule::Host(split) => PlanInfo {
+                batch: split.batch(),
+                page_size: split.page_size,
+                splits: split.total_splits(),
+                seqlens: Some(&split.seqlens),
+                max_blocks: None,
+            },
+            Schedule::Device { batch, page_size, max_blocks, ctas } => PlanInfo {
+                batch: *batch,
+                page_size: *page_size,
+                splits: batch + ctas,
+                seqlens: None,
+                max_blocks: Some(*max_blocks),
+            },
+        }
+    }
+
+    /// The device buffers as host vectors (syncs): items (flattened `int4`s), CTA offsets, split offsets. For
+    /// tests and debugging.
+    #[doc(hidden)]
+    pub fn download(&self, gpu: &Gpu) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>)> {
+        Ok((self.items.to_host(gpu)?, self.cta_offsets.to_host(gpu)?, self.split_offsets.to_host(gpu)?))
     }
 
     /// Balanced plan with one piece per SM of `gpu`.
@@ -70,19 +209,16 @@ impl MlaPlan {
     ///
     /// Graph capture: no (allocates and copies from the host); call it before capturing.
     pub fn for_backend(gpu: &Gpu, seqlens: &[i32], cfg: &MlaConfig, backend: Backend) -> Result<Self> {
-        let rows = cfg.s_q.saturating_mul(cfg.heads).max(1);
-        let groups = match backend.resolve(gpu, cfg.page_size) {
-            Backend::Auto | Backend::Portable => rows.div_ceil(PLAIN_ROWS_PER_CTA),
-            Backend::Hopper => rows.div_ceil(sm90::rows_per_cta(rows, false)),
-            Backend::HopperWide => rows.div_ceil(sm90::ROWS_PER_CTA),
-        };
-        let target = (gpu.info().sm_count as usize / groups).max(1);
+        let target = Self::target_ctas(gpu, cfg, backend);
         Self::new(gpu, seqlens, cfg.page_size, SplitMode::Balanced { target_ctas: target })
     }
 
-    /// The host-side schedule.
-    pub fn split(&self) -> &SplitPlan {
-        &self.split
+    /// The host-side schedule (`None` for a plan computed on the device).
+    pub fn split(&self) -> Option<&SplitPlan> {
+        match &self.schedule {
+            Schedule::Host(split) => Some(split),
+            Schedule::Device { .. } => None,
+        }
     }
 }
 
@@ -102,7 +238,7 @@ impl MlaWorkspace {
     pub fn new(gpu: &Gpu, plan: &MlaPlan, cfg: &MlaConfig) -> Result<Self> {
         let rows =
             cfg.s_q.checked_mul(cfg.heads).ok_or_else(|| Error::shape("cfg", "s_q·heads that fits", "overflow"))?;
-        Self::with_capacity(gpu, plan.split.total_splits(), rows)
+        Self::with_capacity(gpu, plan.info().splits, rows)
     }
 
     /// Allocates room for `splits` splits of `rows` rows each.
@@ -204,7 +340,7 @@ fn expect(arg: &'static str, got: &[usize], want: &[usize]) -> Result<()> {
 
 pub(crate) fn check_launch(
     sh: &LaunchShapes,
-    split: &SplitPlan,
+    plan: &PlanInfo,
     cfg: &MlaConfig,
     block_table_host: Option<&[i32]>,
 ) -> Result<Checked> {
@@ -230,19 +366,23 @@ pub(crate) fn check_launch(
     expect("seqlens", sh.seqlens, &[b])?;
     expect("out", sh.out, &[b, s_q, h, D_V])?;
     expect("lse", sh.lse, &[b, h, s_q])?;
-    if split.batch() != b || split.page_size != page {
+    if plan.batch != b || plan.page_size != page {
         return Err(Error::InvalidConfig(format!(
             "plan was made for batch {} / page {}, not {b} / {page}",
-            split.batch(),
-            split.page_size
+            plan.batch, plan.page_size
+        )));
+    }
+    if let Some(width) = plan.max_blocks.filter(|&w| w != max_blocks) {
+        return Err(Error::InvalidConfig(format!(
+            "the device plan was made for a block table {width} wide, not {max_blocks}"
         )));
     }
     let rows = s_q.checked_mul(h).ok_or_else(|| Error::shape("q", "s_q·heads below 2^31", "overflow"))?;
     let (ws_splits, ws_rows) = sh.workspace;
-    if ws_rows != rows || ws_splits < split.total_splits() {
+    if ws_rows != rows || ws_splits < plan.splits {
         return Err(Error::shape(
             "workspace",
-            format!("{} splits of {rows} rows", split.total_splits()),
+            format!("{} splits of {rows} rows", plan.splits),
             format!("{ws_splits} splits of {ws_rows} rows"),
         ));
     }
@@ -257,18 +397,27 @@ pub(crate) fn check_launch(
     }
     to_i32("batch·s_q·heads", b.saturating_mul(rows))?;
     let q_len = b * s_q * h * D_QK;
-    // Lengths (and, with a host table, entries) are validated against the plan's copy of seqlens.
+    // Lengths (and, with a host table, entries) are validated against the plan's copy of seqlens; a device plan's
+    // lengths are only on the device (the kernels clamp them and skip out-of-range pages).
+    let Some(seqlens) = plan.seqlens else {
+        if block_table_host.is_some() {
+            return Err(Error::InvalidConfig(
+                "block_table_host needs a host plan: a device plan's lengths are not known on the host".into(),
+            ));
+        }
+        return checked(cfg, num_blocks, max_blocks, rows);
+    };
     match block_table_host {
         Some(t) => {
             if t.len() != b * max_blocks {
                 return Err(Error::shape("block_table_host", b * max_blocks, t.len()));
             }
-            validate_inputs(q_len, num_blocks * page, t, &split.seqlens, cfg)?;
+            validate_inputs(q_len, num_blocks * page, t, seqlens, cfg)?;
         }
         None => {
             // Only lengths can be checked (no allocation: this runs every decode step).
             let cap = (max_blocks * page) as i64;
-            for (i, &len) in split.seqlens.iter().enumerate() {
+            for (i, &len) in seqlens.iter().enumerate() {
                 if len < 0 || len as i64 > cap {
                     return Err(Error::IndexOutOfRange {
                         arg: "seqlens",
@@ -288,11 +437,15 @@ pub(crate) fn check_launch(
             }
         }
     }
+    checked(cfg, num_blocks, max_blocks, rows)
+}
+
+fn checked(cfg: &MlaConfig, num_blocks: usize, max_blocks: usize, rows: usize) -> Result<Checked> {
     Ok(Checked {
-        batch: to_i32("batch", b)?,
-        s_q: to_i32("s_q", s_q)?,
-        heads: to_i32("heads", h)?,
-        page: to_i32("page_size", page)?,
+        batch: to_i32("batch", cfg.batch)?,
+        s_q: to_i32("s_q", cfg.s_q)?,
+        heads: to_i32("heads", cfg.heads)?,
+        page: to_i32("page_size", cfg.page_size)?,
         num_blocks: to_i32("num_blocks", num_blocks)?,
         max_blocks: to_i32("max_blocks", max_blocks)?,
         rows,
@@ -325,7 +478,7 @@ fn validate(
         lse: lse.shape(),
         workspace: (ws.splits, ws.rows),
     };
-    check_launch(&sh, &plan.split, cfg, opts.block_table_host)
+    check_launch(&sh, &plan.info(), cfg, opts.block_table_host)
 }
 
 /// Every host check [`mla_decode`] makes before it launches, without launching: a caller that writes other
@@ -413,7 +566,7 @@ fn launch(
     if c.batch == 0 {
         return Ok(());
     }
-    let ctas = plan.split.num_ctas();
+    let ctas = plan.num_ctas();
     if ctas > 0 {
         match backend.resolve(gpu, c.page as usize) {
             Backend::Hopper | Backend::HopperWide => {
@@ -533,7 +686,14 @@ mod tests {
                 lse: &self.lse,
                 workspace: self.ws,
             };
-            check_launch(&sh, split, cfg, table)
+            let info = PlanInfo {
+                batch: split.batch(),
+                page_size: split.page_size,
+                splits: split.total_splits(),
+                seqlens: Some(&split.seqlens),
+                max_blocks: None,
+            };
+            check_launch(&sh, &info, cfg, table)
         }
     }
 

@@ -316,7 +316,7 @@ pub(crate) fn launch_decode(
         .ok()
         .filter(|&y| y <= 65_535)
         .ok_or_else(|| Error::shape("q", "s_q·heads ≤ 65535·64", c.rows))?;
-    let ctas = plan.split.num_ctas();
+    let ctas = plan.num_ctas();
     let grid_x = u32::try_from(ctas).map_err(|_| Error::shape("plan", "fewer than 2^32 CTAs", ctas))?;
     let (name, smem, threads) = match (kv, narrow) {
         (FastCache::Fp8(_), None) => ("mla_decode_sm90_fp8", SMEM_BYTES_FP8, THREADS),
