@@ -11,9 +11,9 @@
 //! LD_LIBRARY_PATH=target/release cargo run --release --example engine   # the emulated driver (emu/)
 //! ```
 //!
-//! What is captured: launches only. Each stage's plan and workspace are made before capture. The MLA plan is built
-//! on the host for the step's sequence lengths, so a graph is valid for those lengths; a device-side plan for
-//! captured decode with changing lengths does not exist yet.
+//! What is captured: launches only. Each stage's workspace is made before capture. The MLA split plan is computed on
+//! the device from the device sequence lengths ([`MlaPlan::on_device`], updated inside the step), so the replayed
+//! step serves new lengths: step 2 grows both sequences past step 1's pages.
 
 use std::error::Error as StdError;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use r1_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use r1_kernels::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use r1_kernels::gemm::{self, GemmKernel, GemmOptions};
-use r1_kernels::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace, SplitMode};
+use r1_kernels::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace};
 use r1_kernels::moe::{moe_forward, ExpertWeights, Layout, MoeWorkspace, RouterConfig, Routing};
 use r1_kernels::quant::{activation_scale_shape, quantize_activations};
 use r1_kernels::reference::{self, mla::MlaConfig, moe::ExpertsFp8, quant::ScaleFormat};
@@ -62,7 +62,7 @@ fn f32s(v: &[bf16]) -> Vec<f32> {
 
 fn check(what: &str, got: &[f32], want: &[f32], bound: f64) -> Res<()> {
     let diff = reference::gemm::calc_diff(got, want);
-    println!("  {what:<34} calc_diff {diff:.2e} (bound {bound:.0e})");
+    println!("  {what:<40} calc_diff {diff:.2e} (bound {bound:.0e})");
     if diff.is_nan() || diff >= bound || got.iter().any(|v| !v.is_finite()) {
         return Err(format!("{what}: differs from the reference (calc_diff {diff:.3e})").into());
     }
@@ -104,16 +104,17 @@ fn main() -> Res<()> {
 
     let (batch, heads, page) = (2usize, 16usize, 64usize);
     let seqlens = vec![70i32, 5];
+    let seqlens2 = vec![150i32, 100]; // step 2 (replayed): both sequences reach pages step 1 never read
     let max_blocks = 3usize;
-    let table = vec![0i32, 2, -1, 1, -1, -1];
-    let num_blocks = 3usize;
+    let table = vec![0i32, 2, 3, 1, 4, -1];
+    let num_blocks = 5usize;
     let mut cache = vec![0f32; num_blocks * page * 576];
     for x in cache.iter_mut() {
         *x = bf16::from_f32((rng.next_f32() * 2.0 - 1.0) * 0.5).to_f32();
     }
     let cache_d = engine_tensor(&stream, &to_bf16(&cache), &[num_blocks, page, 576])?;
     let table_d = engine_tensor(&stream, &table, &[batch, max_blocks])?;
-    let seqlens_d = engine_tensor(&stream, &seqlens, &[batch])?;
+    let mut seqlens_d = engine_tensor(&stream, &seqlens, &[batch])?;
     let mla_cfg = MlaConfig { batch, s_q: 1, heads, page_size: page, softmax_scale: 1.0 / 24.0, causal: true };
 
     let router =
@@ -142,9 +143,10 @@ fn main() -> Res<()> {
     let mut o_d = engine_zeros::<bf16>(&stream, &[batch, 1, heads, 512])?;
     let mut lse_d = engine_zeros::<f32>(&stream, &[batch, heads, 1])?;
     let backend = if gpu.info().is_hopper() { Backend::Hopper } else { Backend::Portable };
-    let plan = MlaPlan::new(&gpu, &seqlens, page, SplitMode::Balanced { target_ctas: 4 })?;
+    let mut plan = MlaPlan::on_device(&gpu, &mla_cfg, max_blocks, backend)?;
     let mut mla_ws = MlaWorkspace::new(&gpu, &plan, &mla_cfg)?;
-    let mla_opts = MlaOptions { block_table_host: Some(&table), backend };
+    // The device plan's lengths are not known on the host, so the table is checked on the device (bad pages skipped).
+    let mla_opts = MlaOptions { block_table_host: None, backend };
     let mut h_d = engine_zeros::<bf16>(&stream, &[tokens, hidden])?;
     let mut logits_d = engine_zeros::<f32>(&stream, &[tokens, 8])?;
     let mut moe_out = engine_zeros::<bf16>(&stream, &[tokens, hidden])?;
@@ -156,6 +158,7 @@ fn main() -> Res<()> {
         () => {{
             quantize_activations(&gpu, &x_d, &mut xq, &mut xs, ScaleFormat::F32)?;
             gemm::fp8_gemm_with_workspace(&gpu, &xq, &xs, &b, &sb, &mut y, &mut gemm_ws, &opts)?;
+            plan.update(&gpu, &seqlens_d)?;
             mla::mla_decode(
                 &gpu,
                 &q_d,
@@ -227,8 +230,13 @@ fn main() -> Res<()> {
     write(&mut q_d, &q2)?;
     write(&mut h_d, &h2)?;
     logits_d.copy_from_host(&gpu, &l2)?;
+    seqlens_d.copy_from_host(&gpu, &seqlens2)?;
     graph.launch()?;
     gpu.synchronize()?;
+    // The replayed MLA against the reference at step 2's lengths (the graph was captured at step 1's).
+    let (o_ref, lse_ref) = reference::mla::mla_decode(&f32s(&q2), &cache, &table, &seqlens2, &mla_cfg)?;
+    check("replayed MLA decode, new lengths (o)", &f32s(&o_d.to_host(&gpu)?), &o_ref, 1e-5)?;
+    check("replayed MLA decode, new lengths (lse)", &lse_d.to_host(&gpu)?, &lse_ref, 1e-9)?;
     let bits16 =
         |t: &DeviceTensor<bf16>| -> Res<Vec<u16>> { Ok(t.to_host(&gpu)?.iter().map(|v| v.to_bits()).collect()) };
     let replayed = (bits16(&y)?, bits16(&o_d)?, lse_d.to_host(&gpu)?, bits16(&moe_out)?);
@@ -237,9 +245,9 @@ fn main() -> Res<()> {
     let eager = (bits16(&y)?, bits16(&o_d)?, lse_d.to_host(&gpu)?, bits16(&moe_out)?);
     let same_lse = replayed.2.iter().zip(&eager.2).all(|(a, b)| a.to_bits() == b.to_bits());
     if replayed.0 != eager.0 || replayed.1 != eager.1 || !same_lse || replayed.3 != eager.3 {
-        return Err("graph replay on new inputs differs from the eager step".into());
+        return Err("graph replay on new inputs and lengths differs from the eager step".into());
     }
-    println!("graph replay on new inputs equals the eager step bitwise (GEMM, MLA o and lse, MoE)");
+    println!("graph replay on new inputs and lengths equals the eager step bitwise (GEMM, MLA o and lse, MoE)");
     drop(graph);
     drop(gpu);
     stream.synchronize()?;

@@ -852,8 +852,8 @@ fn gpu_layer_graph_replay_equals_eager() {
     let shared = deepseek_weights(&gpu, 1, h, i);
     let x_host = bf16_round(&scaled_activations(t, h, 2.0, 1));
     let (logits_host, bias_host) = (uniform(t * 256, 3.0, 2), uniform(256, 0.05, 3));
-    let x = DeviceTensor::from_host(&gpu, &to_bf16(&x_host), &[t, h]).unwrap();
-    let logits = DeviceTensor::from_host(&gpu, &logits_host, &[t, 256]).unwrap();
+    let mut x = DeviceTensor::from_host(&gpu, &to_bf16(&x_host), &[t, h]).unwrap();
+    let mut logits = DeviceTensor::from_host(&gpu, &logits_host, &[t, 256]).unwrap();
     let bias = DeviceTensor::from_host(&gpu, &bias_host, &[256]).unwrap();
     let mut ws = MoeWorkspace::new(&gpu, &cfg, t, h, i, Some(i), Layout::Contiguous { block_m: 64 }).unwrap();
     let mut out = DeviceTensor::zeros(&gpu, &[t, h]).unwrap();
@@ -877,13 +877,22 @@ fn gpu_layer_graph_replay_equals_eager() {
     unsafe { gpu.context().enable_event_tracking() };
     captured.unwrap();
     let graph = graph.expect("a captured graph");
-    for _ in 0..3 {
+    graph.launch().unwrap();
+    let bits = |v: &[bf16]| v.iter().map(|v| v.to_bits()).collect::<Vec<u16>>();
+    assert_eq!(bits(&out.to_host(&gpu).unwrap()), bits(&eager), "graph replay equals eager bitwise");
+    // Replays on new activations and router logits (other experts hit) equal eager runs on them, bitwise.
+    for step in 0..2u64 {
+        x.copy_from_host(&gpu, &to_bf16(&bf16_round(&scaled_activations(t, h, 2.0, 10 + step)))).unwrap();
+        logits.copy_from_host(&gpu, &uniform(t * 256, 3.0, 20 + step)).unwrap();
+        out.copy_from_host(&gpu, &vec![bf16::NAN; t * h]).unwrap();
         graph.launch().unwrap();
+        let replay = out.to_host(&gpu).unwrap();
+        let routing = Routing::Logits(&logits, Some(&bias));
+        moe_forward(&gpu, &cfg, &experts, Some(&shared), &x, routing, &mut ws, &mut out).unwrap();
+        let eager_step = out.to_host(&gpu).unwrap();
+        assert_ne!(bits(&eager_step), bits(&eager), "step {step}: new inputs give a new output");
+        assert_eq!(bits(&replay), bits(&eager_step), "step {step}: graph replay on new inputs equals eager bitwise");
     }
-    let replay = out.to_host(&gpu).unwrap();
-    let (a, b): (Vec<u16>, Vec<u16>) =
-        (eager.iter().map(|v| v.to_bits()).collect(), replay.iter().map(|v| v.to_bits()).collect());
-    assert_eq!(a, b, "graph replay equals eager bitwise");
 }
 
 /// Rows the permutation leaves invalid (padding, unused capacity) are never written by the Sm90Tma backend.
