@@ -2094,3 +2094,96 @@ fn fuzz_decode_layer() {
         }
     });
 }
+
+#[test]
+fn fuzz_mla_device_plan() {
+    let Some(gpu) = test_gpu("fuzz_mla_device_plan") else { return };
+    let len = prop_oneof![
+        6 => 0i32..140,
+        1 => prop::sample::select(vec![-1, i32::MIN, 141, 1000, i32::MAX]),
+    ];
+    let strategy = (
+        prop::collection::vec(len, 0..5),
+        prop::sample::select(vec![16usize, 64, 24]),
+        prop::sample::select(vec![Backend::Auto, Backend::Portable, Backend::Hopper]),
+        0usize..3,
+        any::<bool>(),
+        any::<u64>(),
+    );
+    fuzz::run("mla::MlaPlan::on_device + update + decode", strategy, |(lens, page, backend, extra, fp8, seed)| {
+        let b = lens.len();
+        // The table holds 140 tokens per sequence (+ `extra` spare columns); lengths past it are clamped.
+        let max_blocks = 140usize.div_ceil(page) + extra;
+        let cap = (max_blocks * page) as i32;
+        let valid: Vec<bool> = lens.iter().map(|&l| (0..=cap).contains(&l)).collect();
+        let clamped: Vec<i32> = lens.iter().map(|&l| l.clamp(0, cap)).collect();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let num_blocks = b * max_blocks + 1;
+        let mut pages: Vec<i32> = (0..num_blocks as i32).collect();
+        for i in (1..pages.len()).rev() {
+            pages.swap(i, rng.random_range(0..=i));
+        }
+        let table: Vec<i32> = pages[..b * max_blocks].to_vec();
+        let mut cache = vec![f32::NAN; num_blocks * page * D_QK];
+        for (s, &l) in clamped.iter().enumerate() {
+            for pos in 0..l as usize {
+                let slot = (table[s * max_blocks + pos / page] as usize * page + pos % page) * D_QK;
+                for v in &mut cache[slot..slot + D_QK] {
+                    *v = bf16::from_f32(rng.random::<f32>() - 0.5).to_f32();
+                }
+            }
+        }
+        let cfg = MlaConfig { batch: b, s_q: 1, heads: 4, page_size: page, softmax_scale: 0.1, causal: true };
+        let q = from_bf16(&to_bf16(&values(b * 4 * D_QK, seed + 1, 1.0, false)));
+        // An empty batch launches nothing, so nothing rejects the page; otherwise the sm_90a kernels refuse 24.
+        let hopper_page = matches!(page, 16 | 64) || b == 0;
+        let mut plan = MlaPlan::on_device(&gpu, &cfg, max_blocks, backend).unwrap();
+        let seqlens = DeviceTensor::from_host(&gpu, &lens, &[b]).unwrap();
+        plan.update(&gpu, &seqlens).map_err(|e| TestCaseError::fail(format!("update: {e}")))?;
+        let mut ws = MlaWorkspace::new(&gpu, &plan, &cfg).unwrap();
+        let qd = DeviceTensor::from_host(&gpu, &to_bf16(&q), &[b, 1, 4, D_QK]).unwrap();
+        let td = DeviceTensor::from_host(&gpu, &table, &[b, max_blocks]).unwrap();
+        let (mut o, o0) = poisoned::<bf16>(&gpu, &[b, 1, 4, D_V]);
+        let (mut l, l0) = poisoned::<f32>(&gpu, &[b, 4, 1]);
+        let opts = MlaOptions { block_table_host: None, backend };
+        let (r, deq) = if fp8 {
+            let bytes = quantize_kv_cache_fp8(&cache).unwrap();
+            let cd = DeviceTensor::from_host(&gpu, &bytes, &[num_blocks, page, FP8_TOKEN_BYTES]).unwrap();
+            let r = mla::mla_decode_fp8(&gpu, &qd, &cd, &td, &seqlens, &plan, &cfg, &mut o, &mut l, &mut ws, &opts);
+            (r, dequantize_kv_cache_fp8(&bytes).unwrap())
+        } else {
+            let cd = DeviceTensor::from_host(&gpu, &to_bf16(&cache), &[num_blocks, page, D_QK]).unwrap();
+            (mla::mla_decode(&gpu, &qd, &cd, &td, &seqlens, &plan, &cfg, &mut o, &mut l, &mut ws, &opts), cache)
+        };
+        let what = format!("lens {lens:?} page {page} {backend:?} fp8={fp8}");
+        match r {
+            Err(e) => {
+                expect_validation_error(&what, &e)?;
+                check!(backend == Backend::Hopper && !hopper_page, "{what}: rejected: {e}");
+                untouched(&gpu, "o", &o, &o0)?;
+                untouched(&gpu, "lse", &l, &l0)?;
+                Ok(Outcome::Rejected)
+            }
+            Ok(()) => {
+                check!(backend != Backend::Hopper || hopper_page, "{what}: accepted a page the kernel cannot take");
+                let go = from_bf16(&download(&gpu, "o", &o)?);
+                let gl = download(&gpu, "lse", &l)?;
+                // Sequences with a length in range match the reference; the others' rows are unspecified.
+                let (wo, wl) = ref_mla(&q, &deq, &table, &clamped, &cfg).unwrap();
+                for s in (0..b).filter(|&s| valid[s]) {
+                    let rows = s * 4..(s + 1) * 4;
+                    let (go_s, wo_s) = (&go[rows.start * D_V..rows.end * D_V], &wo[rows.start * D_V..rows.end * D_V]);
+                    rows_close(&format!("{what}: sequence {s}"), go_s, wo_s, D_V, 0.04)?;
+                    for r in rows {
+                        let (g, w) = (gl[r], wl[r]);
+                        check!(
+                            same_f32(g, w) || (g - w).abs() <= 1e-3 * w.abs().max(1.0),
+                            "{what}: lse[{r}] {g} vs {w}"
+                        );
+                    }
+                }
+                Ok(Outcome::Matched)
+            }
+        }
+    });
+}
