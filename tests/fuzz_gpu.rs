@@ -447,7 +447,7 @@ fn fuzz_moe_gate_logits() {
         let r = moe::gate_logits(&gpu, &xd, &wd, &mut logits);
         // Perturbed shapes can still agree with each other (for other t, E, H): valid is their agreement.
         let consistent = xs.len() == 2 && wsh.len() == 2 && ls.len() == 2;
-        let valid = consistent && wsh[1] == xs[1] && ls == [xs[0], wsh[0]] && xs[1] % 8 == 0;
+        let valid = consistent && wsh[1] == xs[1] && ls == [xs[0], wsh[0]] && xs[1].is_multiple_of(8);
         let (t, e, h) = if consistent { (xs[0], wsh[0], xs[1]) } else { (t, e, h) };
         match r {
             Err(err) => {
