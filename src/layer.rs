@@ -1,6 +1,7 @@
 //! One DeepSeek-V3 MoE layer's decode step on the GPU, chaining the crate's kernels in the order of
-//! [`crate::reference::layer`] (which documents the math). No host synchronization inside [`DecodeLayer::forward`];
-//! the MLA split plan is built on the host from host-visible sequence lengths, as an engine knows them.
+//! [`crate::reference::layer`] (which documents the math). No host synchronization inside [`DecodeLayer::forward`]
+//! and, once the workspace holds the MLA plan for the step's table width, no allocation: the split plan is computed on
+//! the device from the device lengths, so a captured step replays correctly when the lengths change.
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaEvent;
@@ -16,7 +17,7 @@ use crate::model::{DeepSeekV3Config, Fp8Linear};
 use crate::moe::{self, ExpertWeights, MoeWorkspace, Routing};
 use crate::quant::{self, activation_scale_shape};
 use crate::reference::layer::{rope_config, router_config, PreparedLayer};
-use crate::reference::mla::MlaConfig;
+use crate::reference::mla::{validate_inputs, MlaConfig};
 use crate::reference::moe::{Layout, RouterConfig};
 use crate::reference::quant::ScaleFormat;
 use crate::tensor::DeviceTensor;
@@ -125,6 +126,16 @@ pub struct DecodeWorkspace {
     moe_out: DeviceTensor<bf16>,
     moe: MoeWorkspace,
     seq_ids: DeviceTensor<i32>,
+    /// The MLA plan (computed on the device) and partials, made by the first step with a given block-table width,
+    /// page size and MLA kernel, and reused while those stay the same.
+    mla: Option<MlaState>,
+}
+
+struct MlaState {
+    /// (page size, block-table width, kernel choice) the plan was made for.
+    key: (usize, usize, Backend),
+    plan: MlaPlan,
+    ws: MlaWorkspace,
 }
 
 /// Per-sequence state of one step: the device copies plus the host copies the plan and validation need.
@@ -246,6 +257,7 @@ impl DecodeLayer {
                 Layout::Contiguous { block_m: moe::GEMM_BLOCK_M },
             )?,
             seq_ids: DeviceTensor::from_host(gpu, &seq_ids, &[b])?,
+            mla: None,
         })
     }
 
@@ -265,8 +277,14 @@ impl DecodeLayer {
     /// Runs the step: `x` [b, hidden] → `out` [b, hidden], appending each sequence's kv row to `kv_cache`
     /// [num_blocks, page, 576]. With `timed`, returns per-stage GPU times (this synchronizes at the end).
     ///
-    /// Graph capture: no (builds the MLA plan and workspace for the step's lengths: allocations and host
-    /// copies)
+    /// The host copies in `batch` are validated here (lengths, every table entry the step reads); the device copies
+    /// must hold the same values.
+    ///
+    /// Graph capture: yes, without `timed` (which synchronizes), once a step with the same block-table width, page
+    /// size and MLA kernel has run outside the capture: the first such step allocates the workspace's MLA plan and
+    /// partials. A replay recomputes the plan from the device lengths, so lengths, inputs, table and cache may change
+    /// between replays; the host checks ran at capture only, and the kernels clamp lengths to the table and skip
+    /// out-of-range pages.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -314,8 +332,21 @@ impl DecodeLayer {
         }
         let mla_cfg =
             MlaConfig { batch: b, s_q: 1, heads, page_size: page, softmax_scale: c.softmax_scale(), causal: true };
-        let plan = MlaPlan::for_backend(gpu, batch.seqlens_host, &mla_cfg, self.options.mla_backend)?;
-        let mut mla_ws = MlaWorkspace::new(gpu, &plan, &mla_cfg)?;
+        let [_, max_blocks] = batch.block_table.dims::<2>("block_table")?;
+        if batch.block_table_host.len() != b.saturating_mul(max_blocks) {
+            return Err(Error::shape("block_table_host", b.saturating_mul(max_blocks), batch.block_table_host.len()));
+        }
+        // Every table entry the step reads, against the host lengths (the device plan cannot be checked on the host).
+        let num_blocks = kv_cache.shape()[0];
+        validate_inputs(b * heads * width, num_blocks * page, batch.block_table_host, batch.seqlens_host, &mla_cfg)?;
+        let key = (page, max_blocks, self.options.mla_backend);
+        if ws.mla.as_ref().is_none_or(|m| m.key != key) {
+            ws.mla = None;
+            let plan = MlaPlan::on_device(gpu, &mla_cfg, max_blocks, self.options.mla_backend)?;
+            let mla_ws = MlaWorkspace::new(gpu, &plan, &mla_cfg)?;
+            ws.mla = Some(MlaState { key, plan, ws: mla_ws });
+        }
+        let state = ws.mla.as_mut().ok_or_else(|| Error::InvalidConfig("no MLA plan".into()))?;
         let positions_host: Vec<i32> = batch.seqlens_host.iter().map(|&s| s - 1).collect();
         let seq_ids_host: Vec<i32> = (0..b as i32).collect();
         let eps = c.rms_norm_eps;
@@ -324,18 +355,18 @@ impl DecodeLayer {
         ws.q_mla.set_shape(&[b, 1, heads, width])?;
         ws.o_latent.set_shape(&[b, 1, heads, latent])?;
         ws.o.set_shape(&[b, heads, v_dim])?;
-        let mla_opts = MlaOptions { block_table_host: Some(batch.block_table_host), backend: self.options.mla_backend };
+        let mla_opts = MlaOptions { block_table_host: None, backend: self.options.mla_backend };
         mla::check_decode(
             gpu,
             &ws.q_mla,
             kv_cache,
             batch.block_table,
             batch.seqlens,
-            &plan,
+            &state.plan,
             &mla_cfg,
             &ws.o_latent,
             &ws.lse,
-            &mla_ws,
+            &state.ws,
             &mla_opts,
         )?;
         let mut marks = Marks::new(gpu, timed)?;
@@ -389,17 +420,18 @@ impl DecodeLayer {
         ws.q_mla.set_shape(&[b, 1, heads, width])?;
         mark(gpu, &mut marks, "norm + RoPE + cache append + W_UK absorb")?;
 
+        state.plan.update(gpu, batch.seqlens)?;
         mla::mla_decode(
             gpu,
             &ws.q_mla,
             kv_cache,
             batch.block_table,
             batch.seqlens,
-            &plan,
+            &state.plan,
             &mla_cfg,
             &mut ws.o_latent,
             &mut ws.lse,
-            &mut mla_ws,
+            &mut state.ws,
             &mla_opts,
         )?;
         mark(gpu, &mut marks, "MLA decode")?;

@@ -288,6 +288,14 @@ fn fuzz_fp8_gemm() {
         prop_assume!(decision.is_err() || sh[..] == want[..]);
         let what = format!("m={m} n={n} k={k} shapes {sh:?} {kernel:?} forced {force:?} accumulate={accumulate}");
         let reference = || ref_gemm(&a, &sa_rows, &b, &sb, m, n, k).unwrap();
+        // Σ|a·b| per element: these codes span E4M3's whole range, so one element's 128 products can differ by 2^17
+        // and cancel. Hopper's FP8 wgmma aligns each product to the largest of its 32 and truncates to 13 fraction
+        // bits (the emulator's hopper numerics, bit-exact with an H200 on the probes): the error can reach
+        // ~2^-8·Σ|a·b| where the result itself is far smaller. Codes with the sign bit cleared give Σ|a·b|.
+        let abs_terms = || {
+            let abs = |v: &[E4M3]| v.iter().map(|c| E4M3(c.0 & 0x7f)).collect::<Vec<_>>();
+            ref_gemm(&abs(&a), &sa_rows, &abs(&b), &sb, m, n, k).unwrap()
+        };
         if accumulate {
             let c0 = values(numel(&sh[4]), seed + 4, 3.0, false);
             let mut c = DeviceTensor::from_host(&gpu, &c0, &sh[4]).unwrap();
@@ -301,13 +309,13 @@ fn fuzz_fp8_gemm() {
                 Ok(()) => {
                     check!(decision.is_ok(), "{what}: accepted though the planner says {decision:?}");
                     let got = download(&gpu, "c", &c)?;
-                    let q = reference();
+                    let (q, q_abs) = (reference(), abs_terms());
                     for (r, qrow) in q.chunks(n.max(1)).enumerate() {
                         let rms = (qrow.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / n as f64).sqrt() as f32;
                         for (j, &qv) in qrow.iter().enumerate() {
                             let i = r * n + j;
                             let (g, w) = (got[i], c0[i] + qv);
-                            let tol = 1e-3 * (qv.abs() + rms) + 1e-6 * c0[i].abs();
+                            let tol = 1e-3 * (qv.abs() + rms) + 1e-6 * c0[i].abs() + 2f32.powi(-8) * q_abs[i];
                             check!((g - w).abs() <= tol, "{what}: c[{r}, {j}] = {g}, reference {w}");
                         }
                     }
@@ -329,11 +337,12 @@ fn fuzz_fp8_gemm() {
                     if m * n == 0 {
                         check!(got.is_empty(), "{what}: wrote an empty output");
                     } else {
-                        let q = reference();
+                        let (q, q_abs) = (reference(), abs_terms());
                         for (r, (g, w)) in got.chunks(n).zip(q.chunks(n)).enumerate() {
                             let rms = (w.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / n as f64).sqrt();
                             for (j, (&gv, &wv)) in g.iter().zip(w).enumerate() {
-                                let tol = wv.abs() * 2f32.powi(-8) + 4e-3 * rms as f32;
+                                let tol =
+                                    wv.abs() * 2f32.powi(-8) + 4e-3 * rms as f32 + 2f32.powi(-8) * q_abs[r * n + j];
                                 check!(gv.is_finite() && (gv - wv).abs() <= tol, "{what}: out[{r}, {j}] {gv} vs {wv}");
                             }
                         }
@@ -2010,7 +2019,17 @@ fn fuzz_decode_layer() {
         };
         let xs = shape_of(0, &[b, cfg.hidden]);
         let os = shape_of(1, &[b, cfg.hidden]);
-        let cs = shape_of(2, &[num_blocks, page, 576]);
+        // The cache's page size and page count define the problem (another shape can be another valid problem):
+        // its faults are the widths and ranks no problem has.
+        let cs = match fault {
+            LayerFault::Shape(2, (how, _)) => match how % 4 {
+                0 => vec![num_blocks, page, 575],
+                1 => vec![num_blocks, page, 577],
+                2 => vec![num_blocks * page, 576],
+                _ => vec![1, num_blocks, page, 576],
+            },
+            _ => vec![num_blocks, page, 576],
+        };
         let ls = shape_of(3, &[b]);
         let ps = shape_of(4, &[b]);
         let ts = shape_of(5, &[b, max_blocks]);
@@ -2040,8 +2059,14 @@ fn fuzz_decode_layer() {
         };
         let r = layer.forward(&gpu, &mut ws, &xd, &mut cd, &step, &mut out, false);
         let what = format!("lens {lens:?} page {page} {backend:?} fault {fault:?}");
-        let fault_free =
-            matches!(fault, LayerFault::None) || matches!(fault, LayerFault::Shape(_, (how, _)) if how == 0);
+        // A perturbation can leave a shape as it was (a swap within a rank-1 shape).
+        let shapes_kept = xs == [b, cfg.hidden]
+            && os == [b, cfg.hidden]
+            && cs == [num_blocks, page, 576]
+            && ls == [b]
+            && ps == [b]
+            && ts == [b, max_blocks];
+        let fault_free = matches!(fault, LayerFault::None) || (matches!(fault, LayerFault::Shape(..)) && shapes_kept);
         match r {
             Err(e) => {
                 expect_validation_error(&what, &e)?;
@@ -2051,7 +2076,10 @@ fn fuzz_decode_layer() {
                 Ok(Outcome::Rejected)
             }
             Ok(_) => {
-                check!(fault_free, "{what}: accepted");
+                check!(
+                    fault_free,
+                    "{what}: accepted (x {xs:?} out {os:?} cache {cs:?} seqlens {ls:?} positions {ps:?} table {ts:?})"
+                );
                 let got: Vec<f32> = from_bf16(&download(&gpu, "out", &out)?);
                 let inter = layer.last_intermediates(&gpu, &ws).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let (ids, _) = layer.last_routing(&gpu, &ws).map_err(|e| TestCaseError::fail(e.to_string()))?;

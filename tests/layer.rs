@@ -225,3 +225,75 @@ fn gpu_rejected_step_leaves_cache_and_output_untouched() {
     let r = layer.forward(&gpu, &mut other_ws, &x, &mut cache, &batch, &mut out, false);
     assert!(matches!(r, Err(r1_kernels::Error::InvalidConfig(_))), "{r:?}");
 }
+
+#[test]
+fn gpu_captured_step_replays_with_changed_lengths() {
+    use r1_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let Some(gpu) = test_gpu("gpu_captured_step_replays_with_changed_lengths") else { return };
+    let cfg = DeepSeekV3Config::small();
+    let prepared = PreparedLayer::new(&cfg, synthetic_layer_weights(&cfg, cfg.first_k_dense, 8).unwrap()).unwrap();
+    let layer = DecodeLayer::upload(&gpu, &prepared).unwrap();
+    // One table of fixed width for every step: sequence s owns pages 5s .. 5s + 4 (320 tokens).
+    let (b, page, width) = (3usize, 64usize, 5usize);
+    let num_blocks = b * width + 1;
+    let table_host: Vec<i32> = (0..(b * width) as i32).collect();
+    let mut rng = StdRng::seed_from_u64(31);
+    let mut random_bf16 =
+        |n: usize| -> Vec<bf16> { (0..n).map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0)).collect() };
+    let steps: [[i32; 3]; 3] = [[1, 20, 65], [100, 3, 250], [64, 320, 1]];
+    let mut x = DeviceTensor::from_host(&gpu, &random_bf16(b * cfg.hidden), &[b, cfg.hidden]).unwrap();
+    let mut cache =
+        DeviceTensor::from_host(&gpu, &random_bf16(num_blocks * page * 576), &[num_blocks, page, 576]).unwrap();
+    let table = DeviceTensor::from_host(&gpu, &table_host, &[b, width]).unwrap();
+    let mut seqlens = DeviceTensor::from_host(&gpu, &steps[0], &[b]).unwrap();
+    let mut positions = DeviceTensor::from_host(&gpu, &steps[0].map(|l| l - 1), &[b]).unwrap();
+    let mut ws = layer.workspace(&gpu, b).unwrap();
+    let mut out = DeviceTensor::<bf16>::zeros(&gpu, &[b, cfg.hidden]).unwrap();
+    macro_rules! step {
+        ($lens:expr) => {{
+            let batch = DecodeBatch {
+                block_table: &table,
+                block_table_host: &table_host,
+                seqlens: &seqlens,
+                seqlens_host: &$lens[..],
+                positions: &positions,
+            };
+            layer.forward(&gpu, &mut ws, &x, &mut cache, &batch, &mut out, false)
+        }};
+    }
+    // The first step outside the capture makes the workspace's MLA plan; then the step is captured once.
+    step!(steps[0]).unwrap();
+    gpu.preload().unwrap();
+    gpu.synchronize().unwrap();
+    // SAFETY: every buffer is used on this one stream only, so cudarc's cross-stream events are not needed.
+    unsafe { gpu.context().disable_event_tracking() };
+    gpu.stream().begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    let captured = step!(steps[0]);
+    let graph = gpu.stream().end_capture(CUgraphInstantiate_flags(0)).unwrap();
+    unsafe { gpu.context().enable_event_tracking() };
+    captured.unwrap();
+    let graph = graph.expect("a captured graph");
+    let bits = |t: &DeviceTensor<bf16>| t.to_host(&gpu).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u16>>();
+    for lens in &steps[1..] {
+        x.copy_from_host(&gpu, &random_bf16(b * cfg.hidden)).unwrap();
+        cache.copy_from_host(&gpu, &random_bf16(num_blocks * page * 576)).unwrap();
+        seqlens.copy_from_host(&gpu, lens).unwrap();
+        positions.copy_from_host(&gpu, &lens.map(|l| l - 1)).unwrap();
+        out.copy_from_host(&gpu, &vec![bf16::NAN; b * cfg.hidden]).unwrap();
+        let cache_before = cache.to_host(&gpu).unwrap();
+        graph.launch().unwrap();
+        let (replay_out, replay_cache) = (bits(&out), bits(&cache));
+        // Eager on the same inputs, from the same cache contents.
+        cache.copy_from_host(&gpu, &cache_before).unwrap();
+        step!(lens).unwrap();
+        assert_eq!(replay_out, bits(&out), "lengths {lens:?}: replayed output equals eager bitwise");
+        assert_eq!(replay_cache, bits(&cache), "lengths {lens:?}: replayed cache append equals eager bitwise");
+        // And the eager step against the reference.
+        let f32s = |v: Vec<bf16>| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let mut ref_cache = f32s(cache_before);
+        let step = DecodeStep { block_table: &table_host, max_blocks: width, seqlens: &lens[..], page_size: page };
+        let want = decode_layer(&prepared, &f32s(x.to_host(&gpu).unwrap()), &mut ref_cache, &step).unwrap();
+        let diff = calc_diff(&f32s(out.to_host(&gpu).unwrap()), &want.out);
+        assert!(diff < 2e-3, "lengths {lens:?}: layer output calc_diff {diff:.3e} against the reference");
+    }
+}
