@@ -82,7 +82,6 @@ pub mod moe;
 pub mod probe_log;
 pub mod quant;
 pub mod reference;
-pub mod report;
 pub mod rng;
 pub mod tensor;
 pub mod timing;

@@ -4,7 +4,12 @@
 //! EVERY NUMBER IN THIS FILE IS A FAKE TEST FIXTURE, not a measurement. Reports are written to temporary directories
 //! only, never to docs/.
 
-use r1_kernels::report::{
+// The report is the `report` example's code, not the library's: its results module is compiled in here.
+#[path = "../examples/report/results.rs"]
+#[allow(dead_code)]
+mod results;
+
+use results::{
     parse_results, plot_area, render_markdown, render_roofline_svg, write_report, Ceilings, KernelResult, Peer,
     Precision, Results, NO_DEVICE_MEASUREMENTS,
 };

@@ -6,11 +6,15 @@
 //! ```
 //!
 //! The example needs the `bench-tools` feature (cuBLAS, for the measured ceilings). The results format is described
-//! in `src/report/mod.rs` (tab-separated `meta`, `ceiling`, `note` and `kernel` lines).
+//! in `examples/report/results.rs` (tab-separated `meta`, `ceiling`, `note` and `kernel` lines).
 //! A file without `kernel` lines produces a page that says there are no device measurements.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+mod ceilings;
+#[allow(dead_code)] // the parser and renderers also serve tests/report.rs
+mod results;
 
 const HELP: &str = "\
 report: turn a benchmark results file into docs/BENCHMARKS.md and docs/roofline.svg
@@ -20,7 +24,7 @@ USAGE:
     cargo run --release --features bench-tools --example report -- --measure-ceilings --results FILE
 
 OPTIONS:
-    --results FILE   results file written by a device run (format v1, see src/report/mod.rs):
+    --results FILE   results file written by a device run (format v1, see examples/report/results.rs):
                        meta<TAB>KEY<TAB>VALUE          date, commit, device
                        ceiling<TAB>NAME<TAB>VALUE      copy_gbps, bf16_tflops, fp8_tflops (same run)
                        note<TAB>TEXT
@@ -79,7 +83,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    match r1_kernels::report::write_report(&results, &out) {
+    match results::write_report(&results, &out) {
         Ok((md, svg)) => {
             println!("wrote {} and {}", md.display(), svg.display());
             ExitCode::SUCCESS
@@ -93,7 +97,7 @@ fn main() -> ExitCode {
 
 /// Results-file lines for the ceilings of GPU 0, or a note saying why there are none.
 fn measure_ceilings() -> String {
-    use r1_kernels::report::ceilings;
+    use crate::ceilings;
     let Some(gpu) = r1_kernels::device::bench_gpu("report --measure-ceilings") else {
         return "note\tceilings not measured: no usable GPU on this machine\n".to_string();
     };

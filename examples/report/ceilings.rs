@@ -4,11 +4,10 @@
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 
-use super::Ceilings;
-use crate::device::Gpu;
-use crate::error::{Error, Result};
-use crate::timing::median_launch_time;
-use crate::{bf16, DeviceTensor};
+use r1_kernels::device::Gpu;
+use r1_kernels::error::{Error, Result};
+use r1_kernels::timing::median_launch_time;
+use r1_kernels::{bf16, DeviceTensor};
 
 /// Default copy size: 1 GiB, far beyond the H200's 60 MB L2, so the copy streams from HBM.
 pub const COPY_BYTES: usize = 1 << 30;
@@ -71,19 +70,8 @@ pub fn measure_cublas_bf16_tflops(gpu: &Gpu, m: usize, n: usize, k: usize) -> Re
     };
     let t = median_launch_time(gpu, 5, 5, || {
         // SAFETY: the buffers hold exactly n·k, m·k and m·n elements, matching the leading dimensions above.
-        unsafe { blas.gemm(cfg, b.buffer(), a.buffer(), c.buffer_mut()) }
+        unsafe { blas.gemm(cfg, b.buffer(), a.buffer(), &mut c.view_mut()) }
             .map_err(|e| Error::CudaLibrary { call: "cublasGemmEx", message: format!("{:?}", e.0) })
     })?;
     Ok(2.0 * m as f64 * n as f64 * k as f64 / t.as_secs_f64() / 1e12)
-}
-
-/// Both ceilings at their default sizes. The FP8 ceiling is left unmeasured (cuBLASLt FP8 needs its own setup;
-/// whoever measures it can fill [`Ceilings::fp8_tflops`]).
-pub fn measure_ceilings(gpu: &Gpu) -> Result<Ceilings> {
-    let (m, n, k) = GEMM_MNK;
-    Ok(Ceilings {
-        copy_gbps: Some(measure_copy_gbps(gpu, COPY_BYTES)?),
-        bf16_tflops: Some(measure_cublas_bf16_tflops(gpu, m, n, k)?),
-        fp8_tflops: None,
-    })
 }

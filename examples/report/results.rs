@@ -23,15 +23,11 @@
 //! Numbers come only from the results file: nothing here invents or estimates a measurement. The H200 data-sheet
 //! values ([`H200_SPEC`]) are drawn as dashed reference lines and labelled as specifications.
 
-/// Measuring the ceilings on the device (cuBLAS): only with the `bench-tools` feature.
-#[cfg(feature = "bench-tools")]
-pub mod ceilings;
-
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use r1_kernels::error::{Error, Result};
 
 /// Published H200 SXM figures (dense, no sparsity): the dashed lines of the roofline.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -194,7 +190,8 @@ impl Results {
 
     /// The whole file in format v1 (what [`parse_results`] reads back).
     pub fn to_text(&self) -> String {
-        let mut out = String::from("# r1-kernels benchmark results, format v1 (tab-separated; see src/report.rs)\n");
+        let mut out =
+            String::from("# r1-kernels benchmark results, format v1 (tab-separated; see examples/report/results.rs)\n");
         for (k, v) in &self.meta {
             let _ = writeln!(out, "meta\t{}\t{}", clean_field(k), clean_field(v));
         }
