@@ -7,7 +7,8 @@
 //   2·rows·d written (+ the residual's 4·rows·d).
 // copy_columns_bf16 / add_bf16: plumbing for the decode layer (q_pe into the MLA query, residual adds).
 // rope_bf16_inplace: one thread per (row, head, pair); angle = float(pos) · inv_freq[i] in fp32 (the Rust
-//   reference makes the same f32 product), sincosf (full precision). Bytes: 4 per pair read + written.
+//   reference makes the same f32 product), reduced in double to turns of pi, then sincospif (no local memory).
+//   Bytes: 4 per pair read + written.
 // head_bmm_bf16: out[t, h, j] = Σ_i x[t, h, i] · w[off + h·ws_h + i·ws_i + j·ws_j], fp32 accumulate, bf16 out. One CTA per
 //   (head, 16-token tile, 128-column tile); the 16 x rows of the head are staged in smem, 512 columns at a time;
 //   each thread owns one column j and walks i in order (deterministic). Flops: 2·t·h·k·n. SIMT: this is the W_UK/W_UV absorption, a small
@@ -106,8 +107,13 @@ extern "C" __global__ void rope_bf16_inplace(__nv_bfloat16* __restrict__ x, cons
     const int head = static_cast<int>((idx / half) % count);
     const long long row = idx / (static_cast<long long>(half) * count);
     const float angle = static_cast<float>(positions[row]) * inv_freq[i];
+    // sin/cos of the f32 angle without sincosf, whose large-argument path (Payne-Hanek reduction) keeps a table in
+    // local memory: reduce the angle in turns of pi in double (|turns| < 2^30, so the product's error stays below
+    // 2^-23 turns), then sincospif on the reduced [-1, 1] value.
+    const double turns = static_cast<double>(angle) * 0.318309886183790671538;  // 1/pi
+    const double reduced = turns - 2.0 * rint(turns * 0.5);
     float s, c;
-    sincosf(angle, &s, &c);
+    sincospif(static_cast<float>(reduced), &s, &c);
     s *= scale;
     c *= scale;
     __nv_bfloat16* p = x + row * row_len + offset + static_cast<long long>(head) * stride + 2 * i;

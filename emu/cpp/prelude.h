@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "asm_ops.h"
@@ -156,6 +157,28 @@ inline float __saturatef(float a) { return a != a ? 0.0f : fminf(fmaxf(a, 0.0f),
 inline float rsqrtf(float a) { return 1.0f / sqrtf(a); }
 inline float __frsqrt_rn(float a) { return 1.0f / sqrtf(a); }
 inline void __sincosf(float a, float* s, float* c) { sincosf(a, s, c); }
+// CUDA's sincospif (sin and cos of pi*x; the CUDA Math API documents 1 ulp at most, not the exact bits): computed
+// here in double from x reduced to [-1, 1] (exact), with the values the API's definition fixes exactly at whole
+// and half turns. A GPU may differ in the last bit, as with sincosf.
+inline void sincospif(float x, float* s, float* c) {
+    if (!std::isfinite(x)) {
+        *s = *c = std::numeric_limits<float>::quiet_NaN();
+        return;
+    }
+    const double r = static_cast<double>(x) - 2.0 * std::rint(static_cast<double>(x) * 0.5);
+    if (r == std::rint(r)) {  // 0, ±1
+        *s = std::copysign(0.0f, r == 0.0 ? x : -x);
+        *c = r == 0.0 ? 1.0f : -1.0f;
+        return;
+    }
+    if (std::fabs(r) == 0.5) {
+        *s = r > 0 ? 1.0f : -1.0f;
+        *c = 0.0f;
+        return;
+    }
+    *s = static_cast<float>(std::sin(3.14159265358979323846 * r));
+    *c = static_cast<float>(std::cos(3.14159265358979323846 * r));
+}
 using std::isinf;
 using std::isnan;
 using std::isfinite;
