@@ -353,3 +353,24 @@ fn corrupt_values_are_errors() {
     assert!(msg.contains("model-layer1-attn.safetensors") && msg.contains("not a valid safetensors file"), "{msg}");
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn index_entries_outside_the_directory_are_refused() {
+    let cfg = cfg();
+    let root = scratch("index-escape");
+    let dir = root.join("ckpt");
+    fs::create_dir_all(&dir).unwrap();
+    let w = synthetic_layer_weights(&cfg, 0, 5).unwrap();
+    let files = write_layer_checkpoint(&dir, &cfg, &w).unwrap();
+    // A valid shard one level up: an index pointing at `../` must not reach it (it once loaded from there).
+    let outside = root.join("outside.safetensors");
+    fs::copy(&files[0], &outside).unwrap();
+    let index = fs::read_to_string(dir.join(INDEX_FILE)).unwrap();
+    let first = files[0].file_name().unwrap().to_string_lossy().to_string();
+    for target in ["../outside.safetensors", "/tmp/outside.safetensors", "sub/x.safetensors", "..", ""] {
+        fs::write(dir.join(INDEX_FILE), index.replace(&format!("\"{first}\""), &format!("{target:?}"))).unwrap();
+        let msg = io_message(Checkpoint::open(&dir).and_then(|c| c.load_layer(&cfg, 0)));
+        assert!(msg.contains("not a file name in the checkpoint directory"), "{target}: {msg}");
+    }
+    fs::remove_dir_all(&root).unwrap();
+}

@@ -127,6 +127,15 @@ fn read_index(path: &Path) -> Result<HashMap<String, String>> {
         let file = file
             .as_str()
             .ok_or_else(|| io_err(format!("{}: weight_map entry for `{name}` is not a string", path.display())))?;
+        // Shards live in the checkpoint's directory: an entry is a plain file name, never a path that could lead
+        // out of it (`../x`, `/abs`, `sub/x`).
+        let mut parts = Path::new(file).components();
+        if !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) {
+            return Err(io_err(format!(
+                "{}: weight_map entry for `{name}` is `{file}`, not a file name in the checkpoint directory",
+                path.display()
+            )));
+        }
         out.insert(name.clone(), file.to_string());
     }
     Ok(out)
