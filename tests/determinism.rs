@@ -269,6 +269,25 @@ fn gpu_mla_decode_is_deterministic() {
                 vec![o.to_host(&gpu).unwrap().bit_vec(), lse.to_host(&gpu).unwrap().bit_vec()]
             });
         }
+        // The plan computed on the device (a fresh one per run: the planner's output is compared too).
+        assert_deterministic(&format!("mla_decode {backend:?} with the device plan"), || {
+            let mut plan = MlaPlan::on_device(&gpu, &cfg, max_blocks, backend).unwrap();
+            plan.update(&gpu, &sd).unwrap();
+            let mut ws = MlaWorkspace::new(&gpu, &plan, &cfg).unwrap();
+            let mut o = nan_bf16(&gpu, &[batch, s_q, heads, D_V]);
+            let mut lse = nan_f32(&gpu, &[batch, heads, s_q]);
+            let opts = MlaOptions { block_table_host: None, backend };
+            mla::mla_decode(&gpu, &q, &cache_bf16, &td, &sd, &plan, &cfg, &mut o, &mut lse, &mut ws, &opts).unwrap();
+            let (items, ctas, splits) = plan.download(&gpu).unwrap();
+            let words = |v: Vec<i32>| v.into_iter().map(|x| x as u32).collect::<Vec<u32>>();
+            vec![
+                o.to_host(&gpu).unwrap().bit_vec(),
+                lse.to_host(&gpu).unwrap().bit_vec(),
+                words(items),
+                words(ctas),
+                words(splits),
+            ]
+        });
     }
 }
 
