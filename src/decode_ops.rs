@@ -1,13 +1,14 @@
 //! GPU launchers for the small ops of a decode step: RMSNorm, YaRN RoPE (in place), per-head batched matmul (W_UK
 //! absorption / W_UV) and paged-cache append. References: [`crate::reference::decode_ops`].
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::{check_devices, Gpu};
 use crate::error::{to_i32, CudaCall, Error, Result};
 use crate::reference::decode_ops::RopeConfig;
 use crate::tensor::DeviceTensor;
+use crate::view::{TensorMut, TensorRef};
 
 const MODULE: &str = "decode_ops";
 
@@ -43,62 +44,66 @@ fn launch_rms_norm(
 /// `y = rms_norm(x) · weight` over the last dimension of `x` [rows, d].
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn rms_norm(
+pub fn rms_norm<'a>(
     gpu: &Gpu,
-    x: &DeviceTensor<bf16>,
-    weight: &DeviceTensor<bf16>,
-    y: &mut DeviceTensor<bf16>,
+    x: impl Into<TensorRef<'a, bf16>>,
+    weight: impl Into<TensorRef<'a, bf16>>,
+    y: impl Into<TensorMut<'a, bf16>>,
     eps: f32,
 ) -> Result<()> {
+    let (x, weight, mut y) = (x.into(), weight.into(), y.into());
     check_devices!(gpu, x, weight, y)?;
     let [rows, d] = x.dims::<2>("x")?;
     weight.expect_shape("weight", &[d])?;
     y.expect_shape("y", &[rows, d])?;
     let stream = gpu.stream();
-    let (xp, _gx) = x.buffer().device_ptr(stream);
-    let (wp, _gw) = weight.buffer().device_ptr(stream);
-    let (yp, _gy) = y.buffer_mut().device_ptr_mut(stream);
-    launch_rms_norm(gpu, rows, d, [xp, 0, 0, wp, yp], d, d, eps)
+    let (xs, ys) = (x.row_stride(), y.row_stride());
+    let (xp, wp, yp) = (x.kernel_arg(stream), weight.kernel_arg(stream), y.kernel_arg(stream));
+    launch_rms_norm(gpu, rows, d, [xp.addr(), 0, 0, wp.addr(), yp.addr()], xs, ys, eps)
 }
 
 /// Fused residual add + RMSNorm: `h = x + residual` (rounded to bf16, written to `residual_out`), `y = rms_norm(h) ·
 /// weight`. All of x, residual, residual_out, y are [rows, d].
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn add_rms_norm(
+pub fn add_rms_norm<'a>(
     gpu: &Gpu,
-    x: &DeviceTensor<bf16>,
-    residual: &DeviceTensor<bf16>,
-    residual_out: &mut DeviceTensor<bf16>,
-    weight: &DeviceTensor<bf16>,
-    y: &mut DeviceTensor<bf16>,
+    x: impl Into<TensorRef<'a, bf16>>,
+    residual: impl Into<TensorRef<'a, bf16>>,
+    residual_out: impl Into<TensorMut<'a, bf16>>,
+    weight: impl Into<TensorRef<'a, bf16>>,
+    y: impl Into<TensorMut<'a, bf16>>,
     eps: f32,
 ) -> Result<()> {
+    let (x, residual, mut residual_out, weight, mut y) =
+        (x.into(), residual.into(), residual_out.into(), weight.into(), y.into());
     check_devices!(gpu, x, residual, residual_out, weight, y)?;
     let [rows, d] = x.dims::<2>("x")?;
     residual.expect_shape("residual", &[rows, d])?;
     residual_out.expect_shape("residual_out", &[rows, d])?;
     weight.expect_shape("weight", &[d])?;
     y.expect_shape("y", &[rows, d])?;
+    // The kernel reads and writes the residual stream with dense rows; x and y may be strided.
+    residual.require_dense("residual")?;
+    residual_out.require_dense("residual_out")?;
     let stream = gpu.stream();
-    let (xp, _gx) = x.buffer().device_ptr(stream);
-    let (rp, _gr) = residual.buffer().device_ptr(stream);
-    let (op, _go) = residual_out.buffer_mut().device_ptr_mut(stream);
-    let (wp, _gw) = weight.buffer().device_ptr(stream);
-    let (yp, _gy) = y.buffer_mut().device_ptr_mut(stream);
-    launch_rms_norm(gpu, rows, d, [xp, rp, op, wp, yp], d, d, eps)
+    let (xs, ys) = (x.row_stride(), y.row_stride());
+    let (xp, rp, wp) = (x.kernel_arg(stream), residual.kernel_arg(stream), weight.kernel_arg(stream));
+    let (op, yp) = (residual_out.kernel_arg(stream), y.kernel_arg(stream));
+    launch_rms_norm(gpu, rows, d, [xp.addr(), rp.addr(), op.addr(), wp.addr(), yp.addr()], xs, ys, eps)
 }
 
 /// Normalizes, in place, the first `weight.len()` columns of every row of `x` [rows, row_len] (e.g. the 512-wide
 /// latent of a 576-wide kv_a row, leaving its 64 RoPE columns untouched).
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn rms_norm_prefix_inplace(
+pub fn rms_norm_prefix_inplace<'a>(
     gpu: &Gpu,
-    x: &mut DeviceTensor<bf16>,
-    weight: &DeviceTensor<bf16>,
+    x: impl Into<TensorMut<'a, bf16>>,
+    weight: impl Into<TensorRef<'a, bf16>>,
     eps: f32,
 ) -> Result<()> {
+    let (mut x, weight) = (x.into(), weight.into());
     check_devices!(gpu, x, weight)?;
     let [rows, row_len] = x.dims::<2>("x")?;
     let [d] = weight.dims::<1>("weight")?;
@@ -106,23 +111,24 @@ pub fn rms_norm_prefix_inplace(
         return Err(Error::shape("weight", format!("at most {row_len} elements"), d));
     }
     let stream = gpu.stream();
-    let (wp, _gw) = weight.buffer().device_ptr(stream);
-    let (xp, _gx) = x.buffer_mut().device_ptr_mut(stream);
-    launch_rms_norm(gpu, rows, d, [xp, 0, 0, wp, xp], row_len, row_len, eps)
+    let stride = x.row_stride();
+    let (wp, xp) = (weight.kernel_arg(stream), x.kernel_arg(stream));
+    launch_rms_norm(gpu, rows, d, [xp.addr(), 0, 0, wp.addr(), xp.addr()], stride, stride, eps)
 }
 
 /// Copies columns `[src_col, src_col + width)` of `src` [rows, src_len] into columns `[dst_col, dst_col + width)`
 /// of `dst` [rows, dst_len] (rows may be given as any leading shape; only the last dimension is the row length).
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn copy_columns(
+pub fn copy_columns<'a>(
     gpu: &Gpu,
-    src: &DeviceTensor<bf16>,
+    src: impl Into<TensorRef<'a, bf16>>,
     src_col: usize,
-    dst: &mut DeviceTensor<bf16>,
+    dst: impl Into<TensorMut<'a, bf16>>,
     dst_col: usize,
     width: usize,
 ) -> Result<()> {
+    let (src, mut dst) = (src.into(), dst.into());
     check_devices!(gpu, src, dst)?;
     let src_len = *src.shape().last().ok_or_else(|| Error::shape("src", "rank ≥ 1", "rank 0"))?;
     let dst_len = *dst.shape().last().ok_or_else(|| Error::shape("dst", "rank ≥ 1", "rank 0"))?;
@@ -138,8 +144,10 @@ pub fn copy_columns(
     if dst_col.checked_add(width).is_none_or(|end| end > dst_len) {
         return Err(Error::shape("dst", format!("rows of at least {dst_col} + {width} elements"), dst_len));
     }
-    let args = (rows as i64, to_i32("width", width)?, to_i32("src", src_len)?, to_i32("src_col", src_col)?);
-    let args2 = (to_i32("dst", dst_len)?, to_i32("dst_col", dst_col)?);
+    // The kernel addresses rows by their stride: a strided view's rows are where it says.
+    let (src_stride, dst_stride) = (src.row_stride(), dst.row_stride());
+    let args = (rows as i64, to_i32("width", width)?, to_i32("src", src_stride)?, to_i32("src_col", src_col)?);
+    let args2 = (to_i32("dst", dst_stride)?, to_i32("dst_col", dst_col)?);
     let total = rows as u64 * width as u64;
     if total == 0 {
         return Ok(());
@@ -147,7 +155,8 @@ pub fn copy_columns(
     let blocks = u32::try_from(total.div_ceil(256)).map_err(|_| Error::shape("src", "fewer elements", total))?;
     let f = gpu.function(MODULE, "copy_columns_bf16", 0)?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let (sv, mut dv) = (src.view(), dst.view_mut());
+    let stream = gpu.stream();
+    let (sv, mut dv) = (src.kernel_arg(stream), dst.kernel_arg(stream));
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&sv).arg(&mut dv).arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args2.0).arg(&args2.1);
     // SAFETY: both column windows lie inside their rows (checked) and both tensors have `rows` rows.
@@ -158,10 +167,19 @@ pub fn copy_columns(
 /// `out = a + b`, elementwise, bf16 (one rounding).
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn add(gpu: &Gpu, a: &DeviceTensor<bf16>, b: &DeviceTensor<bf16>, out: &mut DeviceTensor<bf16>) -> Result<()> {
+pub fn add<'a>(
+    gpu: &Gpu,
+    a: impl Into<TensorRef<'a, bf16>>,
+    b: impl Into<TensorRef<'a, bf16>>,
+    out: impl Into<TensorMut<'a, bf16>>,
+) -> Result<()> {
+    let (a, b, mut out) = (a.into(), b.into(), out.into());
     check_devices!(gpu, a, b, out)?;
     b.expect_shape("b", a.shape())?;
     out.expect_shape("out", a.shape())?;
+    a.require_dense("a")?;
+    b.require_dense("b")?;
+    out.require_dense("out")?;
     let n = a.numel();
     if n == 0 {
         return Ok(());
@@ -169,7 +187,8 @@ pub fn add(gpu: &Gpu, a: &DeviceTensor<bf16>, b: &DeviceTensor<bf16>, out: &mut 
     let blocks = u32::try_from((n as u64).div_ceil(256)).map_err(|_| Error::shape("a", "fewer elements", n))?;
     let f = gpu.function(MODULE, "add_bf16", 0)?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let (av, bv, mut ov, ni) = (a.view(), b.view(), out.view_mut(), n as i64);
+    let stream = gpu.stream();
+    let (av, bv, mut ov, ni) = (a.kernel_arg(stream), b.kernel_arg(stream), out.kernel_arg(stream), n as i64);
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&av).arg(&bv).arg(&mut ov).arg(&ni);
     // SAFETY: all three tensors have n elements (checked); threads past n return.
@@ -217,13 +236,14 @@ impl RopeTables {
 /// [`crate::reference::decode_ops::rope`]).
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn rope_inplace(
+pub fn rope_inplace<'a>(
     gpu: &Gpu,
-    x: &mut DeviceTensor<bf16>,
-    positions: &DeviceTensor<i32>,
+    x: impl Into<TensorMut<'a, bf16>>,
+    positions: impl Into<TensorRef<'a, i32>>,
     tables: &RopeTables,
     slices: RopeSlices,
 ) -> Result<()> {
+    let (mut x, positions) = (x.into(), positions.into());
     check_devices!(gpu, x, positions, tables.inv_freq)?;
     let [rows, row_len] = x.dims::<2>("x")?;
     positions.expect_shape("positions", &[rows])?;
@@ -243,7 +263,8 @@ pub fn rope_inplace(
     }
     let args = (
         to_i32("rows", rows)?,
-        to_i32("row_len", row_len)?,
+        // The kernel steps rows by this stride; slices were checked against the row length above.
+        to_i32("row_len", x.row_stride())?,
         to_i32("count", slices.count)?,
         to_i32("stride", slices.stride)?,
         to_i32("offset", slices.offset)?,
@@ -257,7 +278,8 @@ pub fn rope_inplace(
     let blocks = u32::try_from(total.div_ceil(256)).map_err(|_| Error::shape("x", "fewer than 2^40 pairs", total))?;
     let f = gpu.function(MODULE, "rope_bf16_inplace", 0)?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let (mut xv, pv, fv) = (x.view_mut(), positions.view(), tables.inv_freq.view());
+    let stream = gpu.stream();
+    let (mut xv, pv, fv) = (x.kernel_arg(stream), positions.kernel_arg(stream), tables.inv_freq.view());
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&mut xv).arg(&pv).arg(&fv);
     launch.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4).arg(&args.5).arg(&args.6);
@@ -281,7 +303,7 @@ pub struct HeadWeightStrides {
 }
 
 /// Output element types of [`head_bmm`]: bf16, or f32 (e.g. router logits, which DeepSeek computes in fp32).
-pub trait BmmOutput: cudarc::driver::DeviceRepr + private::Sealed {
+pub trait BmmOutput: cudarc::driver::DeviceRepr + private::Sealed + 'static {
     /// Passed to the kernel: 1 for f32 output.
     const F32_FLAG: i32;
 }
@@ -319,16 +341,20 @@ fn head_bmm_smem_bytes(k: usize) -> u32 {
 /// outside `out_cols` are not touched. With whole-row windows this is a plain per-head batched matmul.
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn head_bmm_windows<O: BmmOutput>(
+pub fn head_bmm_windows<'a, O: BmmOutput>(
     gpu: &Gpu,
-    x: &DeviceTensor<bf16>,
+    x: impl Into<TensorRef<'a, bf16>>,
     x_cols: Columns,
-    w: &DeviceTensor<bf16>,
+    w: impl Into<TensorRef<'a, bf16>>,
     strides: HeadWeightStrides,
-    out: &mut DeviceTensor<O>,
+    out: impl Into<TensorMut<'a, O>>,
     out_cols: Columns,
 ) -> Result<()> {
+    let (x, w, mut out) = (x.into(), w.into(), out.into());
     check_devices!(gpu, x, w, out)?;
+    // Weights are addressed by `strides` from their first element, so they must be dense; x and out rows may be
+    // strided.
+    w.require_dense("w")?;
     let [t, heads, x_len] = x.dims::<3>("x")?;
     let [ot, oh, out_len] = out.dims::<3>("out")?;
     if (ot, oh) != (t, heads) {
@@ -360,8 +386,13 @@ pub fn head_bmm_windows<O: BmmOutput>(
     let smem_u32 = head_bmm_smem_bytes(k);
     let (ti, hi, ki, ni) = (to_i32("t", t)?, to_i32("heads", heads)?, to_i32("k", k)?, to_i32("n", n)?);
     let (sh, si, sj, so) = (strides.head as i64, strides.i as i64, strides.j as i64, strides.offset as i64);
-    let windows =
-        (to_i32("x", x_len)?, to_i32("x_col", x_cols.col)?, to_i32("out", out_len)?, to_i32("out_col", out_cols.col)?);
+    let (x_stride, out_stride) = (x.row_stride(), out.row_stride());
+    let windows = (
+        to_i32("x", x_stride)?,
+        to_i32("x_col", x_cols.col)?,
+        to_i32("out", out_stride)?,
+        to_i32("out_col", out_cols.col)?,
+    );
     if t == 0 || heads == 0 || n == 0 {
         return Ok(());
     }
@@ -377,7 +408,8 @@ pub fn head_bmm_windows<O: BmmOutput>(
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem_u32,
     };
-    let (xv, wv, mut ov) = (x.view(), w.view(), out.view_mut());
+    let stream = gpu.stream();
+    let (xv, wv, mut ov) = (x.kernel_arg(stream), w.kernel_arg(stream), out.kernel_arg(stream));
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&xv).arg(&wv).arg(&mut ov).arg(&ti).arg(&hi).arg(&ki).arg(&ni).arg(&sh).arg(&si).arg(&sj);
     launch.arg(&windows.0).arg(&windows.1).arg(&windows.2).arg(&windows.3).arg(&O::F32_FLAG).arg(&so);
@@ -390,13 +422,14 @@ pub fn head_bmm_windows<O: BmmOutput>(
 /// `out[t, h, j] = Σ_i x[t, h, i] · w[s.offset + h·s.head + i·s.i + j·s.j]` with `x` [t, heads, k], `out` [t, heads, n].
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn head_bmm<O: BmmOutput>(
+pub fn head_bmm<'a, O: BmmOutput>(
     gpu: &Gpu,
-    x: &DeviceTensor<bf16>,
-    w: &DeviceTensor<bf16>,
+    x: impl Into<TensorRef<'a, bf16>>,
+    w: impl Into<TensorRef<'a, bf16>>,
     strides: HeadWeightStrides,
-    out: &mut DeviceTensor<O>,
+    out: impl Into<TensorMut<'a, O>>,
 ) -> Result<()> {
+    let (x, out) = (x.into(), out.into());
     let k = x.shape().last().copied().unwrap_or(0);
     let n = out.shape().last().copied().unwrap_or(0);
     head_bmm_windows(gpu, x, Columns { col: 0, len: k }, w, strides, out, Columns { col: 0, len: n })
@@ -409,16 +442,21 @@ pub fn head_bmm<O: BmmOutput>(
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
-pub fn cache_append(
+pub fn cache_append<'a>(
     gpu: &Gpu,
-    rows: &DeviceTensor<bf16>,
-    cache: &mut DeviceTensor<bf16>,
-    block_table: &DeviceTensor<i32>,
-    seq_ids: &DeviceTensor<i32>,
-    positions: &DeviceTensor<i32>,
+    rows: impl Into<TensorRef<'a, bf16>>,
+    cache: impl Into<TensorMut<'a, bf16>>,
+    block_table: impl Into<TensorRef<'a, i32>>,
+    seq_ids: impl Into<TensorRef<'a, i32>>,
+    positions: impl Into<TensorRef<'a, i32>>,
     host_table: Option<(&[i32], &[i32], &[i32])>,
 ) -> Result<()> {
+    let (rows, mut cache, block_table) = (rows.into(), cache.into(), block_table.into());
+    let (seq_ids, positions) = (seq_ids.into(), positions.into());
     check_devices!(gpu, rows, cache, block_table, seq_ids, positions)?;
+    rows.require_dense("rows")?;
+    cache.require_dense("cache")?;
+    block_table.require_dense("block_table")?;
     let [t, width] = rows.dims::<2>("rows")?;
     let [num_blocks, page, cw] = cache.dims::<3>("cache")?;
     if cw != width {
@@ -449,8 +487,9 @@ pub fn cache_append(
     }
     let f = gpu.function(MODULE, "cache_append_bf16", 0)?;
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    let (rv, mut cv, bv, sv, pv) =
-        (rows.view(), cache.view_mut(), block_table.view(), seq_ids.view(), positions.view());
+    let stream = gpu.stream();
+    let (rv, mut cv, bv) = (rows.kernel_arg(stream), cache.kernel_arg(stream), block_table.kernel_arg(stream));
+    let (sv, pv) = (seq_ids.kernel_arg(stream), positions.kernel_arg(stream));
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&rv).arg(&mut cv).arg(&bv).arg(&sv).arg(&pv);
     launch.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4);

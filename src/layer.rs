@@ -397,7 +397,7 @@ impl DecodeLayer {
         decode_ops::cache_append(
             gpu,
             &ws.kv,
-            kv_cache,
+            &mut *kv_cache,
             batch.block_table,
             &ws.seq_ids,
             batch.positions,

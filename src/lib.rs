@@ -85,6 +85,7 @@ pub mod reference;
 pub mod rng;
 pub mod tensor;
 pub mod timing;
+pub mod view;
 
 /// The cudarc this crate is built with (0.19.10 or newer in 0.19). [`Gpu::with_stream`], [`Gpu::context`],
 /// [`Gpu::function`], [`DeviceTensor::view`] and `From<DriverError>` speak its types, so a dependent that shares
@@ -95,3 +96,4 @@ pub use error::{Error, Result};
 pub use fp8::E4M3;
 pub use half::bf16;
 pub use tensor::{DeviceTensor, HostTensor};
+pub use view::{TensorMut, TensorRef};

@@ -9,6 +9,9 @@ use crate::device::Gpu;
 use crate::error::{CudaCall, Error, Result};
 
 fn numel(shape: &[usize]) -> Result<usize> {
+    if shape.len() > crate::view::MAX_RANK {
+        return Err(Error::shape("shape", format!("a rank ≤ {} shape", crate::view::MAX_RANK), format!("{shape:?}")));
+    }
     shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
