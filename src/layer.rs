@@ -21,6 +21,7 @@ use crate::reference::mla::{validate_inputs, MlaConfig};
 use crate::reference::moe::{Layout, RouterConfig};
 use crate::reference::quant::ScaleFormat;
 use crate::tensor::DeviceTensor;
+use crate::view::{TensorMut, TensorRef};
 
 /// An FP8 linear layer on the device.
 pub struct DeviceLinear {
@@ -141,15 +142,15 @@ struct MlaState {
 /// Per-sequence state of one step: the device copies plus the host copies the plan and validation need.
 pub struct DecodeBatch<'a> {
     /// `[batch, max_blocks]` page ids on the device.
-    pub block_table: &'a DeviceTensor<i32>,
+    pub block_table: TensorRef<'a, i32>,
     /// Host copy of the block table (validated before launch).
     pub block_table_host: &'a [i32],
     /// `[batch]` context lengths including the new token, on the device.
-    pub seqlens: &'a DeviceTensor<i32>,
+    pub seqlens: TensorRef<'a, i32>,
     /// Host copy of `seqlens`.
     pub seqlens_host: &'a [i32],
     /// `[batch]` positions of the new tokens (`seqlens − 1`), on the device.
-    pub positions: &'a DeviceTensor<i32>,
+    pub positions: TensorRef<'a, i32>,
 }
 
 /// GPU time of each stage of a step, in launch order.
@@ -270,7 +271,7 @@ impl DecodeLayer {
         lin: &DeviceLinear,
         out: &mut DeviceTensor<bf16>,
     ) -> Result<()> {
-        quant::quantize_activations(gpu, x, xq, xs, ScaleFormat::F32)?;
+        quant::quantize_activations(gpu, x, &mut *xq, &mut *xs, ScaleFormat::F32)?;
         gemm::fp8_gemm(gpu, xq, xs, &lin.weight, &lin.scales, out, &self.options.gemm)
     }
 
@@ -286,16 +287,17 @@ impl DecodeLayer {
     /// between replays; the host checks ran at capture only, and the kernels clamp lengths to the table and skip
     /// out-of-range pages.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(
+    pub fn forward<'a>(
         &self,
         gpu: &Gpu,
         ws: &mut DecodeWorkspace,
-        x: &DeviceTensor<bf16>,
-        kv_cache: &mut DeviceTensor<bf16>,
+        x: impl Into<TensorRef<'a, bf16>>,
+        kv_cache: impl Into<TensorMut<'a, bf16>>,
         batch: &DecodeBatch,
-        out: &mut DeviceTensor<bf16>,
+        out: impl Into<TensorMut<'a, bf16>>,
         timed: bool,
     ) -> Result<Option<StageTimes>> {
+        let (x, mut kv_cache, out) = (x.into(), kv_cache.into(), out.into());
         let c = &self.cfg;
         let b = ws.batch;
         // Everything that can reject the step is checked before the first launch: an error leaves `kv_cache` and
@@ -309,6 +311,8 @@ impl DecodeLayer {
         let (qk, width) = (nope + rope_d, latent + rope_d);
         x.expect_shape("x", &[b, c.hidden])?;
         out.expect_shape("out", &[b, c.hidden])?;
+        // The final residual add writes dense rows (the cache's density is checked with the MLA arguments below).
+        out.require_dense("out")?;
         let [_, page, cache_width] = kv_cache.dims::<3>("kv_cache")?;
         if cache_width != width {
             return Err(Error::shape(
@@ -358,20 +362,20 @@ impl DecodeLayer {
         let mla_opts = MlaOptions { block_table_host: None, backend: self.options.mla_backend };
         mla::check_decode(
             gpu,
-            &ws.q_mla,
-            kv_cache,
-            batch.block_table,
-            batch.seqlens,
+            &ws.q_mla.as_tensor_ref(),
+            &kv_cache.as_tensor_ref(),
+            &batch.block_table,
+            &batch.seqlens,
             &state.plan,
             &mla_cfg,
-            &ws.o_latent,
-            &ws.lse,
+            &ws.o_latent.as_tensor_mut(),
+            &ws.lse.as_tensor_mut(),
             &state.ws,
             &mla_opts,
         )?;
         let mut marks = Marks::new(gpu, timed)?;
 
-        decode_ops::rms_norm(gpu, x, &self.input_layernorm, &mut ws.xn, eps)?;
+        decode_ops::rms_norm(gpu, &x, &self.input_layernorm, &mut ws.xn, eps)?;
         self.linear(gpu, &ws.xn, &mut ws.xq, &mut ws.xs, &self.q_a, &mut ws.q_a)?;
         decode_ops::rms_norm(gpu, &ws.q_a, &self.q_a_layernorm, &mut ws.q_an, eps)?;
         self.linear(gpu, &ws.q_an, &mut ws.q_aq, &mut ws.q_as, &self.q_b, &mut ws.q)?;
@@ -383,24 +387,24 @@ impl DecodeLayer {
         decode_ops::rope_inplace(
             gpu,
             &mut ws.q,
-            batch.positions,
+            &batch.positions,
             &self.rope,
             RopeSlices { count: heads, stride: qk, offset: nope },
         )?;
         decode_ops::rope_inplace(
             gpu,
             &mut ws.kv,
-            batch.positions,
+            &batch.positions,
             &self.rope,
             RopeSlices { count: 1, stride: width, offset: latent },
         )?;
         decode_ops::cache_append(
             gpu,
             &ws.kv,
-            &mut *kv_cache,
-            batch.block_table,
+            &mut kv_cache,
+            &batch.block_table,
             &ws.seq_ids,
-            batch.positions,
+            &batch.positions,
             Some((batch.block_table_host, &seq_ids_host, &positions_host)),
         )?;
         ws.q.set_shape(&[b, heads, qk])?;
@@ -420,13 +424,13 @@ impl DecodeLayer {
         ws.q_mla.set_shape(&[b, 1, heads, width])?;
         mark(gpu, &mut marks, "norm + RoPE + cache append + W_UK absorb")?;
 
-        state.plan.update(gpu, batch.seqlens)?;
+        state.plan.update(gpu, &batch.seqlens)?;
         mla::mla_decode(
             gpu,
             &ws.q_mla,
-            kv_cache,
-            batch.block_table,
-            batch.seqlens,
+            &kv_cache,
+            &batch.block_table,
+            &batch.seqlens,
             &state.plan,
             &mla_cfg,
             &mut ws.o_latent,

@@ -9,6 +9,7 @@ use crate::error::{to_i32, CudaCall, Error, Result};
 use crate::fp8::E4M3;
 use crate::reference::quant::{padded_scale_rows, ScaleFormat};
 use crate::tensor::DeviceTensor;
+use crate::view::{TensorMut, TensorRef};
 
 /// Group size of activation quantization and block size of weight quantization (DeepSeek-V3's).
 pub const QUANT_BLOCK: usize = 128;
@@ -29,14 +30,18 @@ pub fn weight_scale_shape(n: usize, k: usize) -> [usize; 2] {
 /// FP8 GEMM's layout; padding rows are written as 0). Enqueued on the GPU's stream; m = 0 launches nothing.
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn quantize_activations(
+pub fn quantize_activations<'a>(
     gpu: &Gpu,
-    x: &DeviceTensor<bf16>,
-    q: &mut DeviceTensor<E4M3>,
-    scales: &mut DeviceTensor<f32>,
+    x: impl Into<TensorRef<'a, bf16>>,
+    q: impl Into<TensorMut<'a, E4M3>>,
+    scales: impl Into<TensorMut<'a, f32>>,
     format: ScaleFormat,
 ) -> Result<()> {
+    let (x, mut q, mut scales) = (x.into(), q.into(), scales.into());
     check_devices!(gpu, x, q, scales)?;
+    x.require_dense("x")?;
+    q.require_dense("q")?;
+    scales.require_dense("scales")?;
     let [m, k] = x.dims::<2>("x")?;
     q.expect_shape("q", &[m, k])?;
     scales.expect_shape("scales", &activation_scale_shape(m, k))?;
@@ -53,7 +58,8 @@ pub fn quantize_activations(
     let ue8m0 = i32::from(format == ScaleFormat::Ue8m0);
     let f = gpu.function(MODULE, "act_quant_group128", 0)?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let (xv, mut qv, mut sv) = (x.view(), q.view_mut(), scales.view_mut());
+    let stream = gpu.stream();
+    let (xv, mut qv, mut sv) = (x.kernel_arg(stream), q.kernel_arg(stream), scales.kernel_arg(stream));
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&xv).arg(&mut qv).arg(&mut sv).arg(&mi).arg(&ki).arg(&m_pad).arg(&ue8m0).arg(&vec);
     // SAFETY: shapes were checked above: the kernel reads m·k bf16, writes m·k codes and ceil(k/128)·m_pad scales,
@@ -65,29 +71,34 @@ pub fn quantize_activations(
 /// Allocating form of [`quantize_activations`].
 ///
 /// Graph capture: no (allocates device memory); call it before capturing.
-pub fn quantize_activations_new(
+pub fn quantize_activations_new<'a>(
     gpu: &Gpu,
-    x: &DeviceTensor<bf16>,
+    x: impl Into<TensorRef<'a, bf16>>,
     format: ScaleFormat,
 ) -> Result<(DeviceTensor<E4M3>, DeviceTensor<f32>)> {
+    let x = x.into();
     let [m, k] = x.dims::<2>("x")?;
     let mut q = DeviceTensor::zeros(gpu, &[m, k])?;
     let mut s = DeviceTensor::zeros(gpu, &activation_scale_shape(m, k))?;
-    quantize_activations(gpu, x, &mut q, &mut s, format)?;
+    quantize_activations(gpu, &x, &mut q, &mut s, format)?;
     Ok((q, s))
 }
 
 /// Quantizes bf16 weights `w` [n, k] into `q` [n, k] and `scales` [ceil(n/128), ceil(k/128)] (row-major).
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn quantize_weights(
+pub fn quantize_weights<'a>(
     gpu: &Gpu,
-    w: &DeviceTensor<bf16>,
-    q: &mut DeviceTensor<E4M3>,
-    scales: &mut DeviceTensor<f32>,
+    w: impl Into<TensorRef<'a, bf16>>,
+    q: impl Into<TensorMut<'a, E4M3>>,
+    scales: impl Into<TensorMut<'a, f32>>,
     format: ScaleFormat,
 ) -> Result<()> {
+    let (w, mut q, mut scales) = (w.into(), q.into(), scales.into());
     check_devices!(gpu, w, q, scales)?;
+    w.require_dense("w")?;
+    q.require_dense("q")?;
+    scales.require_dense("scales")?;
     let [n, k] = w.dims::<2>("w")?;
     q.expect_shape("q", &[n, k])?;
     scales.expect_shape("scales", &weight_scale_shape(n, k))?;
@@ -102,7 +113,8 @@ pub fn quantize_weights(
     let ue8m0 = i32::from(format == ScaleFormat::Ue8m0);
     let f = gpu.function(MODULE, "weight_quant_block128", 0)?;
     let cfg = LaunchConfig { grid_dim: (kb as u32, grid_y, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let (wv, mut qv, mut sv) = (w.view(), q.view_mut(), scales.view_mut());
+    let stream = gpu.stream();
+    let (wv, mut qv, mut sv) = (w.kernel_arg(stream), q.kernel_arg(stream), scales.kernel_arg(stream));
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&wv).arg(&mut qv).arg(&mut sv).arg(&ni).arg(&ki).arg(&ue8m0).arg(&vec);
     // SAFETY: shapes checked above; the grid covers exactly ceil(n/128)×ceil(k/128) blocks and each thread bounds
@@ -114,14 +126,15 @@ pub fn quantize_weights(
 /// Allocating form of [`quantize_weights`].
 ///
 /// Graph capture: no (allocates device memory); call it before capturing.
-pub fn quantize_weights_new(
+pub fn quantize_weights_new<'a>(
     gpu: &Gpu,
-    w: &DeviceTensor<bf16>,
+    w: impl Into<TensorRef<'a, bf16>>,
     format: ScaleFormat,
 ) -> Result<(DeviceTensor<E4M3>, DeviceTensor<f32>)> {
+    let w = w.into();
     let [n, k] = w.dims::<2>("w")?;
     let mut q = DeviceTensor::zeros(gpu, &[n, k])?;
     let mut s = DeviceTensor::zeros(gpu, &weight_scale_shape(n, k))?;
-    quantize_weights(gpu, w, &mut q, &mut s, format)?;
+    quantize_weights(gpu, &w, &mut q, &mut s, format)?;
     Ok((q, s))
 }

@@ -504,6 +504,13 @@ impl<'a, T: cudarc::driver::DeviceRepr> From<&'a DeviceTensor<T>> for TensorRef<
     }
 }
 
+/// `&mut tensor` where a launcher reads: what `&tensor` gives (a `&mut` reference used to coerce to `&` here).
+impl<'a, T: cudarc::driver::DeviceRepr> From<&'a mut DeviceTensor<T>> for TensorRef<'a, T> {
+    fn from(t: &'a mut DeviceTensor<T>) -> Self {
+        t.as_tensor_ref()
+    }
+}
+
 impl<'a, T: cudarc::driver::DeviceRepr> From<&'a mut DeviceTensor<T>> for TensorMut<'a, T> {
     fn from(t: &'a mut DeviceTensor<T>) -> Self {
         t.as_tensor_mut()

@@ -35,7 +35,7 @@ use crate::device::{check_devices, DeviceInfo, Gpu};
 use crate::error::{CudaCall, Error, Result};
 use crate::fp8::E4M3;
 use crate::reference::quant::ScaleFormat;
-use crate::tensor::DeviceTensor;
+use crate::view::{TensorMut, TensorRef};
 
 pub use plan::{choose_sm90_config, validate_shapes, ForcedSm90, GemmShape, Sm90Config};
 
@@ -172,18 +172,25 @@ fn apply_forced(p: &mut Plan, forced: &ForcedSm90, kernel: GemmKernel, info: &De
 #[allow(clippy::too_many_arguments)]
 fn run<T: DeviceRepr + ValidAsZeroBits>(
     gpu: &Gpu,
-    a: &DeviceTensor<E4M3>,
-    sa: &DeviceTensor<f32>,
-    b: &DeviceTensor<E4M3>,
-    sb: &DeviceTensor<f32>,
-    out: &mut DeviceTensor<T>,
+    a: TensorRef<'_, E4M3>,
+    sa: TensorRef<'_, f32>,
+    b: TensorRef<'_, E4M3>,
+    sb: TensorRef<'_, f32>,
+    mut out: TensorMut<'_, T>,
     accumulate: bool,
     opts: &GemmOptions,
-    workspace: Option<&mut DeviceTensor<f32>>,
+    workspace: Option<TensorMut<'_, f32>>,
 ) -> Result<()> {
     check_devices!(gpu, a, sa, b, sb, out)?;
+    for (arg, dense) in [("a", a.is_dense()), ("sa", sa.is_dense()), ("b", b.is_dense()), ("sb", sb.is_dense())] {
+        if !dense {
+            return Err(Error::shape(arg, "a dense view", "a strided view"));
+        }
+    }
+    out.require_dense("out")?;
     if let Some(ws) = &workspace {
         check_devices!(gpu, ws)?;
+        ws.require_dense("workspace")?;
     }
     let mut p = plan(a.shape(), sa.shape(), b.shape(), sb.shape(), out.shape(), accumulate, opts.kernel, gpu.info())?;
     if let Some(forced) = &opts.force_sm90 {
@@ -193,19 +200,20 @@ fn run<T: DeviceRepr + ValidAsZeroBits>(
     match p.resolved {
         Resolved::Empty => {
             if p.zero_fill {
-                gpu.stream().memset_zeros(&mut out.view_mut()).cuda_call("cuMemsetD8Async")?;
+                out.memset_zero(gpu.stream())?;
             }
             Ok(())
         }
-        Resolved::Sm90(cfg) => sm90::launch(gpu, &shape, &cfg, a, sa, b, sb, out, accumulate, workspace),
+        Resolved::Sm90(cfg) => sm90::launch(gpu, &shape, &cfg, &a, &sa, &b, &sb, out, accumulate, workspace),
         Resolved::Plain { grid } => {
             let f = gpu.function(PLAIN_MODULE, "fp8_gemm_plain", 0)?;
             let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let (m, n, k) = (shape.m as i32, shape.n as i32, shape.k as i32);
             let (m_pad, acc) = (shape.m_pad() as i32, i32::from(accumulate));
-            let (av, sav, bv, sbv) = (a.view(), sa.view(), b.view(), sb.view());
-            let mut ov = out.view_mut();
-            let mut launch = gpu.stream().launch_builder(&f);
+            let stream = gpu.stream();
+            let (av, sav, bv, sbv) = (a.kernel_arg(stream), sa.kernel_arg(stream), b.kernel_arg(stream), sb.kernel_arg(stream));
+            let mut ov = out.kernel_arg(stream);
+            let mut launch = stream.launch_builder(&f);
             launch.arg(&av).arg(&sav).arg(&bv).arg(&sbv).arg(&mut ov);
             launch.arg(&m).arg(&n).arg(&k).arg(&m_pad).arg(&acc);
             // SAFETY: shapes were validated: a has m·k codes, b n·k, sa ceil(k/128)·m_pad floats, sb
@@ -225,31 +233,33 @@ fn run<T: DeviceRepr + ValidAsZeroBits>(
 ///
 /// Graph capture: yes, but a split-K plan allocates its partials on the stream (`cuMemAllocAsync`, captured as an
 /// allocation node); [`fp8_gemm_with_workspace`] allocates nothing.
-pub fn fp8_gemm(
+#[allow(clippy::too_many_arguments)]
+pub fn fp8_gemm<'a>(
     gpu: &Gpu,
-    a: &DeviceTensor<E4M3>,
-    sa: &DeviceTensor<f32>,
-    b: &DeviceTensor<E4M3>,
-    sb: &DeviceTensor<f32>,
-    out: &mut DeviceTensor<bf16>,
+    a: impl Into<TensorRef<'a, E4M3>>,
+    sa: impl Into<TensorRef<'a, f32>>,
+    b: impl Into<TensorRef<'a, E4M3>>,
+    sb: impl Into<TensorRef<'a, f32>>,
+    out: impl Into<TensorMut<'a, bf16>>,
     opts: &GemmOptions,
 ) -> Result<()> {
-    run(gpu, a, sa, b, sb, out, false, opts, None)
+    run(gpu, a.into(), sa.into(), b.into(), sb.into(), out.into(), false, opts, None)
 }
 
 /// `c[m, n] (fp32) += A·Bᵀ` with block scales (D = C + A·B in place). Same requirements as [`fp8_gemm`].
 ///
 /// Graph capture: as [`fp8_gemm`].
-pub fn fp8_gemm_accumulate(
+#[allow(clippy::too_many_arguments)]
+pub fn fp8_gemm_accumulate<'a>(
     gpu: &Gpu,
-    a: &DeviceTensor<E4M3>,
-    sa: &DeviceTensor<f32>,
-    b: &DeviceTensor<E4M3>,
-    sb: &DeviceTensor<f32>,
-    c: &mut DeviceTensor<f32>,
+    a: impl Into<TensorRef<'a, E4M3>>,
+    sa: impl Into<TensorRef<'a, f32>>,
+    b: impl Into<TensorRef<'a, E4M3>>,
+    sb: impl Into<TensorRef<'a, f32>>,
+    c: impl Into<TensorMut<'a, f32>>,
     opts: &GemmOptions,
 ) -> Result<()> {
-    run(gpu, a, sa, b, sb, c, true, opts, None)
+    run(gpu, a.into(), sa.into(), b.into(), sb.into(), c.into(), true, opts, None)
 }
 
 /// fp32 elements of workspace [`fp8_gemm_with_workspace`] / [`fp8_gemm_accumulate_with_workspace`] need for an
@@ -281,34 +291,34 @@ pub fn workspace_elements(
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
-pub fn fp8_gemm_with_workspace(
+pub fn fp8_gemm_with_workspace<'a>(
     gpu: &Gpu,
-    a: &DeviceTensor<E4M3>,
-    sa: &DeviceTensor<f32>,
-    b: &DeviceTensor<E4M3>,
-    sb: &DeviceTensor<f32>,
-    out: &mut DeviceTensor<bf16>,
-    workspace: &mut DeviceTensor<f32>,
+    a: impl Into<TensorRef<'a, E4M3>>,
+    sa: impl Into<TensorRef<'a, f32>>,
+    b: impl Into<TensorRef<'a, E4M3>>,
+    sb: impl Into<TensorRef<'a, f32>>,
+    out: impl Into<TensorMut<'a, bf16>>,
+    workspace: impl Into<TensorMut<'a, f32>>,
     opts: &GemmOptions,
 ) -> Result<()> {
-    run(gpu, a, sa, b, sb, out, false, opts, Some(workspace))
+    run(gpu, a.into(), sa.into(), b.into(), sb.into(), out.into(), false, opts, Some(workspace.into()))
 }
 
 /// [`fp8_gemm_accumulate`] with a caller-owned workspace, as [`fp8_gemm_with_workspace`].
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
-pub fn fp8_gemm_accumulate_with_workspace(
+pub fn fp8_gemm_accumulate_with_workspace<'a>(
     gpu: &Gpu,
-    a: &DeviceTensor<E4M3>,
-    sa: &DeviceTensor<f32>,
-    b: &DeviceTensor<E4M3>,
-    sb: &DeviceTensor<f32>,
-    c: &mut DeviceTensor<f32>,
-    workspace: &mut DeviceTensor<f32>,
+    a: impl Into<TensorRef<'a, E4M3>>,
+    sa: impl Into<TensorRef<'a, f32>>,
+    b: impl Into<TensorRef<'a, E4M3>>,
+    sb: impl Into<TensorRef<'a, f32>>,
+    c: impl Into<TensorMut<'a, f32>>,
+    workspace: impl Into<TensorMut<'a, f32>>,
     opts: &GemmOptions,
 ) -> Result<()> {
-    run(gpu, a, sa, b, sb, c, true, opts, Some(workspace))
+    run(gpu, a.into(), sa.into(), b.into(), sb.into(), c.into(), true, opts, Some(workspace.into()))
 }
 
 #[cfg(test)]

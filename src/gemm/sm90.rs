@@ -9,13 +9,14 @@ use cudarc::driver::sys::{
     self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
     CUtensorMapSwizzle,
 };
-use cudarc::driver::{CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
 
 use super::plan::{GemmShape, Sm90Config, BLOCK_K};
 use crate::device::Gpu;
 use crate::error::{CudaCall, Error, Result};
 use crate::fp8::E4M3;
 use crate::tensor::DeviceTensor;
+use crate::view::{TensorMut, TensorRef};
 
 /// Kernel module (file stem) of the Hopper kernels.
 pub const MODULE: &str = "fp8_gemm_sm90";
@@ -233,16 +234,16 @@ fn launch_gemm<T: DeviceRepr>(
     shape: &GemmShape,
     cfg: &Sm90Config,
     maps: &[TensorMap; 3],
-    sb: &DeviceTensor<f32>,
-    ov: &mut CudaViewMut<'_, T>,
+    sb: &TensorRef<'_, f32>,
+    out: &mut TensorMut<'_, T>,
     mode: OutputMode,
 ) -> Result<()> {
     let want = match mode {
         OutputMode::F32Partial => cfg.k_splits as usize * shape.m * shape.n,
         _ => shape.m * shape.n,
     };
-    if ov.len() != want {
-        return Err(Error::shape("out", want, ov.len()));
+    if out.numel() != want || !out.is_dense() {
+        return Err(Error::shape("out", format!("{want} dense elements"), out.numel()));
     }
     let f = gpu.function(MODULE, cfg.kernel_name()?, cfg.smem_bytes)?;
     let launch_cfg =
@@ -250,9 +251,10 @@ fn launch_gemm<T: DeviceRepr>(
     let (m, n, k) = (shape.m as i32, shape.n as i32, shape.k as i32);
     let (stages, group_m, mode) = (cfg.stages as i32, cfg.group_m as i32, mode as i32);
     let (splits, per) = (cfg.k_splits as i32, cfg.kb_per_split as i32);
-    let sbv = sb.view();
-    let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&sbv).arg(ov);
+    let stream = gpu.stream();
+    let (sbv, mut ov) = (sb.kernel_arg(stream), out.kernel_arg(stream));
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&sbv).arg(&mut ov);
     launch.arg(&m).arg(&n).arg(&k).arg(&stages).arg(&group_m).arg(&mode).arg(&splits).arg(&per);
     // SAFETY: the tensor maps describe exactly a [m, k], b [n, k] and sa [ceil(k/128), m_pad] (TMA never reads
     // outside them and zero-fills out-of-range box elements); sb has ceil(n/128)·ceil(k/128) floats and the kernel
@@ -272,8 +274,8 @@ fn launch_mc2<T: DeviceRepr>(
     shape: &GemmShape,
     cfg: &Sm90Config,
     maps: &[TensorMap; 3],
-    sb: &DeviceTensor<f32>,
-    out: &mut DeviceTensor<T>,
+    sb: &TensorRef<'_, f32>,
+    mut out: TensorMut<'_, T>,
     mode: OutputMode,
 ) -> Result<()> {
     if mode == OutputMode::F32Partial || cfg.k_splits != 1 {
@@ -287,10 +289,8 @@ fn launch_mc2<T: DeviceRepr>(
     }
     let f = gpu.function(MODULE, cfg.kernel_name()?, cfg.smem_bytes)?;
     let stream = gpu.stream();
-    let sbv = sb.view();
-    let mut ov = out.view_mut();
-    let (mut psb, _gsb) = sbv.device_ptr(stream);
-    let (mut pout, _gout) = ov.device_ptr_mut(stream);
+    let (sbv, ov) = (sb.kernel_arg(stream), out.kernel_arg(stream));
+    let (mut psb, mut pout) = (sbv.addr(), ov.addr());
     let (mut m, mut n, mut k) = (shape.m as i32, shape.n as i32, shape.k as i32);
     let (mut stages, mut group, mut mode) = (cfg.stages as i32, cfg.group_m as i32, mode as i32);
     let (mut ta, mut tb, mut tsa) = (maps[0], maps[1], maps[2]);
@@ -358,28 +358,25 @@ pub(crate) fn launch<T: DeviceRepr>(
     gpu: &Gpu,
     shape: &GemmShape,
     cfg: &Sm90Config,
-    a: &DeviceTensor<E4M3>,
-    sa: &DeviceTensor<f32>,
-    b: &DeviceTensor<E4M3>,
-    sb: &DeviceTensor<f32>,
-    out: &mut DeviceTensor<T>,
+    a: &TensorRef<'_, E4M3>,
+    sa: &TensorRef<'_, f32>,
+    b: &TensorRef<'_, E4M3>,
+    sb: &TensorRef<'_, f32>,
+    mut out: TensorMut<'_, T>,
     accumulate: bool,
-    workspace: Option<&mut DeviceTensor<f32>>,
+    workspace: Option<TensorMut<'_, f32>>,
 ) -> Result<()> {
     gpu.require_hopper("fp8_gemm sm90")?;
     let [ta, tb, tsa] = gemm_tmas(shape, cfg);
     let stream = gpu.stream();
-    let (av, bv, sav) = (a.view(), b.view(), sa.view());
-    let (pa, _ga) = av.device_ptr(stream);
-    let (pb, _gb) = bv.device_ptr(stream);
-    let (psa, _gsa) = sav.device_ptr(stream);
-    let maps = [ta.encode(pa)?, tb.encode(pb)?, tsa.encode(psa)?];
+    let (pa, pb, psa) = (a.kernel_arg(stream), b.kernel_arg(stream), sa.kernel_arg(stream));
+    let maps = [ta.encode(pa.addr())?, tb.encode(pb.addr())?, tsa.encode(psa.addr())?];
     let final_mode = if accumulate { OutputMode::F32Accumulate } else { OutputMode::Bf16 };
     if cfg.cluster_m == 2 {
         return launch_mc2(gpu, shape, cfg, &maps, sb, out, final_mode);
     }
     if cfg.k_splits <= 1 {
-        return launch_gemm(gpu, shape, cfg, &maps, sb, &mut out.view_mut(), final_mode);
+        return launch_gemm(gpu, shape, cfg, &maps, sb, &mut out, final_mode);
     }
     let need = workspace_elements(shape, cfg);
     let mut owned;
@@ -393,23 +390,23 @@ pub(crate) fn launch<T: DeviceRepr>(
         None => {
             // SAFETY: every element is written by the GEMM launch before the reduction reads it (below).
             owned = unsafe { DeviceTensor::<f32>::uninit(gpu, &[need])? };
-            &mut owned
+            owned.as_tensor_mut()
         }
     };
     // Every element of the first k_splits·m·n workspace floats is written by the GEMM launch before the reduction
     // reads it: the work items (tile, split) cover every (row < m, col < n) once per split (plan tests check the
     // coverage).
-    let mut all = ws.view_mut();
-    let mut partial = all.slice_mut(0..need);
+    let total = ws.numel();
+    let mut partial = ws.reshape(&[total])?.narrow(0, 0..need)?;
     launch_gemm(gpu, shape, cfg, &maps, sb, &mut partial, OutputMode::F32Partial)?;
     let pairs = (shape.m as u64 * shape.n as u64) / 2;
     let blocks = pairs.div_ceil(256).min(u64::from(gpu.info().sm_count) * 8).max(1) as u32;
     let f = gpu.function(MODULE, "fp8_gemm_splitk_reduce", 0)?;
     let launch_cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (m, n, splits, mode) = (shape.m as i32, shape.n as i32, cfg.k_splits as i32, final_mode as i32);
-    let mut ov = out.view_mut();
+    let (mut pv, mut ov) = (partial.kernel_arg(stream), out.kernel_arg(stream));
     let mut launch = stream.launch_builder(&f);
-    launch.arg(&mut partial).arg(&mut ov).arg(&m).arg(&n).arg(&splits).arg(&mode);
+    launch.arg(&mut pv).arg(&mut ov).arg(&m).arg(&n).arg(&splits).arg(&mode);
     // SAFETY: partial holds k_splits·m·n floats, out m·n elements of the type `mode` selects; n is even (validated
     // n % 8 == 0), so the kernel's float2 / bf16x2 pairs never straddle the end; the grid-stride loop is bounded by
     // m·n/2 pairs.

@@ -21,6 +21,7 @@ use crate::error::{to_i32, CudaCall, Error, Result};
 pub use crate::reference::mla::MlaConfig;
 use crate::reference::mla::{validate_inputs, D_QK, D_V, FP8_TOKEN_BYTES};
 use crate::tensor::DeviceTensor;
+use crate::view::{TensorMut, TensorRef};
 pub use sched::{plan_splits, SplitMode, SplitPlan, WorkItem};
 
 const MODULE: &str = "mla_decode";
@@ -119,7 +120,8 @@ impl MlaPlan {
     /// synchronization). Errors for a host plan.
     ///
     /// Graph capture: yes (one launch; no allocation, copy or synchronization).
-    pub fn update(&mut self, gpu: &Gpu, seqlens: &DeviceTensor<i32>) -> Result<()> {
+    pub fn update<'a>(&mut self, gpu: &Gpu, seqlens: impl Into<TensorRef<'a, i32>>) -> Result<()> {
+        let seqlens = seqlens.into();
         let Schedule::Device { batch, page_size, max_blocks, ctas } = self.schedule else {
             return Err(Error::InvalidConfig("update needs a plan made by MlaPlan::on_device".into()));
         };
@@ -136,7 +138,7 @@ impl MlaPlan {
         );
         let f = gpu.function(MODULE, "mla_plan_balanced", 0)?;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (PLAN_THREADS, 1, 1), shared_mem_bytes: 0 };
-        let sv = seqlens.view();
+        let sv = seqlens.kernel_arg(gpu.stream());
         let (mut iv, mut cv, mut ov) =
             (self.items.view_mut(), self.cta_offsets.view_mut(), self.split_offsets.view_mut());
         let mut launch = gpu.stream().launch_builder(&f);
@@ -290,8 +292,8 @@ pub struct MlaOptions<'a> {
 }
 
 enum Cache<'a> {
-    Bf16(&'a DeviceTensor<bf16>),
-    Fp8(&'a DeviceTensor<u8>),
+    Bf16(TensorRef<'a, bf16>),
+    Fp8(TensorRef<'a, u8>),
 }
 
 impl Cache<'_> {
@@ -456,18 +458,27 @@ fn checked(cfg: &MlaConfig, num_blocks: usize, max_blocks: usize, rows: usize) -
 
 #[allow(clippy::too_many_arguments)]
 fn validate(
-    q: &DeviceTensor<bf16>,
-    cache_shape: &[usize],
+    q: &TensorRef<'_, bf16>,
+    cache: (&[usize], bool),
     token_width: usize,
-    block_table: &DeviceTensor<i32>,
-    seqlens: &DeviceTensor<i32>,
+    block_table: &TensorRef<'_, i32>,
+    seqlens: &TensorRef<'_, i32>,
     plan: &MlaPlan,
     cfg: &MlaConfig,
-    out: &DeviceTensor<bf16>,
-    lse: &DeviceTensor<f32>,
+    out: &TensorMut<'_, bf16>,
+    lse: &TensorMut<'_, f32>,
     ws: &MlaWorkspace,
     opts: &MlaOptions,
 ) -> Result<Checked> {
+    let (cache_shape, cache_dense) = cache;
+    // The kernels address every tensor as dense rows (the cache by token, q and out by head row).
+    q.require_dense("q")?;
+    if !cache_dense {
+        return Err(Error::shape("kv_cache", "a dense view", "a strided view"));
+    }
+    block_table.require_dense("block_table")?;
+    out.require_dense("out")?;
+    lse.require_dense("lse")?;
     let sh = LaunchShapes {
         q: q.shape(),
         cache: cache_shape,
@@ -486,18 +497,19 @@ fn validate(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_decode(
     gpu: &Gpu,
-    q: &DeviceTensor<bf16>,
-    kv_cache: &DeviceTensor<bf16>,
-    block_table: &DeviceTensor<i32>,
-    seqlens: &DeviceTensor<i32>,
+    q: &TensorRef<'_, bf16>,
+    kv_cache: &TensorRef<'_, bf16>,
+    block_table: &TensorRef<'_, i32>,
+    seqlens: &TensorRef<'_, i32>,
     plan: &MlaPlan,
     cfg: &MlaConfig,
-    out: &DeviceTensor<bf16>,
-    lse: &DeviceTensor<f32>,
+    out: &TensorMut<'_, bf16>,
+    lse: &TensorMut<'_, f32>,
     workspace: &MlaWorkspace,
     opts: &MlaOptions,
 ) -> Result<()> {
-    validate(q, kv_cache.shape(), D_QK, block_table, seqlens, plan, cfg, out, lse, workspace, opts)?;
+    let cache = (kv_cache.shape(), kv_cache.is_dense());
+    validate(q, cache, D_QK, block_table, seqlens, plan, cfg, out, lse, workspace, opts)?;
     check_devices!(gpu, q, kv_cache, block_table, seqlens, out, lse)?;
     check_devices!(gpu, plan.items, plan.cta_offsets, plan.split_offsets, workspace.o_part, workspace.lse_part)
 }
@@ -508,21 +520,25 @@ pub(crate) fn check_decode(
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
 /// The plan is fixed at capture: replays keep its schedule, so lengths must not outgrow it.
 #[allow(clippy::too_many_arguments)]
-pub fn mla_decode(
+pub fn mla_decode<'a>(
     gpu: &Gpu,
-    q: &DeviceTensor<bf16>,
-    kv_cache: &DeviceTensor<bf16>,
-    block_table: &DeviceTensor<i32>,
-    seqlens: &DeviceTensor<i32>,
+    q: impl Into<TensorRef<'a, bf16>>,
+    kv_cache: impl Into<TensorRef<'a, bf16>>,
+    block_table: impl Into<TensorRef<'a, i32>>,
+    seqlens: impl Into<TensorRef<'a, i32>>,
     plan: &MlaPlan,
     cfg: &MlaConfig,
-    out: &mut DeviceTensor<bf16>,
-    lse: &mut DeviceTensor<f32>,
+    out: impl Into<TensorMut<'a, bf16>>,
+    lse: impl Into<TensorMut<'a, f32>>,
     workspace: &mut MlaWorkspace,
     opts: &MlaOptions,
 ) -> Result<()> {
-    let c = validate(q, kv_cache.shape(), D_QK, block_table, seqlens, plan, cfg, out, lse, workspace, opts)?;
-    launch(gpu, q, Cache::Bf16(kv_cache), block_table, seqlens, plan, &c, out, lse, workspace, opts.backend)
+    let (q, kv_cache, block_table, seqlens) = (q.into(), kv_cache.into(), block_table.into(), seqlens.into());
+    let (mut out, mut lse) = (out.into(), lse.into());
+    let cache = (kv_cache.shape(), kv_cache.is_dense());
+    let c = validate(&q, cache, D_QK, &block_table, &seqlens, plan, cfg, &out, &lse, workspace, opts)?;
+    let kv = Cache::Bf16(kv_cache);
+    launch(gpu, &q, kv, &block_table, &seqlens, plan, &c, &mut out, &mut lse, workspace, opts.backend)
 }
 
 /// MLA decode with the FP8 cache `[num_blocks, page_size, 656]` bytes (layout:
@@ -530,34 +546,38 @@ pub fn mla_decode(
 ///
 /// Graph capture: as [`mla_decode`].
 #[allow(clippy::too_many_arguments)]
-pub fn mla_decode_fp8(
+pub fn mla_decode_fp8<'a>(
     gpu: &Gpu,
-    q: &DeviceTensor<bf16>,
-    kv_cache: &DeviceTensor<u8>,
-    block_table: &DeviceTensor<i32>,
-    seqlens: &DeviceTensor<i32>,
+    q: impl Into<TensorRef<'a, bf16>>,
+    kv_cache: impl Into<TensorRef<'a, u8>>,
+    block_table: impl Into<TensorRef<'a, i32>>,
+    seqlens: impl Into<TensorRef<'a, i32>>,
     plan: &MlaPlan,
     cfg: &MlaConfig,
-    out: &mut DeviceTensor<bf16>,
-    lse: &mut DeviceTensor<f32>,
+    out: impl Into<TensorMut<'a, bf16>>,
+    lse: impl Into<TensorMut<'a, f32>>,
     workspace: &mut MlaWorkspace,
     opts: &MlaOptions,
 ) -> Result<()> {
-    let c = validate(q, kv_cache.shape(), FP8_TOKEN_BYTES, block_table, seqlens, plan, cfg, out, lse, workspace, opts)?;
-    launch(gpu, q, Cache::Fp8(kv_cache), block_table, seqlens, plan, &c, out, lse, workspace, opts.backend)
+    let (q, kv_cache, block_table, seqlens) = (q.into(), kv_cache.into(), block_table.into(), seqlens.into());
+    let (mut out, mut lse) = (out.into(), lse.into());
+    let cache = (kv_cache.shape(), kv_cache.is_dense());
+    let c = validate(&q, cache, FP8_TOKEN_BYTES, &block_table, &seqlens, plan, cfg, &out, &lse, workspace, opts)?;
+    let kv = Cache::Fp8(kv_cache);
+    launch(gpu, &q, kv, &block_table, &seqlens, plan, &c, &mut out, &mut lse, workspace, opts.backend)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn launch(
     gpu: &Gpu,
-    q: &DeviceTensor<bf16>,
+    q: &TensorRef<'_, bf16>,
     cache: Cache,
-    block_table: &DeviceTensor<i32>,
-    seqlens: &DeviceTensor<i32>,
+    block_table: &TensorRef<'_, i32>,
+    seqlens: &TensorRef<'_, i32>,
     plan: &MlaPlan,
     c: &Checked,
-    out: &mut DeviceTensor<bf16>,
-    lse: &mut DeviceTensor<f32>,
+    out: &mut TensorMut<'_, bf16>,
+    lse: &mut TensorMut<'_, f32>,
     ws: &mut MlaWorkspace,
     backend: Backend,
 ) -> Result<()> {
@@ -594,22 +614,17 @@ fn launch(
                     block_dim: (PLAIN_THREADS, 1, 1),
                     shared_mem_bytes: PLAIN_SMEM_BYTES as u32,
                 };
-                let (qv, tv, sv) = (q.view(), block_table.view(), seqlens.view());
+                let stream = gpu.stream();
+                let (qv, tv, sv) = (q.kernel_arg(stream), block_table.kernel_arg(stream), seqlens.kernel_arg(stream));
                 let (iv, cv, ov) = (plan.items.view(), plan.cta_offsets.view(), plan.split_offsets.view());
                 let (mut opv, mut lpv) = (ws.o_part.view_mut(), ws.lse_part.view_mut());
                 let mut launch = gpu.stream().launch_builder(&f);
                 launch.arg(&qv);
-                let (kb, k8);
-                match cache {
-                    Cache::Bf16(kv) => {
-                        kb = kv.view();
-                        launch.arg(&kb);
-                    }
-                    Cache::Fp8(kv) => {
-                        k8 = kv.view();
-                        launch.arg(&k8);
-                    }
-                }
+                let kv = match &cache {
+                    Cache::Bf16(kv) => kv.kernel_arg(stream),
+                    Cache::Fp8(kv) => kv.kernel_arg(stream),
+                };
+                launch.arg(&kv);
                 launch.arg(&tv).arg(&sv).arg(&iv).arg(&cv).arg(&ov).arg(&mut opv).arg(&mut lpv);
                 launch.arg(&c.batch).arg(&c.s_q).arg(&c.heads).arg(&c.page).arg(&c.num_blocks).arg(&c.max_blocks);
                 launch.arg(&c.scale_log2).arg(&c.causal);
@@ -628,8 +643,8 @@ pub(crate) fn combine(
     gpu: &Gpu,
     plan: &MlaPlan,
     c: &Checked,
-    out: &mut DeviceTensor<bf16>,
-    lse: &mut DeviceTensor<f32>,
+    out: &mut TensorMut<'_, bf16>,
+    lse: &mut TensorMut<'_, f32>,
     ws: &MlaWorkspace,
 ) -> Result<()> {
     let warps = c.batch as u64 * c.rows as u64;
@@ -637,7 +652,8 @@ pub(crate) fn combine(
     let f = gpu.function(MODULE, "mla_combine", 0)?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (opv, lpv, sov) = (ws.o_part.view(), ws.lse_part.view(), plan.split_offsets.view());
-    let (mut outv, mut lsev) = (out.view_mut(), lse.view_mut());
+    let stream = gpu.stream();
+    let (mut outv, mut lsev) = (out.kernel_arg(stream), lse.kernel_arg(stream));
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(&opv).arg(&lpv).arg(&sov).arg(&mut outv).arg(&mut lsev).arg(&c.batch).arg(&c.s_q).arg(&c.heads);
     // SAFETY: one warp per (sequence, row) below batch·s_q·h; it reads partial slots of its sequence

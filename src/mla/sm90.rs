@@ -16,6 +16,7 @@ use crate::device::Gpu;
 use crate::error::{CudaCall, Error, Result};
 use crate::reference::mla::{D_QK, D_ROPE, FP8_ROPE_OFFSET, FP8_TOKEN_BYTES};
 use crate::tensor::DeviceTensor;
+use crate::view::TensorRef;
 
 const MODULE: &str = "mla_decode_sm90";
 /// Query rows per CTA (h·s_q is padded to a multiple of this).
@@ -283,19 +284,19 @@ fn unsupported_page(page: usize) -> Error {
 }
 
 /// The cache the fast kernel reads.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(crate) enum FastCache<'a> {
-    Bf16(&'a DeviceTensor<bf16>),
-    Fp8(&'a DeviceTensor<u8>),
+    Bf16(TensorRef<'a, bf16>),
+    Fp8(TensorRef<'a, u8>),
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_decode(
     gpu: &Gpu,
-    q: &DeviceTensor<bf16>,
+    q: &TensorRef<'_, bf16>,
     kv: FastCache,
-    block_table: &DeviceTensor<i32>,
-    seqlens: &DeviceTensor<i32>,
+    block_table: &TensorRef<'_, i32>,
+    seqlens: &TensorRef<'_, i32>,
     plan: &MlaPlan,
     c: &Checked,
     ws: &mut MlaWorkspace,
@@ -318,7 +319,7 @@ pub(crate) fn launch_decode(
         .ok_or_else(|| Error::shape("q", "s_q·heads ≤ 65535·64", c.rows))?;
     let ctas = plan.num_ctas();
     let grid_x = u32::try_from(ctas).map_err(|_| Error::shape("plan", "fewer than 2^32 CTAs", ctas))?;
-    let (name, smem, threads) = match (kv, narrow) {
+    let (name, smem, threads) = match (&kv, narrow) {
         (FastCache::Fp8(_), None) => ("mla_decode_sm90_fp8", SMEM_BYTES_FP8, THREADS),
         (FastCache::Fp8(_), Some(16)) => ("mla_decode_sm90_narrow16_fp8", narrow_smem_bytes(16, true), 128),
         (FastCache::Fp8(_), Some(_)) => ("mla_decode_sm90_narrow32_fp8", narrow_smem_bytes(32, true), 128),
@@ -328,34 +329,26 @@ pub(crate) fn launch_decode(
     };
     let f = gpu.function(MODULE, name, smem as u32)?;
     let stream = gpu.stream();
-    let qv = q.view();
-    let (q_ptr, _q_guard) = qv.device_ptr(stream);
+    let qv = q.kernel_arg(stream);
+    let q_ptr = qv.addr();
     // A box taller than the tensor is avoided: tiny batches load only their rows.
     let q_box = q_rows.min(per_cta);
     let tmap_q = encode_rows_576(q_ptr, q_rows, q_box)?;
     let (box_i, q_box_i) = (box_rows as i32, q_box as i32);
     let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
-    let (tv, sv) = (block_table.view(), seqlens.view());
+    let (tv, sv) = (block_table.kernel_arg(stream), seqlens.kernel_arg(stream));
     let (iv, cv, ov) = (plan.items.view(), plan.cta_offsets.view(), plan.split_offsets.view());
     let (mut opv, mut lpv) = (ws.o_part.view_mut(), ws.lse_part.view_mut());
     let mut launch = stream.launch_builder(&f);
     let maps: Vec<TmaDesc>;
-    let (kb, k8);
-    let _kv_guard;
     launch.arg(&tmap_q);
-    match kv {
-        FastCache::Bf16(t) => {
-            kb = t.view();
-            let (ptr, g) = kb.device_ptr(stream);
-            _kv_guard = g;
-            maps = vec![encode_rows_576(ptr, kv_rows, box_rows)?];
-        }
-        FastCache::Fp8(t) => {
-            k8 = t.view();
-            let (ptr, g) = k8.device_ptr(stream);
-            _kv_guard = g;
-            maps = encode_fp8_cache(ptr, kv_rows, box_rows)?.to_vec();
-        }
+    let kv_ptr = match &kv {
+        FastCache::Bf16(t) => t.kernel_arg(stream),
+        FastCache::Fp8(t) => t.kernel_arg(stream),
+    };
+    match &kv {
+        FastCache::Bf16(_) => maps = vec![encode_rows_576(kv_ptr.addr(), kv_rows, box_rows)?],
+        FastCache::Fp8(_) => maps = encode_fp8_cache(kv_ptr.addr(), kv_rows, box_rows)?.to_vec(),
     }
     for m in &maps {
         launch.arg(m);
