@@ -456,7 +456,7 @@ impl DecodeLayer {
             &self.experts,
             Some(&self.shared),
             &ws.hn,
-            Routing::Gate(&self.gate_weight, Some(&self.bias)),
+            Routing::gate(&self.gate_weight, Some(&self.bias)),
             &mut ws.moe,
             &mut ws.moe_out,
         )?;

@@ -6,7 +6,7 @@
 //! Device-side sizes (segment offsets, counts) never travel to the host: the buffers are sized for the worst case
 //! ([`Layout::capacity`]) and the kernels read the actual extents from device memory, exiting early past them.
 
-use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::{check_devices, Gpu};
@@ -19,6 +19,7 @@ use crate::reference::moe::{validate_ids, ExpertsFp8};
 pub use crate::reference::moe::{Layout, RouterConfig, Scoring};
 use crate::reference::quant::{padded_scale_rows, ScaleFormat};
 use crate::tensor::DeviceTensor;
+use crate::view::{TensorMut, TensorRef};
 
 const MODULE: &str = "moe";
 const SM90_MODULE: &str = "moe_sm90";
@@ -40,7 +41,7 @@ fn grid_u32(arg: &'static str, v: usize) -> Result<u32> {
 }
 
 /// Logit element types the router reads.
-pub trait RouterLogits: DeviceRepr {
+pub trait RouterLogits: DeviceRepr + 'static {
     /// Kernel for this dtype.
     const KERNEL: &'static str;
 }
@@ -55,24 +56,29 @@ impl RouterLogits for bf16 {
 /// [`crate::reference::moe::route`], bit for bit (ids and weights: the exp and the softmax sum order are twinned).
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn route<T: RouterLogits>(
+pub fn route<'a, T: RouterLogits>(
     gpu: &Gpu,
     cfg: &RouterConfig,
-    logits: &DeviceTensor<T>,
-    bias: Option<&DeviceTensor<f32>>,
-    topk_ids: &mut DeviceTensor<i32>,
-    topk_weights: &mut DeviceTensor<f32>,
+    logits: impl Into<TensorRef<'a, T>>,
+    bias: Option<impl Into<TensorRef<'a, f32>>>,
+    topk_ids: impl Into<TensorMut<'a, i32>>,
+    topk_weights: impl Into<TensorMut<'a, f32>>,
 ) -> Result<()> {
+    let (logits, bias) = (logits.into(), bias.map(Into::into));
+    let (mut topk_ids, mut topk_weights) = (topk_ids.into(), topk_weights.into());
     check_devices!(gpu, logits, topk_ids, topk_weights)?;
-    if let Some(bias) = bias {
+    if let Some(bias) = &bias {
         check_devices!(gpu, bias)?;
     }
+    logits.require_dense("logits")?;
+    topk_ids.require_dense("topk_ids")?;
+    topk_weights.require_dense("topk_weights")?;
     cfg.validate()?;
     let [t, e] = logits.dims::<2>("logits")?;
     if e != cfg.num_experts {
         return Err(Error::shape("logits", format!("[t, {}]", cfg.num_experts), format!("{:?}", logits.shape())));
     }
-    if let Some(b) = bias {
+    if let Some(b) = &bias {
         b.expect_shape("bias", &[e])?;
     }
     topk_ids.expect_shape("topk_ids", &[t, cfg.top_k])?;
@@ -90,10 +96,11 @@ pub fn route<T: RouterLogits>(
     let softmax = i32::from(cfg.scoring == Scoring::Softmax);
     let renorm = i32::from(cfg.renormalize);
     let has_bias = i32::from(bias.is_some());
-    let lv = logits.view();
-    let bv = bias.map(|b| b.view());
-    let (mut iv, mut wv) = (topk_ids.view_mut(), topk_weights.view_mut());
-    let mut launch = gpu.stream().launch_builder(&f);
+    let stream = gpu.stream();
+    let lv = logits.kernel_arg(stream);
+    let bv = bias.as_ref().map(|b| b.kernel_arg(stream));
+    let (mut iv, mut wv) = (topk_ids.kernel_arg(stream), topk_weights.kernel_arg(stream));
+    let mut launch = stream.launch_builder(&f);
     launch.arg(&lv);
     // Without a bias the kernel never dereferences the pointer: pass null.
     match &bv {
@@ -112,13 +119,17 @@ pub fn route<T: RouterLogits>(
 /// [`crate::reference::moe::gate_logits`]). `H % 8 == 0`.
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn gate_logits(
+pub fn gate_logits<'a>(
     gpu: &Gpu,
-    x: &DeviceTensor<bf16>,
-    w_gate: &DeviceTensor<bf16>,
-    logits: &mut DeviceTensor<f32>,
+    x: impl Into<TensorRef<'a, bf16>>,
+    w_gate: impl Into<TensorRef<'a, bf16>>,
+    logits: impl Into<TensorMut<'a, f32>>,
 ) -> Result<()> {
+    let (x, w_gate, mut logits) = (x.into(), w_gate.into(), logits.into());
     check_devices!(gpu, x, w_gate, logits)?;
+    x.require_dense("x")?;
+    w_gate.require_dense("w_gate")?;
+    logits.require_dense("logits")?;
     let [t, h] = x.dims::<2>("x")?;
     let [e, h2] = w_gate.dims::<2>("w_gate")?;
     if h2 != h {
@@ -134,15 +145,15 @@ pub fn gate_logits(
     }
     if h == 0 {
         // Empty dot products: every logit is 0 (a stream-ordered memset, capturable like the kernel).
-        gpu.stream().memset_zeros(&mut logits.view_mut()).cuda_call("cuMemsetD8Async")?;
+        logits.memset_zero(gpu.stream())?;
         return Ok(());
     }
     let gy =
         u32::try_from(t.div_ceil(8)).ok().filter(|&y| y <= 65_535).ok_or_else(|| Error::shape("x", "t ≤ 524280", t))?;
     let f = gpu.function(MODULE, "moe_gate_logits", 0)?;
-    let (xv, wv) = (x.view(), w_gate.view());
-    let mut lv = logits.view_mut();
-    let mut l = gpu.stream().launch_builder(&f);
+    let stream = gpu.stream();
+    let (xv, wv, mut lv) = (x.kernel_arg(stream), w_gate.kernel_arg(stream), logits.kernel_arg(stream));
+    let mut l = stream.launch_builder(&f);
     l.arg(&xv).arg(&wv).arg(&mut lv).arg(&ti).arg(&ei).arg(&hi);
     let c =
         LaunchConfig { grid_dim: (grid_u32("E", e.div_ceil(8))?, gy, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -275,14 +286,18 @@ impl Permuted {
 /// them) into `out`. Four launches, no host sync; ids outside `0..E` are skipped.
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn permute(
+pub fn permute<'a>(
     gpu: &Gpu,
-    topk_ids: &DeviceTensor<i32>,
-    xq: &DeviceTensor<E4M3>,
-    xs: &DeviceTensor<f32>,
+    topk_ids: impl Into<TensorRef<'a, i32>>,
+    xq: impl Into<TensorRef<'a, E4M3>>,
+    xs: impl Into<TensorRef<'a, f32>>,
     out: &mut Permuted,
 ) -> Result<()> {
+    let (topk_ids, xq, xs) = (topk_ids.into(), xq.into(), xs.into());
     check_devices!(gpu, topk_ids, xq, xs)?;
+    topk_ids.require_dense("topk_ids")?;
+    xq.require_dense("xq")?;
+    xs.require_dense("xs")?;
     check_devices!(gpu, out.codes, out.scales, out.src_index, out.row_of, out.offsets, out.counts)?;
     out.check()?;
     let (t, k, e, h) = (out.tokens, out.top_k, out.num_experts, out.hidden);
@@ -304,7 +319,7 @@ pub fn permute(
     let stream = gpu.stream();
 
     let f = gpu.function(MODULE, "moe_count_rank", 0)?;
-    let ids = topk_ids.view();
+    let ids = topk_ids.kernel_arg(stream);
     {
         let (mut cr, mut rk) = (out.counts_raw.view_mut(), out.rank.view_mut());
         let mut l = stream.launch_builder(&f);
@@ -340,7 +355,7 @@ pub fn permute(
     }
     let f = gpu.function(MODULE, "moe_gather", 0)?;
     {
-        let (xqv, xsv, off, cn) = (xq.view(), xs.view(), out.offsets.view(), out.counts.view());
+        let (xqv, xsv, off, cn) = (xq.kernel_arg(stream), xs.kernel_arg(stream), out.offsets.view(), out.counts.view());
         let mut si = out.src_index.view_mut();
         let (mut aq, mut asv) = (out.codes.view_mut(), out.scales.view_mut());
         let mut l = stream.launch_builder(&f);
@@ -585,13 +600,13 @@ fn tma_launch_shape(rows: usize, n: usize, sm_count: u32) -> Result<(u32, u32, u
 #[allow(clippy::too_many_arguments)]
 fn grouped_gemm_tma(
     gpu: &Gpu,
-    a: &DeviceTensor<E4M3>,
-    a_scales: &DeviceTensor<f32>,
-    w: &DeviceTensor<E4M3>,
-    w_scales: &DeviceTensor<f32>,
-    offsets: &DeviceTensor<i64>,
-    counts: &DeviceTensor<i32>,
-    out: &mut DeviceTensor<bf16>,
+    a: &TensorRef<'_, E4M3>,
+    a_scales: &TensorRef<'_, f32>,
+    w: &TensorRef<'_, E4M3>,
+    w_scales: &TensorRef<'_, f32>,
+    offsets: &TensorRef<'_, i64>,
+    counts: &TensorRef<'_, i32>,
+    out: &mut TensorMut<'_, bf16>,
 ) -> Result<()> {
     let [rows, kdim] = a.dims::<2>("a")?;
     let [e, n, _] = w.dims::<3>("w")?;
@@ -603,15 +618,12 @@ fn grouped_gemm_tma(
     let [ta, tb, tsa] = grouped_tmas(rows, n, kdim, e);
     let f = gpu.function(TMA_MODULE, TMA_KERNEL, smem)?;
     let stream = gpu.stream();
-    let (av, wv, sav) = (a.view(), w.view(), a_scales.view());
-    let (pa, _ga) = av.device_ptr(stream);
-    let (pw, _gw) = wv.device_ptr(stream);
-    let (psa, _gsa) = sav.device_ptr(stream);
-    let maps = [ta.encode(pa)?, tb.encode(pw)?, tsa.encode(psa)?];
+    let (pa, pw, psa) = (a.kernel_arg(stream), w.kernel_arg(stream), a_scales.kernel_arg(stream));
+    let maps = [ta.encode(pa.addr())?, tb.encode(pw.addr())?, tsa.encode(psa.addr())?];
     let (ni, ki, ei) = (to_i32("n", n)?, to_i32("k", kdim)?, to_i32("E", e)?);
     let (r64, st, gm) = (to_i64("rows", rows)?, stages as i32, plan::SM90_GROUP_M as i32);
-    let (wsv, ov, cv) = (w_scales.view(), offsets.view(), counts.view());
-    let mut outv = out.view_mut();
+    let (wsv, ov, cv) = (w_scales.kernel_arg(stream), offsets.kernel_arg(stream), counts.kernel_arg(stream));
+    let mut outv = out.kernel_arg(stream);
     let mut l = stream.launch_builder(&f);
     l.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&wsv).arg(&ov).arg(&cv).arg(&mut outv);
     l.arg(&r64).arg(&ni).arg(&ki).arg(&ei).arg(&st).arg(&gm);
@@ -634,15 +646,15 @@ fn grouped_gemm_tma(
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
-pub fn grouped_gemm(
+pub fn grouped_gemm<'a>(
     gpu: &Gpu,
-    a: &DeviceTensor<E4M3>,
-    a_scales: &DeviceTensor<f32>,
-    w: &DeviceTensor<E4M3>,
-    w_scales: &DeviceTensor<f32>,
-    offsets: &DeviceTensor<i64>,
-    counts: &DeviceTensor<i32>,
-    out: &mut DeviceTensor<bf16>,
+    a: impl Into<TensorRef<'a, E4M3>>,
+    a_scales: impl Into<TensorRef<'a, f32>>,
+    w: impl Into<TensorRef<'a, E4M3>>,
+    w_scales: impl Into<TensorRef<'a, f32>>,
+    offsets: impl Into<TensorRef<'a, i64>>,
+    counts: impl Into<TensorRef<'a, i32>>,
+    out: impl Into<TensorMut<'a, bf16>>,
 ) -> Result<()> {
     grouped_gemm_with(gpu, a, a_scales, w, w_scales, offsets, counts, out, GemmBackend::Auto)
 }
@@ -651,18 +663,31 @@ pub fn grouped_gemm(
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
-pub fn grouped_gemm_with(
+pub fn grouped_gemm_with<'a>(
     gpu: &Gpu,
-    a: &DeviceTensor<E4M3>,
-    a_scales: &DeviceTensor<f32>,
-    w: &DeviceTensor<E4M3>,
-    w_scales: &DeviceTensor<f32>,
-    offsets: &DeviceTensor<i64>,
-    counts: &DeviceTensor<i32>,
-    out: &mut DeviceTensor<bf16>,
+    a: impl Into<TensorRef<'a, E4M3>>,
+    a_scales: impl Into<TensorRef<'a, f32>>,
+    w: impl Into<TensorRef<'a, E4M3>>,
+    w_scales: impl Into<TensorRef<'a, f32>>,
+    offsets: impl Into<TensorRef<'a, i64>>,
+    counts: impl Into<TensorRef<'a, i32>>,
+    out: impl Into<TensorMut<'a, bf16>>,
     backend: GemmBackend,
 ) -> Result<()> {
+    let (a, a_scales, w, w_scales) = (a.into(), a_scales.into(), w.into(), w_scales.into());
+    let (offsets, counts, mut out) = (offsets.into(), counts.into(), out.into());
     check_devices!(gpu, a, a_scales, w, w_scales, offsets, counts, out)?;
+    for (arg, dense) in [
+        ("a", a.is_dense()),
+        ("a_scales", a_scales.is_dense()),
+        ("w", w.is_dense()),
+        ("w_scales", w_scales.is_dense()),
+        ("out", out.is_dense()),
+    ] {
+        if !dense {
+            return Err(Error::shape(arg, "a dense view", "a strided view"));
+        }
+    }
     let [rows, kdim] = a.dims::<2>("a")?;
     let [e, n, k2] = w.dims::<3>("w")?;
     if k2 != kdim {
@@ -699,7 +724,7 @@ pub fn grouped_gemm_with(
             true
         }
         GemmBackend::Sm90Tma => {
-            return grouped_gemm_tma(gpu, a, a_scales, w, w_scales, offsets, counts, out);
+            return grouped_gemm_tma(gpu, &a, &a_scales, &w, &w_scales, &offsets, &counts, &mut out);
         }
     };
     let block_n = if wgmma { 128 } else { GEMM_BLOCK_N };
@@ -712,10 +737,11 @@ pub fn grouped_gemm_with(
     } else {
         (gpu.function(MODULE, "moe_grouped_gemm_fp8", 0)?, 256, 0)
     };
-    let (av, asv, wv, wsv, ov, cv) =
-        (a.view(), a_scales.view(), w.view(), w_scales.view(), offsets.view(), counts.view());
-    let mut outv = out.view_mut();
-    let mut l = gpu.stream().launch_builder(&f);
+    let stream = gpu.stream();
+    let (av, asv, wv) = (a.kernel_arg(stream), a_scales.kernel_arg(stream), w.kernel_arg(stream));
+    let (wsv, ov, cv) = (w_scales.kernel_arg(stream), offsets.kernel_arg(stream), counts.kernel_arg(stream));
+    let mut outv = out.kernel_arg(stream);
+    let mut l = stream.launch_builder(&f);
     l.arg(&av).arg(&asv).arg(&wv).arg(&wsv).arg(&ov).arg(&cv).arg(&mut outv).arg(&r64).arg(&rp64).arg(&ni).arg(&ki);
     l.arg(&ei);
     let c = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
@@ -732,18 +758,22 @@ pub fn grouped_gemm_with(
 /// `offsets[E]` are skipped.
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn swiglu_quant(
+pub fn swiglu_quant<'a>(
     gpu: &Gpu,
-    h: &DeviceTensor<bf16>,
-    q: &mut DeviceTensor<E4M3>,
-    scales: &mut DeviceTensor<f32>,
+    h: impl Into<TensorRef<'a, bf16>>,
+    q: impl Into<TensorMut<'a, E4M3>>,
+    scales: impl Into<TensorMut<'a, f32>>,
     format: ScaleFormat,
-    limit: Option<&DeviceTensor<i64>>,
+    limit: Option<impl Into<TensorRef<'a, i64>>>,
 ) -> Result<()> {
+    let (h, mut q, mut scales, limit) = (h.into(), q.into(), scales.into(), limit.map(Into::into));
     check_devices!(gpu, h, q, scales)?;
-    if let Some(limit) = limit {
+    if let Some(limit) = &limit {
         check_devices!(gpu, limit)?;
     }
+    h.require_dense("h")?;
+    q.require_dense("q")?;
+    scales.require_dense("scales")?;
     let [rows, i2] = h.dims::<2>("h")?;
     if i2 == 0 || i2 % (2 * QUANT_BLOCK) != 0 {
         return Err(Error::Alignment { arg: "h", required: 2 * QUANT_BLOCK, got: i2 });
@@ -752,7 +782,7 @@ pub fn swiglu_quant(
     q.expect_shape("q", &[rows, inter])?;
     scales.expect_shape("scales", &activation_scale_shape(rows, inter))?;
     let (r64, rp64, ii) = (to_i64("rows", rows)?, to_i64("rows", padded_scale_rows(rows))?, to_i32("I", inter)?);
-    let (has_limit, ne) = match limit {
+    let (has_limit, ne) = match &limit {
         Some(o) => {
             if o.numel() == 0 {
                 return Err(Error::shape("limit", "[E + 1] with E ≥ 0", "[]"));
@@ -768,10 +798,11 @@ pub fn swiglu_quant(
     let blocks = grid_u32("rows", (groups * 16).div_ceil(256) as usize)?;
     let ue8m0 = i32::from(format == ScaleFormat::Ue8m0);
     let f = gpu.function(MODULE, "moe_swiglu_quant", 0)?;
-    let hv = h.view();
-    let lv = limit.map(|o| o.view());
-    let (mut qv, mut sv) = (q.view_mut(), scales.view_mut());
-    let mut l = gpu.stream().launch_builder(&f);
+    let stream = gpu.stream();
+    let hv = h.kernel_arg(stream);
+    let lv = limit.as_ref().map(|o| o.kernel_arg(stream));
+    let (mut qv, mut sv) = (q.kernel_arg(stream), scales.kernel_arg(stream));
+    let mut l = stream.launch_builder(&f);
     l.arg(&hv).arg(&mut qv).arg(&mut sv).arg(&r64).arg(&ii).arg(&rp64).arg(&ue8m0);
     match &lv {
         Some(v) => l.arg(v),
@@ -791,19 +822,26 @@ pub fn swiglu_quant(
 /// `weights` `t·k` entries, `shared`/`out` `[t, H]`.
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
-pub fn combine(
+pub fn combine<'a>(
     gpu: &Gpu,
-    y: &DeviceTensor<bf16>,
-    row_of: &DeviceTensor<i32>,
-    weights: &DeviceTensor<f32>,
-    shared: Option<&DeviceTensor<bf16>>,
+    y: impl Into<TensorRef<'a, bf16>>,
+    row_of: impl Into<TensorRef<'a, i32>>,
+    weights: impl Into<TensorRef<'a, f32>>,
+    shared: Option<impl Into<TensorRef<'a, bf16>>>,
     skip_weights: bool,
-    out: &mut DeviceTensor<bf16>,
+    out: impl Into<TensorMut<'a, bf16>>,
 ) -> Result<()> {
+    let (y, row_of, weights, shared) = (y.into(), row_of.into(), weights.into(), shared.map(Into::into));
+    let mut out = out.into();
     check_devices!(gpu, y, row_of, weights, out)?;
-    if let Some(shared) = shared {
+    if let Some(shared) = &shared {
         check_devices!(gpu, shared)?;
+        shared.require_dense("shared")?;
     }
+    y.require_dense("y")?;
+    row_of.require_dense("row_of")?;
+    weights.require_dense("weights")?;
+    out.require_dense("out")?;
     let [rows, h] = y.dims::<2>("y")?;
     let [t, h2] = out.dims::<2>("out")?;
     if h2 != h {
@@ -819,7 +857,7 @@ pub fn combine(
     if row_of.numel() != t * k {
         return Err(Error::shape("row_of", t * k, row_of.numel()));
     }
-    if let Some(s) = shared {
+    if let Some(s) = &shared {
         s.expect_shape("shared", &[t, h])?;
     }
     let (ki, hi, r64) = (to_i32("k", k)?, to_i32("H", h)?, to_i64("rows", rows)?);
@@ -828,11 +866,12 @@ pub fn combine(
     }
     let gy = u32::try_from(h.div_ceil(8 * 128)).unwrap_or(u32::MAX);
     let f = gpu.function(MODULE, "moe_combine", 0)?;
-    let (yv, rv, wv) = (y.view(), row_of.view(), weights.view());
-    let sv = shared.map(|s| s.view());
+    let stream = gpu.stream();
+    let (yv, rv, wv) = (y.kernel_arg(stream), row_of.kernel_arg(stream), weights.kernel_arg(stream));
+    let sv = shared.as_ref().map(|s| s.kernel_arg(stream));
     let (has_shared, skip) = (i32::from(shared.is_some()), i32::from(skip_weights));
-    let mut ov = out.view_mut();
-    let mut l = gpu.stream().launch_builder(&f);
+    let mut ov = out.kernel_arg(stream);
+    let mut l = stream.launch_builder(&f);
     l.arg(&yv).arg(&rv).arg(&wv);
     match &sv {
         Some(v) => l.arg(v),
@@ -946,15 +985,30 @@ impl MoeWorkspace {
 }
 
 /// Where [`moe_forward`]'s routing comes from.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Routing<'a> {
     /// Router logits `[t, E]` (f32) and an optional per-expert correction bias `[E]`.
-    Logits(&'a DeviceTensor<f32>, Option<&'a DeviceTensor<f32>>),
+    Logits(TensorRef<'a, f32>, Option<TensorRef<'a, f32>>),
     /// Precomputed `topk_ids` / `topk_weights` `[t, k]` (e.g. from an engine's own router).
-    TopK(&'a DeviceTensor<i32>, &'a DeviceTensor<f32>),
+    TopK(TensorRef<'a, i32>, TensorRef<'a, f32>),
     /// The gate GEMM fused in front: gate weight `[E, H]` (bf16) and an optional bias `[E]`; the logits land in
     /// [`MoeWorkspace::logits`].
-    Gate(&'a DeviceTensor<bf16>, Option<&'a DeviceTensor<f32>>),
+    Gate(TensorRef<'a, bf16>, Option<TensorRef<'a, f32>>),
+}
+
+impl<'a> Routing<'a> {
+    /// [`Routing::Logits`] from anything that views as a tensor (`&DeviceTensor`, a [`TensorRef`]).
+    pub fn logits(logits: impl Into<TensorRef<'a, f32>>, bias: Option<impl Into<TensorRef<'a, f32>>>) -> Self {
+        Routing::Logits(logits.into(), bias.map(Into::into))
+    }
+    /// [`Routing::TopK`] from anything that views as a tensor.
+    pub fn top_k(ids: impl Into<TensorRef<'a, i32>>, weights: impl Into<TensorRef<'a, f32>>) -> Self {
+        Routing::TopK(ids.into(), weights.into())
+    }
+    /// [`Routing::Gate`] from anything that views as a tensor.
+    pub fn gate(w_gate: impl Into<TensorRef<'a, bf16>>, bias: Option<impl Into<TensorRef<'a, f32>>>) -> Self {
+        Routing::Gate(w_gate.into(), bias.map(Into::into))
+    }
 }
 
 /// The whole MoE layer: quantize `x` `[t, H]` (1×128, F32 scales), route (optionally after the gate GEMM), permute, gate+up grouped GEMM, SwiGLU +
@@ -963,16 +1017,17 @@ pub enum Routing<'a> {
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
-pub fn moe_forward(
+pub fn moe_forward<'a>(
     gpu: &Gpu,
     cfg: &RouterConfig,
     experts: &ExpertWeights,
     shared: Option<&ExpertWeights>,
-    x: &DeviceTensor<bf16>,
+    x: impl Into<TensorRef<'a, bf16>>,
     routing: Routing<'_>,
     ws: &mut MoeWorkspace,
-    out: &mut DeviceTensor<bf16>,
+    out: impl Into<TensorMut<'a, bf16>>,
 ) -> Result<()> {
+    let (x, mut out) = (x.into(), out.into());
     cfg.validate()?;
     let (e, h, i) = experts.dims()?;
     let t = ws.tokens();
@@ -984,6 +1039,8 @@ pub fn moe_forward(
     }
     x.expect_shape("x", &[t, h])?;
     out.expect_shape("out", &[t, h])?;
+    x.require_dense("x")?;
+    out.require_dense("out")?;
     // Every workspace buffer (public fields) is checked here, before the first launch, so a mismatch is an error
     // with nothing enqueued rather than a failure half-way through the layer. Devices first: the workspace's private
     // shared-expert buffers were allocated with its public ones.
@@ -994,16 +1051,22 @@ pub fn moe_forward(
     if let Some(s) = shared {
         check_devices!(gpu, s.w13, s.w13_scales, s.w2, s.w2_scales)?;
     }
-    match routing {
+    match &routing {
         Routing::Logits(l, bias) => {
             check_devices!(gpu, l)?;
+            l.require_dense("logits")?;
             if let Some(bias) = bias {
                 check_devices!(gpu, bias)?;
             }
         }
-        Routing::TopK(ids, w) => check_devices!(gpu, ids, w)?,
+        Routing::TopK(ids, w) => {
+            check_devices!(gpu, ids, w)?;
+            ids.require_dense("topk_ids")?;
+            w.require_dense("topk_weights")?;
+        }
         Routing::Gate(g, bias) => {
             check_devices!(gpu, g)?;
+            g.require_dense("w_gate")?;
             if let Some(bias) = bias {
                 check_devices!(gpu, bias)?;
             }
@@ -1047,7 +1110,7 @@ pub fn moe_forward(
         }
     }
     let k = cfg.top_k;
-    match routing {
+    match &routing {
         Routing::Logits(l, _) => l.expect_shape("logits", &[t, e])?,
         Routing::TopK(ids, w) => {
             ids.expect_shape("topk_ids", &[t, k])?;
@@ -1058,20 +1121,20 @@ pub fn moe_forward(
     if t == 0 {
         return Ok(());
     }
-    quantize_activations(gpu, x, &mut ws.xq, &mut ws.xs, ScaleFormat::F32)?;
-    let (ids, weights): (&DeviceTensor<i32>, &DeviceTensor<f32>) = match routing {
+    quantize_activations(gpu, &x, &mut ws.xq, &mut ws.xs, ScaleFormat::F32)?;
+    let (ids, weights): (TensorRef<'_, i32>, TensorRef<'_, f32>) = match routing {
         Routing::Logits(logits, bias) => {
             route(gpu, cfg, logits, bias, &mut ws.topk_ids, &mut ws.topk_weights)?;
-            (&ws.topk_ids, &ws.topk_weights)
+            (ws.topk_ids.as_tensor_ref(), ws.topk_weights.as_tensor_ref())
         }
         Routing::TopK(ids, w) => (ids, w),
         Routing::Gate(w_gate, bias) => {
-            gate_logits(gpu, x, w_gate, &mut ws.logits)?;
+            gate_logits(gpu, &x, w_gate, &mut ws.logits)?;
             route(gpu, cfg, &ws.logits, bias, &mut ws.topk_ids, &mut ws.topk_weights)?;
-            (&ws.topk_ids, &ws.topk_weights)
+            (ws.topk_ids.as_tensor_ref(), ws.topk_weights.as_tensor_ref())
         }
     };
-    permute(gpu, ids, &ws.xq, &ws.xs, &mut ws.perm)?;
+    permute(gpu, &ids, &ws.xq, &ws.xs, &mut ws.perm)?;
     let p = &ws.perm;
     let b = ws.gemm_backend;
     grouped_gemm_with(
@@ -1100,7 +1163,7 @@ pub fn moe_forward(
     let shared_y = match (shared, ws.shared.as_mut()) {
         (Some(s), Some(sw)) => {
             grouped_gemm_with(gpu, &ws.xq, &ws.xs, &s.w13, &s.w13_scales, &sw.offsets, &sw.counts, &mut sw.h, b)?;
-            swiglu_quant(gpu, &sw.h, &mut sw.act, &mut sw.act_scales, ScaleFormat::F32, None)?;
+            swiglu_quant(gpu, &sw.h, &mut sw.act, &mut sw.act_scales, ScaleFormat::F32, None::<TensorRef<'_, i64>>)?;
             grouped_gemm_with(
                 gpu,
                 &sw.act,
@@ -1116,7 +1179,7 @@ pub fn moe_forward(
         }
         _ => None,
     };
-    combine(gpu, &ws.y, &ws.perm.row_of, weights, shared_y, false, out)
+    combine(gpu, &ws.y, &ws.perm.row_of, weights, shared_y, false, &mut out)
 }
 
 /// Numbers used by the benches: bytes of expert weights (codes + scales) a layer reads when `experts_hit` experts
