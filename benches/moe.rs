@@ -170,7 +170,7 @@ impl<'w> PeerJob<'w> {
         let (w, e) = (self.weights, self.expert);
         let (w13, s13) = (expert_view(&w.w13, e), expert_view(&w.w13_scales, e));
         self.up.run(ctx, &self.a.view(), &self.sa.view(), &w13, &s13, &mut self.h.view_mut())?;
-        swiglu_quant(gpu, &self.h, &mut self.act, &mut self.act_s, ScaleFormat::F32, None)?;
+        swiglu_quant(gpu, &self.h, &mut self.act, &mut self.act_s, ScaleFormat::F32, r1_kernels::no_tensor())?;
         let (w2, s2) = (expert_view(&w.w2, e), expert_view(&w.w2_scales, e));
         self.down.run(ctx, &self.act.view(), &self.act_s.view(), &w2, &s2, &mut self.y.view_mut())
     }
@@ -346,7 +346,7 @@ fn bench_moe(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("layer_ds_v3", format!("t128_{hit}experts")), |b| {
             b.iter_custom(|iters| {
                 time_launches(&gpu, iters, || {
-                    let routing = Routing::Logits(&logits, Some(&bias));
+                    let routing = Routing::logits(&logits, Some(&bias));
                     moe_forward(&gpu, &cfg, &experts, Some(&shared), &x, routing, &mut ws, &mut out)
                 })
                 .expect("launch")
@@ -362,7 +362,7 @@ fn bench_moe(c: &mut Criterion) {
             &experts,
             Some(&shared),
             &x,
-            Routing::Logits(&logits, Some(&bias)),
+            Routing::logits(&logits, Some(&bias)),
             &mut ws,
             &mut out,
         )
@@ -387,7 +387,7 @@ fn bench_moe(c: &mut Criterion) {
                         b.iter_custom(|iters| time_launches(&gpu, iters, &mut run_peer).expect("launch peer"))
                     });
                 let mut ours = || {
-                    let routing = Routing::Logits(&logits, Some(&bias));
+                    let routing = Routing::logits(&logits, Some(&bias));
                     moe_forward(&gpu, &cfg, &experts, Some(&shared), &x, routing, &mut ws, &mut out)
                 };
                 let medians = median_launch_time(&gpu, 3, 5, &mut ours)

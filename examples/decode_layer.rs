@@ -449,11 +449,11 @@ fn run(args: Args) -> Result<(), String> {
     let positions: Vec<i32> = problem.seqlens.iter().map(|&s| s - 1).collect();
     let positions = DeviceTensor::from_host(&gpu, &positions, &[b]).map_err(e)?;
     let batch_state = DecodeBatch {
-        block_table: &table,
+        block_table: table.as_tensor_ref(),
         block_table_host: &problem.table,
-        seqlens: &seqlens,
+        seqlens: seqlens.as_tensor_ref(),
         seqlens_host: &problem.seqlens,
-        positions: &positions,
+        positions: positions.as_tensor_ref(),
     };
     let mut ws = layer.workspace(&gpu, b).map_err(e)?;
     let mut out = DeviceTensor::<bf16>::zeros(&gpu, &[b, cfg.hidden]).map_err(e)?;

@@ -172,7 +172,7 @@ fn main() -> Res<()> {
                 &mut mla_ws,
                 &mla_opts,
             )?;
-            let routing = Routing::Logits(&logits_d, Some(&bias_d));
+            let routing = Routing::logits(&logits_d, Some(&bias_d));
             moe_forward(&gpu, &router, &experts_d, None, &h_d, routing, &mut moe_ws, &mut moe_out)
         }};
     }

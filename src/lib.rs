@@ -96,4 +96,4 @@ pub use error::{Error, Result};
 pub use fp8::E4M3;
 pub use half::bf16;
 pub use tensor::{DeviceTensor, HostTensor};
-pub use view::{TensorMut, TensorRef};
+pub use view::{no_tensor, TensorMut, TensorRef};

@@ -19,7 +19,7 @@ use crate::reference::moe::{validate_ids, ExpertsFp8};
 pub use crate::reference::moe::{Layout, RouterConfig, Scoring};
 use crate::reference::quant::{padded_scale_rows, ScaleFormat};
 use crate::tensor::DeviceTensor;
-use crate::view::{TensorMut, TensorRef};
+use crate::view::{no_tensor, TensorMut, TensorRef};
 
 const MODULE: &str = "moe";
 const SM90_MODULE: &str = "moe_sm90";
@@ -985,7 +985,7 @@ impl MoeWorkspace {
 }
 
 /// Where [`moe_forward`]'s routing comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub enum Routing<'a> {
     /// Router logits `[t, E]` (f32) and an optional per-expert correction bias `[E]`.
     Logits(TensorRef<'a, f32>, Option<TensorRef<'a, f32>>),
@@ -1163,7 +1163,7 @@ pub fn moe_forward<'a>(
     let shared_y = match (shared, ws.shared.as_mut()) {
         (Some(s), Some(sw)) => {
             grouped_gemm_with(gpu, &ws.xq, &ws.xs, &s.w13, &s.w13_scales, &sw.offsets, &sw.counts, &mut sw.h, b)?;
-            swiglu_quant(gpu, &sw.h, &mut sw.act, &mut sw.act_scales, ScaleFormat::F32, None::<TensorRef<'_, i64>>)?;
+            swiglu_quant(gpu, &sw.h, &mut sw.act, &mut sw.act_scales, ScaleFormat::F32, no_tensor())?;
             grouped_gemm_with(
                 gpu,
                 &sw.act,

@@ -146,7 +146,8 @@ impl<T: DeviceRepr> DeviceTensor<T> {
 
     /// Wraps a cudarc allocation the caller already owns (for example an engine's own buffer, or one made through
     /// the re-exported [`crate::cudarc`]) as a tensor of `shape`, without copying. The slice may be longer than the
-    /// shape needs; the tensor covers its first `numel` elements. Errors when it is shorter.
+    /// shape needs; the tensor covers its first `numel` elements. Errors when it is shorter or its address is not
+    /// 16-byte aligned. To borrow instead of taking ownership, see [`crate::TensorRef::from_cuda_slice`].
     pub fn from_cuda_slice(data: CudaSlice<T>, shape: &[usize]) -> Result<Self> {
         let n = numel(shape)?;
         if data.len() < n.max(1) {
@@ -155,6 +156,12 @@ impl<T: DeviceRepr> DeviceTensor<T> {
                 format!("at least {} elements for shape {shape:?}", n.max(1)),
                 data.len(),
             ));
+        }
+        // Views of a tensor assume its first element 16-byte aligned; an allocation made with cudarc is, but a
+        // slice upgraded from a foreign pointer may not be.
+        let addr = crate::view::slice_addr(&data);
+        if !addr.is_multiple_of(crate::view::VIEW_ALIGN as u64) {
+            return Err(Error::Alignment { arg: "data", required: crate::view::VIEW_ALIGN, got: (addr % 16) as usize });
         }
         Ok(DeviceTensor { data, shape: shape.to_vec(), numel: n })
     }

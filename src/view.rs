@@ -6,8 +6,8 @@
 //!
 //! - from a [`DeviceTensor`] ([`DeviceTensor::as_tensor_ref`], or `&tensor` wherever a launcher takes
 //!   `impl Into<TensorRef>`),
-//! - from cudarc memory the caller owns ([`TensorRef::from_cuda_slice`], [`TensorRef::from_cuda_view`], and the
-//!   `TensorMut` twins), keeping cudarc's cross-stream event tracking for it,
+//! - from cudarc memory the caller owns ([`TensorRef::from_cuda_slice`], [`TensorMut::from_cuda_slice`]; a part of
+//!   it through [`TensorRef::narrow`]), keeping cudarc's cross-stream event tracking for it,
 //! - or, `unsafe`ly, from a raw device pointer ([`TensorRef::from_raw`]) for memory of another allocator or another
 //!   cudarc version.
 //!
@@ -24,10 +24,7 @@
 use std::marker::PhantomData;
 use std::ops::Range;
 
-use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, LaunchArgs, PushKernelArg,
-    SyncOnDrop,
-};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchArgs, PushKernelArg, SyncOnDrop};
 
 use crate::error::{Error, Result};
 use crate::tensor::DeviceTensor;
@@ -38,8 +35,8 @@ pub const MAX_RANK: usize = 6;
 /// Byte alignment every view's first element and every non-dense row stride must have.
 pub const VIEW_ALIGN: usize = 16;
 
-/// `cuMemAlloc` returns 256-byte aligned memory: the low bits every allocation's base address is known to have.
-const ALLOC_ALIGN: u64 = 256;
+/// The modulus of the address bits a layout tracks (all its checks need).
+const ADDR_MOD: u64 = VIEW_ALIGN as u64;
 
 /// Shape, strides and extent of a view: everything but the memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +47,7 @@ struct Layout {
     row_stride: usize,
     /// Elements addressable from the first one.
     len: usize,
-    /// The first element's address modulo [`ALLOC_ALIGN`] (all that is known of the address before a launch).
+    /// The first element's address modulo [`ADDR_MOD`].
     addr_low: u64,
     ordinal: usize,
 }
@@ -163,7 +160,7 @@ impl Layout {
         dims[dim] = range.end - range.start;
         let shape = &dims[..self.rank];
         // A narrowed last dimension keeps the row stride; narrowing a leading one keeps it too.
-        let addr_low = (self.addr_low + (offset as u64 % ALLOC_ALIGN) * elem_bytes as u64) % ALLOC_ALIGN;
+        let addr_low = (self.addr_low + (offset as u64 % ADDR_MOD) * elem_bytes as u64) % ADDR_MOD;
         let stride = if self.rank >= 2 { Some(self.row_stride) } else { None };
         let layout = Layout::new("narrow", shape, stride, self.len - offset.min(self.len), addr_low, self.ordinal, elem_bytes)?;
         Ok((layout, offset))
@@ -171,7 +168,14 @@ impl Layout {
 }
 
 fn addr_low_of(ptr: u64) -> u64 {
-    ptr % ALLOC_ALIGN
+    ptr % ADDR_MOD
+}
+
+/// The device address of a cudarc allocation (cudarc exposes it only with its event bookkeeping).
+pub(crate) fn slice_addr<T>(slice: &CudaSlice<T>) -> u64 {
+    let stream = slice.stream().clone();
+    let (ptr, _sync) = slice.device_ptr(&stream);
+    ptr
 }
 
 /// A device pointer pushed as a kernel argument, holding cudarc's event guard (when the memory is cudarc's) until
@@ -205,11 +209,18 @@ unsafe impl<'a, 'b: 'a> PushKernelArg<&'b mut KernelPtr<'_>> for LaunchArgs<'a> 
 }
 
 enum RefSource<'a, T> {
-    View(CudaView<'a, T>),
+    Slice(&'a CudaSlice<T>),
     Raw { ptr: u64, _p: PhantomData<&'a [T]> },
 }
 
-/// A borrowed, read-only device tensor: see the [module docs](self).
+impl<T> Clone for RefSource<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for RefSource<'_, T> {}
+
+/// A borrowed, read-only device tensor: see the [module docs](self). `Copy`, like `&T`.
 pub struct TensorRef<'a, T> {
     source: RefSource<'a, T>,
     /// Elements from the source's first element to the view's.
@@ -218,7 +229,7 @@ pub struct TensorRef<'a, T> {
 }
 
 enum MutSource<'a, T> {
-    View(CudaViewMut<'a, T>),
+    Slice(&'a mut CudaSlice<T>),
     Raw { ptr: u64, _p: PhantomData<&'a mut [T]> },
 }
 
@@ -252,13 +263,10 @@ impl<T> std::fmt::Debug for TensorMut<'_, T> {
 
 impl<T> Clone for TensorRef<'_, T> {
     fn clone(&self) -> Self {
-        let source = match &self.source {
-            RefSource::View(v) => RefSource::View(v.slice(..)),
-            RefSource::Raw { ptr, .. } => RefSource::Raw { ptr: *ptr, _p: PhantomData },
-        };
-        TensorRef { source, offset: self.offset, layout: self.layout }
+        *self
     }
 }
+impl<T> Copy for TensorRef<'_, T> {}
 
 /// Shape accessors shared by both view types.
 macro_rules! view_accessors {
@@ -317,28 +325,15 @@ macro_rules! view_accessors {
 impl<'a, T> TensorRef<'a, T> {
     view_accessors!();
 
-    /// A view of `shape` over the first elements of `slice` (dense rows).
-    pub fn from_cuda_slice(slice: &'a CudaSlice<T>, shape: &[usize]) -> Result<Self> {
-        let layout = Layout::new("slice", shape, None, slice.len(), 0, slice.ordinal(), size_of::<T>())?;
-        Ok(TensorRef { source: RefSource::View(slice.slice(..)), offset: 0, layout })
-    }
-
-    /// A view of `shape` (rows `row_stride` elements apart) over a cudarc view, e.g. an engine's
-    /// `slice.slice(offset..)`. Its address is read once here (an event wait and record on the view's own stream
-    /// while cudarc tracks events) to check its alignment.
-    pub fn from_cuda_view(view: CudaView<'a, T>, shape: &[usize], row_stride: Option<usize>) -> Result<Self> {
-        let stream = view.stream().clone();
-        let addr = view.device_ptr(&stream).0;
-        let layout = Layout::new(
-            "view",
-            shape,
-            row_stride,
-            view.len(),
-            addr_low_of(addr),
-            stream.context().ordinal(),
-            size_of::<T>(),
-        )?;
-        Ok(TensorRef { source: RefSource::View(view), offset: 0, layout })
+    /// A view of `shape` (rows `row_stride` elements apart, dense when `None`) over the first elements of a
+    /// cudarc allocation, e.g. an engine's buffer (candle's `CudaStorage::as_cuda_slice`); [`Self::narrow`] selects
+    /// a part that does not start at the first element. The slice's address is read once here to check its
+    /// alignment (while cudarc tracks events, that waits for its last write and records a read on its own stream).
+    pub fn from_cuda_slice(slice: &'a CudaSlice<T>, shape: &[usize], row_stride: Option<usize>) -> Result<Self> {
+        let addr = slice_addr(slice);
+        let layout =
+            Layout::new("slice", shape, row_stride, slice.len(), addr_low_of(addr), slice.ordinal(), size_of::<T>())?;
+        Ok(TensorRef { source: RefSource::Slice(slice), offset: 0, layout })
     }
 
     /// A view of `shape` (rows `row_stride` elements apart) over `len` elements at device address `ptr` on device
@@ -369,6 +364,14 @@ impl<'a, T> TensorRef<'a, T> {
         Ok(TensorRef { source: self.source, offset: self.offset + offset, layout })
     }
 
+    /// Rows `row_stride` elements apart: `shape` over the same memory with a row stride, e.g. `[rows, width]`
+    /// columns of a wider buffer whose rows are `row_stride` long (the same as narrowing the last dimension).
+    pub fn with_shape(self, shape: &[usize], row_stride: Option<usize>) -> Result<Self> {
+        let l = &self.layout;
+        let layout = Layout::new("with_shape", shape, row_stride, l.len, l.addr_low, l.ordinal, size_of::<T>())?;
+        Ok(TensorRef { source: self.source, offset: self.offset, layout })
+    }
+
     /// The same memory with another shape of the same element count (dense views only).
     pub fn reshape(self, shape: &[usize]) -> Result<Self> {
         self.require_dense("reshape")?;
@@ -384,7 +387,7 @@ impl<'a, T> TensorRef<'a, T> {
     pub(crate) fn kernel_arg<'s>(&'s self, stream: &'s CudaStream) -> KernelPtr<'s> {
         let byte_offset = (self.offset * size_of::<T>()) as u64;
         match &self.source {
-            RefSource::View(v) => {
+            RefSource::Slice(v) => {
                 let (ptr, sync) = v.device_ptr(stream);
                 KernelPtr { ptr: ptr + byte_offset, _sync: Some(sync) }
             }
@@ -396,26 +399,12 @@ impl<'a, T> TensorRef<'a, T> {
 impl<'a, T> TensorMut<'a, T> {
     view_accessors!();
 
-    /// A writable view of `shape` over the first elements of `slice` (dense rows).
-    pub fn from_cuda_slice(slice: &'a mut CudaSlice<T>, shape: &[usize]) -> Result<Self> {
-        let layout = Layout::new("slice", shape, None, slice.len(), 0, slice.ordinal(), size_of::<T>())?;
-        Ok(TensorMut { source: MutSource::View(slice.slice_mut(..)), offset: 0, layout })
-    }
-
-    /// A writable view over a cudarc view; as [`TensorRef::from_cuda_view`].
-    pub fn from_cuda_view_mut(view: CudaViewMut<'a, T>, shape: &[usize], row_stride: Option<usize>) -> Result<Self> {
-        let stream = view.stream().clone();
-        let addr = view.as_view().device_ptr(&stream).0;
-        let layout = Layout::new(
-            "view",
-            shape,
-            row_stride,
-            view.len(),
-            addr_low_of(addr),
-            stream.context().ordinal(),
-            size_of::<T>(),
-        )?;
-        Ok(TensorMut { source: MutSource::View(view), offset: 0, layout })
+    /// A writable view over a cudarc allocation; as [`TensorRef::from_cuda_slice`].
+    pub fn from_cuda_slice(slice: &'a mut CudaSlice<T>, shape: &[usize], row_stride: Option<usize>) -> Result<Self> {
+        let addr = slice_addr(slice);
+        let layout =
+            Layout::new("slice", shape, row_stride, slice.len(), addr_low_of(addr), slice.ordinal(), size_of::<T>())?;
+        Ok(TensorMut { source: MutSource::Slice(slice), offset: 0, layout })
     }
 
     /// A writable view over raw device memory; as [`TensorRef::from_raw`].
@@ -442,6 +431,13 @@ impl<'a, T> TensorMut<'a, T> {
         Ok(TensorMut { source: self.source, offset: self.offset + offset, layout })
     }
 
+    /// `shape` with a row stride over the same memory; as [`TensorRef::with_shape`].
+    pub fn with_shape(self, shape: &[usize], row_stride: Option<usize>) -> Result<Self> {
+        let l = self.layout;
+        let layout = Layout::new("with_shape", shape, row_stride, l.len, l.addr_low, l.ordinal, size_of::<T>())?;
+        Ok(TensorMut { source: self.source, offset: self.offset, layout })
+    }
+
     /// The same memory with another shape of the same element count (dense views only).
     pub fn reshape(self, shape: &[usize]) -> Result<Self> {
         self.require_dense("reshape")?;
@@ -456,7 +452,7 @@ impl<'a, T> TensorMut<'a, T> {
     /// A shorter-lived writable view of the same memory, leaving `self` usable afterwards.
     pub fn reborrow(&mut self) -> TensorMut<'_, T> {
         let source = match &mut self.source {
-            MutSource::View(v) => MutSource::View(v.slice_mut(..)),
+            MutSource::Slice(v) => MutSource::Slice(&mut **v),
             MutSource::Raw { ptr, .. } => MutSource::Raw { ptr: *ptr, _p: PhantomData },
         };
         TensorMut { source, offset: self.offset, layout: self.layout }
@@ -465,7 +461,7 @@ impl<'a, T> TensorMut<'a, T> {
     /// A read-only view of the same memory.
     pub fn as_tensor_ref(&self) -> TensorRef<'_, T> {
         let source = match &self.source {
-            MutSource::View(v) => RefSource::View(v.as_view()),
+            MutSource::Slice(v) => RefSource::Slice(&**v),
             MutSource::Raw { ptr, .. } => RefSource::Raw { ptr: *ptr, _p: PhantomData },
         };
         TensorRef { source, offset: self.offset, layout: self.layout }
@@ -476,7 +472,7 @@ impl<'a, T> TensorMut<'a, T> {
     pub(crate) fn kernel_arg<'s>(&'s mut self, stream: &'s CudaStream) -> KernelPtr<'s> {
         let byte_offset = (self.offset * size_of::<T>()) as u64;
         match &mut self.source {
-            MutSource::View(v) => {
+            MutSource::Slice(v) => {
                 let (ptr, sync) = v.device_ptr_mut(stream);
                 KernelPtr { ptr: ptr + byte_offset, _sync: Some(sync) }
             }
@@ -519,9 +515,9 @@ impl<'a, T: cudarc::driver::DeviceRepr> From<&'a mut DeviceTensor<T>> for Tensor
 
 impl<'a, T> From<&'a TensorRef<'_, T>> for TensorRef<'a, T> {
     fn from(t: &'a TensorRef<'_, T>) -> Self {
-        let source = match &t.source {
-            RefSource::View(v) => RefSource::View(v.slice(..)),
-            RefSource::Raw { ptr, .. } => RefSource::Raw { ptr: *ptr, _p: PhantomData },
+        let source = match t.source {
+            RefSource::Slice(v) => RefSource::Slice(v),
+            RefSource::Raw { ptr, .. } => RefSource::Raw { ptr, _p: PhantomData },
         };
         TensorRef { source, offset: t.offset, layout: t.layout }
     }
@@ -542,7 +538,7 @@ impl<'a, T> From<&'a TensorMut<'_, T>> for TensorRef<'a, T> {
 impl<'a, T> From<TensorMut<'a, T>> for TensorRef<'a, T> {
     fn from(t: TensorMut<'a, T>) -> Self {
         let source = match t.source {
-            MutSource::View(v) => RefSource::View(v.into_view()),
+            MutSource::Slice(v) => RefSource::Slice(v),
             MutSource::Raw { ptr, .. } => RefSource::Raw { ptr, _p: PhantomData },
         };
         TensorRef { source, offset: t.offset, layout: t.layout }
@@ -572,12 +568,18 @@ impl<T: cudarc::driver::DeviceRepr> DeviceTensor<T> {
     /// A read-only view of the whole tensor (dense).
     pub fn as_tensor_ref(&self) -> TensorRef<'_, T> {
         let layout = self.dense_layout();
-        TensorRef { source: RefSource::View(self.buffer().slice(..)), offset: 0, layout }
+        TensorRef { source: RefSource::Slice(self.buffer()), offset: 0, layout }
     }
 
     /// A writable view of the whole tensor (dense).
     pub fn as_tensor_mut(&mut self) -> TensorMut<'_, T> {
         let layout = self.dense_layout();
-        TensorMut { source: MutSource::View(self.buffer_mut().slice_mut(..)), offset: 0, layout }
+        TensorMut { source: MutSource::Slice(self.buffer_mut()), offset: 0, layout }
     }
+}
+
+/// "No tensor" for an optional tensor argument (`None` alone leaves the argument's type open):
+/// `moe::swiglu_quant(gpu, &h, &mut q, &mut s, format, no_tensor())`.
+pub fn no_tensor<'a, T>() -> Option<TensorRef<'a, T>> {
+    None
 }

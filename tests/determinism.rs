@@ -205,7 +205,7 @@ fn gpu_moe_forward_is_deterministic() {
                 let mut ws = MoeWorkspace::new(&gpu, &cfg, t, h, i, Some(i), layout).unwrap();
                 ws.gemm_backend = backend;
                 let mut out = nan_bf16(&gpu, &[t, h]);
-                let routing = Routing::Logits(&logits, Some(&bias));
+                let routing = Routing::logits(&logits, Some(&bias));
                 moe::moe_forward(&gpu, &cfg, &w, Some(&shared), &x, routing, &mut ws, &mut out).unwrap();
                 vec![
                     out.to_host(&gpu).unwrap().bit_vec(),

@@ -984,7 +984,7 @@ fn fuzz_moe_forward_and_workspace() {
             let call_cfg =
                 if matches!(fault, MoeFault::RouterTopK) { RouterConfig::softmax(e, k + 1, true) } else { cfg };
             let r =
-                moe::moe_forward(&gpu, &call_cfg, &wd, sd.as_ref(), &xd, Routing::TopK(&idd, &wtd), &mut ws, &mut out);
+                moe::moe_forward(&gpu, &call_cfg, &wd, sd.as_ref(), &xd, Routing::top_k(&idd, &wtd), &mut ws, &mut out);
             let valid =
                 matches!(fault, MoeFault::None) || (matches!(fault, MoeFault::SharedHidden) && shared_i.is_none());
             match r {
@@ -2051,11 +2051,11 @@ fn fuzz_decode_layer() {
             _ => layer.workspace(&gpu, b).unwrap(),
         };
         let step = DecodeBatch {
-            block_table: &td,
+            block_table: td.as_tensor_ref(),
             block_table_host: &table,
-            seqlens: &ld,
+            seqlens: ld.as_tensor_ref(),
             seqlens_host: &lens,
-            positions: &pd,
+            positions: pd.as_tensor_ref(),
         };
         let r = layer.forward(&gpu, &mut ws, &xd, &mut cd, &step, &mut out, false);
         let what = format!("lens {lens:?} page {page} {backend:?} fault {fault:?}");

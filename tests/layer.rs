@@ -101,11 +101,11 @@ fn gpu_decode_layer_matches_reference() {
         let positions: Vec<i32> = s.seqlens.iter().map(|&l| l - 1).collect();
         let positions_d = DeviceTensor::from_host(&gpu, &positions, &[b]).unwrap();
         let batch = DecodeBatch {
-            block_table: &table,
+            block_table: table.as_tensor_ref(),
             block_table_host: &s.table,
-            seqlens: &seqlens_d,
+            seqlens: seqlens_d.as_tensor_ref(),
             seqlens_host: &s.seqlens,
-            positions: &positions_d,
+            positions: positions_d.as_tensor_ref(),
         };
         let mut ws = layer.workspace(&gpu, b).unwrap();
         let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::NAN; b * cfg.hidden], &[b, cfg.hidden]).unwrap();
@@ -198,11 +198,11 @@ fn gpu_rejected_step_leaves_cache_and_output_untouched() {
     let seqlens = DeviceTensor::from_host(&gpu, &s.seqlens, &[2]).unwrap();
     let positions = DeviceTensor::from_host(&gpu, &[19, 99], &[2]).unwrap();
     let batch = DecodeBatch {
-        block_table: &table,
+        block_table: table.as_tensor_ref(),
         block_table_host: &s.table,
-        seqlens: &seqlens,
+        seqlens: seqlens.as_tensor_ref(),
         seqlens_host: &s.seqlens,
-        positions: &positions,
+        positions: positions.as_tensor_ref(),
     };
     let mut ws = layer.workspace(&gpu, 2).unwrap();
     let out0 = vec![bf16::from_f32(7.0); 2 * cfg.hidden];
@@ -252,11 +252,11 @@ fn gpu_captured_step_replays_with_changed_lengths() {
     macro_rules! step {
         ($lens:expr) => {{
             let batch = DecodeBatch {
-                block_table: &table,
+                block_table: table.as_tensor_ref(),
                 block_table_host: &table_host,
-                seqlens: &seqlens,
+                seqlens: seqlens.as_tensor_ref(),
                 seqlens_host: &$lens[..],
-                positions: &positions,
+                positions: positions.as_tensor_ref(),
             };
             layer.forward(&gpu, &mut ws, &x, &mut cache, &batch, &mut out, false)
         }};

@@ -184,10 +184,10 @@ fn router_case(gpu: &Gpu, cfg: &RouterConfig, t: usize, with_bias: bool, bf16_in
             if t == 0 { (&[], &[]) } else { (&["moe_router_bf16"], &["moe_router_f32"]) };
         if bf16_in {
             let l = DeviceTensor::from_host(gpu, &to_bf16(&logits), &[t, e]).unwrap();
-            expect_launched(gpu, bf16_kernel, || route(gpu, cfg, &l, bias_d.as_ref(), ids, wts)).unwrap();
+            expect_launched(gpu, bf16_kernel, || route(gpu, cfg, &l, bias_d.as_ref(), &mut *ids, &mut *wts)).unwrap();
         } else {
             let l = DeviceTensor::from_host(gpu, &logits, &[t, e]).unwrap();
-            expect_launched(gpu, f32_kernel, || route(gpu, cfg, &l, bias_d.as_ref(), ids, wts)).unwrap();
+            expect_launched(gpu, f32_kernel, || route(gpu, cfg, &l, bias_d.as_ref(), &mut *ids, &mut *wts)).unwrap();
         }
         (ids.to_host(gpu).unwrap(), wts.to_host(gpu).unwrap())
     };
@@ -347,7 +347,7 @@ fn check_grouped_gemm(
     let mut out = DeviceTensor::from_host(gpu, &vec![bf16::NAN; cap * n], &[cap, n]).unwrap();
     let run = |out: &mut DeviceTensor<bf16>| {
         expect_launched(gpu, &[grouped_kernel(backend)], || {
-            grouped_gemm_with(gpu, &p.codes, &p.scales, &wd.w13, &wd.w13_scales, &p.offsets, &p.counts, out, backend)
+            grouped_gemm_with(gpu, &p.codes, &p.scales, &wd.w13, &wd.w13_scales, &p.offsets, &p.counts, &mut *out, backend)
         })
         .unwrap();
         from_bf16(&out.to_host(gpu).unwrap())
@@ -522,7 +522,7 @@ fn layer_case_backends(
         let mut ws = MoeWorkspace::new(gpu, cfg, t, h, i, Some(i), layout).unwrap();
         ws.gemm_backend = backend;
         let mut out = DeviceTensor::from_host(gpu, &vec![bf16::NAN; t * h], &[t, h]).unwrap();
-        let routing = Routing::Logits(&ld, Some(&bd));
+        let routing = Routing::logits(&ld, Some(&bd));
         let stages = [
             "act_quant_group128",
             "moe_router_f32",
@@ -550,7 +550,7 @@ fn layer_case_backends(
         let (idd, wdd) = (ws.topk_ids.to_host(gpu).unwrap(), ws.topk_weights.to_host(gpu).unwrap());
         let idd = DeviceTensor::from_host(gpu, &idd, &[t, cfg.top_k]).unwrap();
         let wdd = DeviceTensor::from_host(gpu, &wdd, &[t, cfg.top_k]).unwrap();
-        moe_forward(gpu, cfg, &wd, Some(&sd), &xd, Routing::TopK(&idd, &wdd), &mut ws, &mut out).unwrap();
+        moe_forward(gpu, cfg, &wd, Some(&sd), &xd, Routing::top_k(&idd, &wdd), &mut ws, &mut out).unwrap();
         assert_eq!(bits(&from_bf16(&out.to_host(gpu).unwrap())), bits(&got), "TopK routing path");
     }
 }
@@ -604,7 +604,7 @@ fn gpu_gate_logits_bitwise_and_gate_routing() {
     let gd = DeviceTensor::from_host(&gpu, &to_bf16(&wg), &[16, h]).unwrap();
     let mut ws = MoeWorkspace::new(&gpu, &cfg, t, h, i, None, Layout::Contiguous { block_m: 64 }).unwrap();
     let mut out = DeviceTensor::zeros(&gpu, &[t, h]).unwrap();
-    moe_forward(&gpu, &cfg, &wd, None, &xd, Routing::Gate(&gd, None), &mut ws, &mut out).unwrap();
+    moe_forward(&gpu, &cfg, &wd, None, &xd, Routing::gate(&gd, r1_kernels::no_tensor()), &mut ws, &mut out).unwrap();
     assert_eq!(ws.topk_ids.to_host(&gpu).unwrap(), ids);
     let diff = calc_diff(&from_bf16(&out.to_host(&gpu).unwrap()), &want);
     assert!(diff < 1e-3, "gate-routed layer diff {diff}");
@@ -677,7 +677,7 @@ fn gpu_stages_compose_and_combine_is_bitwise() {
     let mut q = DeviceTensor::from_host(&gpu, &vec![E4M3(0xff); r * i], &[r, i]).unwrap();
     let shape = activation_scale_shape(r, i);
     let mut s = DeviceTensor::from_host(&gpu, &vec![f32::NAN; shape[0] * shape[1]], &shape).unwrap();
-    expect_launched(&gpu, &["moe_swiglu_quant"], || swiglu_quant(&gpu, &hd, &mut q, &mut s, ScaleFormat::F32, None))
+    expect_launched(&gpu, &["moe_swiglu_quant"], || swiglu_quant(&gpu, &hd, &mut q, &mut s, ScaleFormat::F32, r1_kernels::no_tensor()))
         .unwrap();
     let (qg, sg) = (q.to_host(&gpu).unwrap(), scales_from_mn_major(&s.to_host(&gpu).unwrap(), r, i / 128).unwrap());
     let q_f32_run = qg.clone();
@@ -696,7 +696,7 @@ fn gpu_stages_compose_and_combine_is_bitwise() {
     }
     // Power-of-two scales: the same SwiGLU values quantized with UE8M0 scales, bitwise.
     let mut s8 = DeviceTensor::from_host(&gpu, &vec![f32::NAN; shape[0] * shape[1]], &shape).unwrap();
-    swiglu_quant(&gpu, &hd, &mut q, &mut s8, ScaleFormat::Ue8m0, None).unwrap();
+    swiglu_quant(&gpu, &hd, &mut q, &mut s8, ScaleFormat::Ue8m0, r1_kernels::no_tensor()).unwrap();
     let (qg, sg) = (q.to_host(&gpu).unwrap(), scales_from_mn_major(&s8.to_host(&gpu).unwrap(), r, i / 128).unwrap());
     for row in 0..r {
         let hr = &hbuf[row * 2 * i..(row + 1) * 2 * i];
@@ -857,7 +857,7 @@ fn gpu_layer_graph_replay_equals_eager() {
     let bias = DeviceTensor::from_host(&gpu, &bias_host, &[256]).unwrap();
     let mut ws = MoeWorkspace::new(&gpu, &cfg, t, h, i, Some(i), Layout::Contiguous { block_m: 64 }).unwrap();
     let mut out = DeviceTensor::zeros(&gpu, &[t, h]).unwrap();
-    let routing = Routing::Logits(&logits, Some(&bias));
+    let routing = Routing::logits(&logits, Some(&bias));
     moe_forward(&gpu, &cfg, &experts, Some(&shared), &x, routing, &mut ws, &mut out).unwrap();
     let eager = out.to_host(&gpu).unwrap();
     // Eager against the reference at these sizes: routing exact, output by the layer metrics.
@@ -887,7 +887,7 @@ fn gpu_layer_graph_replay_equals_eager() {
         out.copy_from_host(&gpu, &vec![bf16::NAN; t * h]).unwrap();
         graph.launch().unwrap();
         let replay = out.to_host(&gpu).unwrap();
-        let routing = Routing::Logits(&logits, Some(&bias));
+        let routing = Routing::logits(&logits, Some(&bias));
         moe_forward(&gpu, &cfg, &experts, Some(&shared), &x, routing, &mut ws, &mut out).unwrap();
         let eager_step = out.to_host(&gpu).unwrap();
         assert_ne!(bits(&eager_step), bits(&eager), "step {step}: new inputs give a new output");
