@@ -98,7 +98,9 @@ fn bench_mla(c: &mut Criterion) {
                 let (plan, ws) = (&plan, &mut ws);
                 let mut launch = || {
                     if fp8 {
-                        mla_decode_fp8(&gpu, &*q, &cache8, &*table, &*seqlens, plan, &cfg, &mut *out, &mut *lse, ws, &opts)
+                        mla_decode_fp8(
+                            &gpu, &*q, &cache8, &*table, &*seqlens, plan, &cfg, &mut *out, &mut *lse, ws, &opts,
+                        )
                     } else {
                         mla_decode(&gpu, &*q, &cache, &*table, &*seqlens, plan, &cfg, &mut *out, &mut *lse, ws, &opts)
                     }

@@ -85,9 +85,8 @@ impl Layout {
         let mut dims = [0usize; MAX_RANK];
         dims[..shape.len()].copy_from_slice(shape);
         let layout = Layout { dims, rank: shape.len(), numel, row_stride, len, addr_low, ordinal };
-        let extent = layout
-            .extent()
-            .ok_or_else(|| Error::shape(arg, "a row stride whose extent fits in usize", row_stride))?;
+        let extent =
+            layout.extent().ok_or_else(|| Error::shape(arg, "a row stride whose extent fits in usize", row_stride))?;
         if extent > len {
             return Err(Error::shape(
                 arg,
@@ -152,6 +151,17 @@ impl Layout {
             ));
         }
         let last = self.rank - 1;
+        // Above the rows a view is dense, so a part of a middle dimension is one only when nothing above it repeats.
+        let outer: usize = self.dims[..dim].iter().product();
+        if dim != last && outer > 1 && range.end - range.start != self.dims[dim] {
+            return Err(Error::shape(
+                "narrow",
+                format!(
+                    "a part of dimension {dim} only when the dimensions above it are 1 (a view has one row stride)"
+                ),
+                format!("{:?} of shape {:?}", range, self.shape()),
+            ));
+        }
         // Elements between consecutive indices of `dim`: the row stride for the last dimension's rows, times the
         // rows under it.
         let step = if dim == last { 1 } else { self.row_stride * self.dims[dim + 1..last].iter().product::<usize>() };
@@ -162,7 +172,8 @@ impl Layout {
         // A narrowed last dimension keeps the row stride; narrowing a leading one keeps it too.
         let addr_low = (self.addr_low + (offset as u64 % ADDR_MOD) * elem_bytes as u64) % ADDR_MOD;
         let stride = if self.rank >= 2 { Some(self.row_stride) } else { None };
-        let layout = Layout::new("narrow", shape, stride, self.len - offset.min(self.len), addr_low, self.ordinal, elem_bytes)?;
+        let layout =
+            Layout::new("narrow", shape, stride, self.len - offset.min(self.len), addr_low, self.ordinal, elem_bytes)?;
         Ok((layout, offset))
     }
 }
@@ -582,4 +593,87 @@ impl<T: cudarc::driver::DeviceRepr> DeviceTensor<T> {
 /// `moe::swiglu_quant(gpu, &h, &mut q, &mut s, format, no_tensor())`.
 pub fn no_tensor<'a, T>() -> Option<TensorRef<'a, T>> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    /// A view of raw memory that is never launched: only its layout is exercised.
+    fn raw<T>(ptr: u64, len: usize, shape: &[usize], stride: Option<usize>) -> Result<TensorRef<'static, T>> {
+        // SAFETY: nothing dereferences the pointer (no launch).
+        unsafe { TensorRef::from_raw(ptr, len, 0, shape, stride) }
+    }
+
+    #[test]
+    fn extent_covers_the_last_row_only_to_its_length() {
+        // Rows of 8 floats, 16 apart: the 4th row ends at 3·16 + 8 = 56.
+        assert!(raw::<f32>(0x1000, 56, &[4, 8], Some(16)).is_ok());
+        assert!(matches!(raw::<f32>(0x1000, 55, &[4, 8], Some(16)), Err(Error::Shape { .. })));
+        assert!(raw::<f32>(0x1000, 32, &[2, 2, 8], None).is_ok());
+        assert!(raw::<f32>(0x1000, 31, &[2, 2, 8], None).is_err());
+        // Leading dimensions are dense over the rows: [2, 2, 8] with stride 16 spans (4 − 1)·16 + 8.
+        assert!(raw::<f32>(0x1000, 56, &[2, 2, 8], Some(16)).is_ok());
+        // Empty shapes need no memory.
+        assert!(raw::<f32>(0x1000, 0, &[0, 8], None).is_ok());
+        assert_eq!(raw::<f32>(0x1000, 1, &[], None).unwrap().numel(), 1);
+    }
+
+    #[test]
+    fn malformed_shapes_and_strides_are_refused() {
+        assert!(raw::<f32>(0x1000, 1 << 20, &[1; 7], None).is_err());
+        assert!(raw::<u8>(0x1000, usize::MAX, &[usize::MAX, 2], None).is_err());
+        assert!(raw::<f32>(0x1000, 64, &[4, 8], Some(7)).is_err());
+        assert!(raw::<f32>(0x1000, 64, &[8], Some(16)).is_err());
+        assert!(raw::<f32>(0, 64, &[8], None).is_err());
+        // A stride whose extent overflows.
+        assert!(raw::<u8>(0x1000, usize::MAX, &[3, 1], Some(usize::MAX / 2)).is_err());
+    }
+
+    #[test]
+    fn alignment_of_the_start_and_of_a_row_stride() {
+        assert!(matches!(raw::<f32>(0x1004, 64, &[64], None), Err(Error::Alignment { got: 4, .. })));
+        // bf16 rows 12 apart are 24 bytes apart: refused; 16 apart (32 bytes) are fine; dense rows of any length
+        // are fine.
+        assert!(matches!(raw::<bf16>(0x1000, 64, &[3, 8], Some(12)), Err(Error::Alignment { got: 24, .. })));
+        assert!(raw::<bf16>(0x1000, 64, &[3, 8], Some(16)).is_ok());
+        assert!(raw::<bf16>(0x1000, 64, &[3, 5], None).is_ok());
+    }
+
+    #[test]
+    fn narrowing_moves_the_start_and_keeps_the_row_stride() {
+        let t = raw::<f32>(0x1000, 80, &[10, 8], None).unwrap();
+        let rows = t.narrow(0, 2..5).unwrap();
+        assert_eq!((rows.shape(), rows.offset, rows.layout.len), (&[3, 8][..], 16, 64));
+        assert!(rows.is_dense());
+        let cols = t.narrow(1, 4..8).unwrap();
+        assert_eq!((cols.shape(), cols.row_stride(), cols.offset), (&[10, 4][..], 8, 4));
+        assert!(!cols.is_dense() && cols.reshape(&[40]).is_err());
+        // Narrowing a narrowed view adds up, and the extent is checked again.
+        let both = cols.narrow(0, 9..10).unwrap();
+        assert_eq!((both.offset, both.layout.len), (4 + 72, 4));
+        // 3 floats = 12 bytes: not a 16-byte boundary.
+        assert!(matches!(t.narrow(1, 3..5), Err(Error::Alignment { .. })));
+        assert!(t.narrow(0, 4..3).is_err() && t.narrow(0, 0..11).is_err() && t.narrow(2, 0..1).is_err());
+        // An empty range anywhere is a valid empty view.
+        assert_eq!(t.narrow(0, 10..10).unwrap().numel(), 0);
+        // A middle dimension steps by whole rows; a part of it is a view only when nothing above it repeats (the
+        // rows of [2, 1..3, 16] are not evenly spaced).
+        let c = raw::<f32>(0x1000, 96, &[1, 3, 16], None).unwrap().narrow(1, 1..3).unwrap();
+        assert_eq!((c.shape(), c.offset, c.layout.extent()), (&[1, 2, 16][..], 16, Some(32)));
+        let t3 = raw::<f32>(0x1000, 96, &[2, 3, 16], None).unwrap();
+        assert!(matches!(t3.narrow(1, 1..3), Err(Error::Shape { .. })));
+        assert_eq!(t3.narrow(1, 0..3).unwrap().shape(), &[2, 3, 16]);
+        assert_eq!(t3.narrow(2, 4..8).unwrap().row_stride(), 16);
+    }
+
+    #[test]
+    fn raw_kernel_arguments_point_at_the_view() {
+        let t = raw::<f32>(0x1000, 80, &[10, 8], None).unwrap().narrow(0, 2..5).unwrap();
+        match t.source {
+            RefSource::Raw { ptr, .. } => assert_eq!(ptr + (t.offset * 4) as u64, 0x1000 + 64),
+            RefSource::Slice(_) => unreachable!("made from a raw pointer"),
+        }
+    }
 }

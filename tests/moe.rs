@@ -347,7 +347,17 @@ fn check_grouped_gemm(
     let mut out = DeviceTensor::from_host(gpu, &vec![bf16::NAN; cap * n], &[cap, n]).unwrap();
     let run = |out: &mut DeviceTensor<bf16>| {
         expect_launched(gpu, &[grouped_kernel(backend)], || {
-            grouped_gemm_with(gpu, &p.codes, &p.scales, &wd.w13, &wd.w13_scales, &p.offsets, &p.counts, &mut *out, backend)
+            grouped_gemm_with(
+                gpu,
+                &p.codes,
+                &p.scales,
+                &wd.w13,
+                &wd.w13_scales,
+                &p.offsets,
+                &p.counts,
+                &mut *out,
+                backend,
+            )
         })
         .unwrap();
         from_bf16(&out.to_host(gpu).unwrap())
@@ -677,8 +687,10 @@ fn gpu_stages_compose_and_combine_is_bitwise() {
     let mut q = DeviceTensor::from_host(&gpu, &vec![E4M3(0xff); r * i], &[r, i]).unwrap();
     let shape = activation_scale_shape(r, i);
     let mut s = DeviceTensor::from_host(&gpu, &vec![f32::NAN; shape[0] * shape[1]], &shape).unwrap();
-    expect_launched(&gpu, &["moe_swiglu_quant"], || swiglu_quant(&gpu, &hd, &mut q, &mut s, ScaleFormat::F32, r1_kernels::no_tensor()))
-        .unwrap();
+    expect_launched(&gpu, &["moe_swiglu_quant"], || {
+        swiglu_quant(&gpu, &hd, &mut q, &mut s, ScaleFormat::F32, r1_kernels::no_tensor())
+    })
+    .unwrap();
     let (qg, sg) = (q.to_host(&gpu).unwrap(), scales_from_mn_major(&s.to_host(&gpu).unwrap(), r, i / 128).unwrap());
     let q_f32_run = qg.clone();
     let mut mismatches = 0;

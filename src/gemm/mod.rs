@@ -211,7 +211,8 @@ fn run<T: DeviceRepr + ValidAsZeroBits>(
             let (m, n, k) = (shape.m as i32, shape.n as i32, shape.k as i32);
             let (m_pad, acc) = (shape.m_pad() as i32, i32::from(accumulate));
             let stream = gpu.stream();
-            let (av, sav, bv, sbv) = (a.kernel_arg(stream), sa.kernel_arg(stream), b.kernel_arg(stream), sb.kernel_arg(stream));
+            let (av, sav, bv, sbv) =
+                (a.kernel_arg(stream), sa.kernel_arg(stream), b.kernel_arg(stream), sb.kernel_arg(stream));
             let mut ov = out.kernel_arg(stream);
             let mut launch = stream.launch_builder(&f);
             launch.arg(&av).arg(&sav).arg(&bv).arg(&sbv).arg(&mut ov);
