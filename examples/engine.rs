@@ -1,5 +1,7 @@
 //! An inference engine's use of the crate: the engine owns the CUDA stream and every buffer (allocated with its own
-//! cudarc calls, as it would from its allocator), the crate's kernels run on them through zero-copy tensors, and one
+//! cudarc calls, as it would from its allocator), the crate's kernels run on them without copies — borrowed views
+//! ([`TensorRef`] over the engine's cudarc slices and raw device pointers, one layer of a pooled KV cache) or
+//! buffers handed over whole ([`DeviceTensor::from_cuda_slice`]) — and one
 //! decode-style step — activation quantization → FP8 GEMM → MLA decode → MoE layer — is captured in a CUDA graph and
 //! replayed on new inputs.
 //!
@@ -19,28 +21,33 @@ use std::error::Error as StdError;
 use std::sync::Arc;
 
 use r1_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use r1_kernels::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use r1_kernels::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use r1_kernels::gemm::{self, GemmKernel, GemmOptions};
 use r1_kernels::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace};
 use r1_kernels::moe::{moe_forward, ExpertWeights, Layout, MoeWorkspace, RouterConfig, Routing};
 use r1_kernels::quant::{activation_scale_shape, quantize_activations};
 use r1_kernels::reference::{self, mla::MlaConfig, moe::ExpertsFp8, quant::ScaleFormat};
 use r1_kernels::rng::SplitMix64;
-use r1_kernels::{bf16, DeviceTensor, Gpu, E4M3};
+use r1_kernels::{bf16, DeviceTensor, Gpu, TensorRef, E4M3};
 
 type Res<T> = Result<T, Box<dyn StdError>>;
 
-/// The engine's allocator: a buffer on the engine's stream, filled from the host, wrapped without a copy.
+/// The engine's allocator: a buffer on the engine's stream, filled from the host.
+fn engine_buffer<T: DeviceRepr + ValidAsZeroBits>(stream: &Arc<CudaStream>, host: &[T]) -> Res<CudaSlice<T>> {
+    let mut buf: CudaSlice<T> = stream.alloc_zeros(host.len().max(1))?;
+    if !host.is_empty() {
+        stream.memcpy_htod(host, &mut buf.slice_mut(0..host.len()))?;
+    }
+    Ok(buf)
+}
+
+/// An engine buffer handed to the crate whole, without a copy.
 fn engine_tensor<T: DeviceRepr + ValidAsZeroBits>(
     stream: &Arc<CudaStream>,
     host: &[T],
     shape: &[usize],
 ) -> Res<DeviceTensor<T>> {
-    let mut buf: CudaSlice<T> = stream.alloc_zeros(host.len().max(1))?;
-    if !host.is_empty() {
-        stream.memcpy_htod(host, &mut buf.slice_mut(0..host.len()))?;
-    }
-    Ok(DeviceTensor::from_cuda_slice(buf, shape)?)
+    Ok(DeviceTensor::from_cuda_slice(engine_buffer(stream, host)?, shape)?)
 }
 
 fn engine_zeros<T: DeviceRepr + ValidAsZeroBits>(stream: &Arc<CudaStream>, shape: &[usize]) -> Res<DeviceTensor<T>> {
@@ -99,8 +106,14 @@ fn main() -> Res<()> {
     let (m, n, k) = (4usize, 128usize, 1024usize); // few tiles and 8 K blocks: the plan splits K
     let w = uniform(&mut rng, n * k, 0.05);
     let (b_codes, b_scales) = reference::quant::quantize_per_block(&w, n, k, 128)?;
-    let b = engine_tensor(&stream, &b_codes, &[n, k])?;
-    let sb = engine_tensor(&stream, &b_scales, &[n / 128, k / 128])?;
+    // The GEMM weights as an engine on another allocator would pass them: raw device pointers.
+    let (b_buf, sb_buf) = (engine_buffer(&stream, &b_codes)?, engine_buffer(&stream, &b_scales)?);
+    let (b_ptr, sb_ptr) = (b_buf.device_ptr(&stream).0, sb_buf.device_ptr(&stream).0);
+    let ordinal = gpu.info().ordinal;
+    // SAFETY: both buffers are live allocations of this device holding initialized codes and scales; they are
+    // dropped at the end of main, after the last synchronization, and nothing else writes them.
+    let b = unsafe { TensorRef::<E4M3>::from_raw(b_ptr, b_buf.len(), ordinal, &[n, k], None)? };
+    let sb = unsafe { TensorRef::<f32>::from_raw(sb_ptr, sb_buf.len(), ordinal, &[n / 128, k / 128], None)? };
 
     let (batch, heads, page) = (2usize, 16usize, 64usize);
     let seqlens = vec![70i32, 5];
@@ -112,7 +125,15 @@ fn main() -> Res<()> {
     for x in cache.iter_mut() {
         *x = bf16::from_f32((rng.next_f32() * 2.0 - 1.0) * 0.5).to_f32();
     }
-    let cache_d = engine_tensor(&stream, &to_bf16(&cache), &[num_blocks, page, 576])?;
+    // The engine's KV cache pool holds every layer; this step reads layer 1 (layer 0 is NaN: a read of the wrong
+    // layer would show).
+    let layers = 2usize;
+    let mut pool = vec![bf16::NAN; layers * cache.len()];
+    pool[cache.len()..].copy_from_slice(&to_bf16(&cache));
+    let cache_pool = engine_buffer(&stream, &pool)?;
+    let cache_d = TensorRef::from_cuda_slice(&cache_pool, &[layers, num_blocks, page, 576], None)?
+        .narrow(0, 1..2)?
+        .reshape(&[num_blocks, page, 576])?;
     let table_d = engine_tensor(&stream, &table, &[batch, max_blocks])?;
     let mut seqlens_d = engine_tensor(&stream, &seqlens, &[batch])?;
     let mla_cfg = MlaConfig { batch, s_q: 1, heads, page_size: page, softmax_scale: 1.0 / 24.0, causal: true };
@@ -162,7 +183,7 @@ fn main() -> Res<()> {
             mla::mla_decode(
                 &gpu,
                 &q_d,
-                &cache_d,
+                cache_d,
                 &table_d,
                 &seqlens_d,
                 &plan,
