@@ -375,7 +375,7 @@ impl DecodeLayer {
         )?;
         let mut marks = Marks::new(gpu, timed)?;
 
-        decode_ops::rms_norm(gpu, &x, &self.input_layernorm, &mut ws.xn, eps)?;
+        decode_ops::rms_norm(gpu, x, &self.input_layernorm, &mut ws.xn, eps)?;
         self.linear(gpu, &ws.xn, &mut ws.xq, &mut ws.xs, &self.q_a, &mut ws.q_a)?;
         decode_ops::rms_norm(gpu, &ws.q_a, &self.q_a_layernorm, &mut ws.q_an, eps)?;
         self.linear(gpu, &ws.q_an, &mut ws.q_aq, &mut ws.q_as, &self.q_b, &mut ws.q)?;
@@ -387,14 +387,14 @@ impl DecodeLayer {
         decode_ops::rope_inplace(
             gpu,
             &mut ws.q,
-            &batch.positions,
+            batch.positions,
             &self.rope,
             RopeSlices { count: heads, stride: qk, offset: nope },
         )?;
         decode_ops::rope_inplace(
             gpu,
             &mut ws.kv,
-            &batch.positions,
+            batch.positions,
             &self.rope,
             RopeSlices { count: 1, stride: width, offset: latent },
         )?;
@@ -402,9 +402,9 @@ impl DecodeLayer {
             gpu,
             &ws.kv,
             &mut kv_cache,
-            &batch.block_table,
+            batch.block_table,
             &ws.seq_ids,
-            &batch.positions,
+            batch.positions,
             Some((batch.block_table_host, &seq_ids_host, &positions_host)),
         )?;
         ws.q.set_shape(&[b, heads, qk])?;
@@ -424,13 +424,13 @@ impl DecodeLayer {
         ws.q_mla.set_shape(&[b, 1, heads, width])?;
         mark(gpu, &mut marks, "norm + RoPE + cache append + W_UK absorb")?;
 
-        state.plan.update(gpu, &batch.seqlens)?;
+        state.plan.update(gpu, batch.seqlens)?;
         mla::mla_decode(
             gpu,
             &ws.q_mla,
             &kv_cache,
-            &batch.block_table,
-            &batch.seqlens,
+            batch.block_table,
+            batch.seqlens,
             &state.plan,
             &mla_cfg,
             &mut ws.o_latent,

@@ -1121,7 +1121,7 @@ pub fn moe_forward<'a>(
     if t == 0 {
         return Ok(());
     }
-    quantize_activations(gpu, &x, &mut ws.xq, &mut ws.xs, ScaleFormat::F32)?;
+    quantize_activations(gpu, x, &mut ws.xq, &mut ws.xs, ScaleFormat::F32)?;
     let (ids, weights): (TensorRef<'_, i32>, TensorRef<'_, f32>) = match routing {
         Routing::Logits(logits, bias) => {
             route(gpu, cfg, logits, bias, &mut ws.topk_ids, &mut ws.topk_weights)?;
@@ -1129,12 +1129,12 @@ pub fn moe_forward<'a>(
         }
         Routing::TopK(ids, w) => (ids, w),
         Routing::Gate(w_gate, bias) => {
-            gate_logits(gpu, &x, w_gate, &mut ws.logits)?;
+            gate_logits(gpu, x, w_gate, &mut ws.logits)?;
             route(gpu, cfg, &ws.logits, bias, &mut ws.topk_ids, &mut ws.topk_weights)?;
             (ws.topk_ids.as_tensor_ref(), ws.topk_weights.as_tensor_ref())
         }
     };
-    permute(gpu, &ids, &ws.xq, &ws.xs, &mut ws.perm)?;
+    permute(gpu, ids, &ws.xq, &ws.xs, &mut ws.perm)?;
     let p = &ws.perm;
     let b = ws.gemm_backend;
     grouped_gemm_with(

@@ -80,7 +80,7 @@ pub fn quantize_activations_new<'a>(
     let [m, k] = x.dims::<2>("x")?;
     let mut q = DeviceTensor::zeros(gpu, &[m, k])?;
     let mut s = DeviceTensor::zeros(gpu, &activation_scale_shape(m, k))?;
-    quantize_activations(gpu, &x, &mut q, &mut s, format)?;
+    quantize_activations(gpu, x, &mut q, &mut s, format)?;
     Ok((q, s))
 }
 
@@ -135,6 +135,6 @@ pub fn quantize_weights_new<'a>(
     let [n, k] = w.dims::<2>("w")?;
     let mut q = DeviceTensor::zeros(gpu, &[n, k])?;
     let mut s = DeviceTensor::zeros(gpu, &weight_scale_shape(n, k))?;
-    quantize_weights(gpu, &w, &mut q, &mut s, format)?;
+    quantize_weights(gpu, w, &mut q, &mut s, format)?;
     Ok((q, s))
 }

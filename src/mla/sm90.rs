@@ -340,16 +340,15 @@ pub(crate) fn launch_decode(
     let (iv, cv, ov) = (plan.items.view(), plan.cta_offsets.view(), plan.split_offsets.view());
     let (mut opv, mut lpv) = (ws.o_part.view_mut(), ws.lse_part.view_mut());
     let mut launch = stream.launch_builder(&f);
-    let maps: Vec<TmaDesc>;
     launch.arg(&tmap_q);
     let kv_ptr = match &kv {
         FastCache::Bf16(t) => t.kernel_arg(stream),
         FastCache::Fp8(t) => t.kernel_arg(stream),
     };
-    match &kv {
-        FastCache::Bf16(_) => maps = vec![encode_rows_576(kv_ptr.addr(), kv_rows, box_rows)?],
-        FastCache::Fp8(_) => maps = encode_fp8_cache(kv_ptr.addr(), kv_rows, box_rows)?.to_vec(),
-    }
+    let maps: Vec<TmaDesc> = match &kv {
+        FastCache::Bf16(_) => vec![encode_rows_576(kv_ptr.addr(), kv_rows, box_rows)?],
+        FastCache::Fp8(_) => encode_fp8_cache(kv_ptr.addr(), kv_rows, box_rows)?.to_vec(),
+    };
     for m in &maps {
         launch.arg(m);
     }
