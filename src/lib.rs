@@ -67,6 +67,7 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "checkpoint")]
 pub mod checkpoint;
 pub mod decode_ops;
 pub mod device;
@@ -74,6 +75,7 @@ pub mod error;
 pub mod fp8;
 pub mod gemm;
 pub mod kernels;
+#[cfg(feature = "layer")]
 pub mod layer;
 pub mod mla;
 pub mod model;

@@ -13,13 +13,16 @@ use proptest::test_runner::TestCaseError;
 use r1_kernels::decode_ops;
 use r1_kernels::device::test_gpu;
 use r1_kernels::gemm::{self, ForcedSm90, GemmKernel, GemmOptions};
+#[cfg(feature = "layer")]
 use r1_kernels::layer::{DecodeBatch, DecodeLayer};
 use r1_kernels::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace, SplitMode};
+#[cfg(feature = "layer")]
 use r1_kernels::model::{synthetic_layer_weights, DeepSeekV3Config};
 use r1_kernels::moe::{self, ExpertWeights, GemmBackend, Layout, MoeWorkspace, Permuted, Routing};
 use r1_kernels::quant::{self, activation_scale_shape, weight_scale_shape};
 use r1_kernels::reference::decode_ops as rdo;
 use r1_kernels::reference::gemm::fp8_gemm as ref_gemm;
+#[cfg(feature = "layer")]
 use r1_kernels::reference::layer::{decode_layer as ref_layer, moe_branch, DecodeStep as RefStep, PreparedLayer};
 use r1_kernels::reference::mla::{
     dequantize_kv_cache_fp8, mla_decode as ref_mla, quantize_kv_cache_fp8, MlaConfig, D_QK, D_V, FP8_TOKEN_BYTES,
@@ -1899,228 +1902,233 @@ fn masked_offsets_past_i32_experts_or_i64_offsets_is_an_error_before_allocating(
 }
 
 // ------------------------------------------------------------------------------------------------ decode layer
+#[cfg(feature = "layer")]
+mod decode_layer {
+    use super::*;
 
-/// A layer small enough for the emulator (two heads, eight 128-wide experts) that keeps the head dimensions the
-/// decode kernels are specialised for.
-fn tiny_layer_config(hidden: usize) -> DeepSeekV3Config {
-    DeepSeekV3Config {
-        hidden,
-        num_heads: 2,
-        q_lora_rank: 128,
-        moe_intermediate: 128,
-        n_routed_experts: 8,
-        n_shared_experts: 1,
-        top_k: 2,
-        n_group: 2,
-        topk_group: 1,
-        first_k_dense: 0,
-        dense_intermediate: 256,
-        ..DeepSeekV3Config::small()
+
+    /// A layer small enough for the emulator (two heads, eight 128-wide experts) that keeps the head dimensions the
+    /// decode kernels are specialised for.
+    fn tiny_layer_config(hidden: usize) -> DeepSeekV3Config {
+        DeepSeekV3Config {
+            hidden,
+            num_heads: 2,
+            q_lora_rank: 128,
+            moe_intermediate: 128,
+            n_routed_experts: 8,
+            n_shared_experts: 1,
+            top_k: 2,
+            n_group: 2,
+            topk_group: 1,
+            first_k_dense: 0,
+            dense_intermediate: 256,
+            ..DeepSeekV3Config::small()
+        }
     }
-}
 
-/// What a decode-layer case breaks (at most one thing).
-#[derive(Debug, Clone, Copy)]
-enum LayerFault {
-    None,
-    /// A table entry the step reads: −1, `num_blocks` or `i32::MAX`.
-    TableEntry(u8),
-    /// A length past the table's capacity.
-    LengthPastCapacity,
-    /// A length of 0 or −1 (the new token needs a slot).
-    LengthBelowOne(bool),
-    /// One of x, out, the cache, seqlens, positions, the table with a perturbed shape.
-    Shape(u8, (u8, usize)),
-    /// A workspace for another batch size.
-    WorkspaceBatch,
-    /// A workspace made for a layer of other dimensions.
-    WorkspaceLayer,
-}
+    /// What a decode-layer case breaks (at most one thing).
+    #[derive(Debug, Clone, Copy)]
+    enum LayerFault {
+        None,
+        /// A table entry the step reads: −1, `num_blocks` or `i32::MAX`.
+        TableEntry(u8),
+        /// A length past the table's capacity.
+        LengthPastCapacity,
+        /// A length of 0 or −1 (the new token needs a slot).
+        LengthBelowOne(bool),
+        /// One of x, out, the cache, seqlens, positions, the table with a perturbed shape.
+        Shape(u8, (u8, usize)),
+        /// A workspace for another batch size.
+        WorkspaceBatch,
+        /// A workspace made for a layer of other dimensions.
+        WorkspaceLayer,
+    }
 
-fn layer_fault() -> impl Strategy<Value = LayerFault> {
-    prop_oneof![
-        4 => Just(LayerFault::None),
-        1 => (0u8..3).prop_map(LayerFault::TableEntry),
-        1 => Just(LayerFault::LengthPastCapacity),
-        1 => any::<bool>().prop_map(LayerFault::LengthBelowOne),
-        2 => (0u8..6, (1u8..8, 0usize..4)).prop_map(|(what, p)| LayerFault::Shape(what, p)),
-        1 => Just(LayerFault::WorkspaceBatch),
-        1 => Just(LayerFault::WorkspaceLayer),
-    ]
-}
+    fn layer_fault() -> impl Strategy<Value = LayerFault> {
+        prop_oneof![
+            4 => Just(LayerFault::None),
+            1 => (0u8..3).prop_map(LayerFault::TableEntry),
+            1 => Just(LayerFault::LengthPastCapacity),
+            1 => any::<bool>().prop_map(LayerFault::LengthBelowOne),
+            2 => (0u8..6, (1u8..8, 0usize..4)).prop_map(|(what, p)| LayerFault::Shape(what, p)),
+            1 => Just(LayerFault::WorkspaceBatch),
+            1 => Just(LayerFault::WorkspaceLayer),
+        ]
+    }
 
-#[test]
-fn fuzz_decode_layer() {
-    let Some(gpu) = test_gpu("fuzz_decode_layer") else { return };
-    let cfg = tiny_layer_config(256);
-    let prepared = PreparedLayer::new(&cfg, synthetic_layer_weights(&cfg, 0, 21).unwrap()).unwrap();
-    let layer = std::cell::RefCell::new(DecodeLayer::upload(&gpu, &prepared).unwrap());
-    let other_cfg = tiny_layer_config(384);
-    let other = DecodeLayer::upload(
-        &gpu,
-        &PreparedLayer::new(&other_cfg, synthetic_layer_weights(&other_cfg, 0, 22).unwrap()).unwrap(),
-    )
-    .unwrap();
-    let strategy = (
-        prop::collection::vec(1i32..=90, 1..=3),
-        prop::sample::select(vec![16usize, 64, 24]),
-        prop::sample::select(vec![Backend::Auto, Backend::Portable]),
-        layer_fault(),
-        any::<u64>(),
-    );
-    fuzz::run("layer::DecodeLayer::forward", strategy, |(mut lens, page, backend, fault, seed)| {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let b = lens.len();
-        let mut layer = layer.borrow_mut();
-        layer.options.mla_backend = backend;
-        let max_blocks = lens.iter().map(|&l| (l as usize).div_ceil(page)).max().unwrap();
-        let used: usize = lens.iter().map(|&l| (l as usize).div_ceil(page)).sum();
-        let num_blocks = used + 2;
-        let mut pages: Vec<i32> = (0..num_blocks as i32).collect();
-        for i in (1..pages.len()).rev() {
-            pages.swap(i, rng.random_range(0..=i));
-        }
-        // Entries past a sequence's pages are never read: garbage there must not matter.
-        let mut table = vec![i32::MIN; b * max_blocks];
-        let mut next = 0;
-        for (s, &l) in lens.iter().enumerate() {
-            for blk in 0..(l as usize).div_ceil(page) {
-                table[s * max_blocks + blk] = pages[next];
-                next += 1;
+    #[test]
+    fn fuzz_decode_layer() {
+        let Some(gpu) = test_gpu("fuzz_decode_layer") else { return };
+        let cfg = tiny_layer_config(256);
+        let prepared = PreparedLayer::new(&cfg, synthetic_layer_weights(&cfg, 0, 21).unwrap()).unwrap();
+        let layer = std::cell::RefCell::new(DecodeLayer::upload(&gpu, &prepared).unwrap());
+        let other_cfg = tiny_layer_config(384);
+        let other = DecodeLayer::upload(
+            &gpu,
+            &PreparedLayer::new(&other_cfg, synthetic_layer_weights(&other_cfg, 0, 22).unwrap()).unwrap(),
+        )
+        .unwrap();
+        let strategy = (
+            prop::collection::vec(1i32..=90, 1..=3),
+            prop::sample::select(vec![16usize, 64, 24]),
+            prop::sample::select(vec![Backend::Auto, Backend::Portable]),
+            layer_fault(),
+            any::<u64>(),
+        );
+        fuzz::run("layer::DecodeLayer::forward", strategy, |(mut lens, page, backend, fault, seed)| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let b = lens.len();
+            let mut layer = layer.borrow_mut();
+            layer.options.mla_backend = backend;
+            let max_blocks = lens.iter().map(|&l| (l as usize).div_ceil(page)).max().unwrap();
+            let used: usize = lens.iter().map(|&l| (l as usize).div_ceil(page)).sum();
+            let num_blocks = used + 2;
+            let mut pages: Vec<i32> = (0..num_blocks as i32).collect();
+            for i in (1..pages.len()).rev() {
+                pages.swap(i, rng.random_range(0..=i));
             }
-        }
-        let victim = rng.random_range(0..b);
-        match fault {
-            LayerFault::TableEntry(kind) => {
-                let blk = rng.random_range(0..(lens[victim] as usize).div_ceil(page));
-                table[victim * max_blocks + blk] = [-1, num_blocks as i32, i32::MAX][kind as usize];
+            // Entries past a sequence's pages are never read: garbage there must not matter.
+            let mut table = vec![i32::MIN; b * max_blocks];
+            let mut next = 0;
+            for (s, &l) in lens.iter().enumerate() {
+                for blk in 0..(l as usize).div_ceil(page) {
+                    table[s * max_blocks + blk] = pages[next];
+                    next += 1;
+                }
             }
-            LayerFault::LengthPastCapacity => lens[victim] = (max_blocks * page) as i32 + 1,
-            LayerFault::LengthBelowOne(neg) => lens[victim] = if neg { -1 } else { 0 },
-            _ => {}
-        }
-        // The cache: random bf16 where a sequence has tokens before the new one, NaN everywhere else.
-        let mut cache = vec![f32::NAN; num_blocks * page * 576];
-        for (s, &l) in lens.iter().enumerate() {
-            for pos in 0..(l.max(1) as usize - 1).min(max_blocks * page) {
-                let blk = table[s * max_blocks + pos / page];
-                if (0..num_blocks as i32).contains(&blk) {
-                    for v in &mut cache[(blk as usize * page + pos % page) * 576..][..576] {
-                        *v = bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_f32();
+            let victim = rng.random_range(0..b);
+            match fault {
+                LayerFault::TableEntry(kind) => {
+                    let blk = rng.random_range(0..(lens[victim] as usize).div_ceil(page));
+                    table[victim * max_blocks + blk] = [-1, num_blocks as i32, i32::MAX][kind as usize];
+                }
+                LayerFault::LengthPastCapacity => lens[victim] = (max_blocks * page) as i32 + 1,
+                LayerFault::LengthBelowOne(neg) => lens[victim] = if neg { -1 } else { 0 },
+                _ => {}
+            }
+            // The cache: random bf16 where a sequence has tokens before the new one, NaN everywhere else.
+            let mut cache = vec![f32::NAN; num_blocks * page * 576];
+            for (s, &l) in lens.iter().enumerate() {
+                for pos in 0..(l.max(1) as usize - 1).min(max_blocks * page) {
+                    let blk = table[s * max_blocks + pos / page];
+                    if (0..num_blocks as i32).contains(&blk) {
+                        for v in &mut cache[(blk as usize * page + pos % page) * 576..][..576] {
+                            *v = bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_f32();
+                        }
                     }
                 }
             }
-        }
-        let x: Vec<f32> =
-            (0..b * cfg.hidden).map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_f32()).collect();
-        let shape_of = |what: u8, shape: &[usize]| match fault {
-            LayerFault::Shape(w, (how, at)) if w == what => perturb(shape, how, at),
-            _ => shape.to_vec(),
-        };
-        let xs = shape_of(0, &[b, cfg.hidden]);
-        let os = shape_of(1, &[b, cfg.hidden]);
-        // The cache's page size and page count define the problem (another shape can be another valid problem):
-        // its faults are the widths and ranks no problem has.
-        let cs = match fault {
-            LayerFault::Shape(2, (how, _)) => match how % 4 {
-                0 => vec![num_blocks, page, 575],
-                1 => vec![num_blocks, page, 577],
-                2 => vec![num_blocks * page, 576],
-                _ => vec![1, num_blocks, page, 576],
-            },
-            _ => vec![num_blocks, page, 576],
-        };
-        let ls = shape_of(3, &[b]);
-        let ps = shape_of(4, &[b]);
-        let ts = shape_of(5, &[b, max_blocks]);
-        let fill = |shape: &[usize], v: &[f32]| -> Vec<bf16> {
-            (0..numel(shape)).map(|i| bf16::from_f32(v.get(i).copied().unwrap_or(0.5))).collect()
-        };
-        let xd = DeviceTensor::from_host(&gpu, &fill(&xs, &x), &xs).unwrap();
-        let cache_host = fill(&cs, &cache);
-        let mut cd = DeviceTensor::from_host(&gpu, &cache_host, &cs).unwrap();
-        let pad = |v: &[i32], n: usize| -> Vec<i32> { (0..n).map(|i| v.get(i).copied().unwrap_or(1)).collect() };
-        let positions: Vec<i32> = lens.iter().map(|&l| l - 1).collect();
-        let ld = DeviceTensor::from_host(&gpu, &pad(&lens, numel(&ls)), &ls).unwrap();
-        let pd = DeviceTensor::from_host(&gpu, &pad(&positions, numel(&ps)), &ps).unwrap();
-        let td = DeviceTensor::from_host(&gpu, &pad(&table, numel(&ts)), &ts).unwrap();
-        let (mut out, o0) = poisoned::<bf16>(&gpu, &os);
-        let mut ws = match fault {
-            LayerFault::WorkspaceBatch => layer.workspace(&gpu, b + 1).unwrap(),
-            LayerFault::WorkspaceLayer => other.workspace(&gpu, b).unwrap(),
-            _ => layer.workspace(&gpu, b).unwrap(),
-        };
-        let step = DecodeBatch {
-            block_table: td.as_tensor_ref(),
-            block_table_host: &table,
-            seqlens: ld.as_tensor_ref(),
-            seqlens_host: &lens,
-            positions: pd.as_tensor_ref(),
-        };
-        let r = layer.forward(&gpu, &mut ws, &xd, &mut cd, &step, &mut out, false);
-        let what = format!("lens {lens:?} page {page} {backend:?} fault {fault:?}");
-        // A perturbation can leave a shape as it was (a swap within a rank-1 shape).
-        let shapes_kept = xs == [b, cfg.hidden]
-            && os == [b, cfg.hidden]
-            && cs == [num_blocks, page, 576]
-            && ls == [b]
-            && ps == [b]
-            && ts == [b, max_blocks];
-        let fault_free = matches!(fault, LayerFault::None) || (matches!(fault, LayerFault::Shape(..)) && shapes_kept);
-        match r {
-            Err(e) => {
-                expect_validation_error(&what, &e)?;
-                check!(!fault_free, "{what}: rejected: {e}");
-                untouched(&gpu, "out", &out, &o0)?;
-                untouched(&gpu, "kv_cache", &cd, &cache_host)?;
-                Ok(Outcome::Rejected)
-            }
-            Ok(_) => {
-                check!(
-                    fault_free,
-                    "{what}: accepted (x {xs:?} out {os:?} cache {cs:?} seqlens {ls:?} positions {ps:?} table {ts:?})"
-                );
-                let got: Vec<f32> = from_bf16(&download(&gpu, "out", &out)?);
-                let inter = layer.last_intermediates(&gpu, &ws).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                let (ids, _) = layer.last_routing(&gpu, &ws).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                let mut want_cache = cache.clone();
-                let stepr = RefStep { block_table: &table, max_blocks, seqlens: &lens, page_size: page };
-                let want = ref_layer(&prepared, &x, &mut want_cache, &stepr).unwrap();
-                // The cache: the new rows where the step appends, every other element bitwise as it was.
-                let cache_after = from_bf16(&download(&gpu, "kv_cache", &cd)?);
-                for (s, &l) in lens.iter().enumerate() {
-                    let pos = l as usize - 1;
-                    let slot = (table[s * max_blocks + pos / page] as usize * page + pos % page) * 576;
-                    want_cache[slot..slot + 576].copy_from_slice(&inter.kv_row[s * 576..(s + 1) * 576]);
+            let x: Vec<f32> =
+                (0..b * cfg.hidden).map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_f32()).collect();
+            let shape_of = |what: u8, shape: &[usize]| match fault {
+                LayerFault::Shape(w, (how, at)) if w == what => perturb(shape, how, at),
+                _ => shape.to_vec(),
+            };
+            let xs = shape_of(0, &[b, cfg.hidden]);
+            let os = shape_of(1, &[b, cfg.hidden]);
+            // The cache's page size and page count define the problem (another shape can be another valid problem):
+            // its faults are the widths and ranks no problem has.
+            let cs = match fault {
+                LayerFault::Shape(2, (how, _)) => match how % 4 {
+                    0 => vec![num_blocks, page, 575],
+                    1 => vec![num_blocks, page, 577],
+                    2 => vec![num_blocks * page, 576],
+                    _ => vec![1, num_blocks, page, 576],
+                },
+                _ => vec![num_blocks, page, 576],
+            };
+            let ls = shape_of(3, &[b]);
+            let ps = shape_of(4, &[b]);
+            let ts = shape_of(5, &[b, max_blocks]);
+            let fill = |shape: &[usize], v: &[f32]| -> Vec<bf16> {
+                (0..numel(shape)).map(|i| bf16::from_f32(v.get(i).copied().unwrap_or(0.5))).collect()
+            };
+            let xd = DeviceTensor::from_host(&gpu, &fill(&xs, &x), &xs).unwrap();
+            let cache_host = fill(&cs, &cache);
+            let mut cd = DeviceTensor::from_host(&gpu, &cache_host, &cs).unwrap();
+            let pad = |v: &[i32], n: usize| -> Vec<i32> { (0..n).map(|i| v.get(i).copied().unwrap_or(1)).collect() };
+            let positions: Vec<i32> = lens.iter().map(|&l| l - 1).collect();
+            let ld = DeviceTensor::from_host(&gpu, &pad(&lens, numel(&ls)), &ls).unwrap();
+            let pd = DeviceTensor::from_host(&gpu, &pad(&positions, numel(&ps)), &ps).unwrap();
+            let td = DeviceTensor::from_host(&gpu, &pad(&table, numel(&ts)), &ts).unwrap();
+            let (mut out, o0) = poisoned::<bf16>(&gpu, &os);
+            let mut ws = match fault {
+                LayerFault::WorkspaceBatch => layer.workspace(&gpu, b + 1).unwrap(),
+                LayerFault::WorkspaceLayer => other.workspace(&gpu, b).unwrap(),
+                _ => layer.workspace(&gpu, b).unwrap(),
+            };
+            let step = DecodeBatch {
+                block_table: td.as_tensor_ref(),
+                block_table_host: &table,
+                seqlens: ld.as_tensor_ref(),
+                seqlens_host: &lens,
+                positions: pd.as_tensor_ref(),
+            };
+            let r = layer.forward(&gpu, &mut ws, &xd, &mut cd, &step, &mut out, false);
+            let what = format!("lens {lens:?} page {page} {backend:?} fault {fault:?}");
+            // A perturbation can leave a shape as it was (a swap within a rank-1 shape).
+            let shapes_kept = xs == [b, cfg.hidden]
+                && os == [b, cfg.hidden]
+                && cs == [num_blocks, page, 576]
+                && ls == [b]
+                && ps == [b]
+                && ts == [b, max_blocks];
+            let fault_free = matches!(fault, LayerFault::None) || (matches!(fault, LayerFault::Shape(..)) && shapes_kept);
+            match r {
+                Err(e) => {
+                    expect_validation_error(&what, &e)?;
+                    check!(!fault_free, "{what}: rejected: {e}");
+                    untouched(&gpu, "out", &out, &o0)?;
+                    untouched(&gpu, "kv_cache", &cd, &cache_host)?;
+                    Ok(Outcome::Rejected)
                 }
-                let same = cache_after.iter().zip(&want_cache).all(|(a, b)| same_f32(*a, *b));
-                check!(same, "{what}: the cache changed outside the appended rows");
-                // The output per token: against the reference when both route alike; a top-k near-tie is accepted
-                // when the reference router, given the GPU's residual, routes like the GPU.
-                let (h, k) = (cfg.hidden, cfg.top_k);
-                for s in 0..b {
-                    let sorted = |v: &[i32]| {
-                        let mut v = v.to_vec();
-                        v.sort_unstable();
-                        v
-                    };
-                    let gpu_ids = sorted(&ids[s * k..(s + 1) * k]);
-                    let want_out: Vec<f32> = if gpu_ids == sorted(&want.topk_ids[s * k..(s + 1) * k]) {
-                        want.out[s * h..(s + 1) * h].to_vec()
-                    } else {
-                        let gh = &inter.h[s * h..(s + 1) * h];
-                        let alt = moe_branch(&prepared, gh, 1).unwrap();
-                        check!(sorted(&alt.topk_ids) == gpu_ids, "{what}: token {s} routed to {gpu_ids:?}");
-                        gh.iter().zip(&alt.moe_out).map(|(a, b)| bf16::from_f32(a + b).to_f32()).collect()
-                    };
-                    let d = rm::calc_diff(&got[s * h..(s + 1) * h], &want_out);
-                    check!(got[s * h..(s + 1) * h].iter().all(|v| v.is_finite()), "{what}: token {s} not finite");
-                    check!(d < 2e-3, "{what}: token {s} output calc_diff {d:.3e}");
+                Ok(_) => {
+                    check!(
+                        fault_free,
+                        "{what}: accepted (x {xs:?} out {os:?} cache {cs:?} seqlens {ls:?} positions {ps:?} table {ts:?})"
+                    );
+                    let got: Vec<f32> = from_bf16(&download(&gpu, "out", &out)?);
+                    let inter = layer.last_intermediates(&gpu, &ws).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let (ids, _) = layer.last_routing(&gpu, &ws).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let mut want_cache = cache.clone();
+                    let stepr = RefStep { block_table: &table, max_blocks, seqlens: &lens, page_size: page };
+                    let want = ref_layer(&prepared, &x, &mut want_cache, &stepr).unwrap();
+                    // The cache: the new rows where the step appends, every other element bitwise as it was.
+                    let cache_after = from_bf16(&download(&gpu, "kv_cache", &cd)?);
+                    for (s, &l) in lens.iter().enumerate() {
+                        let pos = l as usize - 1;
+                        let slot = (table[s * max_blocks + pos / page] as usize * page + pos % page) * 576;
+                        want_cache[slot..slot + 576].copy_from_slice(&inter.kv_row[s * 576..(s + 1) * 576]);
+                    }
+                    let same = cache_after.iter().zip(&want_cache).all(|(a, b)| same_f32(*a, *b));
+                    check!(same, "{what}: the cache changed outside the appended rows");
+                    // The output per token: against the reference when both route alike; a top-k near-tie is accepted
+                    // when the reference router, given the GPU's residual, routes like the GPU.
+                    let (h, k) = (cfg.hidden, cfg.top_k);
+                    for s in 0..b {
+                        let sorted = |v: &[i32]| {
+                            let mut v = v.to_vec();
+                            v.sort_unstable();
+                            v
+                        };
+                        let gpu_ids = sorted(&ids[s * k..(s + 1) * k]);
+                        let want_out: Vec<f32> = if gpu_ids == sorted(&want.topk_ids[s * k..(s + 1) * k]) {
+                            want.out[s * h..(s + 1) * h].to_vec()
+                        } else {
+                            let gh = &inter.h[s * h..(s + 1) * h];
+                            let alt = moe_branch(&prepared, gh, 1).unwrap();
+                            check!(sorted(&alt.topk_ids) == gpu_ids, "{what}: token {s} routed to {gpu_ids:?}");
+                            gh.iter().zip(&alt.moe_out).map(|(a, b)| bf16::from_f32(a + b).to_f32()).collect()
+                        };
+                        let d = rm::calc_diff(&got[s * h..(s + 1) * h], &want_out);
+                        check!(got[s * h..(s + 1) * h].iter().all(|v| v.is_finite()), "{what}: token {s} not finite");
+                        check!(d < 2e-3, "{what}: token {s} output calc_diff {d:.3e}");
+                    }
+                    Ok(Outcome::Matched)
                 }
-                Ok(Outcome::Matched)
             }
-        }
-    });
+        });
+    }
 }
 
 #[test]

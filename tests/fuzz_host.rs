@@ -5,15 +5,19 @@
 //! property: a typed error, or success with a result that satisfies what the kernels rely on (or, for the loader,
 //! equals what was written); never a panic. `R1K_FUZZ_CASES` and `R1K_FUZZ_SEED` as in `tests/common/fuzz.rs`.
 
+#[cfg(feature = "checkpoint")]
 use std::fs;
+#[cfg(feature = "checkpoint")]
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
+#[cfg(feature = "checkpoint")]
 use r1_kernels::checkpoint::{load_layer, write_layer_checkpoint, INDEX_FILE};
 use r1_kernels::device::DeviceInfo;
 use r1_kernels::gemm::{self, plan::force_sm90_config, ForcedSm90, GemmKernel, Resolved};
 use r1_kernels::mla::{plan_splits, SplitMode};
+#[cfg(feature = "checkpoint")]
 use r1_kernels::model::{synthetic_layer_weights, DeepSeekV3Config, LayerWeights};
 use r1_kernels::reference::mla::{validate_inputs, MlaConfig};
 use r1_kernels::reference::moe::RouterConfig;
@@ -406,190 +410,195 @@ fn fuzz_router_config_validate() {
 }
 
 // ------------------------------------------------------------------------------------------- checkpoint loader
+#[cfg(feature = "checkpoint")]
+mod checkpoint_loader {
+    use super::*;
 
-/// A fresh, empty directory.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("r1k-fuzz-ckpt-{}-{name}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
-/// One way to damage a checkpoint directory.
-#[derive(Debug, Clone)]
-enum Damage {
-    /// Cut shard `file` to `frac`/1000 of its length.
-    Truncate { file: usize, frac: u32 },
-    /// XOR `mask` into byte `pos`/1000 of the way through shard `file`'s header (the 8-byte length included).
-    HeaderByte { file: usize, pos: u32, mask: u8 },
-    /// Overwrite the 8-byte header length of shard `file`.
-    HeaderLen { file: usize, len: u64 },
-    /// Replace the header JSON of shard `file` by `json` (padded to the same length when it fits).
-    HeaderJson { file: usize, json: String },
-    /// XOR `mask` into byte `pos`/1000 of the way through shard `file`'s data.
-    DataByte { file: usize, pos: u32, mask: u8 },
-    /// Replace the index by `text`.
-    Index { text: String },
-    /// Remove the index, then damage a header byte (the loader then reads every shard's header).
-    NoIndexHeaderByte { file: usize, pos: u32, mask: u8 },
-    /// Append `extra` bytes after the last tensor of shard `file`.
-    Append { file: usize, extra: Vec<u8> },
-}
+    /// A fresh, empty directory.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("r1k-fuzz-ckpt-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
 
-fn json_fragment() -> impl Strategy<Value = String> {
-    prop::sample::select(vec![
-        String::new(),
-        "{".into(),
-        "null".into(),
-        "[]".into(),
-        "{}".into(),
-        r#"{"weight_map": 3}"#.into(),
-        r#"{"weight_map": {"model.layers.0.input_layernorm.weight": 7}}"#.into(),
-        r#"{"weight_map": {"model.layers.0.input_layernorm.weight": "missing.safetensors"}}"#.into(),
-        r#"{"weight_map": {"model.layers.0.input_layernorm.weight": "../model.safetensors"}}"#.into(),
-        r#"{"weight_map": {"model.layers.0.input_layernorm.weight": ""}}"#.into(),
-        r#"{"a": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}"#.into(),
-        r#"{"a": {"dtype": "BF16", "shape": [4], "data_offsets": [4, 0]}}"#.into(),
-        r#"{"a": {"dtype": "F8_E4M3", "shape": [18446744073709551615, 2], "data_offsets": [0, 2]}}"#.into(),
-        r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 18446744073709551615]}}"#.into(),
-        r#"{"a": {"dtype": "NOPE", "shape": [1], "data_offsets": [0, 1]}}"#.into(),
-        r#"{"a": {"dtype": "BF16", "shape": [-1], "data_offsets": [0, 2]}}"#.into(),
-        "\u{0}\u{0}\u{0}".into(),
-        "\"\\ud800\"".into(),
-    ])
-}
+    /// One way to damage a checkpoint directory.
+    #[derive(Debug, Clone)]
+    enum Damage {
+        /// Cut shard `file` to `frac`/1000 of its length.
+        Truncate { file: usize, frac: u32 },
+        /// XOR `mask` into byte `pos`/1000 of the way through shard `file`'s header (the 8-byte length included).
+        HeaderByte { file: usize, pos: u32, mask: u8 },
+        /// Overwrite the 8-byte header length of shard `file`.
+        HeaderLen { file: usize, len: u64 },
+        /// Replace the header JSON of shard `file` by `json` (padded to the same length when it fits).
+        HeaderJson { file: usize, json: String },
+        /// XOR `mask` into byte `pos`/1000 of the way through shard `file`'s data.
+        DataByte { file: usize, pos: u32, mask: u8 },
+        /// Replace the index by `text`.
+        Index { text: String },
+        /// Remove the index, then damage a header byte (the loader then reads every shard's header).
+        NoIndexHeaderByte { file: usize, pos: u32, mask: u8 },
+        /// Append `extra` bytes after the last tensor of shard `file`.
+        Append { file: usize, extra: Vec<u8> },
+    }
 
-fn damage() -> impl Strategy<Value = Damage> {
-    let file = 0usize..2;
-    prop_oneof![
-        (file.clone(), 0u32..1000).prop_map(|(file, frac)| Damage::Truncate { file, frac }),
-        (file.clone(), 0u32..1000, 1u8..=255).prop_map(|(file, pos, mask)| Damage::HeaderByte { file, pos, mask }),
-        (file.clone(), prop_oneof![any::<u64>(), 0u64..16, Just(u64::MAX), Just(1 << 40)])
-            .prop_map(|(file, len)| Damage::HeaderLen { file, len }),
-        (file.clone(), json_fragment()).prop_map(|(file, json)| Damage::HeaderJson { file, json }),
-        (file.clone(), 0u32..1000, 1u8..=255).prop_map(|(file, pos, mask)| Damage::DataByte { file, pos, mask }),
-        prop_oneof![json_fragment(), "[ -~]{0,40}"].prop_map(|text| Damage::Index { text }),
-        (file.clone(), 0u32..1000, 1u8..=255).prop_map(|(file, pos, mask)| Damage::NoIndexHeaderByte {
-            file,
-            pos,
-            mask
-        }),
-        (file, prop::collection::vec(any::<u8>(), 1..64)).prop_map(|(file, extra)| Damage::Append { file, extra }),
-    ]
-}
+    fn json_fragment() -> impl Strategy<Value = String> {
+        prop::sample::select(vec![
+            String::new(),
+            "{".into(),
+            "null".into(),
+            "[]".into(),
+            "{}".into(),
+            r#"{"weight_map": 3}"#.into(),
+            r#"{"weight_map": {"model.layers.0.input_layernorm.weight": 7}}"#.into(),
+            r#"{"weight_map": {"model.layers.0.input_layernorm.weight": "missing.safetensors"}}"#.into(),
+            r#"{"weight_map": {"model.layers.0.input_layernorm.weight": "../model.safetensors"}}"#.into(),
+            r#"{"weight_map": {"model.layers.0.input_layernorm.weight": ""}}"#.into(),
+            r#"{"a": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}"#.into(),
+            r#"{"a": {"dtype": "BF16", "shape": [4], "data_offsets": [4, 0]}}"#.into(),
+            r#"{"a": {"dtype": "F8_E4M3", "shape": [18446744073709551615, 2], "data_offsets": [0, 2]}}"#.into(),
+            r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 18446744073709551615]}}"#.into(),
+            r#"{"a": {"dtype": "NOPE", "shape": [1], "data_offsets": [0, 1]}}"#.into(),
+            r#"{"a": {"dtype": "BF16", "shape": [-1], "data_offsets": [0, 2]}}"#.into(),
+            "\u{0}\u{0}\u{0}".into(),
+            "\"\\ud800\"".into(),
+        ])
+    }
 
-/// The 8-byte length + header JSON span of a safetensors file, within the file (an earlier damage may have changed
-/// the length field or cut the file).
-fn header_span(bytes: &[u8]) -> usize {
-    let Some(len) = bytes.get(..8) else { return bytes.len() };
-    let n = u64::from_le_bytes(len.try_into().unwrap());
-    usize::try_from(n).ok().and_then(|n| n.checked_add(8)).map_or(bytes.len(), |s| s.min(bytes.len()))
-}
+    fn damage() -> impl Strategy<Value = Damage> {
+        let file = 0usize..2;
+        prop_oneof![
+            (file.clone(), 0u32..1000).prop_map(|(file, frac)| Damage::Truncate { file, frac }),
+            (file.clone(), 0u32..1000, 1u8..=255).prop_map(|(file, pos, mask)| Damage::HeaderByte { file, pos, mask }),
+            (file.clone(), prop_oneof![any::<u64>(), 0u64..16, Just(u64::MAX), Just(1 << 40)])
+                .prop_map(|(file, len)| Damage::HeaderLen { file, len }),
+            (file.clone(), json_fragment()).prop_map(|(file, json)| Damage::HeaderJson { file, json }),
+            (file.clone(), 0u32..1000, 1u8..=255).prop_map(|(file, pos, mask)| Damage::DataByte { file, pos, mask }),
+            prop_oneof![json_fragment(), "[ -~]{0,40}"].prop_map(|text| Damage::Index { text }),
+            (file.clone(), 0u32..1000, 1u8..=255).prop_map(|(file, pos, mask)| Damage::NoIndexHeaderByte {
+                file,
+                pos,
+                mask
+            }),
+            (file, prop::collection::vec(any::<u8>(), 1..64)).prop_map(|(file, extra)| Damage::Append { file, extra }),
+        ]
+    }
 
-/// Applies `d` to the shards `files` (and the index in `dir`); true when only bytes the loader must check (never
-/// tensor data) were changed, so a successful load must return exactly what was written.
-fn apply(dir: &Path, files: &[PathBuf], d: &Damage) -> bool {
-    let pick = |f: usize| &files[f % files.len()];
-    match d {
-        Damage::Truncate { file, frac } => {
-            let mut b = fs::read(pick(*file)).unwrap();
-            b.truncate(b.len() * *frac as usize / 1000);
-            fs::write(pick(*file), b).unwrap();
-            true
-        }
-        Damage::HeaderByte { file, pos, mask } | Damage::NoIndexHeaderByte { file, pos, mask } => {
-            if matches!(d, Damage::NoIndexHeaderByte { .. }) {
-                let _ = fs::remove_file(dir.join(INDEX_FILE));
+    /// The 8-byte length + header JSON span of a safetensors file, within the file (an earlier damage may have changed
+    /// the length field or cut the file).
+    fn header_span(bytes: &[u8]) -> usize {
+        let Some(len) = bytes.get(..8) else { return bytes.len() };
+        let n = u64::from_le_bytes(len.try_into().unwrap());
+        usize::try_from(n).ok().and_then(|n| n.checked_add(8)).map_or(bytes.len(), |s| s.min(bytes.len()))
+    }
+
+    /// Applies `d` to the shards `files` (and the index in `dir`); true when only bytes the loader must check (never
+    /// tensor data) were changed, so a successful load must return exactly what was written.
+    fn apply(dir: &Path, files: &[PathBuf], d: &Damage) -> bool {
+        let pick = |f: usize| &files[f % files.len()];
+        match d {
+            Damage::Truncate { file, frac } => {
+                let mut b = fs::read(pick(*file)).unwrap();
+                b.truncate(b.len() * *frac as usize / 1000);
+                fs::write(pick(*file), b).unwrap();
+                true
             }
-            let mut b = fs::read(pick(*file)).unwrap();
-            let span = header_span(&b);
-            if span > 0 {
-                b[span * *pos as usize / 1000] ^= mask;
+            Damage::HeaderByte { file, pos, mask } | Damage::NoIndexHeaderByte { file, pos, mask } => {
+                if matches!(d, Damage::NoIndexHeaderByte { .. }) {
+                    let _ = fs::remove_file(dir.join(INDEX_FILE));
+                }
+                let mut b = fs::read(pick(*file)).unwrap();
+                let span = header_span(&b);
+                if span > 0 {
+                    b[span * *pos as usize / 1000] ^= mask;
+                }
+                fs::write(pick(*file), b).unwrap();
+                true
             }
-            fs::write(pick(*file), b).unwrap();
-            true
-        }
-        Damage::HeaderLen { file, len } => {
-            let mut b = fs::read(pick(*file)).unwrap();
-            b.resize(b.len().max(8), 0);
-            b[..8].copy_from_slice(&len.to_le_bytes());
-            fs::write(pick(*file), b).unwrap();
-            true
-        }
-        Damage::HeaderJson { file, json } => {
-            let b = fs::read(pick(*file)).unwrap();
-            let span = header_span(&b);
-            let mut header = json.clone().into_bytes();
-            if header.len() <= span.saturating_sub(8) {
-                header.resize(span - 8, b' ');
+            Damage::HeaderLen { file, len } => {
+                let mut b = fs::read(pick(*file)).unwrap();
+                b.resize(b.len().max(8), 0);
+                b[..8].copy_from_slice(&len.to_le_bytes());
+                fs::write(pick(*file), b).unwrap();
+                true
             }
-            let mut out = (header.len() as u64).to_le_bytes().to_vec();
-            out.extend_from_slice(&header);
-            out.extend_from_slice(&b[span..]);
-            fs::write(pick(*file), out).unwrap();
-            true
-        }
-        Damage::DataByte { file, pos, mask } => {
-            let mut b = fs::read(pick(*file)).unwrap();
-            let span = header_span(&b);
-            let data = b.len() - span;
-            if data > 0 {
-                b[span + data * *pos as usize / 1000] ^= mask;
+            Damage::HeaderJson { file, json } => {
+                let b = fs::read(pick(*file)).unwrap();
+                let span = header_span(&b);
+                let mut header = json.clone().into_bytes();
+                if header.len() <= span.saturating_sub(8) {
+                    header.resize(span - 8, b' ');
+                }
+                let mut out = (header.len() as u64).to_le_bytes().to_vec();
+                out.extend_from_slice(&header);
+                out.extend_from_slice(&b[span..]);
+                fs::write(pick(*file), out).unwrap();
+                true
             }
-            fs::write(pick(*file), b).unwrap();
-            data == 0
-        }
-        Damage::Index { text } => {
-            fs::write(dir.join(INDEX_FILE), text).unwrap();
-            true
-        }
-        Damage::Append { file, extra } => {
-            let mut b = fs::read(pick(*file)).unwrap();
-            b.extend_from_slice(extra);
-            fs::write(pick(*file), b).unwrap();
-            true
+            Damage::DataByte { file, pos, mask } => {
+                let mut b = fs::read(pick(*file)).unwrap();
+                let span = header_span(&b);
+                let data = b.len() - span;
+                if data > 0 {
+                    b[span + data * *pos as usize / 1000] ^= mask;
+                }
+                fs::write(pick(*file), b).unwrap();
+                data == 0
+            }
+            Damage::Index { text } => {
+                fs::write(dir.join(INDEX_FILE), text).unwrap();
+                true
+            }
+            Damage::Append { file, extra } => {
+                let mut b = fs::read(pick(*file)).unwrap();
+                b.extend_from_slice(extra);
+                fs::write(pick(*file), b).unwrap();
+                true
+            }
         }
     }
-}
 
-#[test]
-fn fuzz_checkpoint_loader_on_damaged_files() {
-    let cfg = DeepSeekV3Config::reduced();
-    let pristine = scratch("pristine");
-    // Layer 0 is dense (small); layer 1 is an MoE layer.
-    let layers: Vec<LayerWeights> = [0usize, 1].iter().map(|&l| synthetic_layer_weights(&cfg, l, 7).unwrap()).collect();
-    let mut shards = Vec::new();
-    for w in &layers {
-        shards.push(write_layer_checkpoint(&pristine, &cfg, w).unwrap());
-    }
-    let work = scratch("work");
-    let names: Vec<_> = fs::read_dir(&pristine).unwrap().map(|e| e.unwrap().file_name()).collect();
-    let strategy = (0usize..2, prop::collection::vec(damage(), 1..3));
-    fuzz::run("checkpoint::load_layer", strategy, |(which, damages)| {
+    #[test]
+    fn fuzz_checkpoint_loader_on_damaged_files() {
+        let cfg = DeepSeekV3Config::reduced();
+        let pristine = scratch("pristine");
+        // Layer 0 is dense (small); layer 1 is an MoE layer.
+        let layers: Vec<LayerWeights> = [0usize, 1].iter().map(|&l| synthetic_layer_weights(&cfg, l, 7).unwrap()).collect();
+        let mut shards = Vec::new();
+        for w in &layers {
+            shards.push(write_layer_checkpoint(&pristine, &cfg, w).unwrap());
+        }
+        let work = scratch("work");
+        let names: Vec<_> = fs::read_dir(&pristine).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let strategy = (0usize..2, prop::collection::vec(damage(), 1..3));
+        fuzz::run("checkpoint::load_layer", strategy, |(which, damages)| {
+            let _ = fs::remove_dir_all(&work);
+            fs::create_dir_all(&work).unwrap();
+            for name in &names {
+                fs::copy(pristine.join(name), work.join(name)).unwrap();
+            }
+            let files: Vec<PathBuf> = shards[which].iter().map(|p| work.join(p.file_name().unwrap())).collect();
+            let mut header_only = true;
+            for d in &damages {
+                header_only &= apply(&work, &files, d);
+            }
+            let layer = layers[which].layer;
+            match load_layer(&work, &cfg, layer) {
+                Err(e) => {
+                    check!(matches!(e, Error::Io { .. }), "{damages:?}: expected Error::Io, got {e:?}");
+                    Ok(Outcome::Rejected)
+                }
+                Ok(w) => {
+                    check!(!header_only || w == layers[which], "{damages:?}: loaded weights differ from those written");
+                    Ok(Outcome::Matched)
+                }
+            }
+        });
+        let _ = fs::remove_dir_all(&pristine);
         let _ = fs::remove_dir_all(&work);
-        fs::create_dir_all(&work).unwrap();
-        for name in &names {
-            fs::copy(pristine.join(name), work.join(name)).unwrap();
-        }
-        let files: Vec<PathBuf> = shards[which].iter().map(|p| work.join(p.file_name().unwrap())).collect();
-        let mut header_only = true;
-        for d in &damages {
-            header_only &= apply(&work, &files, d);
-        }
-        let layer = layers[which].layer;
-        match load_layer(&work, &cfg, layer) {
-            Err(e) => {
-                check!(matches!(e, Error::Io { .. }), "{damages:?}: expected Error::Io, got {e:?}");
-                Ok(Outcome::Rejected)
-            }
-            Ok(w) => {
-                check!(!header_only || w == layers[which], "{damages:?}: loaded weights differ from those written");
-                Ok(Outcome::Matched)
-            }
-        }
-    });
-    let _ = fs::remove_dir_all(&pristine);
-    let _ = fs::remove_dir_all(&work);
+    }
 }
 
 // ------------------------------------------------------------------------------------------------ regressions

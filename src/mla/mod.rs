@@ -494,6 +494,7 @@ fn validate(
 
 /// Every host check [`mla_decode`] makes before it launches, without launching: a caller that writes other
 /// outputs first (the decode layer appends to the cache) runs this before them, so a bad step writes nothing.
+#[cfg(feature = "layer")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_decode(
     gpu: &Gpu,

@@ -1,12 +1,12 @@
 //! Opens device 0 through r1-kernels in a binary whose cudarc links libcuda at build time, shares the context with
-//! the binary's own cudarc, and checks one kernel against the CPU reference. Prints the device on success; prints
-//! the error and exits non-zero otherwise.
+//! the binary's own cudarc, and checks one kernel against the CPU reference, run over the binary's own cudarc
+//! allocations through borrowed views. Prints the device on success; prints the error and exits non-zero otherwise.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use r1_kernels::reference::quant::{quantize_per_token_group, scales_from_mn_major, ScaleFormat};
-use r1_kernels::{bf16, quant, DeviceTensor, Gpu};
+use r1_kernels::{bf16, quant, Gpu, TensorMut, TensorRef, E4M3};
 
 fn run() -> Result<String, String> {
     let gpu = Gpu::new(0).map_err(|e| format!("Gpu::new(0) failed: {e}"))?;
@@ -21,9 +21,24 @@ fn run() -> Result<String, String> {
     let x_rounded: Vec<f32> = x_bf16.iter().map(|v| v.to_f32()).collect();
     let (want_q, want_s) = quantize_per_token_group(&x_rounded, m, k, quant::QUANT_BLOCK).map_err(|e| e.to_string())?;
 
-    let quantized = DeviceTensor::from_host(&on_default_stream, &x_bf16, &[m, k])
-        .and_then(|xd| quant::quantize_activations_new(&on_default_stream, &xd, ScaleFormat::F32))
-        .and_then(|(q, s)| Ok((q.to_host(&on_default_stream)?, s.to_host(&on_default_stream)?)));
+    // The binary's own allocations, on the stream it shares with the crate.
+    let stream = ctx.default_stream();
+    let scale_shape = quant::activation_scale_shape(m, k);
+    let x_dev = stream.clone_htod(&x_bf16).map_err(|e| format!("clone_htod: {e}"))?;
+    let mut q_dev = stream.alloc_zeros::<E4M3>(m * k).map_err(|e| format!("alloc: {e}"))?;
+    let mut s_dev = stream.alloc_zeros::<f32>(scale_shape[0] * scale_shape[1]).map_err(|e| format!("alloc: {e}"))?;
+    let quantized = TensorRef::from_cuda_slice(&x_dev, &[m, k], None)
+        .and_then(|x| {
+            let q = TensorMut::from_cuda_slice(&mut q_dev, &[m, k], None)?;
+            let s = TensorMut::from_cuda_slice(&mut s_dev, &scale_shape, None)?;
+            quant::quantize_activations(&on_default_stream, x, q, s, ScaleFormat::F32)
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            let q = stream.clone_dtoh(&q_dev).map_err(|e| format!("clone_dtoh: {e}"))?;
+            let s = stream.clone_dtoh(&s_dev).map_err(|e| format!("clone_dtoh: {e}"))?;
+            Ok((q, s))
+        });
     match quantized {
         Ok((q, s)) => {
             let s = scales_from_mn_major(&s, m, k / quant::QUANT_BLOCK).map_err(|e| e.to_string())?;
