@@ -24,7 +24,7 @@ use r1_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureM
 use r1_kernels::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use r1_kernels::gemm::{self, GemmKernel, GemmOptions};
 use r1_kernels::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace};
-use r1_kernels::moe::{moe_forward, ExpertWeights, Layout, MoeWorkspace, RouterConfig, Routing};
+use r1_kernels::moe::{moe_forward, ExpertWeightViews, Layout, MoeWorkspace, RouterConfig, Routing};
 use r1_kernels::quant::{activation_scale_shape, quantize_activations};
 use r1_kernels::reference::{self, mla::MlaConfig, moe::ExpertsFp8, quant::ScaleFormat};
 use r1_kernels::rng::SplitMix64;
@@ -142,11 +142,18 @@ fn main() -> Res<()> {
         RouterConfig { num_experts: 8, top_k: 2, num_groups: 1, topk_groups: 1, ..RouterConfig::deepseek_v3() };
     let (hidden, inter, tokens) = (256usize, 128usize, 4usize);
     let ex = experts(&mut rng, 8, hidden, inter);
-    let experts_d = ExpertWeights {
-        w13: engine_tensor(&stream, &ex.w13, &[8, 2 * inter, hidden])?,
-        w13_scales: engine_tensor(&stream, &ex.w13_scales, &[8, 2 * inter / 128, hidden / 128])?,
-        w2: engine_tensor(&stream, &ex.w2, &[8, hidden, inter])?,
-        w2_scales: engine_tensor(&stream, &ex.w2_scales, &[8, hidden / 128, inter / 128])?,
+    // Expert weights stay in the engine's buffers; the crate borrows them.
+    let expert_bufs = (
+        engine_buffer(&stream, &ex.w13)?,
+        engine_buffer(&stream, &ex.w13_scales)?,
+        engine_buffer(&stream, &ex.w2)?,
+        engine_buffer(&stream, &ex.w2_scales)?,
+    );
+    let experts_d = ExpertWeightViews {
+        w13: TensorRef::from_cuda_slice(&expert_bufs.0, &[8, 2 * inter, hidden], None)?,
+        w13_scales: TensorRef::from_cuda_slice(&expert_bufs.1, &[8, 2 * inter / 128, hidden / 128], None)?,
+        w2: TensorRef::from_cuda_slice(&expert_bufs.2, &[8, hidden, inter], None)?,
+        w2_scales: TensorRef::from_cuda_slice(&expert_bufs.3, &[8, hidden / 128, inter / 128], None)?,
     };
     let bias = uniform(&mut rng, 8, 0.05);
     let bias_d = engine_tensor(&stream, &bias, &[8])?;
@@ -194,7 +201,8 @@ fn main() -> Res<()> {
                 &mla_opts,
             )?;
             let routing = Routing::logits(&logits_d, Some(&bias_d));
-            moe_forward(&gpu, &router, &experts_d, None, &h_d, routing, &mut moe_ws, &mut moe_out)
+            let no_shared_expert = None::<ExpertWeightViews>;
+            moe_forward(&gpu, &router, experts_d, no_shared_expert, &h_d, routing, &mut moe_ws, &mut moe_out)
         }};
     }
 

@@ -417,6 +417,42 @@ impl ExpertWeights {
 
     /// `(E, H, I)`, after checking the four shapes agree.
     pub fn dims(&self) -> Result<(usize, usize, usize)> {
+        ExpertWeightViews::from(self).dims()
+    }
+}
+
+/// Borrowed FP8 expert weights, e.g. views of an engine's own device memory (see [`crate::view`]); shapes as in
+/// [`ExpertWeights`]. `From<&ExpertWeights>` makes them from owned weights.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertWeightViews<'a> {
+    /// Gate and up projections `[E, 2I, H]`.
+    pub w13: TensorRef<'a, E4M3>,
+    /// `[E, 2I/128, H/128]`.
+    pub w13_scales: TensorRef<'a, f32>,
+    /// Down projection `[E, H, I]`.
+    pub w2: TensorRef<'a, E4M3>,
+    /// `[E, H/128, I/128]`.
+    pub w2_scales: TensorRef<'a, f32>,
+}
+
+impl<'a> From<&'a ExpertWeights> for ExpertWeightViews<'a> {
+    fn from(w: &'a ExpertWeights) -> Self {
+        ExpertWeightViews {
+            w13: w.w13.as_tensor_ref(),
+            w13_scales: w.w13_scales.as_tensor_ref(),
+            w2: w.w2.as_tensor_ref(),
+            w2_scales: w.w2_scales.as_tensor_ref(),
+        }
+    }
+}
+
+impl ExpertWeightViews<'_> {
+    /// `(E, H, I)`, after checking the four shapes agree and every view is dense.
+    pub fn dims(&self) -> Result<(usize, usize, usize)> {
+        self.w13.require_dense("w13")?;
+        self.w13_scales.require_dense("w13_scales")?;
+        self.w2.require_dense("w2")?;
+        self.w2_scales.require_dense("w2_scales")?;
         let [e, i2, h] = self.w13.dims::<3>("w13")?;
         if i2 % (2 * QUANT_BLOCK) != 0 || h % QUANT_BLOCK != 0 {
             return Err(Error::Alignment {
@@ -1020,13 +1056,15 @@ impl<'a> Routing<'a> {
 pub fn moe_forward<'a>(
     gpu: &Gpu,
     cfg: &RouterConfig,
-    experts: &ExpertWeights,
-    shared: Option<&ExpertWeights>,
+    experts: impl Into<ExpertWeightViews<'a>>,
+    shared: Option<impl Into<ExpertWeightViews<'a>>>,
     x: impl Into<TensorRef<'a, bf16>>,
     routing: Routing<'_>,
     ws: &mut MoeWorkspace,
     out: impl Into<TensorMut<'a, bf16>>,
 ) -> Result<()> {
+    let (experts, shared): (ExpertWeightViews<'_>, Option<ExpertWeightViews<'_>>) =
+        (experts.into(), shared.map(Into::into));
     let (x, mut out) = (x.into(), out.into());
     cfg.validate()?;
     let (e, h, i) = experts.dims()?;
@@ -1048,7 +1086,7 @@ pub fn moe_forward<'a>(
     check_devices!(gpu, ws.topk_ids, ws.topk_weights, ws.logits, ws.xq, ws.xs, ws.h, ws.act, ws.act_scales, ws.y)?;
     let p = &ws.perm;
     check_devices!(gpu, p.codes, p.scales, p.src_index, p.row_of, p.offsets, p.counts)?;
-    if let Some(s) = shared {
+    if let Some(s) = &shared {
         check_devices!(gpu, s.w13, s.w13_scales, s.w2, s.w2_scales)?;
     }
     match &routing {

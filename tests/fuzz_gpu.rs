@@ -1906,7 +1906,6 @@ fn masked_offsets_past_i32_experts_or_i64_offsets_is_an_error_before_allocating(
 mod decode_layer {
     use super::*;
 
-
     /// A layer small enough for the emulator (two heads, eight 128-wide experts) that keeps the head dimensions the
     /// decode kernels are specialised for.
     fn tiny_layer_config(hidden: usize) -> DeepSeekV3Config {
@@ -2073,7 +2072,8 @@ mod decode_layer {
                 && ls == [b]
                 && ps == [b]
                 && ts == [b, max_blocks];
-            let fault_free = matches!(fault, LayerFault::None) || (matches!(fault, LayerFault::Shape(..)) && shapes_kept);
+            let fault_free =
+                matches!(fault, LayerFault::None) || (matches!(fault, LayerFault::Shape(..)) && shapes_kept);
             match r {
                 Err(e) => {
                     expect_validation_error(&what, &e)?;

@@ -414,7 +414,6 @@ fn fuzz_router_config_validate() {
 mod checkpoint_loader {
     use super::*;
 
-
     /// A fresh, empty directory.
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("r1k-fuzz-ckpt-{}-{name}", std::process::id()));
@@ -565,7 +564,8 @@ mod checkpoint_loader {
         let cfg = DeepSeekV3Config::reduced();
         let pristine = scratch("pristine");
         // Layer 0 is dense (small); layer 1 is an MoE layer.
-        let layers: Vec<LayerWeights> = [0usize, 1].iter().map(|&l| synthetic_layer_weights(&cfg, l, 7).unwrap()).collect();
+        let layers: Vec<LayerWeights> =
+            [0usize, 1].iter().map(|&l| synthetic_layer_weights(&cfg, l, 7).unwrap()).collect();
         let mut shards = Vec::new();
         for w in &layers {
             shards.push(write_layer_checkpoint(&pristine, &cfg, w).unwrap());

@@ -614,7 +614,17 @@ fn gpu_gate_logits_bitwise_and_gate_routing() {
     let gd = DeviceTensor::from_host(&gpu, &to_bf16(&wg), &[16, h]).unwrap();
     let mut ws = MoeWorkspace::new(&gpu, &cfg, t, h, i, None, Layout::Contiguous { block_m: 64 }).unwrap();
     let mut out = DeviceTensor::zeros(&gpu, &[t, h]).unwrap();
-    moe_forward(&gpu, &cfg, &wd, None, &xd, Routing::gate(&gd, r1_kernels::no_tensor()), &mut ws, &mut out).unwrap();
+    moe_forward(
+        &gpu,
+        &cfg,
+        &wd,
+        None::<&ExpertWeights>,
+        &xd,
+        Routing::gate(&gd, r1_kernels::no_tensor()),
+        &mut ws,
+        &mut out,
+    )
+    .unwrap();
     assert_eq!(ws.topk_ids.to_host(&gpu).unwrap(), ids);
     let diff = calc_diff(&from_bf16(&out.to_host(&gpu).unwrap()), &want);
     assert!(diff < 1e-3, "gate-routed layer diff {diff}");

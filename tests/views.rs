@@ -166,3 +166,65 @@ fn strided_misplaced_and_foreign_views_are_refused_without_writing() {
     assert!(matches!(e, Error::Shape { .. }), "{e}");
     assert!(out.to_host(&gpu).unwrap().iter().all(|v| v.to_bits() == POISON.to_bits()), "a refused launch wrote");
 }
+
+/// The MoE layer over borrowed expert weights: layer 1 of an engine's two-layer expert pool (layer 0 holds other
+/// weights), bitwise the result over the same weights as their own tensors.
+#[test]
+fn moe_forward_over_one_layer_of_a_pooled_expert_store() {
+    use r1_kernels::moe::{self, ExpertWeightViews, ExpertWeights, Layout, MoeWorkspace, RouterConfig, Routing};
+    use r1_kernels::E4M3;
+    let Some(gpu) = test_gpu("moe_forward_over_one_layer_of_a_pooled_expert_store") else { return };
+    let (e, h, i, t) = (8usize, 256usize, 128usize, 5usize);
+    let cfg = RouterConfig { num_experts: e, top_k: 2, num_groups: 1, topk_groups: 1, ..RouterConfig::deepseek_v3() };
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut codes = |n: usize| -> Vec<E4M3> {
+        (0..n).map(|_| rng.random::<u8>()).map(|b| E4M3(if b & 0x7f == 0x7f { b - 1 } else { b })).collect()
+    };
+    let layers: Vec<(Vec<E4M3>, Vec<E4M3>)> = (0..2).map(|_| (codes(e * 2 * i * h), codes(e * h * i))).collect();
+    let s13: Vec<f32> = (0..2 * e * (2 * i / 128) * (h / 128)).map(|j| 0.001 + j as f32 * 1e-5).collect();
+    let s2: Vec<f32> = (0..2 * e * (h / 128) * (i / 128)).map(|j| 0.002 + j as f32 * 1e-5).collect();
+    let (n13, n2) = (s13.len() / 2, s2.len() / 2);
+    let own = ExpertWeights {
+        w13: DeviceTensor::from_host(&gpu, &layers[1].0, &[e, 2 * i, h]).unwrap(),
+        w13_scales: DeviceTensor::from_host(&gpu, &s13[n13..], &[e, 2 * i / 128, h / 128]).unwrap(),
+        w2: DeviceTensor::from_host(&gpu, &layers[1].1, &[e, h, i]).unwrap(),
+        w2_scales: DeviceTensor::from_host(&gpu, &s2[n2..], &[e, h / 128, i / 128]).unwrap(),
+    };
+    let pool13: Vec<E4M3> = layers.iter().flat_map(|l| l.0.clone()).collect();
+    let pool2: Vec<E4M3> = layers.iter().flat_map(|l| l.1.clone()).collect();
+    let pools = (
+        DeviceTensor::from_host(&gpu, &pool13, &[2, e, 2 * i, h]).unwrap(),
+        DeviceTensor::from_host(&gpu, &s13, &[2, e, 2 * i / 128, h / 128]).unwrap(),
+        DeviceTensor::from_host(&gpu, &pool2, &[2, e, h, i]).unwrap(),
+        DeviceTensor::from_host(&gpu, &s2, &[2, e, h / 128, i / 128]).unwrap(),
+    );
+    fn layer1<T: r1_kernels::cudarc::driver::DeviceRepr>(p: &DeviceTensor<T>) -> TensorRef<'_, T> {
+        let shape = p.shape()[1..].to_vec();
+        p.as_tensor_ref().narrow(0, 1..2).unwrap().reshape(&shape).unwrap()
+    }
+    let pooled = ExpertWeightViews {
+        w13: layer1(&pools.0),
+        w13_scales: layer1(&pools.1),
+        w2: layer1(&pools.2),
+        w2_scales: layer1(&pools.3),
+    };
+    let x = DeviceTensor::from_host(&gpu, &random_bf16(t * h, 12, 1.0), &[t, h]).unwrap();
+    let logits: Vec<f32> = (0..t * e).map(|j| ((j * 7919) % 13) as f32 * 0.3 - 1.5).collect();
+    let logits = DeviceTensor::from_host(&gpu, &logits, &[t, e]).unwrap();
+    let run = |experts: ExpertWeightViews<'_>| {
+        let mut ws = MoeWorkspace::new(&gpu, &cfg, t, h, i, None, Layout::Contiguous { block_m: 64 }).unwrap();
+        let mut out = DeviceTensor::from_host(&gpu, &vec![POISON; t * h], &[t, h]).unwrap();
+        let routing = Routing::logits(&logits, r1_kernels::no_tensor());
+        moe::moe_forward(&gpu, &cfg, experts, None::<ExpertWeightViews>, &x, routing, &mut ws, &mut out).unwrap();
+        out.to_host(&gpu).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    let want = run((&own).into());
+    assert!(want.iter().all(|&b| b != POISON.to_bits()), "an output element was not written");
+    assert_eq!(run(pooled), want, "the pooled experts give another result");
+    // Views of the wrong layer's weights are a different layer: the comparison can fail.
+    let layer0 = ExpertWeightViews {
+        w13: pools.0.as_tensor_ref().narrow(0, 0..1).unwrap().reshape(&[e, 2 * i, h]).unwrap(),
+        ..pooled
+    };
+    assert_ne!(run(layer0), want);
+}
