@@ -1901,6 +1901,113 @@ fn masked_offsets_past_i32_experts_or_i64_offsets_is_an_error_before_allocating(
     assert_eq!(offsets.to_host(&gpu).unwrap(), vec![0, 2 * block as i64, 4 * block as i64, 6 * block as i64]);
 }
 
+// ------------------------------------------------------------------------------------------------ borrowed views
+
+/// Which launcher a view case drives.
+#[derive(Debug, Clone, Copy)]
+enum ViewOp {
+    /// Accepts strided rows.
+    RmsNorm,
+    /// Accepts strided rows.
+    CopyColumns,
+    /// Dense only.
+    Add,
+    /// Dense only.
+    Quantize,
+}
+
+/// Column windows of wider buffers as views: a view exists exactly when its start and (non-dense) row stride are
+/// 16-byte aligned; a launcher that accepts row strides gives bitwise the dense result and writes nothing outside
+/// the window; a dense-only launcher refuses a strided view and writes nothing.
+#[test]
+fn fuzz_views() {
+    let Some(gpu) = test_gpu("fuzz_views") else { return };
+    let strategy = (
+        prop::sample::select(vec![ViewOp::RmsNorm, ViewOp::CopyColumns, ViewOp::Add, ViewOp::Quantize]),
+        (0usize..6, prop::sample::select(vec![1usize, 5, 8, 64, 128, 130])),
+        {
+            // Mostly aligned offsets and gaps (8 bf16 = 16 bytes), sometimes anything.
+            let part = || prop_oneof![3 => (0usize..3).prop_map(|c| 8 * c), 1 => 0usize..20];
+            (part(), part(), part(), part())
+        },
+        any::<u64>(),
+    );
+    fuzz::run("views through launchers", strategy, |(op, (rows, d), (x_col, x_pad, y_col, y_pad), seed)| {
+        let (xw, yw) = (x_col + d + x_pad, y_col + d + y_pad);
+        let what = format!("{op:?} rows={rows} d={d} x cols {x_col}..+{d} of {xw}, y cols {y_col}..+{d} of {yw}");
+        let xh = to_bf16(&values(rows * xw, seed, 3.0, false));
+        let x_buf = DeviceTensor::from_host(&gpu, &xh, &[rows, xw]).unwrap();
+        let (mut y_buf, y0) = poisoned::<bf16>(&gpu, &[rows, yw]);
+        // bf16 is 2 bytes: a view is possible when its start is a multiple of 8 elements and, with more than one
+        // row and a gap, its row stride too; a view of no rows has no element to place.
+        let possible =
+            |col: usize, width: usize| rows == 0 || (col % 8 == 0 && (rows <= 1 || width == d || width % 8 == 0));
+        let x_view = x_buf.as_tensor_ref().narrow(1, x_col..x_col + d);
+        check!(x_view.is_ok() == possible(x_col, xw), "{what}: x view {x_view:?}");
+        let Ok(x_view) = x_view else {
+            check!(matches!(x_view, Err(Error::Alignment { .. })), "{what}: x view error {x_view:?}");
+            return Ok(Outcome::Rejected);
+        };
+        let y_view = y_buf.as_tensor_mut().narrow(1, y_col..y_col + d);
+        check!(y_view.is_ok() == possible(y_col, yw), "{what}: y view");
+        let Ok(y_view) = y_view else { return Ok(Outcome::Rejected) };
+        let strided = !x_view.is_dense() || !y_view.is_dense();
+        let x_dense: Vec<bf16> = (0..rows).flat_map(|r| xh[r * xw + x_col..][..d].to_vec()).collect();
+        let xd = DeviceTensor::from_host(&gpu, &x_dense, &[rows, d]).unwrap();
+        let (mut want, _) = poisoned::<bf16>(&gpu, &[rows, d]);
+        let r = match op {
+            ViewOp::RmsNorm => {
+                let w = DeviceTensor::from_host(&gpu, &to_bf16(&values(d, seed + 1, 1.5, false)), &[d]).unwrap();
+                decode_ops::rms_norm(&gpu, &xd, &w, &mut want, 1e-6).unwrap();
+                decode_ops::rms_norm(&gpu, x_view, &w, y_view, 1e-6)
+            }
+            ViewOp::CopyColumns => {
+                decode_ops::copy_columns(&gpu, &xd, 0, &mut want, 0, d).unwrap();
+                decode_ops::copy_columns(&gpu, x_view, 0, y_view, 0, d)
+            }
+            ViewOp::Add => {
+                decode_ops::add(&gpu, &xd, &xd, &mut want).unwrap();
+                decode_ops::add(&gpu, x_view, x_view, y_view)
+            }
+            ViewOp::Quantize => {
+                let mut q = poisoned::<E4M3>(&gpu, &[rows, d]).0;
+                let mut sc = DeviceTensor::<f32>::zeros(&gpu, &activation_scale_shape(rows, d)).unwrap();
+                let r = quant::quantize_activations(&gpu, x_view, &mut q, &mut sc, ScaleFormat::F32);
+                check!(r.is_ok() == x_view.is_dense(), "{what}: quantize {r:?}");
+                if r.is_ok() {
+                    let (wq, ws) = quant::quantize_activations_new(&gpu, &xd, ScaleFormat::F32).unwrap();
+                    check!(q.to_host(&gpu).unwrap() == wq.to_host(&gpu).unwrap(), "{what}: codes differ");
+                    check!(sc.to_host(&gpu).unwrap() == ws.to_host(&gpu).unwrap(), "{what}: scales differ");
+                }
+                untouched(&gpu, "y", &y_buf, &y0)?;
+                return Ok(if r.is_ok() { Outcome::Matched } else { Outcome::Rejected });
+            }
+        };
+        let accepts_strides = matches!(op, ViewOp::RmsNorm | ViewOp::CopyColumns);
+        match r {
+            Err(e) => {
+                check!(strided && !accepts_strides, "{what}: refused: {e}");
+                check!(matches!(e, Error::Shape { .. }), "{what}: error {e}");
+                untouched(&gpu, "y", &y_buf, &y0)?;
+                Ok(Outcome::Rejected)
+            }
+            Ok(()) => {
+                check!(!strided || accepts_strides, "{what}: a dense-only launcher took a strided view");
+                let want = download(&gpu, "want", &want)?;
+                let got = download(&gpu, "y", &y_buf)?;
+                for r in 0..rows {
+                    for c in 0..yw {
+                        let g = got[r * yw + c].to_bits();
+                        let w = if (y_col..y_col + d).contains(&c) { want[r * d + c - y_col] } else { y0[r * yw + c] };
+                        check!(g == w.to_bits(), "{what}: y[{r}, {c}] {g:#x} vs {:#x}", w.to_bits());
+                    }
+                }
+                Ok(Outcome::Matched)
+            }
+        }
+    });
+}
+
 // ------------------------------------------------------------------------------------------------ decode layer
 #[cfg(feature = "layer")]
 mod decode_layer {
