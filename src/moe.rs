@@ -1175,24 +1175,14 @@ pub fn moe_forward<'a>(
     permute(gpu, ids, &ws.xq, &ws.xs, &mut ws.perm)?;
     let p = &ws.perm;
     let b = ws.gemm_backend;
-    grouped_gemm_with(
-        gpu,
-        &p.codes,
-        &p.scales,
-        &experts.w13,
-        &experts.w13_scales,
-        &p.offsets,
-        &p.counts,
-        &mut ws.h,
-        b,
-    )?;
+    grouped_gemm_with(gpu, &p.codes, &p.scales, experts.w13, experts.w13_scales, &p.offsets, &p.counts, &mut ws.h, b)?;
     swiglu_quant(gpu, &ws.h, &mut ws.act, &mut ws.act_scales, ScaleFormat::F32, Some(&p.offsets))?;
     grouped_gemm_with(
         gpu,
         &ws.act,
         &ws.act_scales,
-        &experts.w2,
-        &experts.w2_scales,
+        experts.w2,
+        experts.w2_scales,
         &p.offsets,
         &p.counts,
         &mut ws.y,
@@ -1200,19 +1190,9 @@ pub fn moe_forward<'a>(
     )?;
     let shared_y = match (shared, ws.shared.as_mut()) {
         (Some(s), Some(sw)) => {
-            grouped_gemm_with(gpu, &ws.xq, &ws.xs, &s.w13, &s.w13_scales, &sw.offsets, &sw.counts, &mut sw.h, b)?;
+            grouped_gemm_with(gpu, &ws.xq, &ws.xs, s.w13, s.w13_scales, &sw.offsets, &sw.counts, &mut sw.h, b)?;
             swiglu_quant(gpu, &sw.h, &mut sw.act, &mut sw.act_scales, ScaleFormat::F32, no_tensor())?;
-            grouped_gemm_with(
-                gpu,
-                &sw.act,
-                &sw.act_scales,
-                &s.w2,
-                &s.w2_scales,
-                &sw.offsets,
-                &sw.counts,
-                &mut sw.y,
-                b,
-            )?;
+            grouped_gemm_with(gpu, &sw.act, &sw.act_scales, s.w2, s.w2_scales, &sw.offsets, &sw.counts, &mut sw.y, b)?;
             Some(&sw.y)
         }
         _ => None,

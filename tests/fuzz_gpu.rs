@@ -1940,8 +1940,9 @@ fn fuzz_views() {
         let (mut y_buf, y0) = poisoned::<bf16>(&gpu, &[rows, yw]);
         // bf16 is 2 bytes: a view is possible when its start is a multiple of 8 elements and, with more than one
         // row and a gap, its row stride too; a view of no rows has no element to place.
-        let possible =
-            |col: usize, width: usize| rows == 0 || (col % 8 == 0 && (rows <= 1 || width == d || width % 8 == 0));
+        let possible = |col: usize, width: usize| {
+            rows == 0 || (col.is_multiple_of(8) && (rows <= 1 || width == d || width.is_multiple_of(8)))
+        };
         let x_view = x_buf.as_tensor_ref().narrow(1, x_col..x_col + d);
         check!(x_view.is_ok() == possible(x_col, xw), "{what}: x view {x_view:?}");
         let Ok(x_view) = x_view else {
