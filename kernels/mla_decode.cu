@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "common/fp8.cuh"
+#include "common/mla_params.cuh"
 
 namespace {
 
@@ -211,28 +212,20 @@ __device__ void decode_body(const __nv_bfloat16* __restrict__ q, const uint8_t* 
 
 // q: [batch, s_q, h, 576] bf16. cache: [num_blocks, page, 576] bf16. items: int4 (seq, start_block, end_block,
 // split). o_part: [total_splits, s_q·h, 512] f32, lse_part: [total_splits, s_q·h] f32 (natural log, −inf = empty).
+// All arguments in one struct (common/mla_params.cuh); box_rows and q_box_rows are unused here.
 extern "C" __global__ void __launch_bounds__(kThreads)
-    mla_decode_plain_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ cache,
-                          const int* __restrict__ block_table, const int* __restrict__ seqlens,
-                          const int4* __restrict__ items, const int* __restrict__ cta_offsets,
-                          const int* __restrict__ split_offsets, float* __restrict__ o_part,
-                          float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks,
-                          int max_blocks, float scale_log2, int causal) {
-    decode_body<false>(q, reinterpret_cast<const uint8_t*>(cache), block_table, seqlens, items, cta_offsets,
-                       split_offsets, o_part, lse_part, batch, s_q, h, page, num_blocks, max_blocks, scale_log2,
-                       causal);
+    mla_decode_plain_bf16(const __grid_constant__ r1k_mla_params::DecodeParams p) {
+    decode_body<false>(static_cast<const __nv_bfloat16*>(p.q), static_cast<const uint8_t*>(p.cache), p.block_table,
+                       p.seqlens, p.items, p.cta_offsets, p.split_offsets, p.o_part, p.lse_part, p.batch, p.s_q, p.h,
+                       p.page, p.num_blocks, p.max_blocks, p.scale_log2, p.causal);
 }
 
 // As mla_decode_plain_bf16 with the FP8 cache: [num_blocks, page, 656] bytes (see reference::mla::fp8_token_layout).
 extern "C" __global__ void __launch_bounds__(kThreads)
-    mla_decode_plain_fp8(const __nv_bfloat16* __restrict__ q, const uint8_t* __restrict__ cache,
-                         const int* __restrict__ block_table, const int* __restrict__ seqlens,
-                         const int4* __restrict__ items, const int* __restrict__ cta_offsets,
-                         const int* __restrict__ split_offsets, float* __restrict__ o_part,
-                         float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks,
-                         int max_blocks, float scale_log2, int causal) {
-    decode_body<true>(q, cache, block_table, seqlens, items, cta_offsets, split_offsets, o_part, lse_part, batch, s_q,
-                      h, page, num_blocks, max_blocks, scale_log2, causal);
+    mla_decode_plain_fp8(const __grid_constant__ r1k_mla_params::DecodeParams p) {
+    decode_body<true>(static_cast<const __nv_bfloat16*>(p.q), static_cast<const uint8_t*>(p.cache), p.block_table,
+                      p.seqlens, p.items, p.cta_offsets, p.split_offsets, p.o_part, p.lse_part, p.batch, p.s_q, p.h,
+                      p.page, p.num_blocks, p.max_blocks, p.scale_log2, p.causal);
 }
 
 // Merges the partials of each (sequence, row): one warp per row, each lane owning 16 columns. Splits are visited in

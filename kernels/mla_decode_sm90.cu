@@ -44,6 +44,7 @@
 
 #include "common/fp8.cuh"
 #include "common/mla.cuh"
+#include "common/mla_params.cuh"
 
 using namespace r1k_mla;
 
@@ -531,16 +532,13 @@ __device__ __forceinline__ void decode_body(const TmaDesc* tmap_q, const TmaDesc
     }
 }
 
+// The tensor maps, then every other argument in one struct (common/mla_params.cuh; q and cache unused).
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_sm90_bf16(const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_kv,
-                         const int* __restrict__ block_table, const int* __restrict__ seqlens,
-                         const int4* __restrict__ items, const int* __restrict__ cta_offsets,
-                         const int* __restrict__ split_offsets, float* __restrict__ o_part,
-                         float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks,
-                         int max_blocks, float scale_log2, int causal, int box_rows, int q_box_rows) {
-    decode_body<false>(&tmap_q, &tmap_kv, nullptr, nullptr, block_table, seqlens, items, cta_offsets, split_offsets,
-                       o_part, lse_part, batch, s_q, h, page, num_blocks, max_blocks, scale_log2, causal, box_rows,
-                       q_box_rows);
+                         const __grid_constant__ r1k_mla_params::DecodeParams p) {
+    decode_body<false>(&tmap_q, &tmap_kv, nullptr, nullptr, p.block_table, p.seqlens, p.items, p.cta_offsets,
+                       p.split_offsets, p.o_part, p.lse_part, p.batch, p.s_q, p.h, p.page, p.num_blocks, p.max_blocks,
+                       p.scale_log2, p.causal, p.box_rows, p.q_box_rows);
 }
 
 // FP8 cache ([num_blocks·page, 656] bytes): tmap_codes u8 box 256 × box_rows, tmap_scales u8 box 16 × box_rows
@@ -548,14 +546,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_sm90_fp8(const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_codes,
                         const __grid_constant__ TmaDesc tmap_scales, const __grid_constant__ TmaDesc tmap_rope,
-                        const int* __restrict__ block_table, const int* __restrict__ seqlens,
-                        const int4* __restrict__ items, const int* __restrict__ cta_offsets,
-                        const int* __restrict__ split_offsets, float* __restrict__ o_part,
-                        float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks,
-                        int max_blocks, float scale_log2, int causal, int box_rows, int q_box_rows) {
-    decode_body<true>(&tmap_q, &tmap_codes, &tmap_scales, &tmap_rope, block_table, seqlens, items, cta_offsets,
-                      split_offsets, o_part, lse_part, batch, s_q, h, page, num_blocks, max_blocks, scale_log2, causal,
-                      box_rows, q_box_rows);
+                        const __grid_constant__ r1k_mla_params::DecodeParams p) {
+    decode_body<true>(&tmap_q, &tmap_codes, &tmap_scales, &tmap_rope, p.block_table, p.seqlens, p.items,
+                      p.cta_offsets, p.split_offsets, p.o_part, p.lse_part, p.batch, p.s_q, p.h, p.page, p.num_blocks,
+                      p.max_blocks, p.scale_log2, p.causal, p.box_rows, p.q_box_rows);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -917,24 +911,18 @@ __device__ __forceinline__ void narrow_body(const TmaDesc* tmap_q, const TmaDesc
 #define R1K_NARROW_KERNEL(KN)                                                                                        \
     extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1) mla_decode_sm90_narrow##KN##_bf16(              \
         const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_kv,                            \
-        const int* __restrict__ block_table, const int* __restrict__ seqlens, const int4* __restrict__ items,       \
-        const int* __restrict__ cta_offsets, const int* __restrict__ split_offsets, float* __restrict__ o_part,     \
-        float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks, int max_blocks,          \
-        float scale_log2, int causal, int box_rows, int q_box_rows) {                                               \
-        narrow_body<KN, false>(&tmap_q, &tmap_kv, nullptr, nullptr, block_table, seqlens, items, cta_offsets,       \
-                               split_offsets, o_part, lse_part, batch, s_q, h, page, num_blocks, max_blocks,        \
-                               scale_log2, causal, box_rows, q_box_rows);                                           \
+        const __grid_constant__ r1k_mla_params::DecodeParams p) {                                                   \
+        narrow_body<KN, false>(&tmap_q, &tmap_kv, nullptr, nullptr, p.block_table, p.seqlens, p.items,              \
+                               p.cta_offsets, p.split_offsets, p.o_part, p.lse_part, p.batch, p.s_q, p.h, p.page,   \
+                               p.num_blocks, p.max_blocks, p.scale_log2, p.causal, p.box_rows, p.q_box_rows);       \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1) mla_decode_sm90_narrow##KN##_fp8(               \
         const __grid_constant__ TmaDesc tmap_q, const __grid_constant__ TmaDesc tmap_codes,                         \
         const __grid_constant__ TmaDesc tmap_scales, const __grid_constant__ TmaDesc tmap_rope,                     \
-        const int* __restrict__ block_table, const int* __restrict__ seqlens, const int4* __restrict__ items,       \
-        const int* __restrict__ cta_offsets, const int* __restrict__ split_offsets, float* __restrict__ o_part,     \
-        float* __restrict__ lse_part, int batch, int s_q, int h, int page, int num_blocks, int max_blocks,          \
-        float scale_log2, int causal, int box_rows, int q_box_rows) {                                               \
-        narrow_body<KN, true>(&tmap_q, &tmap_codes, &tmap_scales, &tmap_rope, block_table, seqlens, items,          \
-                              cta_offsets, split_offsets, o_part, lse_part, batch, s_q, h, page, num_blocks,        \
-                              max_blocks, scale_log2, causal, box_rows, q_box_rows);                                \
+        const __grid_constant__ r1k_mla_params::DecodeParams p) {                                                   \
+        narrow_body<KN, true>(&tmap_q, &tmap_codes, &tmap_scales, &tmap_rope, p.block_table, p.seqlens, p.items,    \
+                              p.cta_offsets, p.split_offsets, p.o_part, p.lse_part, p.batch, p.s_q, p.h, p.page,    \
+                              p.num_blocks, p.max_blocks, p.scale_log2, p.causal, p.box_rows, p.q_box_rows);        \
     }
 R1K_NARROW_KERNEL(16)
 R1K_NARROW_KERNEL(32)

@@ -10,6 +10,7 @@
 //! they also check every block-table entry that will be read. The kernels bounds-check table entries against the
 //! cache on the device anyway, so a garbage table never causes an out-of-bounds read (its pages are skipped).
 
+mod params;
 pub mod sched;
 pub mod sm90;
 
@@ -318,6 +319,24 @@ pub(crate) struct Checked {
     pub causal: i32,
 }
 
+impl Checked {
+    /// The kernels' argument struct with these scalars; the caller fills in the device addresses (and, for the
+    /// sm_90a kernels, the box sizes).
+    pub(crate) fn params(&self) -> params::DecodeParams {
+        params::DecodeParams {
+            batch: self.batch,
+            s_q: self.s_q,
+            h: self.heads,
+            page: self.page,
+            num_blocks: self.num_blocks,
+            max_blocks: self.max_blocks,
+            scale_log2: self.scale_log2,
+            causal: self.causal,
+            ..Default::default()
+        }
+    }
+}
+
 /// The shapes a launch is checked against, apart from the device buffers so the checks run (and are tested)
 /// without a GPU.
 #[derive(Debug, Clone, Copy)]
@@ -617,18 +636,29 @@ fn launch(
                 };
                 let stream = gpu.stream();
                 let (qv, tv, sv) = (q.kernel_arg(stream), block_table.kernel_arg(stream), seqlens.kernel_arg(stream));
-                let (iv, cv, ov) = (plan.items.view(), plan.cta_offsets.view(), plan.split_offsets.view());
-                let (mut opv, mut lpv) = (ws.o_part.view_mut(), ws.lse_part.view_mut());
-                let mut launch = gpu.stream().launch_builder(&f);
-                launch.arg(&qv);
                 let kv = match &cache {
                     Cache::Bf16(kv) => kv.kernel_arg(stream),
                     Cache::Fp8(kv) => kv.kernel_arg(stream),
                 };
-                launch.arg(&kv);
-                launch.arg(&tv).arg(&sv).arg(&iv).arg(&cv).arg(&ov).arg(&mut opv).arg(&mut lpv);
-                launch.arg(&c.batch).arg(&c.s_q).arg(&c.heads).arg(&c.page).arg(&c.num_blocks).arg(&c.max_blocks);
-                launch.arg(&c.scale_log2).arg(&c.causal);
+                let (items, ctas_v, splits) =
+                    (plan.items.as_tensor_ref(), plan.cta_offsets.as_tensor_ref(), plan.split_offsets.as_tensor_ref());
+                let (iv, cv, ov) = (items.kernel_arg(stream), ctas_v.kernel_arg(stream), splits.kernel_arg(stream));
+                let (mut o_part, mut lse_part) = (ws.o_part.as_tensor_mut(), ws.lse_part.as_tensor_mut());
+                let (opv, lpv) = (o_part.kernel_arg(stream), lse_part.kernel_arg(stream));
+                let params = params::DecodeParams {
+                    q: qv.addr(),
+                    cache: kv.addr(),
+                    block_table: tv.addr(),
+                    seqlens: sv.addr(),
+                    items: iv.addr(),
+                    cta_offsets: cv.addr(),
+                    split_offsets: ov.addr(),
+                    o_part: opv.addr(),
+                    lse_part: lpv.addr(),
+                    ..c.params()
+                };
+                let mut launch = stream.launch_builder(&f);
+                launch.arg(&params);
                 // SAFETY: shapes were validated: q is [b, s_q, h, 576], the cache [num_blocks, page, width], the table
                 // [b, max_blocks], seqlens [b]. The kernel clamps seqlens to max_blocks·page, reads table columns
                 // below that only, skips entries outside 0..num_blocks, and writes partial slots

@@ -337,8 +337,23 @@ pub(crate) fn launch_decode(
     let (box_i, q_box_i) = (box_rows as i32, q_box as i32);
     let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
     let (tv, sv) = (block_table.kernel_arg(stream), seqlens.kernel_arg(stream));
-    let (iv, cv, ov) = (plan.items.view(), plan.cta_offsets.view(), plan.split_offsets.view());
-    let (mut opv, mut lpv) = (ws.o_part.view_mut(), ws.lse_part.view_mut());
+    let (items, ctas_v, splits) =
+        (plan.items.as_tensor_ref(), plan.cta_offsets.as_tensor_ref(), plan.split_offsets.as_tensor_ref());
+    let (iv, cv, ov) = (items.kernel_arg(stream), ctas_v.kernel_arg(stream), splits.kernel_arg(stream));
+    let (mut o_part, mut lse_part) = (ws.o_part.as_tensor_mut(), ws.lse_part.as_tensor_mut());
+    let (opv, lpv) = (o_part.kernel_arg(stream), lse_part.kernel_arg(stream));
+    let params = super::params::DecodeParams {
+        block_table: tv.addr(),
+        seqlens: sv.addr(),
+        items: iv.addr(),
+        cta_offsets: cv.addr(),
+        split_offsets: ov.addr(),
+        o_part: opv.addr(),
+        lse_part: lpv.addr(),
+        box_rows: box_i,
+        q_box_rows: q_box_i,
+        ..c.params()
+    };
     let mut launch = stream.launch_builder(&f);
     launch.arg(&tmap_q);
     let kv_ptr = match &kv {
@@ -352,9 +367,7 @@ pub(crate) fn launch_decode(
     for m in &maps {
         launch.arg(m);
     }
-    launch.arg(&tv).arg(&sv).arg(&iv).arg(&cv).arg(&ov).arg(&mut opv).arg(&mut lpv);
-    launch.arg(&c.batch).arg(&c.s_q).arg(&c.heads).arg(&c.page).arg(&c.num_blocks).arg(&c.max_blocks);
-    launch.arg(&c.scale_log2).arg(&c.causal).arg(&box_i).arg(&q_box_i);
+    launch.arg(&params);
     // SAFETY: the tensor maps cover exactly q ([b·s_q·h, 576]) and the cache ([num_blocks·page] tokens of 1152 or
     // 656 bytes, validated); TMA clips boxes at the tensor edge (zero fill). Table entries are bounds-checked
     // against num_blocks in the kernel, which reads only columns below min(seqlen, max_blocks·page) / page; partial

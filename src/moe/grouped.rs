@@ -1,0 +1,324 @@
+//! The grouped FP8 expert GEMM: one kernel launch over every expert's segment (SIMT, wgmma, or TMA-fed wgmma),
+//! with the host twins of its schedule.
+
+use super::*;
+
+/// Which grouped-GEMM kernel to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmBackend {
+    /// wgmma on sm_90, SIMT elsewhere.
+    #[default]
+    Auto,
+    /// The portable SIMT kernel (`moe.cu`), any sm_80+ device.
+    Simt,
+    /// The wgmma kernel (`moe_sm90.cu`), sm_90 only.
+    Wgmma,
+    /// The persistent warp-specialized TMA + wgmma kernel on the dense FP8 GEMM's machinery
+    /// (`moe_grouped_sm90.cu`), sm_90 only. Opt-in; serves contiguous and masked layouts alike (segment starts on
+    /// multiples of [`GEMM_BLOCK_M`]).
+    Sm90Tma,
+}
+
+/// Dynamic shared memory of the wgmma kernel: 4 stages of (64 + 128) × 128 B, plus 1 KiB to align to 1024 B.
+const SM90_SMEM: u32 = 4 * (64 + 128) * 128 + 1024;
+
+const TMA_MODULE: &str = "moe_grouped_sm90";
+pub(super) const TMA_KERNEL: &str = "moe_grouped_gemm_fp8_sm90_tma";
+/// Output tile rows of the [`GemmBackend::Sm90Tma`] kernel (the segment granule).
+pub const TMA_BLOCK_M: usize = GEMM_BLOCK_M;
+/// Output tile columns of the [`GemmBackend::Sm90Tma`] kernel (`N % 128 == 0`: a tile never crosses an expert's
+/// weight rows and uses one weight-scale block).
+pub const TMA_BLOCK_N: usize = 128;
+
+/// Last `e` in `0..=E` with `offsets[e] <= row` (`E`: past the end). Twin of `r1k::moe_find_segment`.
+pub(super) fn find_segment(offsets: &[i64], e: usize, row: i64) -> usize {
+    let (mut lo, mut hi) = (0usize, e);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if offsets[mid] <= row {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// End of segment `e`'s valid rows. Twin of `r1k::moe_segment_valid_end`.
+pub(super) fn segment_valid_end(offsets: &[i64], counts: &[i32], e: usize, rows: i64) -> i64 {
+    let cap = offsets[e + 1] - offsets[e];
+    (offsets[e] + (counts[e].max(0) as i64).min(cap)).min(rows)
+}
+
+/// One tile of the [`GemmBackend::Sm90Tma`] kernel's schedule.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TmaTile {
+    /// Expert (segment) of the tile.
+    pub expert: usize,
+    /// First row.
+    pub m0: i64,
+    /// First column (within the expert's `N`).
+    pub n0: usize,
+    /// Rows at or past this are not stored.
+    pub valid_end: i64,
+}
+
+/// Independent pipes (math warpgroup + producer thread + half the ring) of one [`GemmBackend::Sm90Tma`] CTA.
+pub const TMA_PIPES: u32 = 2;
+
+/// Twin of the kernel's per-role loop: the tiles CTA `cta` of `grid` computes on each pipe, in order (valid tile
+/// `j` of the CTA, in schedule order, goes to pipe `j % 2`).
+#[doc(hidden)]
+pub fn tma_cta_schedule(
+    cta: u32,
+    grid: u32,
+    rows: usize,
+    n: usize,
+    group_m: u32,
+    offsets: &[i64],
+    counts: &[i32],
+) -> [Vec<TmaTile>; 2] {
+    let tiles = (rows.div_ceil(TMA_BLOCK_M) * (n / TMA_BLOCK_N)) as u32;
+    let mut pipes = [Vec::new(), Vec::new()];
+    let mut valid = 0usize;
+    for item in (cta..tiles).step_by(grid as usize) {
+        if let Some(w) = tma_tile_work(item, rows, n, group_m, offsets, counts) {
+            pipes[valid % 2].push(w);
+            valid += 1;
+        }
+    }
+    pipes
+}
+
+/// Twin of `tile_work` in kernels/moe_grouped_sm90.cu: what tile `item` of the `[ceil(rows/64)] × [N/128]` grid
+/// computes, or `None` when it holds no valid row (producer and consumers both skip it).
+#[doc(hidden)]
+pub fn tma_tile_work(
+    item: u32,
+    rows: usize,
+    n: usize,
+    group_m: u32,
+    offsets: &[i64],
+    counts: &[i32],
+) -> Option<TmaTile> {
+    let e = counts.len();
+    let tiles_m = rows.div_ceil(TMA_BLOCK_M) as u32;
+    let tiles_n = (n / TMA_BLOCK_N) as u32;
+    let (tm, tn) = crate::gemm::plan::tile_coords(item, tiles_m, tiles_n, group_m);
+    let m0 = i64::from(tm) * TMA_BLOCK_M as i64;
+    let expert = find_segment(offsets, e, m0);
+    if expert >= e {
+        return None;
+    }
+    let valid_end = segment_valid_end(offsets, counts, expert, rows as i64);
+    (m0 < valid_end).then_some(TmaTile { expert, m0, n0: tn as usize * TMA_BLOCK_N, valid_end })
+}
+
+/// The three TMA descriptions of the [`GemmBackend::Sm90Tma`] kernel: A `[rows, K]` in `[64, 128]` boxes, the
+/// experts' weights as one `[E·N, K]` map in `[128, 128]` boxes (both 128-byte swizzled), and the MN-major activation
+/// scales `[K/128, round_up(rows, 4)]` in `[1, 64]` boxes.
+pub fn grouped_tmas(rows: usize, n: usize, k: usize, num_experts: usize) -> [Tma2d; 3] {
+    let (k64, m_pad) = (k as u64, padded_scale_rows(rows) as u64);
+    [
+        Tma2d {
+            dtype: TmaDtype::U8,
+            rows: rows as u64,
+            cols: k64,
+            row_stride_bytes: k64,
+            box_rows: TMA_BLOCK_M as u32,
+            box_cols: 128,
+            swizzle_128b: true,
+        },
+        Tma2d {
+            dtype: TmaDtype::U8,
+            rows: (num_experts * n) as u64,
+            cols: k64,
+            row_stride_bytes: k64,
+            box_rows: TMA_BLOCK_N as u32,
+            box_cols: 128,
+            swizzle_128b: true,
+        },
+        Tma2d {
+            dtype: TmaDtype::F32,
+            rows: (k / QUANT_BLOCK) as u64,
+            cols: m_pad,
+            row_stride_bytes: m_pad * 4,
+            box_rows: 1,
+            box_cols: TMA_BLOCK_M as u32,
+            swizzle_128b: false,
+        },
+    ]
+}
+
+/// Launch shape of the [`GemmBackend::Sm90Tma`] kernel: `(stages, dynamic smem bytes, grid)`.
+pub(super) fn tma_launch_shape(rows: usize, n: usize, sm_count: u32) -> Result<(u32, u32, u32)> {
+    let (bm, bn) = (TMA_BLOCK_M as u32, TMA_BLOCK_N as u32);
+    // Two pipes share the ring half and half, each at least two deep.
+    let stages = plan::pick_stages(bm, bn, plan::SM90_SMEM_LIMIT)
+        .map(|s| s & !1)
+        .filter(|&s| s >= 2 * TMA_PIPES)
+        .ok_or_else(|| Error::InvalidConfig("grouped TMA GEMM: no pipeline fits shared memory".into()))?;
+    let tiles = (rows.div_ceil(TMA_BLOCK_M) as u64) * (n / TMA_BLOCK_N) as u64;
+    if tiles >= 1 << 32 {
+        return Err(Error::shape("rows·n", "fewer than 2^32 tiles", tiles as usize));
+    }
+    let grid = tiles.min(u64::from(sm_count.max(1))) as u32;
+    Ok((stages, plan::smem_bytes(bm, bn, stages), grid))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn grouped_gemm_tma(
+    gpu: &Gpu,
+    a: &TensorRef<'_, E4M3>,
+    a_scales: &TensorRef<'_, f32>,
+    w: &TensorRef<'_, E4M3>,
+    w_scales: &TensorRef<'_, f32>,
+    offsets: &TensorRef<'_, i64>,
+    counts: &TensorRef<'_, i32>,
+    out: &mut TensorMut<'_, bf16>,
+) -> Result<()> {
+    let [rows, kdim] = a.dims::<2>("a")?;
+    let [e, n, _] = w.dims::<3>("w")?;
+    // TMA coordinates and the kernel's row of B (e·N + n0) are i32; a tile row start is at most rows + 63.
+    to_i32("rows", rows + TMA_BLOCK_M)?;
+    let en = e.checked_mul(n).ok_or_else(|| Error::shape("w", "E·N that fits", e))?;
+    to_i32("E·N", en)?;
+    let (stages, smem, grid) = tma_launch_shape(rows, n, gpu.info().sm_count)?;
+    let [ta, tb, tsa] = grouped_tmas(rows, n, kdim, e);
+    let f = gpu.function(TMA_MODULE, TMA_KERNEL, smem)?;
+    let stream = gpu.stream();
+    let (pa, pw, psa) = (a.kernel_arg(stream), w.kernel_arg(stream), a_scales.kernel_arg(stream));
+    let maps = [ta.encode(pa.addr())?, tb.encode(pw.addr())?, tsa.encode(psa.addr())?];
+    let (ni, ki, ei) = (to_i32("n", n)?, to_i32("k", kdim)?, to_i32("E", e)?);
+    let (r64, st, gm) = (to_i64("rows", rows)?, stages as i32, plan::SM90_GROUP_M as i32);
+    let (wsv, ov, cv) = (w_scales.kernel_arg(stream), offsets.kernel_arg(stream), counts.kernel_arg(stream));
+    let mut outv = out.kernel_arg(stream);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&wsv).arg(&ov).arg(&cv).arg(&mut outv);
+    l.arg(&r64).arg(&ni).arg(&ki).arg(&ei).arg(&st).arg(&gm);
+    let threads = 128 * (TMA_PIPES + 1);
+    let c = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
+    // SAFETY: the maps describe exactly a [rows, K], w [E·N, K] and a_scales [K/128, round_up(rows, 4)] (TMA never
+    // reads outside them, zero-filling out-of-range box rows); the expert comes from a binary search clamped to
+    // 0..E, so w_scales indices (e, n0/128, kb) are in bounds of [E, N/128, K/128]; stored rows are below
+    // min(offsets[e] + counts[e], offsets[e+1], rows) and columns below N (N % 128 == 0), so `out` [rows, N] stays in
+    // bounds whatever the device offsets hold. `smem` covers the ring of `stages` stages (plan::smem_bytes).
+    unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
+    Ok(())
+}
+
+/// Grouped FP8 GEMM: `out[r, :] = a[r, :] · w[e(r)]ᵀ` (bf16 out), where row `r`'s expert is the segment of the
+/// device `offsets` `[E+1]` containing it and only rows below `offsets[e] + counts[e]` are computed and written.
+/// `a` `[rows, K]` with scales `[K/128, round_up(rows, 4)]`; `w` `[E, N, K]` with scales `[E, N/128, K/128]`.
+/// Segment starts must be multiples of [`GEMM_BLOCK_M`] (what [`permute`] produces). Dispatches to the wgmma
+/// kernel on sm_90 when it is built, else to the portable SIMT kernel.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm<'a>(
+    gpu: &Gpu,
+    a: impl Into<TensorRef<'a, E4M3>>,
+    a_scales: impl Into<TensorRef<'a, f32>>,
+    w: impl Into<TensorRef<'a, E4M3>>,
+    w_scales: impl Into<TensorRef<'a, f32>>,
+    offsets: impl Into<TensorRef<'a, i64>>,
+    counts: impl Into<TensorRef<'a, i32>>,
+    out: impl Into<TensorMut<'a, bf16>>,
+) -> Result<()> {
+    grouped_gemm_with(gpu, a, a_scales, w, w_scales, offsets, counts, out, GemmBackend::Auto)
+}
+
+/// [`grouped_gemm`] with an explicit kernel choice.
+///
+/// Graph capture: yes (launches only; no allocation, copy or synchronization).
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm_with<'a>(
+    gpu: &Gpu,
+    a: impl Into<TensorRef<'a, E4M3>>,
+    a_scales: impl Into<TensorRef<'a, f32>>,
+    w: impl Into<TensorRef<'a, E4M3>>,
+    w_scales: impl Into<TensorRef<'a, f32>>,
+    offsets: impl Into<TensorRef<'a, i64>>,
+    counts: impl Into<TensorRef<'a, i32>>,
+    out: impl Into<TensorMut<'a, bf16>>,
+    backend: GemmBackend,
+) -> Result<()> {
+    let (a, a_scales, w, w_scales) = (a.into(), a_scales.into(), w.into(), w_scales.into());
+    let (offsets, counts, mut out) = (offsets.into(), counts.into(), out.into());
+    check_devices!(gpu, a, a_scales, w, w_scales, offsets, counts, out)?;
+    for (arg, dense) in [
+        ("a", a.is_dense()),
+        ("a_scales", a_scales.is_dense()),
+        ("w", w.is_dense()),
+        ("w_scales", w_scales.is_dense()),
+        ("out", out.is_dense()),
+    ] {
+        if !dense {
+            return Err(Error::shape(arg, "a dense view", "a strided view"));
+        }
+    }
+    let [rows, kdim] = a.dims::<2>("a")?;
+    let [e, n, k2] = w.dims::<3>("w")?;
+    if k2 != kdim {
+        return Err(Error::shape("w", format!("[E, N, {kdim}]"), format!("{:?}", w.shape())));
+    }
+    if kdim == 0 || kdim % QUANT_BLOCK != 0 {
+        return Err(Error::Alignment { arg: "k", required: QUANT_BLOCK, got: kdim });
+    }
+    if n == 0 || n % QUANT_BLOCK != 0 {
+        return Err(Error::Alignment { arg: "n", required: QUANT_BLOCK, got: n });
+    }
+    if e == 0 {
+        return Err(Error::InvalidConfig("grouped GEMM needs at least one expert".into()));
+    }
+    a_scales.expect_shape("a_scales", &activation_scale_shape(rows, kdim))?;
+    w_scales.expect_shape("w_scales", &[e, n / QUANT_BLOCK, kdim / QUANT_BLOCK])?;
+    offsets.expect_shape("offsets", &[e + 1])?;
+    counts.expect_shape("counts", &[e])?;
+    out.expect_shape("out", &[rows, n])?;
+    let (ni, ki, ei) = (to_i32("n", n)?, to_i32("k", kdim)?, to_i32("E", e)?);
+    let (r64, rp64) = (to_i64("rows", rows)?, to_i64("rows", padded_scale_rows(rows))?);
+    e.checked_mul(n).and_then(|v| v.checked_mul(kdim)).ok_or_else(|| Error::shape("w", "E·N·K that fits", e))?;
+    if backend == GemmBackend::Sm90Tma {
+        gpu.require_hopper(TMA_KERNEL)?;
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let wgmma = match backend {
+        GemmBackend::Auto => gpu.info().is_hopper(),
+        GemmBackend::Simt => false,
+        GemmBackend::Wgmma => {
+            gpu.require_hopper("moe_grouped_gemm_fp8_sm90")?;
+            true
+        }
+        GemmBackend::Sm90Tma => {
+            return grouped_gemm_tma(gpu, &a, &a_scales, &w, &w_scales, &offsets, &counts, &mut out);
+        }
+    };
+    let block_n = if wgmma { 128 } else { GEMM_BLOCK_N };
+    let grid = (grid_u32("rows", rows.div_ceil(GEMM_BLOCK_M))?, u32::try_from(n / block_n).unwrap_or(u32::MAX));
+    if grid.1 > 65_535 {
+        return Err(Error::shape("n", "at most 65535·64", n));
+    }
+    let (f, block, smem) = if wgmma {
+        (gpu.function(SM90_MODULE, "moe_grouped_gemm_fp8_sm90", SM90_SMEM)?, 128, SM90_SMEM)
+    } else {
+        (gpu.function(MODULE, "moe_grouped_gemm_fp8", 0)?, 256, 0)
+    };
+    let stream = gpu.stream();
+    let (av, asv, wv) = (a.kernel_arg(stream), a_scales.kernel_arg(stream), w.kernel_arg(stream));
+    let (wsv, ov, cv) = (w_scales.kernel_arg(stream), offsets.kernel_arg(stream), counts.kernel_arg(stream));
+    let mut outv = out.kernel_arg(stream);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&av).arg(&asv).arg(&wv).arg(&wsv).arg(&ov).arg(&cv).arg(&mut outv).arg(&r64).arg(&rp64).arg(&ni).arg(&ki);
+    l.arg(&ei);
+    let c = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
+    // SAFETY: shapes checked above. Each CTA's expert comes from a binary search clamped to 0..E; its rows are
+    // bounded by min(offsets[e] + counts[e], offsets[e+1], rows), so a/a_scales/out accesses stay in bounds whatever
+    // the device offsets hold; w rows n0..n0+block_n ≤ N (N % 128 == 0) and K columns are in bounds since
+    // K % 128 == 0. Both kernels take the same arguments.
+    unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
+    Ok(())
+}
