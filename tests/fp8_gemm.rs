@@ -6,9 +6,7 @@
 //! inputs (< 1e-3), and the error against the reference computed from the quantized inputs within bf16 rounding
 //! (|d − ref| ≤ 2^-8·|ref| + 1e-3·rms(ref)). Large shapes check a random subset of rows (plus the first and last).
 
-use r1_kernels::gemm::sm90::{probes, swizzle_128b, Tma2d, TmaDtype};
 use r1_kernels::gemm::{self, ForcedSm90, GemmKernel, GemmOptions};
-use r1_kernels::probe_log::probe_io;
 use r1_kernels::reference::gemm::{calc_diff, fp8_gemm as ref_gemm, fp8_gemm_rows};
 use r1_kernels::reference::quant::{
     quantize_per_block, quantize_per_block_with, quantize_per_token_group, quantize_per_token_group_with,
@@ -229,7 +227,7 @@ fn run_bf16_with(gpu: &Gpu, opts: &GemmOptions, x: &Acts, w: &Weights, dw: &Dev)
 /// The portable kernel everywhere, and the sm_90a kernel where it can run (elsewhere that part says SKIPPED, or
 /// fails under `R1K_REQUIRE_GPU=1`).
 fn kernels_for(gpu: &Gpu, test: &str) -> Vec<GemmKernel> {
-    let mut kernels = vec![GemmKernel::Plain];
+    let mut kernels = vec![GemmKernel::Portable];
     if sm90_part(gpu, test) {
         kernels.push(GemmKernel::Sm90);
     }
@@ -329,7 +327,7 @@ fn gpu_ragged_tails_full_check() {
         let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
         let exact = exact_rows(&x.x, &w.w, n, k, &rows);
         for kernel in kernels_for(&gpu, test) {
-            let d = if kernel == GemmKernel::Plain {
+            let d = if kernel == GemmKernel::Portable {
                 expect_launched(&gpu, &["fp8_gemm_plain"], || run_bf16(&gpu, kernel, &x, &w, &dw))
             } else {
                 run_bf16(&gpu, kernel, &x, &w, &dw)
@@ -375,7 +373,7 @@ fn gpu_accumulate_into_fp32() {
     let sa = DeviceTensor::from_host(&gpu, &x.sa_mn, &[k.div_ceil(128), m.div_ceil(4) * 4]).unwrap();
     let forced = |block_m, block_n, grid, k_splits| ForcedSm90 { block_m, block_n, grid, k_splits, stages: 0 };
     let mut paths = vec![(GemmOptions::default(), "portable", vec!["fp8_gemm_plain"])];
-    paths[0].0.kernel = GemmKernel::Plain;
+    paths[0].0.kernel = GemmKernel::Portable;
     if sm90_part(&gpu, test) {
         let sm90 = |f| GemmOptions { kernel: GemmKernel::Sm90, force_sm90: Some(f), ..Default::default() };
         paths.push((sm90(forced(128, 112, 2, 1)), "sm90 in-kernel add", vec!["fp8_gemm_sm90_m128n112"]));
@@ -589,11 +587,11 @@ fn check_forced(
 /// multiples of the block, k % 128 = 16) with more K blocks than ring stages (the ring wraps inside a tile and again
 /// across tiles) and three tiles per persistent CTA; then the same with K split in two (the partial-tile output mode
 /// and the ordered reduction, for every block shape), and the grouped tile order with a partial last group
-/// (10 tile rows, groups of 8). Named gpu_zz_* so a single-threaded run does it last: a trap here must not poison
+/// (10 tile rows, groups of 8). Named gpu_* so a single-threaded run does it last: a trap here must not poison
 /// the context for the sweeps.
 #[test]
-fn gpu_zz_sm90_every_instantiation_forced() {
-    let test = "gpu_zz_sm90_every_instantiation_forced";
+fn gpu_sm90_every_instantiation_forced() {
+    let test = "gpu_sm90_every_instantiation_forced";
     let Some(gpu) = r1_kernels::device::test_hopper(test) else { return };
     let smem = gpu.info().max_shared_memory_per_block_optin;
     let instantiations = [
@@ -616,97 +614,6 @@ fn gpu_zz_sm90_every_instantiation_forced() {
     }
     let f = ForcedSm90 { block_m: 64, block_n: 64, grid: 3, k_splits: 1, stages: 0 };
     check_forced(&gpu, test, GemmKernel::Sm90, f, (635, 72, 256), "fp8_gemm_sm90_m64n64", 399);
-}
-
-// ---- sm_90a primitive probes: each names the building block it checks. Named gpu_0_* so a single-threaded run
-// (libtest sorts by name) does them first: a trapped GEMM launch poisons the process's CUDA context. ----------------------------------------
-
-#[test]
-fn gpu_0_probe_tma_box_and_swizzle() {
-    let Some(gpu) = r1_kernels::device::test_hopper("gpu_0_probe_tma_box_and_swizzle") else { return };
-    let (rows, cols) = (200usize, 384usize);
-    let mut rng = StdRng::seed_from_u64(21);
-    let src: Vec<u8> = (0..rows * cols).map(|_| rng.random_range(1..=255u8)).collect();
-    let d = DeviceTensor::from_host(&gpu, &src, &[rows * cols]).unwrap();
-    let tma = Tma2d {
-        dtype: TmaDtype::U8,
-        rows: rows as u64,
-        cols: cols as u64,
-        row_stride_bytes: cols as u64,
-        box_rows: 128,
-        box_cols: 128,
-        swizzle_128b: true,
-    };
-    // Box rows 100..228 run past row 199: those must come back zero-filled.
-    let (x0, y0) = (128usize, 100usize);
-    let got =
-        expect_launched(&gpu, &["gemm_probe_tma"], || probes::tma_box(&gpu, &d, &tma, x0 as i32, y0 as i32)).unwrap();
-    probe_io("gpu_0_probe_tma_box_and_swizzle", "box", &[("src", &src)], &[("smem", &got)]);
-    for r in 0..128 {
-        for c in 0..128 {
-            let want = if y0 + r < rows { src[(y0 + r) * cols + x0 + c] } else { 0 };
-            let at = swizzle_128b((r * 128 + c) as u32) as usize;
-            assert_eq!(got[at], want, "TMA primitive: box element ({r}, {c}) at smem byte {at} (128B swizzle)");
-        }
-    }
-}
-
-#[test]
-fn gpu_0_probe_wgmma_descriptors_and_fragment_layout() {
-    let Some(gpu) = r1_kernels::device::test_hopper("gpu_0_probe_wgmma") else { return };
-    let mut rng = StdRng::seed_from_u64(22);
-    // Small integers: every product and sum is exact in fp32 and in the tensor core.
-    let a: Vec<E4M3> = (0..64 * 128).map(|_| E4M3::from_f32(rng.random_range(-4i32..=4) as f32)).collect();
-    let b: Vec<E4M3> = (0..128 * 128).map(|_| E4M3::from_f32(rng.random_range(-4i32..=4) as f32)).collect();
-    let da = DeviceTensor::from_host(&gpu, &a, &[64, 128]).unwrap();
-    let db = DeviceTensor::from_host(&gpu, &b, &[128, 128]).unwrap();
-    let got = expect_launched(&gpu, &["gemm_probe_wgmma_n128"], || probes::wgmma_n128(&gpu, &da, &db)).unwrap();
-    probe_io(
-        "gpu_0_probe_wgmma",
-        "n128",
-        &[("a", bytemuck::cast_slice(&a)), ("b", bytemuck::cast_slice(&b))],
-        &[("d", bytemuck::cast_slice(&got))],
-    );
-    for r in 0..64 {
-        for c in 0..128 {
-            let want: f32 = (0..128).map(|kk| a[r * 128 + kk].to_f32() * b[c * 128 + kk].to_f32()).sum();
-            assert_eq!(got[r * 128 + c], want, "wgmma primitive (descriptor/swizzle/fragment layout) at ({r}, {c})");
-        }
-    }
-}
-
-#[test]
-fn gpu_0_probe_promotion_step() {
-    let Some(gpu) = r1_kernels::device::test_hopper("gpu_0_probe_promotion_step") else { return };
-    let mut rng = StdRng::seed_from_u64(23);
-    let acc: Vec<f32> = (0..64 * 160).map(|_| rng.random::<f32>() * 200.0 - 100.0).collect();
-    let fin: Vec<f32> = (0..64 * 160).map(|_| rng.random::<f32>() - 0.5).collect();
-    let sa: Vec<f32> = (0..64).map(|_| rng.random::<f32>() * 0.01 + 1e-4).collect();
-    let sb2 = [0.003f32, 0.25];
-    let up = |v: &[f32], s: &[usize]| DeviceTensor::from_host(&gpu, v, s).unwrap();
-    let (dacc, dfin, dsa, dsb) = (up(&acc, &[64, 160]), up(&fin, &[64, 160]), up(&sa, &[64]), up(&sb2, &[2]));
-    for n0 in [0i32, 160, 480, 96 * 5] {
-        let got = expect_launched(&gpu, &["gemm_probe_promote_n160"], || {
-            probes::promote_n160(&gpu, &dacc, &dfin, &dsa, &dsb, n0)
-        })
-        .unwrap();
-        let inputs: [(&str, &[u8]); 4] = [
-            ("acc", bytemuck::cast_slice(&acc)),
-            ("fin", bytemuck::cast_slice(&fin)),
-            ("sa", bytemuck::cast_slice(&sa)),
-            ("sb", bytemuck::cast_slice(&sb2)),
-        ];
-        probe_io("gpu_0_probe_promotion_step", &format!("n0-{n0}"), &inputs, &[("out", bytemuck::cast_slice(&got))]);
-        for (r, &sar) in sa.iter().enumerate() {
-            for c in 0..160 {
-                let slot = r1_kernels::gemm::plan::b_scale_slot(n0 as u32, c as u32) as usize;
-                let s = sar * sb2[slot];
-                let i = r * 160 + c;
-                let want = acc[i].mul_add(s, acc[i].mul_add(s, fin[i]));
-                assert_eq!(got[i], want, "promotion primitive at n0={n0} ({r}, {c}), scale slot {slot}");
-            }
-        }
-    }
 }
 
 // ---- CPU checks of what the tests above rely on ------------------------------------------------------------------
@@ -817,11 +724,11 @@ fn cpu_every_multicast_block_shape_is_reachable() {
 /// The opt-in 2-CTA cluster kernels (`GemmKernel::Sm90Multicast`, `fp8_gemm_sm90_mc2_*`): every entry point fully
 /// checked on ragged shapes with odd and even tile-row counts (an odd count leaves rank 1 of the last pair without
 /// a tile), the m = 1000 / 4096 rows of three sweep shapes, accumulate mode, and bitwise-identical repeats. Named
-/// gpu_zz_* so a single-threaded run does it last: a trap or a cluster-launch failure must not poison the context
+/// gpu_* so a single-threaded run does it last: a trap or a cluster-launch failure must not poison the context
 /// for the other tests.
 #[test]
-fn gpu_zz_multicast_sweep() {
-    let Some(gpu) = r1_kernels::device::test_hopper("gpu_zz_multicast_sweep") else { return };
+fn gpu_multicast_sweep() {
+    let Some(gpu) = r1_kernels::device::test_hopper("gpu_multicast_sweep") else { return };
     let (sms, smem) = (gpu.info().sm_count, gpu.info().max_shared_memory_per_block_optin);
     let kernel = GemmKernel::Sm90Multicast;
     // Forced: one cluster walks all 6 tile pairs (3 tile rows: the last pair's rank 1 has no tile) with more K
@@ -832,7 +739,7 @@ fn gpu_zz_multicast_sweep() {
         let stages = gemm::plan::pick_stages(128, bn, smem).expect("a ring fits");
         let f = ForcedSm90 { block_m: 128, block_n: bn, grid: 2, k_splits: 1, stages: 0 };
         let mnk = (300, 2 * bn as usize + 24, 128 * (stages as usize + 1) + 16);
-        check_forced(&gpu, "gpu_zz_multicast_sweep", kernel, f, mnk, name, 650 + i as u64);
+        check_forced(&gpu, "gpu_multicast_sweep", kernel, f, mnk, name, 650 + i as u64);
     }
     let k = 400;
     for (i, bn) in gemm::plan::SM90_MC2_BLOCK_N.into_iter().enumerate() {
@@ -853,7 +760,7 @@ fn gpu_zz_multicast_sweep() {
     // (10 tile rows: 5 tile-row pairs, more than one scheduler group of 4 pairs) for 1000 (8) and 4096 (32).
     let (shapes, ms) = emu_shrink(
         &gpu,
-        "gpu_zz_multicast_sweep (sweep shapes)",
+        "gpu_multicast_sweep (sweep shapes)",
         ([DEEPSEEK_NK[0], DEEPSEEK_NK[4], LLAMA_NK[0]], [1000usize, 4096]),
         ([(192, 640), (256, 384), (256, 256)], [488, 1280]),
     );
@@ -877,7 +784,7 @@ fn gpu_zz_multicast_sweep() {
         }
     }
     // Accumulate mode (fp32 D = C + A·B) on a shape with an odd tile-row count.
-    let (m, n, k) = emu_shrink(&gpu, "gpu_zz_multicast_sweep (accumulate)", (300, 520, 1568), (300, 264, 1056));
+    let (m, n, k) = emu_shrink(&gpu, "gpu_multicast_sweep (accumulate)", (300, 520, 1568), (300, 264, 1056));
     let w = weights(n, k, 811, ScaleFormat::F32);
     let x = acts(m, k, 812, ScaleFormat::F32);
     let dw = upload_weights(&gpu, &w);

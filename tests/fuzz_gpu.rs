@@ -263,7 +263,7 @@ fn fuzz_fp8_gemm() {
             prop::sample::select(vec![0usize, 16, 32, 128, 144, 272, 8, 100]),
         ),
         perturbations::<5>(),
-        prop::sample::select(vec![GemmKernel::Auto, GemmKernel::Plain, GemmKernel::Sm90, GemmKernel::Sm90Multicast]),
+        prop::sample::select(vec![GemmKernel::Auto, GemmKernel::Portable, GemmKernel::Sm90, GemmKernel::Sm90Multicast]),
         forced(),
         any::<bool>(),
         any::<u64>(),
@@ -807,7 +807,7 @@ fn fuzz_moe_grouped_gemm() {
             prop::sample::select(vec![128usize, 256, 128, 256, 0, 64]),
         ),
         perturbations::<7>(),
-        prop::sample::select(vec![GemmBackend::Auto, GemmBackend::Simt, GemmBackend::Wgmma, GemmBackend::Sm90Tma]),
+        prop::sample::select(vec![GemmBackend::Auto, GemmBackend::Portable, GemmBackend::Wgmma, GemmBackend::Sm90Tma]),
         any::<u64>(),
     );
     fuzz::run("moe::grouped_gemm_with", strategy, |((t, k, e), (kdim, n), p, backend, seed)| {

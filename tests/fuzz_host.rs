@@ -71,7 +71,7 @@ fn device_info() -> impl Strategy<Value = DeviceInfo> {
 }
 
 fn kernel() -> impl Strategy<Value = GemmKernel> {
-    prop::sample::select(vec![GemmKernel::Auto, GemmKernel::Plain, GemmKernel::Sm90, GemmKernel::Sm90Multicast])
+    prop::sample::select(vec![GemmKernel::Auto, GemmKernel::Portable, GemmKernel::Sm90, GemmKernel::Sm90Multicast])
 }
 
 /// The GEMM's five shapes for (m, n, k) (saturating for the absurd sizes, which must be rejected anyway).
@@ -125,8 +125,11 @@ fn fuzz_gemm_plan() {
                 check!(p.zero_fill == (k == 0 && m > 0 && n > 0 && !accumulate), "{p:?}: zero_fill");
                 match p.resolved {
                     Resolved::Empty => {}
-                    Resolved::Plain { grid } => {
-                        check!(kernel == GemmKernel::Plain || !info.is_hopper(), "{kernel:?} on hopper ran Plain");
+                    Resolved::Portable { grid } => {
+                        check!(
+                            kernel == GemmKernel::Portable || !info.is_hopper(),
+                            "{kernel:?} on hopper ran the portable kernel"
+                        );
                         check!(info.compute_capability.0 >= 8, "portable kernel planned for {info:?}");
                         check!(grid == (m.div_ceil(64) as u32, n.div_ceil(64) as u32), "{p:?}: grid");
                         check!(grid.1 <= 65_535, "{p:?}: grid y");

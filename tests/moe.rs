@@ -399,7 +399,7 @@ fn check_grouped_gemm(
 /// The grouped-GEMM kernel each backend launches.
 fn grouped_kernel(backend: GemmBackend) -> &'static str {
     match backend {
-        GemmBackend::Simt => "moe_grouped_gemm_fp8",
+        GemmBackend::Portable => "moe_grouped_gemm_fp8",
         GemmBackend::Wgmma => "moe_grouped_gemm_fp8_sm90",
         GemmBackend::Sm90Tma => "moe_grouped_gemm_fp8_sm90_tma",
         other => panic!("no kernel known for {other:?}"),
@@ -409,7 +409,7 @@ fn grouped_kernel(backend: GemmBackend) -> &'static str {
 #[test]
 fn gpu_grouped_gemm_matches_reference() {
     let Some(gpu) = test_gpu("gpu_grouped_gemm_matches_reference") else { return };
-    let mut backends = vec![GemmBackend::Simt];
+    let mut backends = vec![GemmBackend::Portable];
     if sm90_part(&gpu, "gpu_grouped_gemm_matches_reference") {
         backends.push(GemmBackend::Wgmma);
     } else {
@@ -496,7 +496,7 @@ fn external_masked_gemm(gpu: &Gpu, backend: GemmBackend) {
 }
 
 fn layer_case(gpu: &Gpu, cfg: &RouterConfig, t: usize, h: usize, i: usize, layout: Layout, seed: u64) {
-    let mut backends = vec![GemmBackend::Simt];
+    let mut backends = vec![GemmBackend::Portable];
     if sm90_part(gpu, "gpu_layer_matches_reference") {
         backends.push(GemmBackend::Wgmma);
     }
@@ -951,10 +951,10 @@ fn tma_leaves_invalid_rows(gpu: &Gpu, t: usize, k: usize, e: usize, layout: Layo
 /// layouts, rows past the counts untouched, bitwise repeats, and the full layer through it. Named to run after the
 /// other tests (a pipeline bug traps the context).
 #[test]
-fn gpu_zz_grouped_gemm_sm90_tma_matches_reference() {
-    let Some(gpu) = test_gpu("gpu_zz_grouped_gemm_sm90_tma_matches_reference") else { return };
+fn gpu_grouped_gemm_sm90_tma_matches_reference() {
+    let Some(gpu) = test_gpu("gpu_grouped_gemm_sm90_tma_matches_reference") else { return };
     let backend = GemmBackend::Sm90Tma;
-    if !sm90_part(&gpu, "gpu_zz_grouped_gemm_sm90_tma_matches_reference") {
+    if !sm90_part(&gpu, "gpu_grouped_gemm_sm90_tma_matches_reference") {
         let r = grouped_gemm_with(
             &gpu,
             &DeviceTensor::zeros(&gpu, &[1, 128]).unwrap(),
@@ -967,7 +967,7 @@ fn gpu_zz_grouped_gemm_sm90_tma_matches_reference() {
             backend,
         );
         assert!(matches!(r, Err(Error::UnsupportedDevice { .. })));
-        eprintln!("gpu_zz_grouped_gemm_sm90_tma_matches_reference: not sm_90, only the error path tested");
+        eprintln!("gpu_grouped_gemm_sm90_tma_matches_reference: not sm_90, only the error path tested");
         return;
     }
     // The emulated device (each expert hit is a 64-row tile per 128 columns) takes t ∈ {1, 16, 128}, E ∈ {8, 16},
@@ -975,7 +975,7 @@ fn gpu_zz_grouped_gemm_sm90_tma_matches_reference() {
     // 32 experts / 32 tokens for 64 / 128 in the invalid-rows and layer checks.
     let (ts, es, nk0, t_many, masked_k, (e_inv, e_layer, t_layer)) = emu_shrink(
         &gpu,
-        "gpu_zz_grouped_gemm_sm90_tma_matches_reference",
+        "gpu_grouped_gemm_sm90_tma_matches_reference",
         ([1usize, 16, 512], [8usize, 64], (256usize, 384usize), 4096, 1024, (64, 64, 128)),
         ([1, 16, 128], [8, 16], (256, 256), 1024, 640, (32, 32, 32)),
     );

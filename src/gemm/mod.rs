@@ -12,7 +12,7 @@
 //! the CUDA cores.
 //!
 //! Two kernels: [`GemmKernel::Sm90`], the persistent warp-specialized TMA + wgmma kernel (sm_90a only), and
-//! [`GemmKernel::Plain`], a simple SIMT kernel that runs on any sm_80+ GPU and is the second opinion in tests.
+//! [`GemmKernel::Portable`], a simple SIMT kernel that runs on any sm_80+ GPU and is the second opinion in tests.
 //!
 //! Small m (decode): block M 64 (one math warpgroup), the block N the wave model picks, and split-K when the tiles
 //! would leave most SMs idle ([`plan::choose_k_splits`]): each (tile, K range) work item writes an fp32 partial to a
@@ -48,11 +48,11 @@ pub const PLAIN_TILE: u32 = 64;
 /// Which kernel runs a GEMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmKernel {
-    /// [`GemmKernel::Sm90`] on sm_90, otherwise [`GemmKernel::Plain`].
+    /// [`GemmKernel::Sm90`] on sm_90, otherwise [`GemmKernel::Portable`].
     #[default]
     Auto,
-    /// The portable SIMT kernel (any sm_80+ GPU).
-    Plain,
+    /// The portable SIMT kernel (any sm_80+ GPU). Every op calls its fallback `Portable`.
+    Portable,
     /// The sm_90a TMA + wgmma kernel (errors with `UnsupportedDevice` elsewhere).
     Sm90,
     /// Opt-in: the sm_90a kernel as 2-CTA clusters along M with TMA multicast of the shared B tile (block M 128,
@@ -82,7 +82,7 @@ pub enum Resolved {
     /// Nothing to launch (m, n or k is zero; for k = 0 a bf16 output still needs zeroing, see [`Plan::zero_fill`]).
     Empty,
     /// The portable kernel with this grid.
-    Plain {
+    Portable {
         /// Grid (x over M tiles, y over N tiles).
         grid: (u32, u32),
     },
@@ -117,7 +117,7 @@ pub fn plan(
     let shape = validate_shapes(a, sa, b, sb, out)?;
     let use_sm90 = match kernel {
         GemmKernel::Auto => info.is_hopper(),
-        GemmKernel::Plain => false,
+        GemmKernel::Portable => false,
         GemmKernel::Sm90 | GemmKernel::Sm90Multicast => {
             if !info.is_hopper() {
                 return Err(Error::UnsupportedDevice {
@@ -151,7 +151,7 @@ pub fn plan(
         if gy > 65_535 {
             return Err(Error::shape("n", "n ≤ 65535·64 for the portable kernel", shape.n));
         }
-        Resolved::Plain { grid: (gx, gy as u32) }
+        Resolved::Portable { grid: (gx, gy as u32) }
     };
     Ok(Plan { shape, resolved, zero_fill: false })
 }
@@ -205,7 +205,7 @@ fn run<T: DeviceRepr + ValidAsZeroBits>(
             Ok(())
         }
         Resolved::Sm90(cfg) => sm90::launch(gpu, &shape, &cfg, &a, &sa, &b, &sb, out, accumulate, workspace),
-        Resolved::Plain { grid } => {
+        Resolved::Portable { grid } => {
             let f = gpu.function(PLAIN_MODULE, "fp8_gemm_plain", 0)?;
             let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let (m, n, k) = (shape.m as i32, shape.n as i32, shape.k as i32);
@@ -356,12 +356,12 @@ mod tests {
         let h = hopper();
         assert!(matches!(plan_for(128, 256, 512, false, GemmKernel::Auto, &h).unwrap().resolved, Resolved::Sm90(_)));
         assert!(matches!(
-            plan_for(128, 256, 512, false, GemmKernel::Plain, &h).unwrap().resolved,
-            Resolved::Plain { grid: (2, 4) }
+            plan_for(128, 256, 512, false, GemmKernel::Portable, &h).unwrap().resolved,
+            Resolved::Portable { grid: (2, 4) }
         ));
         assert!(matches!(
             plan_for(129, 256, 512, false, GemmKernel::Auto, &ampere()).unwrap().resolved,
-            Resolved::Plain { grid: (3, 4) }
+            Resolved::Portable { grid: (3, 4) }
         ));
         assert!(matches!(
             plan_for(128, 256, 512, false, GemmKernel::Sm90, &ampere()),
@@ -399,7 +399,7 @@ mod tests {
         reject(ForcedSm90 { stages: 9, ..f }, GemmKernel::Sm90);
         reject(ForcedSm90 { stages: 8, ..f }, GemmKernel::Sm90); // 8 stages of 128×160 exceed 227 KiB
         reject(f, GemmKernel::Auto);
-        reject(ForcedSm90 { k_splits: 1, ..f }, GemmKernel::Plain);
+        reject(ForcedSm90 { k_splits: 1, ..f }, GemmKernel::Portable);
         // Multicast: block N 128/160, one split, an even grid of at most 2 × tile pairs (2 × 2 × 5 here).
         let mc = ForcedSm90 { block_m: 128, block_n: 128, grid: 2, k_splits: 1, stages: 0 };
         let mut p = plan_for(300, 520, 1040, false, GemmKernel::Sm90Multicast, &h).unwrap();
@@ -437,10 +437,10 @@ mod tests {
         let [a, sa, b, sb, o] = shapes(64, 250, 512);
         assert!(matches!(plan(&a, &sa, &b, &sb, &o, false, GemmKernel::Auto, &h), Err(Error::Alignment { .. })));
         let [a, sa, b, sb, o] = shapes(64, 256, 500);
-        assert!(matches!(plan(&a, &sa, &b, &sb, &o, false, GemmKernel::Plain, &h), Err(Error::Alignment { .. })));
+        assert!(matches!(plan(&a, &sa, &b, &sb, &o, false, GemmKernel::Portable, &h), Err(Error::Alignment { .. })));
         // Both kernels accept exactly the same inputs.
         for &(m, n, k) in &[(1, 8, 16), (7, 2112, 7168), (129, 24576, 1536), (1000, 136, 144)] {
-            assert!(plan_for(m, n, k, false, GemmKernel::Plain, &h).is_ok());
+            assert!(plan_for(m, n, k, false, GemmKernel::Portable, &h).is_ok());
             assert!(plan_for(m, n, k, true, GemmKernel::Sm90, &h).is_ok());
         }
     }

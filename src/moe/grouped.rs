@@ -9,8 +9,8 @@ pub enum GemmBackend {
     /// wgmma on sm_90, SIMT elsewhere.
     #[default]
     Auto,
-    /// The portable SIMT kernel (`moe.cu`), any sm_80+ device.
-    Simt,
+    /// The portable SIMT kernel (`moe.cu`), any sm_80+ device. Every op calls its fallback `Portable`.
+    Portable,
     /// The wgmma kernel (`moe_sm90.cu`), sm_90 only.
     Wgmma,
     /// The persistent warp-specialized TMA + wgmma kernel on the dense FP8 GEMM's machinery
@@ -288,7 +288,7 @@ pub fn grouped_gemm_with<'a>(
     }
     let wgmma = match backend {
         GemmBackend::Auto => gpu.info().is_hopper(),
-        GemmBackend::Simt => false,
+        GemmBackend::Portable => false,
         GemmBackend::Wgmma => {
             gpu.require_hopper("moe_grouped_gemm_fp8_sm90")?;
             true
