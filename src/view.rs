@@ -98,6 +98,32 @@ impl Layout {
         Ok(layout)
     }
 
+    /// A layout over `len` elements at raw address `ptr` (refused when null).
+    fn raw(
+        ptr: u64,
+        len: usize,
+        ordinal: usize,
+        shape: &[usize],
+        row_stride: Option<usize>,
+        elem_bytes: usize,
+    ) -> Result<Self> {
+        if ptr == 0 {
+            return Err(Error::shape("ptr", "a device address", "null"));
+        }
+        Layout::new("raw", shape, row_stride, len, addr_low_of(ptr), ordinal, elem_bytes)
+    }
+
+    /// A layout over a cudarc allocation (its address read once, for the alignment check).
+    fn of_slice<T>(slice: &CudaSlice<T>, shape: &[usize], row_stride: Option<usize>) -> Result<Self> {
+        let addr = addr_low_of(slice_addr(slice));
+        Layout::new("slice", shape, row_stride, slice.len(), addr, slice.ordinal(), size_of::<T>())
+    }
+
+    /// Another shape and row stride over the same memory, from the same first element.
+    fn reshaped(&self, arg: &'static str, shape: &[usize], row_stride: Option<usize>, elem: usize) -> Result<Self> {
+        Layout::new(arg, shape, row_stride, self.len, self.addr_low, self.ordinal, elem)
+    }
+
     fn shape(&self) -> &[usize] {
         &self.dims[..self.rank]
     }
@@ -279,8 +305,8 @@ impl<T> Clone for TensorRef<'_, T> {
 }
 impl<T> Copy for TensorRef<'_, T> {}
 
-/// Shape accessors shared by both view types.
-macro_rules! view_accessors {
+/// Accessors and reshaping shared by both view types (the same fields, the same rules).
+macro_rules! view_methods {
     () => {
         /// The shape.
         pub fn shape(&self) -> &[usize] {
@@ -319,6 +345,31 @@ macro_rules! view_accessors {
                 .try_into()
                 .map_err(|_| Error::shape(arg, format!("a rank-{N} tensor"), format!("{:?}", self.shape())))
         }
+        /// The part of the view whose index along `dim` lies in `range` (no copy). Errors when the range leaves the
+        /// dimension, when it is a part of a middle dimension under a repeated one (a view has one row stride), or
+        /// when the part's first element is not 16-byte aligned.
+        pub fn narrow(self, dim: usize, range: Range<usize>) -> Result<Self> {
+            let (layout, offset) = self.layout.narrow(dim, range, size_of::<T>())?;
+            Ok(Self { source: self.source, offset: self.offset + offset, layout })
+        }
+
+        /// `shape` with rows `row_stride` elements apart (dense when `None`) over the same memory, e.g. `[rows,
+        /// width]` columns of a wider buffer whose rows are `row_stride` long.
+        pub fn with_shape(self, shape: &[usize], row_stride: Option<usize>) -> Result<Self> {
+            let layout = self.layout.reshaped("with_shape", shape, row_stride, size_of::<T>())?;
+            Ok(Self { source: self.source, offset: self.offset, layout })
+        }
+
+        /// The same memory with another shape of the same element count (dense views only).
+        pub fn reshape(self, shape: &[usize]) -> Result<Self> {
+            self.require_dense("reshape")?;
+            let layout = self.layout.reshaped("reshape", shape, None, size_of::<T>())?;
+            if layout.numel != self.layout.numel {
+                return Err(Error::shape("reshape", format!("{} elements", self.layout.numel), format!("{shape:?}")));
+            }
+            Ok(Self { source: self.source, offset: self.offset, layout })
+        }
+
         /// Errors unless the view is dense (what kernels that read whole rows back to back need).
         pub fn require_dense(&self, arg: &'static str) -> Result<()> {
             if !self.is_dense() {
@@ -334,16 +385,14 @@ macro_rules! view_accessors {
 }
 
 impl<'a, T> TensorRef<'a, T> {
-    view_accessors!();
+    view_methods!();
 
     /// A view of `shape` (rows `row_stride` elements apart, dense when `None`) over the first elements of a
     /// cudarc allocation, e.g. an engine's buffer (candle's `CudaStorage::as_cuda_slice`); [`Self::narrow`] selects
     /// a part that does not start at the first element. The slice's address is read once here to check its
     /// alignment (while cudarc tracks events, that waits for its last write and records a read on its own stream).
     pub fn from_cuda_slice(slice: &'a CudaSlice<T>, shape: &[usize], row_stride: Option<usize>) -> Result<Self> {
-        let addr = slice_addr(slice);
-        let layout =
-            Layout::new("slice", shape, row_stride, slice.len(), addr_low_of(addr), slice.ordinal(), size_of::<T>())?;
+        let layout = Layout::of_slice(slice, shape, row_stride)?;
         Ok(TensorRef { source: RefSource::Slice(slice), offset: 0, layout })
     }
 
@@ -361,37 +410,8 @@ impl<'a, T> TensorRef<'a, T> {
         shape: &[usize],
         row_stride: Option<usize>,
     ) -> Result<Self> {
-        if ptr == 0 {
-            return Err(Error::shape("ptr", "a device address", "null"));
-        }
-        let layout = Layout::new("raw", shape, row_stride, len, addr_low_of(ptr), ordinal, size_of::<T>())?;
+        let layout = Layout::raw(ptr, len, ordinal, shape, row_stride, size_of::<T>())?;
         Ok(TensorRef { source: RefSource::Raw { ptr, _p: PhantomData }, offset: 0, layout })
-    }
-
-    /// The part of the view whose index along `dim` lies in `range` (no copy). Errors when the range leaves the
-    /// dimension or the part's first element is not 16-byte aligned.
-    pub fn narrow(self, dim: usize, range: Range<usize>) -> Result<Self> {
-        let (layout, offset) = self.layout.narrow(dim, range, size_of::<T>())?;
-        Ok(TensorRef { source: self.source, offset: self.offset + offset, layout })
-    }
-
-    /// Rows `row_stride` elements apart: `shape` over the same memory with a row stride, e.g. `[rows, width]`
-    /// columns of a wider buffer whose rows are `row_stride` long (the same as narrowing the last dimension).
-    pub fn with_shape(self, shape: &[usize], row_stride: Option<usize>) -> Result<Self> {
-        let l = &self.layout;
-        let layout = Layout::new("with_shape", shape, row_stride, l.len, l.addr_low, l.ordinal, size_of::<T>())?;
-        Ok(TensorRef { source: self.source, offset: self.offset, layout })
-    }
-
-    /// The same memory with another shape of the same element count (dense views only).
-    pub fn reshape(self, shape: &[usize]) -> Result<Self> {
-        self.require_dense("reshape")?;
-        let l = &self.layout;
-        let layout = Layout::new("reshape", shape, None, l.len, l.addr_low, l.ordinal, size_of::<T>())?;
-        if layout.numel != l.numel {
-            return Err(Error::shape("reshape", format!("{} elements", l.numel), format!("{shape:?}")));
-        }
-        Ok(TensorRef { source: self.source, offset: self.offset, layout })
     }
 
     /// The device address of the first element as a kernel argument, with cudarc's read tracking for cudarc memory.
@@ -408,13 +428,11 @@ impl<'a, T> TensorRef<'a, T> {
 }
 
 impl<'a, T> TensorMut<'a, T> {
-    view_accessors!();
+    view_methods!();
 
     /// A writable view over a cudarc allocation; as [`TensorRef::from_cuda_slice`].
     pub fn from_cuda_slice(slice: &'a mut CudaSlice<T>, shape: &[usize], row_stride: Option<usize>) -> Result<Self> {
-        let addr = slice_addr(slice);
-        let layout =
-            Layout::new("slice", shape, row_stride, slice.len(), addr_low_of(addr), slice.ordinal(), size_of::<T>())?;
+        let layout = Layout::of_slice(slice, shape, row_stride)?;
         Ok(TensorMut { source: MutSource::Slice(slice), offset: 0, layout })
     }
 
@@ -429,35 +447,8 @@ impl<'a, T> TensorMut<'a, T> {
         shape: &[usize],
         row_stride: Option<usize>,
     ) -> Result<Self> {
-        if ptr == 0 {
-            return Err(Error::shape("ptr", "a device address", "null"));
-        }
-        let layout = Layout::new("raw", shape, row_stride, len, addr_low_of(ptr), ordinal, size_of::<T>())?;
+        let layout = Layout::raw(ptr, len, ordinal, shape, row_stride, size_of::<T>())?;
         Ok(TensorMut { source: MutSource::Raw { ptr, _p: PhantomData }, offset: 0, layout })
-    }
-
-    /// The part whose index along `dim` lies in `range`; as [`TensorRef::narrow`].
-    pub fn narrow(self, dim: usize, range: Range<usize>) -> Result<Self> {
-        let (layout, offset) = self.layout.narrow(dim, range, size_of::<T>())?;
-        Ok(TensorMut { source: self.source, offset: self.offset + offset, layout })
-    }
-
-    /// `shape` with a row stride over the same memory; as [`TensorRef::with_shape`].
-    pub fn with_shape(self, shape: &[usize], row_stride: Option<usize>) -> Result<Self> {
-        let l = self.layout;
-        let layout = Layout::new("with_shape", shape, row_stride, l.len, l.addr_low, l.ordinal, size_of::<T>())?;
-        Ok(TensorMut { source: self.source, offset: self.offset, layout })
-    }
-
-    /// The same memory with another shape of the same element count (dense views only).
-    pub fn reshape(self, shape: &[usize]) -> Result<Self> {
-        self.require_dense("reshape")?;
-        let l = self.layout;
-        let layout = Layout::new("reshape", shape, None, l.len, l.addr_low, l.ordinal, size_of::<T>())?;
-        if layout.numel != l.numel {
-            return Err(Error::shape("reshape", format!("{} elements", l.numel), format!("{shape:?}")));
-        }
-        Ok(TensorMut { source: self.source, offset: self.offset, layout })
     }
 
     /// A shorter-lived writable view of the same memory, leaving `self` usable afterwards.

@@ -182,11 +182,11 @@ fn run<T: DeviceRepr + ValidAsZeroBits>(
     workspace: Option<TensorMut<'_, f32>>,
 ) -> Result<()> {
     check_devices!(gpu, a, sa, b, sb, out)?;
-    for (arg, dense) in [("a", a.is_dense()), ("sa", sa.is_dense()), ("b", b.is_dense()), ("sb", sb.is_dense())] {
-        if !dense {
-            return Err(Error::shape(arg, "a dense view", "a strided view"));
-        }
-    }
+    // The kernels read and write dense rows.
+    a.require_dense("a")?;
+    sa.require_dense("sa")?;
+    b.require_dense("b")?;
+    sb.require_dense("sb")?;
     out.require_dense("out")?;
     if let Some(ws) = &workspace {
         check_devices!(gpu, ws)?;

@@ -14,7 +14,7 @@ mod params;
 pub mod sched;
 pub mod sm90;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop};
 use half::bf16;
 
 use crate::device::{check_devices, Gpu};
@@ -317,6 +317,24 @@ pub(crate) struct Checked {
     pub rows: usize,
     pub scale_log2: f32,
     pub causal: i32,
+}
+
+/// Puts the plan's and the workspace's device addresses into `params`; the returned guards (cudarc's event
+/// bookkeeping) must live until the launch is enqueued.
+pub(crate) fn plan_args<'s>(
+    params: &mut params::DecodeParams,
+    plan: &'s MlaPlan,
+    ws: &'s mut MlaWorkspace,
+    stream: &'s CudaStream,
+) -> [SyncOnDrop<'s>; 5] {
+    let (items, g_items) = plan.items.buffer().device_ptr(stream);
+    let (ctas, g_ctas) = plan.cta_offsets.buffer().device_ptr(stream);
+    let (splits, g_splits) = plan.split_offsets.buffer().device_ptr(stream);
+    let (o_part, g_o) = ws.o_part.buffer_mut().device_ptr_mut(stream);
+    let (lse_part, g_lse) = ws.lse_part.buffer_mut().device_ptr_mut(stream);
+    (params.items, params.cta_offsets, params.split_offsets) = (items, ctas, splits);
+    (params.o_part, params.lse_part) = (o_part, lse_part);
+    [g_items, g_ctas, g_splits, g_o, g_lse]
 }
 
 impl Checked {
@@ -640,23 +658,14 @@ fn launch(
                     Cache::Bf16(kv) => kv.kernel_arg(stream),
                     Cache::Fp8(kv) => kv.kernel_arg(stream),
                 };
-                let (items, ctas_v, splits) =
-                    (plan.items.as_tensor_ref(), plan.cta_offsets.as_tensor_ref(), plan.split_offsets.as_tensor_ref());
-                let (iv, cv, ov) = (items.kernel_arg(stream), ctas_v.kernel_arg(stream), splits.kernel_arg(stream));
-                let (mut o_part, mut lse_part) = (ws.o_part.as_tensor_mut(), ws.lse_part.as_tensor_mut());
-                let (opv, lpv) = (o_part.kernel_arg(stream), lse_part.kernel_arg(stream));
-                let params = params::DecodeParams {
+                let mut params = params::DecodeParams {
                     q: qv.addr(),
                     cache: kv.addr(),
                     block_table: tv.addr(),
                     seqlens: sv.addr(),
-                    items: iv.addr(),
-                    cta_offsets: cv.addr(),
-                    split_offsets: ov.addr(),
-                    o_part: opv.addr(),
-                    lse_part: lpv.addr(),
                     ..c.params()
                 };
+                let _plan_guards = plan_args(&mut params, plan, ws, stream);
                 let mut launch = stream.launch_builder(&f);
                 launch.arg(&params);
                 // SAFETY: shapes were validated: q is [b, s_q, h, 576], the cache [num_blocks, page, width], the table

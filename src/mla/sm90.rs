@@ -337,23 +337,14 @@ pub(crate) fn launch_decode(
     let (box_i, q_box_i) = (box_rows as i32, q_box as i32);
     let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
     let (tv, sv) = (block_table.kernel_arg(stream), seqlens.kernel_arg(stream));
-    let (items, ctas_v, splits) =
-        (plan.items.as_tensor_ref(), plan.cta_offsets.as_tensor_ref(), plan.split_offsets.as_tensor_ref());
-    let (iv, cv, ov) = (items.kernel_arg(stream), ctas_v.kernel_arg(stream), splits.kernel_arg(stream));
-    let (mut o_part, mut lse_part) = (ws.o_part.as_tensor_mut(), ws.lse_part.as_tensor_mut());
-    let (opv, lpv) = (o_part.kernel_arg(stream), lse_part.kernel_arg(stream));
-    let params = super::params::DecodeParams {
+    let mut params = super::params::DecodeParams {
         block_table: tv.addr(),
         seqlens: sv.addr(),
-        items: iv.addr(),
-        cta_offsets: cv.addr(),
-        split_offsets: ov.addr(),
-        o_part: opv.addr(),
-        lse_part: lpv.addr(),
         box_rows: box_i,
         q_box_rows: q_box_i,
         ..c.params()
     };
+    let _plan_guards = super::plan_args(&mut params, plan, ws, stream);
     let mut launch = stream.launch_builder(&f);
     launch.arg(&tmap_q);
     let kv_ptr = match &kv {
