@@ -34,6 +34,10 @@ use r1_kernels::reference::quant::{
 use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+mod common;
+#[cfg(feature = "layer")]
+use common::block_table;
+use common::{paged_cache, shuffled_pages};
 #[path = "common/fuzz.rs"]
 #[macro_use]
 mod fuzz;
@@ -2090,19 +2094,9 @@ mod decode_layer {
             let max_blocks = lens.iter().map(|&l| (l as usize).div_ceil(page)).max().unwrap();
             let used: usize = lens.iter().map(|&l| (l as usize).div_ceil(page)).sum();
             let num_blocks = used + 2;
-            let mut pages: Vec<i32> = (0..num_blocks as i32).collect();
-            for i in (1..pages.len()).rev() {
-                pages.swap(i, rng.random_range(0..=i));
-            }
             // Entries past a sequence's pages are never read: garbage there must not matter.
-            let mut table = vec![i32::MIN; b * max_blocks];
-            let mut next = 0;
-            for (s, &l) in lens.iter().enumerate() {
-                for blk in 0..(l as usize).div_ceil(page) {
-                    table[s * max_blocks + blk] = pages[next];
-                    next += 1;
-                }
-            }
+            let pages = shuffled_pages(&mut rng, num_blocks);
+            let mut table = block_table(&lens, page, max_blocks, &pages, i32::MIN);
             let victim = rng.random_range(0..b);
             match fault {
                 LayerFault::TableEntry(kind) => {
@@ -2114,17 +2108,8 @@ mod decode_layer {
                 _ => {}
             }
             // The cache: random bf16 where a sequence has tokens before the new one, NaN everywhere else.
-            let mut cache = vec![f32::NAN; num_blocks * page * 576];
-            for (s, &l) in lens.iter().enumerate() {
-                for pos in 0..(l.max(1) as usize - 1).min(max_blocks * page) {
-                    let blk = table[s * max_blocks + pos / page];
-                    if (0..num_blocks as i32).contains(&blk) {
-                        for v in &mut cache[(blk as usize * page + pos % page) * 576..][..576] {
-                            *v = bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_f32();
-                        }
-                    }
-                }
-            }
+            let before_new: Vec<usize> = lens.iter().map(|&l| l.max(1) as usize - 1).collect();
+            let cache = paged_cache(&mut rng, num_blocks, page, 576, &table, max_blocks, &before_new, (-1.0, 1.0));
             let x: Vec<f32> =
                 (0..b * cfg.hidden).map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_f32()).collect();
             let shape_of = |what: u8, shape: &[usize]| match fault {
@@ -2263,20 +2248,9 @@ fn fuzz_mla_device_plan() {
         let clamped: Vec<i32> = lens.iter().map(|&l| l.clamp(0, cap)).collect();
         let mut rng = StdRng::seed_from_u64(seed);
         let num_blocks = b * max_blocks + 1;
-        let mut pages: Vec<i32> = (0..num_blocks as i32).collect();
-        for i in (1..pages.len()).rev() {
-            pages.swap(i, rng.random_range(0..=i));
-        }
-        let table: Vec<i32> = pages[..b * max_blocks].to_vec();
-        let mut cache = vec![f32::NAN; num_blocks * page * D_QK];
-        for (s, &l) in clamped.iter().enumerate() {
-            for pos in 0..l as usize {
-                let slot = (table[s * max_blocks + pos / page] as usize * page + pos % page) * D_QK;
-                for v in &mut cache[slot..slot + D_QK] {
-                    *v = bf16::from_f32(rng.random::<f32>() - 0.5).to_f32();
-                }
-            }
-        }
+        let table: Vec<i32> = shuffled_pages(&mut rng, num_blocks)[..b * max_blocks].to_vec();
+        let tokens: Vec<usize> = clamped.iter().map(|&l| l as usize).collect();
+        let cache = paged_cache(&mut rng, num_blocks, page, D_QK, &table, max_blocks, &tokens, (-0.5, 0.5));
         let cfg = MlaConfig { batch: b, s_q: 1, heads: 4, page_size: page, softmax_scale: 0.1, causal: true };
         let q = from_bf16(&to_bf16(&values(b * 4 * D_QK, seed + 1, 1.0, false)));
         // An empty batch launches nothing, so nothing rejects the page; otherwise the sm_90a kernels refuse 24.

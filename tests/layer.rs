@@ -9,6 +9,9 @@ use r1_kernels::reference::layer::{decode_layer, DecodeStep, PreparedLayer};
 use r1_kernels::{bf16, DeviceTensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+mod common;
+use common::{block_table, paged_cache, shuffled_pages};
+
 struct Setup {
     x: Vec<f32>,
     cache: Vec<f32>,
@@ -24,30 +27,12 @@ fn setup(cfg: &DeepSeekV3Config, seqlens: &[i32], page: usize, seed: u64) -> Set
     let max_blocks = seqlens.iter().map(|&s| (s as usize).div_ceil(page)).max().unwrap_or(1).max(1);
     let num_blocks = b * max_blocks + 3;
     // Pages shuffled across sequences; unused table entries point nowhere valid (never read).
-    let mut pages: Vec<i32> = (0..num_blocks as i32).collect();
-    for i in (1..pages.len()).rev() {
-        pages.swap(i, rng.random_range(0..=i));
-    }
-    let mut table = vec![i32::MAX; b * max_blocks];
-    let mut next = 0;
-    for (s, &len) in seqlens.iter().enumerate() {
-        for blk in 0..(len as usize).div_ceil(page) {
-            table[s * max_blocks + blk] = pages[next];
-            next += 1;
-        }
-    }
-    // Cached latents of realistic size (post-norm latent ~ N(0,1)); slots past each sequence are NaN and must never
-    // be read.
-    let mut cache = vec![f32::NAN; num_blocks * page * 576];
-    for (s, &len) in seqlens.iter().enumerate() {
-        for pos in 0..len as usize - 1 {
-            let block = table[s * max_blocks + pos / page] as usize;
-            let slot = (block * page + pos % page) * 576;
-            for v in &mut cache[slot..slot + 576] {
-                *v = bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_f32();
-            }
-        }
-    }
+    let pages = shuffled_pages(&mut rng, num_blocks);
+    let table = block_table(seqlens, page, max_blocks, &pages, i32::MAX);
+    // Cached latents of realistic size (post-norm latent ~ N(0,1)) before each new token; every other slot is NaN
+    // and must never be read.
+    let before_new: Vec<usize> = seqlens.iter().map(|&len| len as usize - 1).collect();
+    let cache = paged_cache(&mut rng, num_blocks, page, 576, &table, max_blocks, &before_new, (-1.0, 1.0));
     let x = (0..b * cfg.hidden).map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_f32()).collect();
     Setup { x, cache, table, max_blocks, page, seqlens: seqlens.to_vec() }
 }

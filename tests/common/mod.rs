@@ -95,3 +95,56 @@ pub fn expect_launched<R>(gpu: &Gpu, kernels: &[&str], body: impl FnOnce() -> R)
 pub fn block_magnitude(rng: &mut impl Rng) -> f32 {
     2f32.powi(rng.random_range(-2..=2))
 }
+
+// ------------------------------------------------------------------------------------------------ paged caches
+
+/// Page ids `0..num_blocks` in a random order (so sequences get scattered, non-monotonic pages).
+pub fn shuffled_pages(rng: &mut impl Rng, num_blocks: usize) -> Vec<i32> {
+    let mut pages: Vec<i32> = (0..num_blocks as i32).collect();
+    for i in (1..pages.len()).rev() {
+        pages.swap(i, rng.random_range(0..=i));
+    }
+    pages
+}
+
+/// A block table `[lens.len(), max_blocks]`: each sequence's `ceil(len / page)` pages taken in turn from `pages`,
+/// `unused` in the entries past them (which no kernel may read).
+pub fn block_table(lens: &[i32], page: usize, max_blocks: usize, pages: &[i32], unused: i32) -> Vec<i32> {
+    let mut table = vec![unused; lens.len() * max_blocks];
+    let mut next = pages.iter();
+    for (s, &len) in lens.iter().enumerate() {
+        for blk in 0..(len.max(0) as usize).div_ceil(page).min(max_blocks) {
+            table[s * max_blocks + blk] = *next.next().expect("enough pages for the lengths");
+        }
+    }
+    table
+}
+
+/// A paged cache of `num_blocks` pages of `page` tokens × `width`: bf16-representable values uniform in
+/// `[lo, hi)` at the first `tokens[s]` positions of each sequence (through its table row, skipping entries outside
+/// the cache), NaN everywhere else, so a kernel that reads past a length or a wrong page shows.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_cache(
+    rng: &mut impl Rng,
+    num_blocks: usize,
+    page: usize,
+    width: usize,
+    table: &[i32],
+    max_blocks: usize,
+    tokens: &[usize],
+    (lo, hi): (f32, f32),
+) -> Vec<f32> {
+    let mut cache = vec![f32::NAN; num_blocks * page * width];
+    for (s, &n) in tokens.iter().enumerate() {
+        for pos in 0..n.min(max_blocks * page) {
+            let block = table[s * max_blocks + pos / page];
+            if (0..num_blocks as i32).contains(&block) {
+                let slot = (block as usize * page + pos % page) * width;
+                for v in &mut cache[slot..slot + width] {
+                    *v = r1_kernels::bf16::from_f32(lo + rng.random::<f32>() * (hi - lo)).to_f32();
+                }
+            }
+        }
+    }
+    cache
+}
