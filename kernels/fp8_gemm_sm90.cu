@@ -52,6 +52,7 @@
 // r1k-sass: fp8_gemm_sm90_mc2_m128n160 QGMMA
 #include <cuda_bf16.h>
 
+#include "common/gemm_params.cuh"
 #include "common/gemm_sm90.cuh"
 
 namespace {
@@ -342,12 +343,13 @@ __device__ __forceinline__ void mc2_body(const CUtensorMap* tm_a, const CUtensor
 
 }  // namespace
 
+// The tensor maps, then every other argument in one struct (common/gemm_params.cuh).
 #define R1K_GEMM_ENTRY(BM, BN)                                                                                     \
     extern "C" __global__ void __launch_bounds__((BM / 64 + 1) * 128, 1) fp8_gemm_sm90_m##BM##n##BN(             \
         const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,                        \
-        const __grid_constant__ CUtensorMap tm_sa, const float* __restrict__ sb, void* out, int m, int n, int k,   \
-        int stages, int group_m, int mode, int k_splits, int kb_per_split) {                                       \
-        gemm_body<BM, BN>(&tm_a, &tm_b, &tm_sa, sb, out, m, n, k, stages, group_m, mode, k_splits, kb_per_split);  \
+        const __grid_constant__ CUtensorMap tm_sa, const __grid_constant__ r1k_gemm_params::GemmParams p) {        \
+        gemm_body<BM, BN>(&tm_a, &tm_b, &tm_sa, p.sb, p.out, p.m, p.n, p.k, p.stages, p.group, p.mode, p.k_splits, \
+                          p.kb_per_split);                                                                         \
     }
 
 R1K_GEMM_ENTRY(64, 64)
@@ -360,12 +362,12 @@ R1K_GEMM_ENTRY(128, 128)
 R1K_GEMM_ENTRY(128, 160)
 
 // Cluster launch only (cuLaunchKernelEx, cluster dimension (2, 1, 1), grid a multiple of 2); see mc2_body.
+// The same arguments as the one-CTA kernels (group = tile pairs per group; k_splits and kb_per_split unused).
 #define R1K_GEMM_MC2_ENTRY(BN)                                                                                     \
     extern "C" __global__ void __launch_bounds__(384, 1) fp8_gemm_sm90_mc2_m128n##BN(                             \
         const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,                        \
-        const __grid_constant__ CUtensorMap tm_sa, const float* __restrict__ sb, void* out, int m, int n, int k,   \
-        int stages, int group_pairs, int mode) {                                                                   \
-        mc2_body<BN>(&tm_a, &tm_b, &tm_sa, sb, out, m, n, k, stages, group_pairs, mode);                           \
+        const __grid_constant__ CUtensorMap tm_sa, const __grid_constant__ r1k_gemm_params::GemmParams p) {        \
+        mc2_body<BN>(&tm_a, &tm_b, &tm_sa, p.sb, p.out, p.m, p.n, p.k, p.stages, p.group, p.mode);                 \
     }
 
 R1K_GEMM_MC2_ENTRY(128)

@@ -74,6 +74,8 @@ pub mod device;
 pub mod error;
 pub mod fp8;
 pub mod gemm;
+#[cfg(test)]
+mod kernel_params;
 pub mod kernels;
 #[cfg(feature = "layer")]
 pub mod layer;

@@ -25,6 +25,7 @@
 //! kernel for m ≤ 128 beyond split-K, and a shared-memory/TMA-store epilogue (the epilogue stores straight from
 //! registers).
 
+mod params;
 pub mod plan;
 pub mod sm90;
 

@@ -11,6 +11,7 @@ use cudarc::driver::sys::{
 };
 use cudarc::driver::{DevicePtr, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
 
+use super::params::GemmParams;
 use super::plan::{GemmShape, Sm90Config, BLOCK_K};
 use crate::device::Gpu;
 use crate::error::{CudaCall, Error, Result};
@@ -248,14 +249,11 @@ fn launch_gemm<T: DeviceRepr>(
     let f = gpu.function(MODULE, cfg.kernel_name()?, cfg.smem_bytes)?;
     let launch_cfg =
         LaunchConfig { grid_dim: (cfg.grid, 1, 1), block_dim: (cfg.threads, 1, 1), shared_mem_bytes: cfg.smem_bytes };
-    let (m, n, k) = (shape.m as i32, shape.n as i32, shape.k as i32);
-    let (stages, group_m, mode) = (cfg.stages as i32, cfg.group_m as i32, mode as i32);
-    let (splits, per) = (cfg.k_splits as i32, cfg.kb_per_split as i32);
     let stream = gpu.stream();
-    let (sbv, mut ov) = (sb.kernel_arg(stream), out.kernel_arg(stream));
+    let (sbv, ov) = (sb.kernel_arg(stream), out.kernel_arg(stream));
+    let params = gemm_params(shape, cfg, sbv.addr(), ov.addr(), mode);
     let mut launch = stream.launch_builder(&f);
-    launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&sbv).arg(&mut ov);
-    launch.arg(&m).arg(&n).arg(&k).arg(&stages).arg(&group_m).arg(&mode).arg(&splits).arg(&per);
+    launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&params);
     // SAFETY: the tensor maps describe exactly a [m, k], b [n, k] and sa [ceil(k/128), m_pad] (TMA never reads
     // outside them and zero-fills out-of-range box elements); sb has ceil(n/128)·ceil(k/128) floats and the kernel
     // indexes it with block indices < those bounds; `out` has the element count and type `mode` selects (checked
@@ -267,8 +265,24 @@ fn launch_gemm<T: DeviceRepr>(
     Ok(())
 }
 
+/// The kernels' argument struct for a launch writing `out` in `mode` with B's scales at `sb`.
+fn gemm_params(shape: &GemmShape, cfg: &Sm90Config, sb: u64, out: u64, mode: OutputMode) -> GemmParams {
+    GemmParams {
+        sb,
+        out,
+        m: shape.m as i32,
+        n: shape.n as i32,
+        k: shape.k as i32,
+        stages: cfg.stages as i32,
+        group: cfg.group_m as i32,
+        mode: mode as i32,
+        k_splits: cfg.k_splits as i32,
+        kb_per_split: cfg.kb_per_split as i32,
+    }
+}
+
 /// Launches a 2-CTA cluster kernel (`fp8_gemm_sm90_mc2_*`) through `cuLaunchKernelEx` with a cluster dimension of
-/// (2, 1, 1). The kernel's parameters are `(tm_a, tm_b, tm_sa, sb, out, m, n, k, stages, group_pairs, mode)`.
+/// (2, 1, 1). The kernel's parameters are `(tm_a, tm_b, tm_sa, GemmParams)`.
 fn launch_mc2<T: DeviceRepr>(
     gpu: &Gpu,
     shape: &GemmShape,
@@ -290,22 +304,13 @@ fn launch_mc2<T: DeviceRepr>(
     let f = gpu.function(MODULE, cfg.kernel_name()?, cfg.smem_bytes)?;
     let stream = gpu.stream();
     let (sbv, ov) = (sb.kernel_arg(stream), out.kernel_arg(stream));
-    let (mut psb, mut pout) = (sbv.addr(), ov.addr());
-    let (mut m, mut n, mut k) = (shape.m as i32, shape.n as i32, shape.k as i32);
-    let (mut stages, mut group, mut mode) = (cfg.stages as i32, cfg.group_m as i32, mode as i32);
+    let mut args = gemm_params(shape, cfg, sbv.addr(), ov.addr(), mode);
     let (mut ta, mut tb, mut tsa) = (maps[0], maps[1], maps[2]);
-    let mut params: [*mut std::ffi::c_void; 11] = [
+    let mut params: [*mut std::ffi::c_void; 4] = [
         &mut ta as *mut TensorMap as *mut _,
         &mut tb as *mut TensorMap as *mut _,
         &mut tsa as *mut TensorMap as *mut _,
-        &mut psb as *mut sys::CUdeviceptr as *mut _,
-        &mut pout as *mut sys::CUdeviceptr as *mut _,
-        &mut m as *mut i32 as *mut _,
-        &mut n as *mut i32 as *mut _,
-        &mut k as *mut i32 as *mut _,
-        &mut stages as *mut i32 as *mut _,
-        &mut group as *mut i32 as *mut _,
-        &mut mode as *mut i32 as *mut _,
+        &mut args as *mut GemmParams as *mut _,
     ];
     // SAFETY: a zeroed CUlaunchAttribute is a valid plain-data value (id 0, zero union); id and value are set next.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
@@ -335,7 +340,7 @@ fn launch_mc2<T: DeviceRepr>(
         config.gridDimX = config.gridDimX.min(2 * fit as u32);
     }
     // SAFETY: `params` holds one pointer per kernel parameter, in order and with the kernel's types (three 128-byte
-    // 64-aligned CUtensorMaps, two device pointers, six i32), all alive for the call (the driver copies them at
+    // 64-aligned CUtensorMaps and the GemmParams struct), all alive for the call (the driver copies them at
     // launch). The tensor maps describe exactly a [m, k], b [n, k] (box block_n / 2 rows) and sa
     // [ceil(k/128), m_pad]; sb has ceil(n/128)·ceil(k/128) floats and is indexed with block indices below those
     // bounds; out has m·n elements of the type `mode` selects (checked above) and every store is guarded by row < m,

@@ -71,26 +71,10 @@ const _: () = {
 mod tests {
     use super::*;
 
-    /// The header's `static_assert(offsetof(DecodeParams, f) == n, …)` lines and its size assertion, parsed.
-    fn header_layout() -> (Vec<(String, usize)>, usize) {
-        let header = include_str!("../../kernels/common/mla_params.cuh");
-        let mut fields = Vec::new();
-        let mut size = 0;
-        for line in header.lines().map(str::trim) {
-            if let Some(rest) = line.strip_prefix("static_assert(offsetof(DecodeParams, ") {
-                let (field, rest) = rest.split_once(')').unwrap();
-                let n = rest.trim_start_matches(" == ").split(',').next().unwrap();
-                fields.push((field.to_string(), n.parse().unwrap()));
-            } else if let Some(rest) = line.strip_prefix("static_assert(sizeof(DecodeParams) == ") {
-                size = rest.split(',').next().unwrap().parse().unwrap();
-            }
-        }
-        (fields, size)
-    }
-
     #[test]
     fn the_header_pins_the_same_layout() {
-        let (fields, size) = header_layout();
+        let header = include_str!("../../kernels/common/mla_params.cuh");
+        let (fields, size) = crate::kernel_params::header_layout(header, "DecodeParams");
         let ours: Vec<(String, usize)> = LAYOUT.iter().map(|&(f, o)| (f.to_string(), o)).collect();
         assert_eq!(fields, ours, "kernels/common/mla_params.cuh and DecodeParams disagree");
         assert_eq!(size, size_of::<DecodeParams>());
