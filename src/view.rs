@@ -191,9 +191,11 @@ impl Layout {
         // Elements between consecutive indices of `dim`: the row stride for the last dimension's rows, times the
         // rows under it.
         let step = if dim == last { 1 } else { self.row_stride * self.dims[dim + 1..last].iter().product::<usize>() };
-        let offset = if self.numel == 0 { 0 } else { range.start * step };
         let mut dims = self.dims;
         dims[dim] = range.end - range.start;
+        // An empty part has no element to place: it stays at the view's start (so it is never misaligned).
+        let empty = dims[..self.rank].contains(&0);
+        let offset = if empty { 0 } else { range.start * step };
         let shape = &dims[..self.rank];
         // A narrowed last dimension keeps the row stride; narrowing a leading one keeps it too.
         let addr_low = (self.addr_low + (offset as u64 % ADDR_MOD) * elem_bytes as u64) % ADDR_MOD;
@@ -489,6 +491,8 @@ impl<'a, T> TensorMut<'a, T> {
         if bytes == 0 {
             return Ok(());
         }
+        // The driver call needs the stream's context current on this thread (cudarc's own calls bind it first).
+        stream.context().bind_to_thread().map_err(|e| Error::cuda("cuCtxSetCurrent", e))?;
         let p = self.kernel_arg(stream);
         // SAFETY: the view's constructor checked that its `numel` elements (dense) lie inside its memory.
         unsafe { cudarc::driver::result::memset_d8_async(p.ptr, 0, bytes, stream.cu_stream()) }
@@ -648,8 +652,10 @@ mod tests {
         assert!(matches!(t.narrow(1, 3..5), Err(Error::Alignment { .. })));
         let (start, end) = (4, 3);
         assert!(t.narrow(0, start..end).is_err() && t.narrow(0, 0..11).is_err() && t.narrow(2, 0..1).is_err());
-        // An empty range anywhere is a valid empty view.
+        // An empty range anywhere is a valid empty view, even where a non-empty part would be misaligned.
         assert_eq!(t.narrow(0, 10..10).unwrap().numel(), 0);
+        let empty = t.narrow(1, 3..3).unwrap();
+        assert_eq!((empty.numel(), empty.offset), (0, 0));
         // A middle dimension steps by whole rows; a part of it is a view only when nothing above it repeats (the
         // rows of [2, 1..3, 16] are not evenly spaced).
         let c = raw::<f32>(0x1000, 96, &[1, 3, 16], None).unwrap().narrow(1, 1..3).unwrap();
