@@ -41,7 +41,7 @@
 //!     let cfg = moe::RouterConfig::deepseek_v3();
 //!     let layout = moe::Layout::Contiguous { block_m: moe::GEMM_BLOCK_M };
 //!     let mut ws = moe::MoeWorkspace::new(gpu, &cfg, h.shape()[0], 7168, 2048, Some(2048), layout)?;
-//!     moe::moe_forward(gpu, &cfg, experts, Some(shared), h, moe::Routing::Gate(w_gate, Some(bias)), &mut ws, out)
+//!     moe::moe_forward(gpu, &cfg, experts, Some(shared), h, moe::Routing::gate(w_gate, Some(bias)), &mut ws, out)
 //! }
 //!
 //! /// MLA decode over a paged latent cache; the split plan is made on the host from lengths the engine knows.
