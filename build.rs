@@ -155,14 +155,26 @@ fn hash_common_headers(kernels_dir: &Path, nvcc: &Path, include_flags: &[String]
     nvcc.hash(&mut hasher);
     include_flags.hash(&mut hasher);
     (ARCH_FLAGS, PORTABLE_FLAGS, COMMON_FLAGS).hash(&mut hasher);
-    let mut headers: Vec<PathBuf> =
-        fs::read_dir(kernels_dir.join("common")).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let mut headers = Vec::new();
+    collect_files(&kernels_dir.join("common"), &mut headers);
     headers.sort();
     for h in headers {
         h.hash(&mut hasher);
         fs::read(&h).unwrap_or_default().hash(&mut hasher);
     }
     hasher.finish()
+}
+
+/// Every file under `dir`, recursively (the shared headers live in subfolders such as `common/sm90/`).
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
 }
 
 fn run_nvcc(nvcc: &Path, args: &[String]) -> Result<String, String> {

@@ -24,7 +24,7 @@
 // Split-K (host-chosen for grids that would leave most SMs idle, i.e. small m): work items are (tile, K range);
 // each writes an fp32 partial tile to a workspace [k_splits, m, n] and fp8_gemm_splitk_reduce sums the splits in
 // order (no atomics, bitwise reproducible).
-// Every mbarrier wait traps after 10 s (r1k::gemm::mbar_wait): a pipeline bug fails the launch instead of hanging.
+// Every mbarrier wait traps after 10 s (r1k::sm90::mbar_wait): a pipeline bug fails the launch instead of hanging.
 //
 // Opt-in 2-CTA cluster variant (fp8_gemm_sm90_mc2_*, launched with cuLaunchKernelEx and a cluster dimension of
 // (2, 1, 1)): the two CTAs of a cluster compute vertically adjacent tiles (tile rows 2p and 2p + 1) of the same
@@ -47,7 +47,6 @@
 // r1k-sass: fp8_gemm_sm90_m128n112 QGMMA
 // r1k-sass: fp8_gemm_sm90_m128n128 QGMMA
 // r1k-sass: fp8_gemm_sm90_m128n160 QGMMA
-// r1k-sass: gemm_probe_wgmma_n128 QGMMA
 // r1k-sass: fp8_gemm_sm90_mc2_m128n128 QGMMA
 // r1k-sass: fp8_gemm_sm90_mc2_m128n160 QGMMA
 #include <cuda_bf16.h>
@@ -58,6 +57,7 @@
 namespace {
 
 using namespace r1k::gemm;
+using namespace r1k::sm90;
 
 // Output modes (twin: src/gemm/sm90.rs OutputMode).
 constexpr int kModeBf16 = 0;            // out: bf16 [m, n] = D
@@ -163,7 +163,7 @@ __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtenso
             wgmma_fence();
 #pragma unroll
             for (int j = 0; j < kBlockK / 32; ++j) {
-                Wgmma<BN>::mma(acc, kmajor_sw128_desc(a_addr, 32 * j), kmajor_sw128_desc(b_addr, 32 * j), j);
+                WgmmaE4m3<BN>::mma(acc, kmajor_sw128_desc(a_addr, 32 * j), kmajor_sw128_desc(b_addr, 32 * j), j);
             }
             wgmma_commit();
             wgmma_wait_all();
@@ -299,7 +299,7 @@ __device__ __forceinline__ void mc2_body(const CUtensorMap* tm_a, const CUtensor
                 wgmma_fence();
 #pragma unroll
                 for (int j = 0; j < kBlockK / 32; ++j) {
-                    Wgmma<BN>::mma(acc, kmajor_sw128_desc(a_addr, 32 * j), kmajor_sw128_desc(b_addr, 32 * j), j);
+                    WgmmaE4m3<BN>::mma(acc, kmajor_sw128_desc(a_addr, 32 * j), kmajor_sw128_desc(b_addr, 32 * j), j);
                 }
                 wgmma_commit();
                 wgmma_wait_all();
@@ -396,102 +396,6 @@ extern "C" __global__ void __launch_bounds__(256) fp8_gemm_splitk_reduce(const f
             *o = c;
         } else {
             reinterpret_cast<__nv_bfloat162*>(out)[p] = __floats2bfloat162_rn(acc.x, acc.y);
-        }
-    }
-}
-
-// ---- primitive probes (GPU tests name the broken primitive) ---------------------------------------------------
-
-// One TMA box load into 1024-aligned shared memory, copied back out byte for byte (swizzle included), so the host
-// can compare against sm90::swizzle_128b applied to the source. 128 threads; dynamic smem = box_bytes + 1024 + 64.
-extern "C" __global__ void __launch_bounds__(128) gemm_probe_tma(const __grid_constant__ CUtensorMap map,
-                                                                  uint8_t* out, int x0, int y0, int box_bytes) {
-    extern __shared__ uint8_t smem_raw[];
-    const uint32_t raw = smem_u32(smem_raw);
-    uint8_t* buf = smem_raw + (((raw + 1023u) & ~1023u) - raw);
-    uint64_t* bar = reinterpret_cast<uint64_t*>(buf + ((box_bytes + 15) & ~15));
-    if (threadIdx.x == 0) {
-        mbar_init(bar, 1);
-        mbar_init_fence();
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        mbar_arrive_expect_tx(bar, box_bytes);
-        tma_load_2d(buf, &map, bar, x0, y0);
-    }
-    mbar_wait(bar, 0);
-    for (int i = threadIdx.x; i < box_bytes; i += blockDim.x) out[i] = buf[i];
-}
-
-// One m64n128 K=128 block: A [64, 128] and B [128, 128] E4M3 row-major in global are written into shared memory with
-// the device swizzle_128b, then four wgmma k32 steps through kmajor_sw128_desc; D [64, 128] fp32 is written back
-// through the documented fragment layout. Checks wgmma + descriptors + swizzle + fragment layout together (the TMA
-// probe checks the swizzle alone). 128 threads; dynamic smem = 64*128 + 128*128 + 1024.
-extern "C" __global__ void __launch_bounds__(128) gemm_probe_wgmma_n128(const uint8_t* __restrict__ a,
-                                                                         const uint8_t* __restrict__ b, float* out) {
-    extern __shared__ uint8_t smem_raw[];
-    const uint32_t raw = smem_u32(smem_raw);
-    uint8_t* sa = smem_raw + (((raw + 1023u) & ~1023u) - raw);
-    uint8_t* sbm = sa + 64 * kBlockK;
-    for (int i = threadIdx.x; i < 64 * kBlockK; i += 128) sa[swizzle_128b(i)] = a[i];
-    for (int i = threadIdx.x; i < 128 * kBlockK; i += 128) sbm[swizzle_128b(i)] = b[i];
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    __syncthreads();
-    float acc[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-    fence_regs(acc);
-    wgmma_fence();
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        Wgmma<128>::mma(acc, kmajor_sw128_desc(smem_u32(sa), 32 * j), kmajor_sw128_desc(smem_u32(sbm), 32 * j), j);
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_regs(acc);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = warp * 16 + lane / 4 + 8 * (e / 2);
-            const int col = 8 * i + 2 * (lane % 4) + (e % 2);
-            out[row * 128 + col] = acc[4 * i + e];
-        }
-    }
-}
-
-// The promotion step on a [64, 160] tile starting at column n0: acc and fin_in are row-major [64, 160] and go
-// through the fragment layout; fin = promote(promote(fin_in, acc)), i.e. two K blocks with the same scales. sa [64],
-// sb2 = {scale of the tile's first B block, of the second}. 128 threads.
-extern "C" __global__ void __launch_bounds__(128) gemm_probe_promote_n160(const float* __restrict__ acc_in,
-                                                                           const float* __restrict__ fin_in,
-                                                                           const float* __restrict__ sa,
-                                                                           const float* __restrict__ sb2, float* out,
-                                                                           int n0) {
-    constexpr int BN = 160;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float acc[BN / 2], fin[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = warp * 16 + lane / 4 + 8 * (e / 2);
-            const int col = 8 * i + 2 * (lane % 4) + (e % 2);
-            acc[4 * i + e] = acc_in[row * BN + col];
-            fin[4 * i + e] = fin_in[row * BN + col];
-        }
-    }
-    const int r = warp * 16 + lane / 4;
-    promote<BN>(fin, acc, sa[r], sa[r + 8], sb2[0], sb2[1], n0);
-    promote<BN>(fin, acc, sa[r], sa[r + 8], sb2[0], sb2[1], n0);
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = warp * 16 + lane / 4 + 8 * (e / 2);
-            const int col = 8 * i + 2 * (lane % 4) + (e % 2);
-            out[row * BN + col] = fin[4 * i + e];
         }
     }
 }

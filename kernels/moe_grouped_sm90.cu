@@ -38,6 +38,7 @@
 namespace {
 
 using namespace r1k::gemm;
+using namespace r1k::sm90;
 
 constexpr int BM = 64;
 constexpr int BN = 128;
@@ -160,7 +161,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
             wgmma_fence();
 #pragma unroll
             for (int j = 0; j < kBlockK / 32; ++j) {
-                Wgmma<BN>::mma(acc, kmajor_sw128_desc(a_addr, 32 * j), kmajor_sw128_desc(b_addr, 32 * j), j);
+                WgmmaE4m3<BN>::mma(acc, kmajor_sw128_desc(a_addr, 32 * j), kmajor_sw128_desc(b_addr, 32 * j), j);
             }
             wgmma_commit();
             wgmma_wait_all();

@@ -14,51 +14,14 @@
 // r1k-sass: moe_grouped_gemm_fp8_sm90 QGMMA
 #include "common/fp8.cuh"
 #include "common/moe.cuh"
+#include "common/sm90/all.cuh"
 
 namespace {
 
+using namespace r1k::sm90;
+
 constexpr int BM = 64, BN = 128, BK = 128, STAGES = 4;
 constexpr int A_BYTES = BM * BK, B_BYTES = BN * BK, STAGE_BYTES = A_BYTES + B_BYTES;
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 128B-swizzle K-major descriptor: start >> 4, LBO unused (1), SBO = 1024 B between 8-row groups, layout 1 = SW128.
-__device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr) {
-    uint64_t d = 0;
-    d |= static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4);
-    d |= static_cast<uint64_t>(1) << 16;
-    d |= static_cast<uint64_t>(1024 >> 4) << 32;
-    d |= static_cast<uint64_t>(1) << 62;
-    return d;
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Pins an accumulator register at this point of the instruction stream: wgmma writes its registers
-// asynchronously, so reads must not be scheduled before wgmma.wait_group (asm volatile statements keep their order).
-__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
 
 }  // namespace
 
@@ -93,14 +56,14 @@ extern "C" __global__ void __launch_bounds__(128, 1) moe_grouped_gemm_fp8_sm90(
             const long long grow = row0 + r;
             const bool ok = grow < valid_end;
             const uint8_t* src = a + (ok ? grow : row0) * kdim + kofs + c * 16;
-            cp_async16(sa_base + r * 128 + ((c ^ (r % 8)) * 16), src, ok ? 16 : 0);
+            cp_async16(sa_base + swizzle_128b(r, c * 16), src, ok ? 16 : 0);
         }
 #pragma unroll
         for (int i = 0; i < (B_BYTES / 16) / 128; ++i) {
             const int chunk = tid + i * 128;
             const int r = chunk / 8, c = chunk % 8;
             const uint8_t* src = w_e + static_cast<long long>(r) * kdim + kofs + c * 16;
-            cp_async16(sb_base + r * 128 + ((c ^ (r % 8)) * 16), src, 16);
+            cp_async16(sb_base + swizzle_128b(r, c * 16), src, 16);
         }
     };
 
@@ -124,23 +87,21 @@ extern "C" __global__ void __launch_bounds__(128, 1) moe_grouped_gemm_fp8_sm90(
 
     for (int kb = 0; kb < kblocks; ++kb) {
         cp_async_wait<STAGES - 2>();
-        fence_async_smem();  // this thread's cp.async writes -> visible to wgmma (async proxy)
+        fence_proxy_async();  // this thread's cp.async writes -> visible to wgmma (async proxy)
         __syncthreads();
         if (kb + STAGES - 1 < kblocks) load_stage((kb + STAGES - 1) % STAGES, kb + STAGES - 1);
         cp_async_commit();
 
         const uint32_t sa_base = base + (kb % STAGES) * STAGE_BYTES;
         const uint32_t sb_base = sa_base + A_BYTES;
-#pragma unroll
-        for (int i = 0; i < 64; ++i) fence_operand(part[i]);
+        fence_regs(part);
         wgmma_fence();
 #pragma unroll
         for (int j = 0; j < BK / 32; ++j)
-            wgmma_m64n128k32_e4m3(part, make_desc(sa_base + j * 32), make_desc(sb_base + j * 32), j > 0 ? 1 : 0);
+            WgmmaE4m3<BN>::mma(part, kmajor_sw128_desc(sa_base, j * 32), kmajor_sw128_desc(sb_base, j * 32), j > 0 ? 1 : 0);
         wgmma_commit();
-        wgmma_wait0();
-#pragma unroll
-        for (int i = 0; i < 64; ++i) fence_operand(part[i]);
+        wgmma_wait_all();
+        fence_regs(part);
 
         const float sb = sw_e[kb];
         const float s_a = ok_a ? sa[kb * rows_pad + row0 + r_a] * sb : 0.0f;

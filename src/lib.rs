@@ -87,6 +87,7 @@ pub mod probe_log;
 pub mod quant;
 pub mod reference;
 pub mod rng;
+pub mod sm90;
 pub mod tensor;
 pub mod timing;
 pub mod view;

@@ -5,9 +5,10 @@
 //! here rather than as a wrong GEMM or attention result; their inputs and outputs can be recorded on a GPU and
 //! replayed on the emulator bit for bit (`scripts/emu-replay-probes`).
 
-use r1_kernels::gemm::sm90::{probes, swizzle_128b, Tma2d, TmaDtype};
+use r1_kernels::gemm::sm90::probes;
 use r1_kernels::probe_log::probe_io;
 use r1_kernels::reference::mla::{dequantize_kv_cache_fp8, quantize_kv_cache_fp8, D_QK, D_V, FP8_TOKEN_BYTES};
+use r1_kernels::sm90::{swizzle_128b, Tma2d, TmaDtype};
 use r1_kernels::{bf16, DeviceTensor, E4M3};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 

@@ -1,185 +1,20 @@
-//! Hopper (sm_90a) pieces of the FP8 GEMM that live on the host: the wgmma shared-memory matrix descriptor, the
-//! 128-byte swizzle address function, TMA tensor maps, and the launcher of the persistent warp-specialized kernel.
-//!
-//! The descriptor and swizzle functions are mirrored bit for bit in `kernels/common/gemm_sm90.cuh`
-//! (`r1k::gemm::make_smem_desc`, `r1k::gemm::swizzle_128b`); the unit tests here pin them to the PTX ISA's
-//! definitions, and the GPU primitive tests in `tests/fp8_gemm.rs` check the device against them.
+//! The host side of the sm_90a FP8 GEMM: its TMA descriptions, its argument struct, the launchers of the
+//! persistent warp-specialized kernels (one CTA, or a 2-CTA multicast cluster) and of the split-K reduction. The
+//! descriptors, swizzle, tensor-map encoding and cluster launch are the crate's sm_90a layer, [`crate::sm90`].
 
-use cudarc::driver::sys::{
-    self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
-    CUtensorMapSwizzle,
-};
-use cudarc::driver::{DevicePtr, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::params::GemmParams;
 use super::plan::{GemmShape, Sm90Config, BLOCK_K};
 use crate::device::Gpu;
 use crate::error::{CudaCall, Error, Result};
 use crate::fp8::E4M3;
+use crate::sm90::{launch_cluster, ClusterLaunch, TensorMap, Tma2d, TmaDtype, PROBE_MODULE};
 use crate::tensor::DeviceTensor;
 use crate::view::{TensorMut, TensorRef};
 
 /// Kernel module (file stem) of the Hopper kernels.
 pub const MODULE: &str = "fp8_gemm_sm90";
-
-/// Shared-memory swizzle modes of a wgmma matrix descriptor (bits 62–63), per the PTX ISA.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SwizzleMode {
-    /// Interleaved core matrices, no swizzle (0).
-    None = 0,
-    /// 128-byte swizzle (1).
-    B128 = 1,
-    /// 64-byte swizzle (2).
-    B64 = 2,
-    /// 32-byte swizzle (3).
-    B32 = 3,
-}
-
-/// Encodes a wgmma shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"):
-/// bits 0–13 start address >> 4, bits 16–29 leading-dimension byte offset >> 4, bits 32–45 stride-dimension byte
-/// offset >> 4, bits 49–51 base offset (0: every tile here starts 1024-aligned), bits 62–63 swizzle mode.
-/// Addresses are shared-window byte addresses (< 256 KiB, so 18 bits of address, 14 after the shift).
-pub fn make_smem_desc(start_addr: u32, lbo_bytes: u32, sbo_bytes: u32, swizzle: SwizzleMode) -> u64 {
-    let field = |v: u32| u64::from((v & 0x3ffff) >> 4);
-    field(start_addr) | (field(lbo_bytes) << 16) | (field(sbo_bytes) << 32) | ((swizzle as u64) << 62)
-}
-
-/// The descriptor the kernel uses for a K-major operand tile of 128-byte rows (BLOCK_K = 128 E4M3) loaded by TMA
-/// with 128-byte swizzle, at K offset `k_bytes` (0, 32, 64, 96 for the four k32 wgmma steps): SBO = 1024 (eight
-/// 128-byte rows form one swizzle atom; atoms are stacked along M/N), LBO unused for swizzled K-major layouts (set
-/// to 0), and the K step is taken by advancing the start address inside the atom, which is how the hardware applies
-/// the swizzle to the address bits.
-pub fn kmajor_sw128_desc(tile_addr: u32, k_bytes: u32) -> u64 {
-    make_smem_desc(tile_addr + k_bytes, 0, 1024, SwizzleMode::B128)
-}
-
-/// Byte offset of logical byte `offset` (= row · 128 + column byte) of a 1024-aligned tile stored with TMA's
-/// 128-byte swizzle: the 16-byte chunk index (bits 4–6) is XORed with the row within the 8-row atom (bits 7–9).
-pub fn swizzle_128b(offset: u32) -> u32 {
-    offset ^ (((offset >> 7) & 7) << 4)
-}
-
-/// An opaque 128-byte `CUtensorMap`, passed to kernels by value as a `__grid_constant__` parameter.
-#[repr(C, align(64))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TensorMap(pub [u64; 16]);
-
-// SAFETY: plain bytes with the layout and alignment of CUtensorMap; the kernel parameter is
-// `const __grid_constant__ CUtensorMap`, which the driver copies from this value.
-unsafe impl DeviceRepr for TensorMap {}
-
-/// Element type of a 2-D tensor map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TmaDtype {
-    /// One byte (E4M3 codes).
-    U8,
-    /// fp32.
-    F32,
-}
-
-/// A 2-D row-major TMA description: `rows × cols` elements with a row stride of `row_stride_bytes`, loaded in boxes
-/// of `box_rows × box_cols`. Out-of-bounds box elements are filled with zeros.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tma2d {
-    /// Element type.
-    pub dtype: TmaDtype,
-    /// Outer dimension.
-    pub rows: u64,
-    /// Inner (contiguous) dimension.
-    pub cols: u64,
-    /// Bytes between rows (multiple of 16).
-    pub row_stride_bytes: u64,
-    /// Box rows (≤ 256).
-    pub box_rows: u32,
-    /// Box columns (≤ 256; with 128-byte swizzle, box_cols · element size must be ≤ 128).
-    pub box_cols: u32,
-    /// 128-byte swizzle when true, none otherwise.
-    pub swizzle_128b: bool,
-}
-
-impl Tma2d {
-    fn elem_bytes(&self) -> u64 {
-        match self.dtype {
-            TmaDtype::U8 => 1,
-            TmaDtype::F32 => 4,
-        }
-    }
-
-    /// Checks the driver's documented requirements for `cuTensorMapEncodeTiled` (so a bad map is an `Err`, not an
-    /// encode failure at launch time).
-    pub fn check(&self) -> Result<()> {
-        let cfg = |msg: String| Err(Error::InvalidConfig(msg));
-        if self.rows == 0 || self.cols == 0 || self.rows > 1 << 32 || self.cols > 1 << 32 {
-            return cfg(format!("TMA dims {}×{} must be in 1..=2^32", self.rows, self.cols));
-        }
-        if !self.row_stride_bytes.is_multiple_of(16) || self.row_stride_bytes >= 1 << 40 {
-            return Err(Error::Alignment { arg: "tma row stride", required: 16, got: self.row_stride_bytes as usize });
-        }
-        if self.row_stride_bytes < self.cols * self.elem_bytes() {
-            return cfg("TMA row stride shorter than a row".into());
-        }
-        if !(1..=256).contains(&self.box_rows) || !(1..=256).contains(&self.box_cols) {
-            return cfg(format!("TMA box {}×{} must be in 1..=256", self.box_rows, self.box_cols));
-        }
-        let inner_bytes = u64::from(self.box_cols) * self.elem_bytes();
-        if !inner_bytes.is_multiple_of(16) {
-            return cfg(format!("TMA box inner extent {inner_bytes} B must be a multiple of 16"));
-        }
-        if self.swizzle_128b && inner_bytes > 128 {
-            return cfg(format!("TMA box inner extent {inner_bytes} B exceeds the 128-byte swizzle span"));
-        }
-        Ok(())
-    }
-
-    /// Bytes one box lands in shared memory (what the mbarrier's transaction count must expect).
-    pub fn box_bytes(&self) -> u32 {
-        self.box_rows * self.box_cols * self.elem_bytes() as u32
-    }
-
-    /// Encodes the map for the buffer at device address `ptr`.
-    pub fn encode(&self, ptr: u64) -> Result<TensorMap> {
-        self.check()?;
-        if !ptr.is_multiple_of(16) {
-            return Err(Error::Alignment { arg: "tma base address", required: 16, got: (ptr % 16) as usize });
-        }
-        let mut map = TensorMap([0; 16]);
-        let dims = [self.cols, self.rows];
-        let strides = [self.row_stride_bytes];
-        let boxes = [self.box_cols, self.box_rows];
-        let elem_strides = [1u32, 1];
-        let dtype = match self.dtype {
-            TmaDtype::U8 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
-            TmaDtype::F32 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
-        };
-        let swizzle = if self.swizzle_128b {
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B
-        } else {
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE
-        };
-        // SAFETY: `map` is a 64-byte-aligned 128-byte buffer (CUtensorMap's layout); every array argument has
-        // `rank` (or rank − 1 for strides) elements and outlives the call; the driver only writes `map`.
-        let res = unsafe {
-            sys::cuTensorMapEncodeTiled(
-                &mut map as *mut TensorMap as *mut sys::CUtensorMap,
-                dtype,
-                2,
-                ptr as *mut std::ffi::c_void,
-                dims.as_ptr(),
-                strides.as_ptr(),
-                boxes.as_ptr(),
-                elem_strides.as_ptr(),
-                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                swizzle,
-                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-            )
-        };
-        if res != sys::CUresult::CUDA_SUCCESS {
-            return Err(Error::cuda("cuTensorMapEncodeTiled", DriverError(res)));
-        }
-        Ok(map)
-    }
-}
 
 /// The three TMA descriptions of one GEMM: A tiles `[block_m, 128]`, B tiles `[block_n, 128]` (both 128-byte
 /// swizzled) and the activation-scale row segment `[1, block_m]` of the MN-major `sa`. For the 2-CTA multicast
@@ -312,46 +147,23 @@ fn launch_mc2<T: DeviceRepr>(
         &mut tsa as *mut TensorMap as *mut _,
         &mut args as *mut GemmParams as *mut _,
     ];
-    // SAFETY: a zeroed CUlaunchAttribute is a valid plain-data value (id 0, zero union); id and value are set next.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: 2, y: 1, z: 1 };
-    let mut config = sys::CUlaunchConfig {
-        gridDimX: cfg.grid,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: cfg.threads,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: cfg.smem_bytes,
-        hStream: stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: 1,
+    let shape = ClusterLaunch {
+        grid_x: cfg.grid,
+        threads: cfg.threads,
+        smem_bytes: cfg.smem_bytes,
+        cluster_x: 2,
+        // The kernel's schedule strides by the launched cluster count (%nclusterid), so any even grid is correct.
+        clamp_to_resident: true,
     };
-    stream.context().bind_to_thread()?;
-    // A cluster's CTAs must share a GPC, so fewer than sm_count / 2 clusters may be resident at once: size the
-    // persistent grid to what the driver says fits, so no cluster waits for a second wave. The kernel's schedule
-    // strides by the launched cluster count (%nclusterid), so any even grid is correct; if the query fails the
-    // planned grid stands.
-    let mut fit: std::ffi::c_int = 0;
-    // SAFETY: `config` and the attribute it points to are valid for the call; the driver only writes `fit`.
-    let q = unsafe { sys::cuOccupancyMaxActiveClusters(&mut fit, f.cu_function(), &config) };
-    if q == sys::CUresult::CUDA_SUCCESS && fit > 0 {
-        config.gridDimX = config.gridDimX.min(2 * fit as u32);
-    }
     // SAFETY: `params` holds one pointer per kernel parameter, in order and with the kernel's types (three 128-byte
     // 64-aligned CUtensorMaps and the GemmParams struct), all alive for the call (the driver copies them at
     // launch). The tensor maps describe exactly a [m, k], b [n, k] (box block_n / 2 rows) and sa
     // [ceil(k/128), m_pad]; sb has ceil(n/128)·ceil(k/128) floats and is indexed with block indices below those
     // bounds; out has m·n elements of the type `mode` selects (checked above) and every store is guarded by row < m,
-    // col < n. The grid is a multiple of the cluster size (checked above; the clamp keeps it even), both CTAs of a
-    // cluster walk the same tile pairs (plan::mc2_pair_coords, unit-tested), and the dynamic shared memory covers
-    // the ring for `stages` (plan::smem_bytes, the limit raised by gpu.function). The device-pointer guards (_gsb,
-    // _gout) record the launch on the stream when dropped after the call.
-    let res = unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) };
-    if res != sys::CUresult::CUDA_SUCCESS {
-        return Err(Error::cuda("cuLaunchKernelEx", DriverError(res)));
-    }
+    // col < n. Both CTAs of a cluster walk the same tile pairs (plan::mc2_pair_coords, unit-tested), and the dynamic
+    // shared memory covers the ring for `stages` (plan::smem_bytes, the limit raised by gpu.function). The
+    // device-pointer guards record the launch on the stream when dropped after the call.
+    unsafe { launch_cluster(stream, &f, shape, &mut params) }?;
     Ok(())
 }
 
@@ -428,7 +240,7 @@ pub fn workspace_elements(shape: &GemmShape, cfg: &Sm90Config) -> usize {
     }
 }
 
-/// Launchers of the primitive-test kernels (`gemm_probe_*` in kernels/fp8_gemm_sm90.cu), used by the GPU tests to
+/// Launchers of the primitive-test kernels (`gemm_probe_*` in kernels/probes_sm90.cu), used by the GPU tests to
 /// say which building block is wrong when the GEMM is. Each synchronizes and returns the kernel's output.
 #[doc(hidden)]
 pub mod probes {
@@ -447,7 +259,7 @@ pub mod probes {
         let map = tma.encode(ptr)?;
         let box_bytes = tma.box_bytes() as i32;
         let smem = tma.box_bytes() + 1024 + 64;
-        let f = gpu.function(MODULE, "gemm_probe_tma", smem)?;
+        let f = gpu.function(PROBE_MODULE, "gemm_probe_tma", smem)?;
         let mut out = DeviceTensor::<u8>::zeros(gpu, &[tma.box_bytes() as usize])?;
         {
             let mut ov = out.view_mut();
@@ -467,7 +279,7 @@ pub mod probes {
         a.expect_shape("a", &[64, 128])?;
         b.expect_shape("b", &[128, 128])?;
         let smem = 64 * 128 + 128 * 128 + 1024;
-        let f = gpu.function(MODULE, "gemm_probe_wgmma_n128", smem)?;
+        let f = gpu.function(PROBE_MODULE, "gemm_probe_wgmma_n128", smem)?;
         let mut out = DeviceTensor::<f32>::zeros(gpu, &[64, 128])?;
         {
             let (av, bv, mut ov) = (a.view(), b.view(), out.view_mut());
@@ -498,7 +310,7 @@ pub mod probes {
         if n0 < 0 || n0 % 8 != 0 {
             return Err(Error::Alignment { arg: "n0", required: 8, got: n0.unsigned_abs() as usize });
         }
-        let f = gpu.function(MODULE, "gemm_probe_promote_n160", 0)?;
+        let f = gpu.function(PROBE_MODULE, "gemm_probe_promote_n160", 0)?;
         let mut out = DeviceTensor::<f32>::zeros(gpu, &[64, 160])?;
         {
             let (accv, finv, sav, sbv, mut ov) = (acc.view(), fin.view(), sa.view(), sb2.view(), out.view_mut());
@@ -515,78 +327,6 @@ pub mod probes {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn descriptor_bit_layout() {
-        // Fields land in their PTX ISA bit ranges.
-        let d = make_smem_desc(0x400, 0x20, 0x400, SwizzleMode::B128);
-        assert_eq!(d & 0x3fff, 0x40);
-        assert_eq!((d >> 16) & 0x3fff, 0x2);
-        assert_eq!((d >> 32) & 0x3fff, 0x40);
-        assert_eq!(d >> 62, 1);
-        assert_eq!((d >> 49) & 7, 0);
-        // Unused bits stay zero.
-        let unused = !((0x3fffu64) | (0x3fff << 16) | (0x3fff << 32) | (7 << 49) | (3 << 62));
-        for addr in [0u32, 16, 1024, 0x3fff0, 227 * 1024] {
-            for sw in [SwizzleMode::None, SwizzleMode::B128, SwizzleMode::B64, SwizzleMode::B32] {
-                let d = make_smem_desc(addr, 16, 1024, sw);
-                assert_eq!(d & unused, 0);
-                assert_eq!(d >> 62, sw as u64);
-                assert_eq!((d & 0x3fff) << 4, u64::from(addr & 0x3fff0));
-            }
-        }
-        assert_eq!(SwizzleMode::B64 as u64, 2);
-        assert_eq!(SwizzleMode::B32 as u64, 3);
-        // Known value: start 0x1000, LBO 0, SBO 1024, 128B swizzle.
-        assert_eq!(kmajor_sw128_desc(0x1000, 0), 0x4000_0040_0000_0100);
-        // The k32 steps advance the start-address field by 2 (32 bytes >> 4).
-        assert_eq!(kmajor_sw128_desc(0x1000, 32) - kmajor_sw128_desc(0x1000, 0), 2);
-    }
-
-    /// The PTX ISA's addressing model for a K-major operand with 128-byte swizzle: the 16-byte chunk c of row r
-    /// (within the 32-byte K slice one k32 wgmma reads) is fetched from linear address
-    /// `start + (r / 8)·SBO + (r % 8)·128 + 16c`, with the swizzle XOR applied to the address bits. Decoding our
-    /// descriptors through that model must land exactly where TMA stored logical (r, 32j + 16c).
-    #[test]
-    fn descriptor_addressing_model_matches_tma_layout() {
-        for tile in [0u32, 1024, 37 * 1024, 200 * 1024] {
-            for j in 0..4u32 {
-                let d = kmajor_sw128_desc(tile, 32 * j);
-                let start = ((d & 0x3fff) << 4) as u32;
-                let sbo = (((d >> 32) & 0x3fff) << 4) as u32;
-                assert_eq!(d >> 62, SwizzleMode::B128 as u64);
-                for r in 0..160u32 {
-                    for c in 0..2u32 {
-                        let linear = start + (r / 8) * sbo + (r % 8) * 128 + 16 * c;
-                        let fetched = linear ^ (((linear >> 7) & 7) << 4);
-                        let stored = tile + swizzle_128b(r * 128 + 32 * j + 16 * c);
-                        assert_eq!(fetched, stored, "tile {tile} k-step {j} row {r} chunk {c}");
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn swizzle_128b_definition() {
-        // Row 0 is unswizzled; row r XORs the 16-byte chunk with r % 8.
-        for c in 0..128 {
-            assert_eq!(swizzle_128b(c), c);
-        }
-        assert_eq!(swizzle_128b(128), 128 + 16);
-        assert_eq!(swizzle_128b(128 + 16), 128);
-        assert_eq!(swizzle_128b(7 * 128 + 3), 7 * 128 + 7 * 16 + 3);
-        assert_eq!(swizzle_128b(8 * 128 + 5), 8 * 128 + 5); // next atom starts unswizzled again
-                                                            // A bijection on every 1024-byte atom that preserves 16-byte chunks and rows.
-        let mut seen = [false; 1024];
-        for o in 0..1024u32 {
-            let p = swizzle_128b(o);
-            assert!(p < 1024 && !seen[p as usize]);
-            seen[p as usize] = true;
-            assert_eq!(p / 128, o / 128);
-            assert_eq!(p % 16, o % 16);
-        }
-    }
 
     #[test]
     fn tma_checks() {

@@ -25,7 +25,7 @@ use crate::tensor::DeviceTensor;
 use crate::view::{TensorMut, TensorRef};
 pub use sched::{plan_splits, SplitMode, SplitPlan, WorkItem};
 
-const MODULE: &str = "mla_decode";
+const MODULE: &str = "mla";
 /// Largest token capacity (`max_blocks · page_size`) of one sequence: 2^31 less a margin larger than any kernel's
 /// token tile, so 32-bit token positions one tile past the end cannot overflow.
 pub const MAX_TOKENS: usize = (1 << 31) - 1024;

@@ -1,24 +1,25 @@
-//! The sm_90a MLA decode path (kernels/mla_decode_sm90.cu): TMA tile loads into a 2-stage mbarrier ring, bf16
-//! wgmma for QKᵀ and P·V. This module holds the host launcher and the Rust twins of the kernel's address,
-//! descriptor, swizzle and register-fragment formulas, unit-tested on the CPU. The `probe_*` launchers run the
-//! primitive-test kernels (one tile load, bf16 and FP8; one wgmma pair; one online-softmax merge) for the GPU tests.
+//! The sm_90a MLA decode path (kernels/mla_sm90.cu, the wide kernels; kernels/mla_narrow_sm90.cu, the narrow ones):
+//! TMA tile loads into an mbarrier ring, bf16 wgmma for QKᵀ and P·V. This module holds the host launcher and the Rust
+//! twins of the kernels' address, descriptor and register-fragment formulas (kernels/common/mla_*.cuh), unit-tested
+//! on the CPU. The `probe_*` launchers run the primitive-test kernels of kernels/probes_sm90.cu (one tile load, bf16
+//! and FP8; one wgmma pair, wide and narrow; one online-softmax merge) for the GPU tests.
 //!
 //! Supported on this path: bf16 and FP8 caches, page sizes 8, 16, 32, 64 or any multiple of 64 ([`box_rows`]).
 
-use std::mem::MaybeUninit;
-
-use cudarc::driver::sys;
-use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::{Checked, MlaPlan, MlaWorkspace};
 use crate::device::Gpu;
 use crate::error::{CudaCall, Error, Result};
 use crate::reference::mla::{D_QK, D_ROPE, FP8_ROPE_OFFSET, FP8_TOKEN_BYTES};
+use crate::sm90::{swizzle_128b_at, TensorMap, Tma2d, TmaDtype, PROBE_MODULE};
 use crate::tensor::DeviceTensor;
 use crate::view::TensorRef;
 
-const MODULE: &str = "mla_decode_sm90";
+/// Kernel modules (file stems): the wide kernels, the narrow kernels.
+const WIDE_MODULE: &str = "mla_sm90";
+const NARROW_MODULE: &str = "mla_narrow_sm90";
 /// Query rows per CTA (h·s_q is padded to a multiple of this).
 pub const ROWS_PER_CTA: usize = 64;
 /// Tokens per K tile.
@@ -79,7 +80,7 @@ pub const fn narrow_q_step_offset(kn: usize, kk: usize) -> usize {
 
 /// Where the narrow kernel stores Pᵀ element (query row `r`, token `k`): a K-major B operand of `kn` rows × 128 B.
 pub const fn narrow_p_offset(r: usize, k: usize) -> usize {
-    swizzle128(r, 2 * k)
+    swizzle_128b_at(r, 2 * k)
 }
 
 /// Bytes of a raw FP8 stage: codes `[2][64][256 B]` + scales `[64][16 B]`.
@@ -89,38 +90,6 @@ pub const FP8_RAW_BYTES: usize = 2 * 64 * 256 + 64 * 16;
 pub const SMEM_BYTES_FP8: usize =
     1024 + TILE_BYTES + 8 * BLOCK_BYTES + 2 * BLOCK_BYTES + 2 * FP8_RAW_BYTES + 64 + RED_BYTES;
 const THREADS: u32 = 256;
-
-/// Byte offset of (row, byte-in-row) in a 128B-swizzled region (1 KiB-aligned base): the 16-byte chunk index is
-/// XORed with `row % 8`. This is where TMA with `CU_TENSOR_MAP_SWIZZLE_128B` puts the bytes of a box whose inner
-/// extent is 128 bytes. Twin of `r1k_mla::swizzle128`.
-pub const fn swizzle128(row: usize, byte_in_row: usize) -> usize {
-    row * 128 + ((((byte_in_row >> 4) ^ (row & 7)) & 7) << 4) + (byte_in_row & 15)
-}
-
-/// The hardware's view of the same swizzle as a function of the (1 KiB-aligned-base-relative) address: bits 4–6
-/// are XORed with bits 7–9. wgmma applies this to the addresses it derives from a descriptor.
-pub const fn swizzle128_addr(addr: usize) -> usize {
-    addr ^ (((addr >> 7) & 7) << 4)
-}
-
-/// wgmma shared-memory matrix descriptor with 128-byte swizzle (layout type 1 in bits 62–63): start address,
-/// leading byte offset and stride byte offset, each in 16-byte units (14 bits). Twin of `r1k_mla::smem_desc`.
-pub const fn smem_desc(smem_addr: u32, lbo_bytes: u32, sbo_bytes: u32) -> u64 {
-    (((smem_addr & 0x3FFFF) >> 4) as u64)
-        | ((((lbo_bytes >> 4) & 0x3FFF) as u64) << 16)
-        | ((((sbo_bytes >> 4) & 0x3FFF) as u64) << 32)
-        | (1u64 << 62)
-}
-
-/// Decodes a descriptor into (start address, LBO, SBO, layout type), all in bytes except the layout type.
-pub const fn smem_desc_fields(desc: u64) -> (u32, u32, u32, u32) {
-    (
-        ((desc & 0x3FFF) << 4) as u32,
-        (((desc >> 16) & 0x3FFF) << 4) as u32,
-        (((desc >> 32) & 0x3FFF) << 4) as u32,
-        (desc >> 62) as u32,
-    )
-}
 
 /// Offset (from the tile base) of the descriptor start of QKᵀ k-step `kk` (0..36), for both Q and K (K-major).
 pub const fn qk_step_offset(kk: usize) -> usize {
@@ -141,7 +110,7 @@ pub const fn pv_step_offset(wg: usize, c: usize) -> usize {
 
 /// Where TMA puts element (token row `r`, column `col` < 576) of a tile: column block `col / 64`, swizzled.
 pub const fn tile_offset(r: usize, col: usize) -> usize {
-    (col / 64) * BLOCK_BYTES + swizzle128(r, (col % 64) * 2)
+    (col / 64) * BLOCK_BYTES + swizzle_128b_at(r, (col % 64) * 2)
 }
 
 /// (row, column) of accumulator register `i` of thread (warp `w` of the warpgroup, `lane`) for wgmma.m64nNk16:
@@ -158,7 +127,7 @@ pub const fn a_frag_coord(w: usize, lane: usize, k: usize, e: usize) -> (usize, 
 /// Where the FP8 dequantizer writes the bf16 values 8·`half` .. 8·`half` + 7 of 16-code group `g` (columns 16g..)
 /// of token row `r` in the latent stage (the kernel's `dequant_tile`).
 pub const fn fp8_latent_offset(r: usize, g: usize, half: usize) -> usize {
-    (g / 4) * BLOCK_BYTES + swizzle128(r, (g % 4) * 32 + 16 * half)
+    (g / 4) * BLOCK_BYTES + swizzle_128b_at(r, (g % 4) * 32 + 16 * half)
 }
 
 /// The accumulator register of S that feeds element `e` of A-fragment register `k` of P·V step `c` (the kernel's
@@ -208,73 +177,35 @@ pub fn tile_image(cache: &[u16], table_row: &[i32], page: usize, t0: usize, tok_
     img
 }
 
-/// A `CUtensorMap` passed by value as a `__grid_constant__` kernel parameter.
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-pub struct TmaDesc([u64; 16]);
-
-// SAFETY: a plain 128-byte, 64-byte-aligned value the kernel reads as its `TmaDesc` parameter.
-unsafe impl DeviceRepr for TmaDesc {}
-
-/// Encodes a 2-D tensor map: `inner` elements of `elem_bytes` per row, `rows` rows `row_stride` bytes apart, box
-/// `box_inner` × `box_rows`.
-#[allow(clippy::too_many_arguments)]
-fn encode_2d(
-    ptr: sys::CUdeviceptr,
-    dtype: sys::CUtensorMapDataType,
-    inner: usize,
-    rows: usize,
-    row_stride: usize,
-    box_inner: usize,
-    box_rows: usize,
-    swizzle: sys::CUtensorMapSwizzle,
-) -> Result<TmaDesc> {
-    let dims = [inner as u64, rows as u64];
-    let strides = [row_stride as u64];
-    let boxes = [box_inner as u32, box_rows as u32];
-    let elem = [1u32, 1u32];
-    let mut map = MaybeUninit::<sys::CUtensorMap>::uninit();
-    // SAFETY: all arrays have rank (or rank − 1) entries; callers pass a live device allocation covering
-    // rows · row_stride bytes from `ptr` (16-byte aligned) and strides that are multiples of 16.
-    unsafe {
-        sys::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            dtype,
-            2,
-            ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            elem.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            swizzle,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-        .result()?;
-        Ok(TmaDesc(map.assume_init().opaque))
-    }
-}
-
 /// A bf16 `rows × 576` tensor (row stride 1152 B) with box 64 × `box_rows`, 128B swizzle.
-fn encode_rows_576(ptr: sys::CUdeviceptr, rows: usize, box_rows: usize) -> Result<TmaDesc> {
-    let bf16_t = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-    encode_2d(ptr, bf16_t, D_QK, rows, 2 * D_QK, 64, box_rows, sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B)
+fn encode_rows_576(ptr: u64, rows: usize, box_rows: usize) -> Result<TensorMap> {
+    let map = Tma2d {
+        dtype: TmaDtype::Bf16,
+        rows: rows as u64,
+        cols: D_QK as u64,
+        row_stride_bytes: 2 * D_QK as u64,
+        box_rows: box_rows as u32,
+        box_cols: 64,
+        swizzle_128b: true,
+    };
+    map.encode(ptr)
 }
 
 /// The three maps of an FP8 cache (`rows` tokens of 656 bytes): codes (u8, box 256 × box_rows), scales (u8, box
 /// 16 × box_rows), both unswizzled, and the RoPE part (bf16 at byte 528, box 64 × box_rows, 128B swizzle).
-fn encode_fp8_cache(ptr: sys::CUdeviceptr, rows: usize, box_rows: usize) -> Result<[TmaDesc; 3]> {
-    let u8_t = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8;
-    let bf16_t = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-    let none = sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE;
-    let sw128 = sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B;
-    let t = FP8_TOKEN_BYTES;
-    Ok([
-        encode_2d(ptr, u8_t, t, rows, t, 256, box_rows, none)?,
-        encode_2d(ptr, u8_t, t, rows, t, 16, box_rows, none)?,
-        encode_2d(ptr + FP8_ROPE_OFFSET as u64, bf16_t, D_ROPE, rows, t, 64, box_rows, sw128)?,
-    ])
+fn encode_fp8_cache(ptr: u64, rows: usize, box_rows: usize) -> Result<[TensorMap; 3]> {
+    let t = FP8_TOKEN_BYTES as u64;
+    let bytes = Tma2d {
+        dtype: TmaDtype::U8,
+        rows: rows as u64,
+        cols: t,
+        row_stride_bytes: t,
+        box_rows: box_rows as u32,
+        box_cols: 256,
+        swizzle_128b: false,
+    };
+    let rope = Tma2d { dtype: TmaDtype::Bf16, cols: D_ROPE as u64, box_cols: 64, swizzle_128b: true, ..bytes };
+    Ok([bytes.encode(ptr)?, Tma2d { box_cols: 16, ..bytes }.encode(ptr)?, rope.encode(ptr + FP8_ROPE_OFFSET as u64)?])
 }
 
 fn unsupported_page(page: usize) -> Error {
@@ -327,7 +258,8 @@ pub(crate) fn launch_decode(
         (FastCache::Bf16(_), Some(_)) => ("mla_decode_sm90_narrow32_bf16", narrow_smem_bytes(32, false), 128),
         (FastCache::Bf16(_), None) => ("mla_decode_sm90_bf16", SMEM_BYTES, THREADS),
     };
-    let f = gpu.function(MODULE, name, smem as u32)?;
+    let module = if narrow.is_some() { NARROW_MODULE } else { WIDE_MODULE };
+    let f = gpu.function(module, name, smem as u32)?;
     let stream = gpu.stream();
     let qv = q.kernel_arg(stream);
     let q_ptr = qv.addr();
@@ -351,7 +283,7 @@ pub(crate) fn launch_decode(
         FastCache::Bf16(t) => t.kernel_arg(stream),
         FastCache::Fp8(t) => t.kernel_arg(stream),
     };
-    let maps: Vec<TmaDesc> = match &kv {
+    let maps: Vec<TensorMap> = match &kv {
         FastCache::Bf16(_) => vec![encode_rows_576(kv_ptr.addr(), kv_rows, box_rows)?],
         FastCache::Fp8(_) => encode_fp8_cache(kv_ptr.addr(), kv_rows, box_rows)?.to_vec(),
     };
@@ -387,7 +319,7 @@ pub fn probe_tile_load(
         return Err(Error::shape("table_row", format!("≥ {} entries", tok_end.div_ceil(page)), table_row.numel()));
     }
     let mut out = DeviceTensor::<u8>::zeros(gpu, &[TILE_BYTES])?;
-    let f = gpu.function(MODULE, "mla_sm90_probe_tile_load", SMEM_BYTES as u32)?;
+    let f = gpu.function(PROBE_MODULE, "mla_sm90_probe_tile_load", SMEM_BYTES as u32)?;
     let stream = gpu.stream();
     let kvv = kv.view();
     let (kv_ptr, _g) = kvv.device_ptr(stream);
@@ -428,7 +360,7 @@ pub fn probe_fp8_tile_load(
         return Err(Error::shape("table_row", format!("≥ {} entries", tok_end.div_ceil(page)), table_row.numel()));
     }
     let mut out = DeviceTensor::<u8>::zeros(gpu, &[TILE_BYTES])?;
-    let f = gpu.function(MODULE, "mla_sm90_probe_fp8_tile_load", SMEM_BYTES_FP8 as u32)?;
+    let f = gpu.function(PROBE_MODULE, "mla_sm90_probe_fp8_tile_load", SMEM_BYTES_FP8 as u32)?;
     let stream = gpu.stream();
     let kvv = kv.view();
     let (kv_ptr, _g) = kvv.device_ptr(stream);
@@ -471,7 +403,7 @@ pub fn probe_wgmma(
     }
     let mut s = DeviceTensor::<f32>::zeros(gpu, &[64, 64])?;
     let mut o = DeviceTensor::<f32>::zeros(gpu, &[64, 512])?;
-    let f = gpu.function(MODULE, "mla_sm90_probe_wgmma", SMEM_BYTES as u32)?;
+    let f = gpu.function(PROBE_MODULE, "mla_sm90_probe_wgmma", SMEM_BYTES as u32)?;
     let stream = gpu.stream();
     let (qv, kvv) = (q.view(), kv.view());
     let (q_ptr, _g1) = qv.device_ptr(stream);
@@ -517,7 +449,7 @@ pub fn probe_narrow_wgmma(
     let mut s = DeviceTensor::<f32>::zeros(gpu, &[16, 64])?;
     let mut o = DeviceTensor::<f32>::zeros(gpu, &[16, 512])?;
     let smem = narrow_smem_bytes(16, false);
-    let f = gpu.function(MODULE, "mla_sm90_probe_narrow_wgmma", smem as u32)?;
+    let f = gpu.function(PROBE_MODULE, "mla_sm90_probe_narrow_wgmma", smem as u32)?;
     let stream = gpu.stream();
     let (qv, kvv) = (q.view(), kv.view());
     let (q_ptr, _g1) = qv.device_ptr(stream);
@@ -556,7 +488,7 @@ pub fn probe_softmax(gpu: &Gpu, s: &[f32]) -> Result<SoftmaxProbe> {
     let mut l = DeviceTensor::<f32>::zeros(gpu, &[64])?;
     let mut a = DeviceTensor::<f32>::zeros(gpu, &[64])?;
     let mut p = DeviceTensor::<f32>::zeros(gpu, &[64, 64])?;
-    let f = gpu.function(MODULE, "mla_sm90_probe_softmax", 0)?;
+    let f = gpu.function(PROBE_MODULE, "mla_sm90_probe_softmax", 0)?;
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     {
         let (sv, mut mv, mut lv) = (sd.view(), m.view_mut(), l.view_mut());
@@ -572,37 +504,7 @@ pub fn probe_softmax(gpu: &Gpu, s: &[f32]) -> Result<SoftmaxProbe> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn swizzle_is_a_conflict_free_bijection() {
-        let mut seen = vec![false; 1024];
-        for row in 0..8 {
-            for byte in 0..128 {
-                let a = swizzle128(row, byte);
-                assert!(!seen[a]);
-                seen[a] = true;
-                assert_eq!(a, swizzle128_addr(row * 128 + byte), "TMA placement = address-bit swizzle");
-            }
-        }
-        // The same logical 16-byte chunk of 8 consecutive rows lands in 8 different bank groups.
-        for chunk in 0..8 {
-            let mut groups: Vec<usize> = (0..8).map(|row| (swizzle128(row, chunk * 16) % 128) / 16).collect();
-            groups.sort();
-            assert_eq!(groups, (0..8).collect::<Vec<_>>());
-        }
-        // Rows 8.. repeat the pattern 1 KiB further.
-        assert_eq!(swizzle128(9, 16), 1024 + swizzle128(1, 16));
-    }
-
-    #[test]
-    fn descriptor_fields_roundtrip() {
-        let d = smem_desc(0x1_2340, 16, 1024);
-        assert_eq!(smem_desc_fields(d), (0x1_2340, 16, 1024, 1));
-        let d = smem_desc(0x3_fff0, 8192, 1024);
-        assert_eq!(smem_desc_fields(d), (0x3_fff0, 8192, 1024, 1));
-        // Bits 14-15, 30-31, 46-61 stay clear.
-        assert_eq!(d & 0x3fff_c000_c000_c000 & !(1u64 << 62), 0);
-    }
+    use crate::sm90::{make_smem_desc, smem_desc_fields, swizzle_128b, SwizzleMode};
 
     /// K-major operand (Q as A, K as B) of QKᵀ step kk: the canonical SW128 K-major layout has 8-row groups at SBO =
     /// 1 KiB, rows at 128 B, 16 contiguous k elements (32 B) from the start. The hardware swizzles the resulting
@@ -616,7 +518,7 @@ mod tests {
                     let logical = start + (row / 8) * 1024 + (row % 8) * 128 + 2 * k;
                     // The swizzle acts on the address relative to the 1 KiB atom.
                     let atom = logical & !1023;
-                    let hw = atom + swizzle128_addr(logical - atom);
+                    let hw = atom + swizzle_128b((logical - atom) as u32) as usize;
                     assert_eq!(hw, tile_offset(row, 16 * kk + k), "kk {kk} row {row} k {k}");
                 }
             }
@@ -632,7 +534,7 @@ mod tests {
                     for k in 0..16 {
                         let logical = start + (n / 8) * 1024 + (n % 8) * 128 + 2 * k;
                         let atom = logical & !1023;
-                        let hw = atom + swizzle128_addr(logical - atom);
+                        let hw = atom + swizzle_128b((logical - atom) as u32) as usize;
                         assert_eq!(hw, tile_offset(32 * wg + n, 16 * kk + k));
                     }
                 }
@@ -678,8 +580,8 @@ mod tests {
                         let atom = logical & !1023;
                         let col = 16 * kk + k;
                         assert_eq!(
-                            atom + swizzle128_addr(logical - atom),
-                            (col / 64) * kn * 128 + swizzle128(r, (col % 64) * 2)
+                            atom + swizzle_128b((logical - atom) as u32) as usize,
+                            (col / 64) * kn * 128 + swizzle_128b_at(r, (col % 64) * 2)
                         );
                     }
                 }
@@ -690,7 +592,10 @@ mod tests {
                     for k in 0..16 {
                         let logical = 32 * c + (r / 8) * 1024 + (r % 8) * 128 + 2 * k;
                         let atom = logical & !1023;
-                        assert_eq!(atom + swizzle128_addr(logical - atom), narrow_p_offset(r, 16 * c + k));
+                        assert_eq!(
+                            atom + swizzle_128b((logical - atom) as u32) as usize,
+                            narrow_p_offset(r, 16 * c + k)
+                        );
                     }
                 }
             }
@@ -703,7 +608,10 @@ mod tests {
                     for k in 0..16 {
                         let logical = mt * BLOCK_BYTES + 2048 * c + 2 * m + (k / 8) * 1024 + (k % 8) * 128;
                         let atom = logical & !1023;
-                        assert_eq!(atom + swizzle128_addr(logical - atom), tile_offset(16 * c + k, 64 * mt + m));
+                        assert_eq!(
+                            atom + swizzle_128b((logical - atom) as u32) as usize,
+                            tile_offset(16 * c + k, 64 * mt + m)
+                        );
                     }
                 }
             }
@@ -723,14 +631,14 @@ mod tests {
                     for n in 0..256 {
                         let logical = start + (n / 64) * lbo + (n % 64) * 2 + (k / 8) * sbo + (k % 8) * 128;
                         let atom = logical & !1023;
-                        let hw = atom + swizzle128_addr(logical - atom);
+                        let hw = atom + swizzle_128b((logical - atom) as u32) as usize;
                         assert_eq!(hw, tile_offset(16 * c + k, 256 * wg + n));
                     }
                 }
             }
         }
         // Descriptor fields fit: LBO 8 KiB and SBO 1 KiB in 14-bit 16-byte units.
-        let (_, l, s, _) = smem_desc_fields(smem_desc(0, lbo as u32, sbo as u32));
+        let (_, l, s, _) = smem_desc_fields(make_smem_desc(0, lbo as u32, sbo as u32, SwizzleMode::B128));
         assert_eq!((l, s), (8192, 1024));
     }
 

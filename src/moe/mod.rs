@@ -13,11 +13,11 @@ use crate::device::{check_devices, Gpu};
 use crate::error::{to_i32, CudaCall, Error, Result};
 use crate::fp8::E4M3;
 use crate::gemm::plan;
-use crate::gemm::sm90::{Tma2d, TmaDtype};
 use crate::quant::{activation_scale_shape, quantize_activations, QUANT_BLOCK};
 use crate::reference::moe::{validate_ids, ExpertsFp8};
 pub use crate::reference::moe::{Layout, RouterConfig, Scoring};
 use crate::reference::quant::{padded_scale_rows, ScaleFormat};
+use crate::sm90::{Tma2d, TmaDtype};
 use crate::tensor::DeviceTensor;
 use crate::view::{no_tensor, TensorMut, TensorRef};
 
