@@ -12,8 +12,8 @@ mod cublaslt;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use cublaslt::LtFp8;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use r1_kernels::gemm::{fp8_gemm, GemmKernel, GemmOptions};
-use r1_kernels::reference::gemm::calc_diff;
+use r1_kernels::fp8_gemm::{fp8_gemm, GemmKernel, GemmOptions};
+use r1_kernels::reference::fp8_gemm::calc_diff;
 use r1_kernels::timing::{median_launch_time, time_launches};
 use r1_kernels::{bf16, DeviceTensor, E4M3};
 

@@ -15,7 +15,7 @@ use r1_kernels::checkpoint::Checkpoint;
 use r1_kernels::layer::{DecodeBatch, DecodeLayer, StepIntermediates};
 use r1_kernels::mla::Backend;
 use r1_kernels::model::{synthetic_layer_weights, DeepSeekV3Config, LayerWeights};
-use r1_kernels::reference::gemm::calc_diff;
+use r1_kernels::reference::fp8_gemm::calc_diff;
 use r1_kernels::reference::layer::{decode_layer, moe_branch, DecodeStep, LayerTrace, PreparedLayer};
 use r1_kernels::rng::SplitMix64;
 use r1_kernels::{bf16, DeviceTensor, Gpu};

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use r1_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use r1_kernels::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
-use r1_kernels::gemm::{self, GemmKernel, GemmOptions};
+use r1_kernels::fp8_gemm::{self, GemmKernel, GemmOptions};
 use r1_kernels::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace};
 use r1_kernels::moe::{moe_forward, ExpertWeightViews, Layout, MoeWorkspace, RouterConfig, Routing};
 use r1_kernels::quant::{activation_scale_shape, quantize_activations};
@@ -68,7 +68,7 @@ fn f32s(v: &[bf16]) -> Vec<f32> {
 }
 
 fn check(what: &str, got: &[f32], want: &[f32], bound: f64) -> Res<()> {
-    let diff = reference::gemm::calc_diff(got, want);
+    let diff = reference::fp8_gemm::calc_diff(got, want);
     println!("  {what:<40} calc_diff {diff:.2e} (bound {bound:.0e})");
     if diff.is_nan() || diff >= bound || got.iter().any(|v| !v.is_finite()) {
         return Err(format!("{what}: differs from the reference (calc_diff {diff:.3e})").into());
@@ -164,7 +164,7 @@ fn main() -> Res<()> {
     let mut xs = engine_zeros::<f32>(&stream, &activation_scale_shape(m, k))?;
     let mut y = engine_zeros::<bf16>(&stream, &[m, n])?;
     let opts = GemmOptions { kernel: GemmKernel::Auto, ..Default::default() };
-    let ws_len = gemm::workspace_elements(&gpu, m, n, k, false, &opts)?;
+    let ws_len = fp8_gemm::workspace_elements(&gpu, m, n, k, false, &opts)?;
     let mut gemm_ws = engine_zeros::<f32>(&stream, &[ws_len.max(1)])?;
     println!("FP8 GEMM {m}×{n}×{k}: {ws_len} fp32 workspace elements from the engine");
     let mut q_d = engine_zeros::<bf16>(&stream, &[batch, 1, heads, 576])?;
@@ -185,7 +185,7 @@ fn main() -> Res<()> {
     macro_rules! step {
         () => {{
             quantize_activations(&gpu, &x_d, &mut xq, &mut xs, ScaleFormat::F32)?;
-            gemm::fp8_gemm_with_workspace(&gpu, &xq, &xs, &b, &sb, &mut y, &mut gemm_ws, &opts)?;
+            fp8_gemm::fp8_gemm_with_workspace(&gpu, &xq, &xs, &b, &sb, &mut y, &mut gemm_ws, &opts)?;
             plan.update(&gpu, &seqlens_d)?;
             mla::mla_decode(
                 &gpu,
@@ -226,7 +226,7 @@ fn main() -> Res<()> {
     {
         let (a_h, sa_h) = (xq.to_host(&gpu)?, xs.to_host(&gpu)?);
         let sa_rows = reference::quant::scales_from_mn_major(&sa_h, m, k / 128)?;
-        let want = reference::gemm::fp8_gemm(&a_h, &sa_rows, &b_codes, &b_scales, m, n, k)?;
+        let want = reference::fp8_gemm::fp8_gemm(&a_h, &sa_rows, &b_codes, &b_scales, m, n, k)?;
         check("quant → FP8 GEMM", &f32s(&y.to_host(&gpu)?), &want, 1e-5)?;
         let (o_ref, lse_ref) = reference::mla::mla_decode(&f32s(&q1), &cache, &table, &seqlens, &mla_cfg)?;
         check("MLA decode (o)", &f32s(&o_d.to_host(&gpu)?), &o_ref, 1e-5)?;

@@ -8,9 +8,9 @@
 //
 // Tiling: BLOCK_M x BLOCK_N output tiles with BLOCK_K = 128 (one scale group, one promotion step). BLOCK_M = 64
 // (one math warpgroup, small m) or 128 (two math warpgroups, 64 rows each); BLOCK_N in {64, 112, 128, 160} chosen
-// on the host (src/gemm/plan.rs) to fill the 132 SMs' waves, non-powers of two included.
+// on the host (src/fp8_gemm/plan.rs) to fill the 132 SMs' waves, non-powers of two included.
 //
-// Pipeline: persistent CTAs (grid = min(tiles, SMs)) walk tiles in the grouped order of r1k::gemm::tile_coords. Warp
+// Pipeline: persistent CTAs (grid = min(tiles, SMs)) walk tiles in the grouped order of r1k::fp8_gemm::tile_coords. Warp
 // specialization: the last warpgroup is the producer (setmaxnreg.dec to 40 when BLOCK_M = 128); one of its threads
 // issues, per K block, three TMA loads (A tile [BLOCK_M x 128 B] and B tile [BLOCK_N x 128 B], both 128-byte
 // swizzled, plus the BLOCK_M activation scales of that K block) into stage s of a `stages`-deep shared-memory ring,
@@ -51,15 +51,15 @@
 // r1k-sass: fp8_gemm_sm90_mc2_m128n160 QGMMA
 #include <cuda_bf16.h>
 
-#include "common/gemm_params.cuh"
-#include "common/gemm_sm90.cuh"
+#include "common/fp8_gemm_params.cuh"
+#include "common/fp8_gemm_sm90.cuh"
 
 namespace {
 
-using namespace r1k::gemm;
+using namespace r1k::fp8_gemm;
 using namespace r1k::sm90;
 
-// Output modes (twin: src/gemm/sm90.rs OutputMode).
+// Output modes (twin: src/fp8_gemm/sm90.rs OutputMode).
 constexpr int kModeBf16 = 0;            // out: bf16 [m, n] = D
 constexpr int kModeF32Accumulate = 1;   // out: fp32 [m, n] += D
 constexpr int kModeF32Partial = 2;      // out: fp32 [k_splits, m, n], split s's partial D at [s]
@@ -343,7 +343,7 @@ __device__ __forceinline__ void mc2_body(const CUtensorMap* tm_a, const CUtensor
 
 }  // namespace
 
-// The tensor maps, then every other argument in one struct (common/gemm_params.cuh).
+// The tensor maps, then every other argument in one struct (common/fp8_gemm_params.cuh).
 #define R1K_GEMM_ENTRY(BM, BN)                                                                                     \
     extern "C" __global__ void __launch_bounds__((BM / 64 + 1) * 128, 1) fp8_gemm_sm90_m##BM##n##BN(             \
         const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,                        \

@@ -12,7 +12,7 @@
 //
 // Pipeline (the machinery of kernels/fp8_gemm_sm90.cu: TMA, mbarrier ring, QGMMA, per-128-K promotion): persistent
 // CTAs (grid = min(tiles, SMs)) of three warpgroups walk the tiles of the whole [capacity / 64] x [N / 128] grid in
-// r1k::gemm::tile_coords' grouped order. For each tile every role looks up the expert from the device
+// r1k::fp8_gemm::tile_coords' grouped order. For each tile every role looks up the expert from the device
 // offsets/counts (r1k::moe_find_segment / moe_segment_valid_end) and skips tiles with no valid row; all roles
 // compute the same sequence, so the stage/phase counters stay in step. The CTA's valid tiles alternate between two
 // independent pipes (valid tile j goes to pipe j % 2): pipe p is math warpgroup p, lane 0 of warp p of the last
@@ -32,12 +32,12 @@
 // r1k-sass: moe_grouped_gemm_fp8_sm90_tma QGMMA
 #include <cuda_bf16.h>
 
-#include "common/gemm_sm90.cuh"
+#include "common/fp8_gemm_sm90.cuh"
 #include "common/moe.cuh"
 
 namespace {
 
-using namespace r1k::gemm;
+using namespace r1k::fp8_gemm;
 using namespace r1k::sm90;
 
 constexpr int BM = 64;

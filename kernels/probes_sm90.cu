@@ -1,5 +1,5 @@
 // Primitive probes of the sm_90a kernels: each kernel here runs one building block of the FP8 GEMM or the MLA decode
-// kernels alone, through the same device functions the kernels use (kernels/common/sm90/, common/gemm_sm90.cuh,
+// kernels alone, through the same device functions the kernels use (kernels/common/sm90/, common/fp8_gemm_sm90.cuh,
 // common/mla_tile.cuh, mla_wide.cuh, mla_narrow.cuh), so a failing GPU test names the broken primitive: TMA box
 // placement, wgmma with its descriptors and fragment layouts, the promotion step, the paged tile loads (bf16 and
 // FP8), the online softmax. tests/probes.rs runs them (scripts/gpu-check runs that suite first); the expected values
@@ -11,11 +11,11 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#include "common/gemm_sm90.cuh"
+#include "common/fp8_gemm_sm90.cuh"
 #include "common/mla_narrow.cuh"
 #include "common/mla_wide.cuh"
 
-using namespace r1k::gemm;
+using namespace r1k::fp8_gemm;
 using namespace r1k::mla;
 
 extern __shared__ __align__(16) uint8_t smem_raw[];

@@ -1,4 +1,4 @@
-//! Test support for the kernels' argument structs (`src/mla/params.rs`, `src/gemm/params.rs`): reads the layout a
+//! Test support for the kernels' argument structs (`src/mla/params.rs`, `src/fp8_gemm/params.rs`): reads the layout a
 //! CUDA header pins with `static_assert(offsetof(T, field) == n, …)` and `static_assert(sizeof(T) == n, …)` lines,
 //! so a test can compare it with the Rust twin's `offset_of!`.
 

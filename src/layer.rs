@@ -11,7 +11,7 @@ use crate::decode_ops::{self, Columns, HeadWeightStrides, RopeSlices, RopeTables
 use crate::device::{check_devices, Gpu};
 use crate::error::{Error, Result};
 use crate::fp8::E4M3;
-use crate::gemm::{self, GemmOptions};
+use crate::fp8_gemm::{self, GemmOptions};
 use crate::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace};
 use crate::model::{DeepSeekV3Config, Fp8Linear};
 use crate::moe::{self, ExpertWeights, MoeWorkspace, Routing};
@@ -272,7 +272,7 @@ impl DecodeLayer {
         out: &mut DeviceTensor<bf16>,
     ) -> Result<()> {
         quant::quantize_activations(gpu, x, &mut *xq, &mut *xs, ScaleFormat::F32)?;
-        gemm::fp8_gemm(gpu, xq, xs, &lin.weight, &lin.scales, out, &self.options.gemm)
+        fp8_gemm::fp8_gemm(gpu, xq, xs, &lin.weight, &lin.scales, out, &self.options.gemm)
     }
 
     /// Runs the step: `x` [b, hidden] → `out` [b, hidden], appending each sequence's kv row to `kv_cache`
@@ -380,7 +380,7 @@ impl DecodeLayer {
         decode_ops::rms_norm(gpu, &ws.q_a, &self.q_a_layernorm, &mut ws.q_an, eps)?;
         self.linear(gpu, &ws.q_an, &mut ws.q_aq, &mut ws.q_as, &self.q_b, &mut ws.q)?;
         // xn is still quantized in xq/xs from q_a: kv_a reads the same codes.
-        gemm::fp8_gemm(gpu, &ws.xq, &ws.xs, &self.kv_a.weight, &self.kv_a.scales, &mut ws.kv, &self.options.gemm)?;
+        fp8_gemm::fp8_gemm(gpu, &ws.xq, &ws.xs, &self.kv_a.weight, &self.kv_a.scales, &mut ws.kv, &self.options.gemm)?;
         mark(gpu, &mut marks, "q/kv projections (FP8 GEMM)")?;
 
         decode_ops::rms_norm_prefix_inplace(gpu, &mut ws.kv, &self.kv_a_layernorm, eps)?;

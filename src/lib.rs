@@ -11,7 +11,7 @@
 //! # A tour (compiled as a doctest, so it stays true)
 //!
 //! ```no_run
-//! use r1_kernels::{bf16, gemm, mla, moe, quant, reference::quant::ScaleFormat};
+//! use r1_kernels::{bf16, fp8_gemm, mla, moe, quant, reference::quant::ScaleFormat};
 //! use r1_kernels::{DeviceTensor, Gpu, Result, E4M3};
 //!
 //! /// An FP8 linear layer: per-1×128 activation quantization (scales written MN-major, the layout the GEMM
@@ -24,7 +24,7 @@
 //!     y: &mut DeviceTensor<bf16>,      // [m, n]
 //! ) -> Result<()> {
 //!     let (xq, xs) = quant::quantize_activations_new(gpu, x, ScaleFormat::F32)?;
-//!     gemm::fp8_gemm(gpu, &xq, &xs, w, w_scale_inv, y, &gemm::GemmOptions::default())
+//!     fp8_gemm::fp8_gemm(gpu, &xq, &xs, w, w_scale_inv, y, &fp8_gemm::GemmOptions::default())
 //! }
 //!
 //! /// DeepSeek-V3's MoE block: fused gate GEMM + router, permutation, grouped FP8 GEMMs, SwiGLU, combine with the
@@ -73,7 +73,7 @@ pub mod decode_ops;
 pub mod device;
 pub mod error;
 pub mod fp8;
-pub mod gemm;
+pub mod fp8_gemm;
 #[cfg(test)]
 mod kernel_params;
 pub mod kernels;

@@ -5,7 +5,7 @@
 //! permutation's ranks. Skipped without a device, like the other GPU tests.
 
 use r1_kernels::device::test_gpu;
-use r1_kernels::gemm::{self, ForcedSm90, GemmKernel, GemmOptions, Resolved};
+use r1_kernels::fp8_gemm::{self, ForcedSm90, GemmKernel, GemmOptions, Resolved};
 use r1_kernels::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace, SplitMode};
 use r1_kernels::moe::{self, ExpertWeights, GemmBackend, Layout, MoeWorkspace, Routing};
 use r1_kernels::quant::{self, activation_scale_shape, weight_scale_shape};
@@ -153,18 +153,19 @@ fn gpu_fp8_gemm_is_deterministic() {
     }
     for (label, opts, kernel_name) in &variants {
         // The forced configurations are valid for this shape (the planner agrees before any launch).
-        let p =
-            gemm::plan(a.shape(), sa.shape(), b.shape(), sb.shape(), &[m, n], false, opts.kernel, gpu.info()).unwrap();
+        let p = fp8_gemm::plan(a.shape(), sa.shape(), b.shape(), sb.shape(), &[m, n], false, opts.kernel, gpu.info())
+            .unwrap();
         if let (Resolved::Sm90(c), Some(f)) = (p.resolved, &opts.force_sm90) {
             let smem = gpu.info().max_shared_memory_per_block_optin;
-            let c = gemm::plan::force_sm90_config(&p.shape, &c, f, smem).unwrap();
+            let c = fp8_gemm::plan::force_sm90_config(&p.shape, &c, f, smem).unwrap();
             assert_eq!(c.kernel_name().unwrap(), *kernel_name, "{label}");
         }
         assert_deterministic(&format!("fp8_gemm {label}"), || {
             let mut out = nan_bf16(&gpu, &[m, n]);
-            expect_launched(&gpu, &[kernel_name], || gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, opts)).unwrap();
+            expect_launched(&gpu, &[kernel_name], || fp8_gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, opts))
+                .unwrap();
             let mut c = DeviceTensor::from_host(&gpu, &c0, &[m, n]).unwrap();
-            gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &b, &sb, &mut c, opts).unwrap();
+            fp8_gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &b, &sb, &mut c, opts).unwrap();
             vec![out.to_host(&gpu).unwrap().bit_vec(), c.to_host(&gpu).unwrap().bit_vec()]
         });
     }

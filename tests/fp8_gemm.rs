@@ -6,8 +6,8 @@
 //! inputs (< 1e-3), and the error against the reference computed from the quantized inputs within bf16 rounding
 //! (|d − ref| ≤ 2^-8·|ref| + 1e-3·rms(ref)). Large shapes check a random subset of rows (plus the first and last).
 
-use r1_kernels::gemm::{self, ForcedSm90, GemmKernel, GemmOptions};
-use r1_kernels::reference::gemm::{calc_diff, fp8_gemm as ref_gemm, fp8_gemm_rows};
+use r1_kernels::fp8_gemm::{self, ForcedSm90, GemmKernel, GemmOptions};
+use r1_kernels::reference::fp8_gemm::{calc_diff, fp8_gemm as ref_gemm, fp8_gemm_rows};
 use r1_kernels::reference::quant::{
     quantize_per_block, quantize_per_block_with, quantize_per_token_group, quantize_per_token_group_with,
     scales_from_mn_major, scales_to_mn_major, ScaleFormat,
@@ -220,7 +220,7 @@ fn run_bf16_with(gpu: &Gpu, opts: &GemmOptions, x: &Acts, w: &Weights, dw: &Dev)
     let a = DeviceTensor::from_host(gpu, &x.a, &[m, k]).unwrap();
     let sa = DeviceTensor::from_host(gpu, &x.sa_mn, &[k.div_ceil(128), m.div_ceil(4) * 4]).unwrap();
     let mut out = DeviceTensor::from_host(gpu, &vec![bf16::from_bits(0xffff); m * n], &[m, n]).unwrap();
-    gemm::fp8_gemm(gpu, &a, &sa, &dw.b, &dw.sb, &mut out, opts).unwrap();
+    fp8_gemm::fp8_gemm(gpu, &a, &sa, &dw.b, &dw.sb, &mut out, opts).unwrap();
     out.to_host(gpu).unwrap().iter().map(|v| v.to_f32()).collect()
 }
 
@@ -237,10 +237,10 @@ fn kernels_for(gpu: &Gpu, test: &str) -> Vec<GemmKernel> {
 /// The sm_90a configuration the planner picks on this device, in words (what the emulated shapes are chosen to reach).
 fn sm90_path(gpu: &Gpu, m: usize, n: usize, k: usize) -> String {
     let info = gpu.info();
-    let shape = gemm::GemmShape { m, n, k };
-    match gemm::choose_sm90_config(&shape, info.sm_count, info.max_shared_memory_per_block_optin) {
+    let shape = fp8_gemm::GemmShape { m, n, k };
+    match fp8_gemm::choose_sm90_config(&shape, info.sm_count, info.max_shared_memory_per_block_optin) {
         Ok(c) => {
-            let tiles = gemm::plan::num_tiles(&shape, c.block_m, c.block_n);
+            let tiles = fp8_gemm::plan::num_tiles(&shape, c.block_m, c.block_n);
             let split = if c.k_splits > 1 {
                 format!("split-K {}×{} K blocks", c.k_splits, c.kb_per_split)
             } else {
@@ -385,21 +385,22 @@ fn gpu_accumulate_into_fp32() {
         let what = format!("accumulate {path} {:?}", opts.force_sm90);
         eprintln!("{test}: {m}×{n}×{k} {what}");
         let mut d = DeviceTensor::from_host(&gpu, &c, &[m, n]).unwrap();
-        expect_launched(&gpu, &kernels, || gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d, &opts))
+        expect_launched(&gpu, &kernels, || fp8_gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d, &opts))
             .unwrap();
         check_accumulated(&what, n, &d.to_host(&gpu).unwrap(), &c, &quant_ref);
         // The same with a caller-owned workspace (NaN-filled, larger than needed): no allocation, same bits.
-        let need = gemm::workspace_elements(&gpu, m, n, k, true, &opts).unwrap();
+        let need = fp8_gemm::workspace_elements(&gpu, m, n, k, true, &opts).unwrap();
         assert_eq!(need > 0, opts.force_sm90.is_some_and(|f| f.k_splits > 1), "{what}: workspace {need}");
         let mut ws = DeviceTensor::from_host(&gpu, &vec![f32::NAN; need + 100], &[need + 100]).unwrap();
         let mut d2 = DeviceTensor::from_host(&gpu, &c, &[m, n]).unwrap();
-        gemm::fp8_gemm_accumulate_with_workspace(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d2, &mut ws, &opts).unwrap();
+        fp8_gemm::fp8_gemm_accumulate_with_workspace(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d2, &mut ws, &opts).unwrap();
         let bits = |t: &DeviceTensor<f32>| t.to_host(&gpu).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&d2), bits(&d), "{what}: caller workspace");
         if need > 0 {
             let mut short = DeviceTensor::<f32>::zeros(&gpu, &[need - 1]).unwrap();
             let mut d3 = DeviceTensor::from_host(&gpu, &c, &[m, n]).unwrap();
-            let r = gemm::fp8_gemm_accumulate_with_workspace(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d3, &mut short, &opts);
+            let r =
+                fp8_gemm::fp8_gemm_accumulate_with_workspace(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d3, &mut short, &opts);
             assert!(matches!(r, Err(Error::Shape { arg: "workspace", .. })), "{what}: {r:?}");
             assert_eq!(d3.to_host(&gpu).unwrap(), c, "{what}: a refused call wrote its output");
         }
@@ -455,10 +456,10 @@ fn gpu_k_zero_and_m_zero() {
         let b = DeviceTensor::<E4M3>::zeros(&gpu, &[8, 0]).unwrap();
         let sb = DeviceTensor::<f32>::zeros(&gpu, &[1, 0]).unwrap();
         let mut out = DeviceTensor::from_host(&gpu, &[bf16::from_bits(0xffff); 24], &[3, 8]).unwrap();
-        gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &opts).unwrap();
+        fp8_gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &opts).unwrap();
         assert!(out.to_host(&gpu).unwrap().iter().all(|v| v.to_f32() == 0.0));
         let mut c = DeviceTensor::from_host(&gpu, &[1.5f32; 24], &[3, 8]).unwrap();
-        gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &b, &sb, &mut c, &opts).unwrap();
+        fp8_gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &b, &sb, &mut c, &opts).unwrap();
         assert!(c.to_host(&gpu).unwrap().iter().all(|&v| v == 1.5));
         // m = 0: Ok, nothing written.
         let a = DeviceTensor::<E4M3>::zeros(&gpu, &[0, 256]).unwrap();
@@ -466,7 +467,7 @@ fn gpu_k_zero_and_m_zero() {
         let b = DeviceTensor::<E4M3>::zeros(&gpu, &[128, 256]).unwrap();
         let sb = DeviceTensor::<f32>::zeros(&gpu, &[1, 2]).unwrap();
         let mut out = DeviceTensor::<bf16>::zeros(&gpu, &[0, 128]).unwrap();
-        gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &opts).unwrap();
+        fp8_gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &opts).unwrap();
     }
 }
 
@@ -480,19 +481,19 @@ fn gpu_bad_inputs_are_rejected() {
     let mut out = DeviceTensor::from_host(&gpu, &poison, &[4, 128]).unwrap();
     let (a, sa, b, sb) = (t8(&[4, 256]), tf(&[2, 4]), t8(&[128, 256]), tf(&[1, 2]));
     // Wrong scale layouts / shapes.
-    let e = gemm::fp8_gemm(&gpu, &a, &tf(&[4, 2]), &b, &sb, &mut out, &opts).unwrap_err();
+    let e = fp8_gemm::fp8_gemm(&gpu, &a, &tf(&[4, 2]), &b, &sb, &mut out, &opts).unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "sa", .. }), "{e}");
-    let e = gemm::fp8_gemm(&gpu, &a, &sa, &b, &tf(&[2, 1]), &mut out, &opts).unwrap_err();
+    let e = fp8_gemm::fp8_gemm(&gpu, &a, &sa, &b, &tf(&[2, 1]), &mut out, &opts).unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "sb", .. }), "{e}");
-    let e = gemm::fp8_gemm(&gpu, &a, &sa, &t8(&[128, 384]), &tf(&[1, 3]), &mut out, &opts).unwrap_err();
+    let e = fp8_gemm::fp8_gemm(&gpu, &a, &sa, &t8(&[128, 384]), &tf(&[1, 3]), &mut out, &opts).unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "b", .. }), "{e}");
     let mut wrong_out = DeviceTensor::<bf16>::zeros(&gpu, &[4, 120]).unwrap();
-    assert!(gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut wrong_out, &opts).is_err());
+    assert!(fp8_gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut wrong_out, &opts).is_err());
     // Misaligned k (TMA strides) and n.
-    let e = gemm::fp8_gemm(&gpu, &t8(&[4, 250]), &sa, &t8(&[128, 250]), &sb, &mut out, &opts).unwrap_err();
+    let e = fp8_gemm::fp8_gemm(&gpu, &t8(&[4, 250]), &sa, &t8(&[128, 250]), &sb, &mut out, &opts).unwrap_err();
     assert!(matches!(e, Error::Alignment { arg: "k", .. }), "{e}");
     let mut out_n = DeviceTensor::<bf16>::zeros(&gpu, &[4, 100]).unwrap();
-    let e = gemm::fp8_gemm(&gpu, &a, &sa, &t8(&[100, 256]), &sb, &mut out_n, &opts).unwrap_err();
+    let e = fp8_gemm::fp8_gemm(&gpu, &a, &sa, &t8(&[100, 256]), &sb, &mut out_n, &opts).unwrap_err();
     assert!(matches!(e, Error::Alignment { arg: "n", .. }), "{e}");
     // Nothing was launched: the poisoned output is untouched.
     gpu.synchronize().unwrap();
@@ -532,7 +533,7 @@ fn gpu_end_to_end_with_gpu_quantization() {
         for kernel in kernels_for(&gpu, test) {
             let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::from_bits(0xffff); m * n], &[m, n]).unwrap();
             let opts = GemmOptions { kernel, ..Default::default() };
-            gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &opts).unwrap();
+            fp8_gemm::fp8_gemm(&gpu, &a, &sa, &b, &sb, &mut out, &opts).unwrap();
             let d: Vec<f32> = out.to_host(&gpu).unwrap().iter().map(|v| v.to_f32()).collect();
             check_rows_n(&format!("{kernel:?} end-to-end m={m} n={n} k={k}"), n, &d, &quant_ref, &exact);
         }
@@ -543,7 +544,7 @@ fn gpu_end_to_end_with_gpu_quantization() {
 /// that every instantiated sm_90a kernel runs in the tests, not only the shapes the sweep happens to select.
 fn n_for_block(m: usize, k: usize, bm: u32, bn: u32, sm_count: u32, smem: u32) -> Option<usize> {
     (1..=8192usize).map(|i| i * 8).find(|&n| {
-        let c = gemm::choose_sm90_config(&gemm::GemmShape { m, n, k }, sm_count, smem).unwrap();
+        let c = fp8_gemm::choose_sm90_config(&fp8_gemm::GemmShape { m, n, k }, sm_count, smem).unwrap();
         (c.block_m, c.block_n) == (bm, bn)
     })
 }
@@ -566,8 +567,8 @@ fn check_forced(
     let rows: Vec<usize> = (0..m).collect();
     let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
     let exact = exact_rows(&x.x, &w.w, n, k, &rows);
-    let shape = gemm::GemmShape { m, n, k };
-    let tiles = gemm::plan::num_tiles(&shape, f.block_m, f.block_n);
+    let shape = fp8_gemm::GemmShape { m, n, k };
+    let tiles = fp8_gemm::plan::num_tiles(&shape, f.block_m, f.block_n);
     let kb = shape.k_blocks();
     let cluster = if kernel == GemmKernel::Sm90Multicast { "mc2_" } else { "" };
     assert_eq!(name, format!("fp8_gemm_sm90_{cluster}m{}n{}", f.block_m, f.block_n), "the kernel this block selects");
@@ -605,7 +606,7 @@ fn gpu_sm90_every_instantiation_forced() {
         (128, 160, "fp8_gemm_sm90_m128n160"),
     ];
     for (i, (bm, bn, name)) in instantiations.into_iter().enumerate() {
-        let stages = gemm::plan::pick_stages(bm, bn, smem).expect("a ring fits");
+        let stages = fp8_gemm::plan::pick_stages(bm, bn, smem).expect("a ring fits");
         let mnk = (bm as usize * 3 / 2 + 3, 2 * bn as usize + 24, 128 * (stages as usize + 1) + 16);
         let f = ForcedSm90 { block_m: bm, block_n: bn, grid: 2, k_splits: 1, stages: 0 };
         check_forced(&gpu, test, GemmKernel::Sm90, f, mnk, name, 300 + i as u64);
@@ -659,8 +660,8 @@ fn cpu_gpu_thresholds_are_achievable() {
 fn cpu_every_block_shape_is_reachable() {
     for sms in [132u32, 114, 78, 1] {
         for &(m, bm) in &[(5usize, 64u32), (200, 128)] {
-            for bn in gemm::plan::SM90_BLOCK_N {
-                let n = n_for_block(m, 400, bm, bn, sms, gemm::plan::SM90_SMEM_LIMIT);
+            for bn in fp8_gemm::plan::SM90_BLOCK_N {
+                let n = n_for_block(m, 400, bm, bn, sms, fp8_gemm::plan::SM90_SMEM_LIMIT);
                 assert!(n.is_some(), "no n selects block {bm}x{bn} for m={m} on {sms} SMs");
             }
         }
@@ -680,7 +681,7 @@ fn cpu_plan_rejects_what_the_kernels_cannot_do() {
     for &(n, k) in DEEPSEEK_NK.iter().chain(&LLAMA_NK) {
         for &m in &SWEEP_M {
             let kb = k.div_ceil(128);
-            let p = gemm::plan(
+            let p = fp8_gemm::plan(
                 &[m, k],
                 &[kb, m.div_ceil(4) * 4],
                 &[n, k],
@@ -692,20 +693,20 @@ fn cpu_plan_rejects_what_the_kernels_cannot_do() {
             )
             .unwrap();
             if m == 0 {
-                assert_eq!(p.resolved, gemm::Resolved::Empty);
+                assert_eq!(p.resolved, fp8_gemm::Resolved::Empty);
             } else {
-                assert!(matches!(p.resolved, gemm::Resolved::Sm90(_)), "{m}×{n}×{k}");
+                assert!(matches!(p.resolved, fp8_gemm::Resolved::Sm90(_)), "{m}×{n}×{k}");
             }
         }
     }
-    let e = gemm::plan(&[4, 100], &[1, 4], &[8, 100], &[1, 1], &[4, 8], false, GemmKernel::Auto, &info);
+    let e = fp8_gemm::plan(&[4, 100], &[1, 4], &[8, 100], &[1, 1], &[4, 8], false, GemmKernel::Auto, &info);
     assert!(matches!(e, Err(Error::Alignment { arg: "k", required: 16, got: 100 })));
 }
 
 /// Smallest n (a multiple of 8) for which the multicast planner picks block N `bn` at this m, k and device.
 fn n_for_mc2_block(m: usize, k: usize, bn: u32, sm_count: u32, smem: u32) -> Option<usize> {
     (1..=8192usize).map(|i| i * 8).find(|&n| {
-        let c = gemm::plan::choose_sm90_mc2_config(&gemm::GemmShape { m, n, k }, sm_count, smem).unwrap();
+        let c = fp8_gemm::plan::choose_sm90_mc2_config(&fp8_gemm::GemmShape { m, n, k }, sm_count, smem).unwrap();
         c.block_n == bn
     })
 }
@@ -714,8 +715,8 @@ fn n_for_mc2_block(m: usize, k: usize, bn: u32, sm_count: u32, smem: u32) -> Opt
 fn cpu_every_multicast_block_shape_is_reachable() {
     for sms in [132u32, 114, 78] {
         for m in [1usize, 300, 520] {
-            for bn in gemm::plan::SM90_MC2_BLOCK_N {
-                assert!(n_for_mc2_block(m, 400, bn, sms, gemm::plan::SM90_SMEM_LIMIT).is_some(), "{m} {bn} {sms}");
+            for bn in fp8_gemm::plan::SM90_MC2_BLOCK_N {
+                assert!(n_for_mc2_block(m, 400, bn, sms, fp8_gemm::plan::SM90_SMEM_LIMIT).is_some(), "{m} {bn} {sms}");
             }
         }
     }
@@ -736,13 +737,13 @@ fn gpu_multicast_sweep() {
     for (i, (bn, name)) in
         [(128, "fp8_gemm_sm90_mc2_m128n128"), (160, "fp8_gemm_sm90_mc2_m128n160")].into_iter().enumerate()
     {
-        let stages = gemm::plan::pick_stages(128, bn, smem).expect("a ring fits");
+        let stages = fp8_gemm::plan::pick_stages(128, bn, smem).expect("a ring fits");
         let f = ForcedSm90 { block_m: 128, block_n: bn, grid: 2, k_splits: 1, stages: 0 };
         let mnk = (300, 2 * bn as usize + 24, 128 * (stages as usize + 1) + 16);
         check_forced(&gpu, "gpu_multicast_sweep", kernel, f, mnk, name, 650 + i as u64);
     }
     let k = 400;
-    for (i, bn) in gemm::plan::SM90_MC2_BLOCK_N.into_iter().enumerate() {
+    for (i, bn) in fp8_gemm::plan::SM90_MC2_BLOCK_N.into_iter().enumerate() {
         for (j, m) in [1usize, 129, 300, 520].into_iter().enumerate() {
             let n = n_for_mc2_block(m, k, bn, sms, smem).expect("a shape for every multicast block");
             let seed = 700 + 10 * i as u64 + j as u64;
@@ -795,7 +796,7 @@ fn gpu_multicast_sweep() {
     let sa = DeviceTensor::from_host(&gpu, &x.sa_mn, &[k.div_ceil(128), m.div_ceil(4) * 4]).unwrap();
     let mut d = DeviceTensor::from_host(&gpu, &c, &[m, n]).unwrap();
     let opts = GemmOptions { kernel, ..Default::default() };
-    gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d, &opts).unwrap();
+    fp8_gemm::fp8_gemm_accumulate(&gpu, &a, &sa, &dw.b, &dw.sb, &mut d, &opts).unwrap();
     check_accumulated("Sm90Multicast accumulate", n, &d.to_host(&gpu).unwrap(), &c, &quant_ref);
 }
 
@@ -813,14 +814,14 @@ fn cpu_multicast_is_opt_in_and_hopper_only() {
     let kb = k.div_ceil(128);
     let shapes = ([m, k], [kb, m], [n, k], [n.div_ceil(128), kb], [m, n]);
     let plan = |kernel, info: &r1_kernels::DeviceInfo| {
-        gemm::plan(&shapes.0, &shapes.1, &shapes.2, &shapes.3, &shapes.4, false, kernel, info)
+        fp8_gemm::plan(&shapes.0, &shapes.1, &shapes.2, &shapes.3, &shapes.4, false, kernel, info)
     };
-    let gemm::Resolved::Sm90(auto) = plan(GemmKernel::Auto, &info).unwrap().resolved else { panic!("not sm90") };
+    let fp8_gemm::Resolved::Sm90(auto) = plan(GemmKernel::Auto, &info).unwrap().resolved else { panic!("not sm90") };
     assert_eq!(auto.cluster_m, 1);
-    let gemm::Resolved::Sm90(mc) = plan(GemmKernel::Sm90Multicast, &info).unwrap().resolved else { panic!() };
+    let fp8_gemm::Resolved::Sm90(mc) = plan(GemmKernel::Sm90Multicast, &info).unwrap().resolved else { panic!() };
     assert_eq!((mc.cluster_m, mc.block_m, mc.k_splits, mc.grid % 2), (2, 128, 1, 0));
     assert!(mc.kernel_name().unwrap().starts_with("fp8_gemm_sm90_mc2_m128n"));
-    let [_, tb, _] = gemm::sm90::gemm_tmas(&gemm::GemmShape { m, n, k }, &mc);
+    let [_, tb, _] = fp8_gemm::sm90::gemm_tmas(&fp8_gemm::GemmShape { m, n, k }, &mc);
     assert_eq!(tb.box_rows, mc.block_n / 2);
     info.compute_capability = (8, 0);
     assert!(matches!(plan(GemmKernel::Sm90Multicast, &info), Err(Error::UnsupportedDevice { .. })));
@@ -852,7 +853,7 @@ fn gpu_long_k_promotion() {
     let sbd = DeviceTensor::from_host(&gpu, &sb, &[n / 128, k / 128]).unwrap();
     let mut out = DeviceTensor::from_host(&gpu, &vec![bf16::from_bits(0xffff); m * n], &[m, n]).unwrap();
     let opts = GemmOptions { kernel: GemmKernel::Sm90, ..Default::default() };
-    gemm::fp8_gemm(&gpu, &ad, &sad, &bd, &sbd, &mut out, &opts).unwrap();
+    fp8_gemm::fp8_gemm(&gpu, &ad, &sad, &bd, &sbd, &mut out, &opts).unwrap();
     let got: Vec<f32> = out.to_host(&gpu).unwrap().iter().map(|v| v.to_f32()).collect();
     let mut worst = 0f32;
     for (i, (&g, &r)) in got.iter().zip(&reference).enumerate() {

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use r1_kernels::decode_ops;
 use r1_kernels::device::test_gpu;
-use r1_kernels::gemm::{self, ForcedSm90, GemmKernel, GemmOptions};
+use r1_kernels::fp8_gemm::{self, ForcedSm90, GemmKernel, GemmOptions};
 #[cfg(feature = "layer")]
 use r1_kernels::layer::{DecodeBatch, DecodeLayer};
 use r1_kernels::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace, SplitMode};
@@ -21,7 +21,7 @@ use r1_kernels::model::{synthetic_layer_weights, DeepSeekV3Config};
 use r1_kernels::moe::{self, ExpertWeights, GemmBackend, Layout, MoeWorkspace, Permuted, Routing};
 use r1_kernels::quant::{self, activation_scale_shape, weight_scale_shape};
 use r1_kernels::reference::decode_ops as rdo;
-use r1_kernels::reference::gemm::fp8_gemm as ref_gemm;
+use r1_kernels::reference::fp8_gemm::fp8_gemm as ref_gemm;
 #[cfg(feature = "layer")]
 use r1_kernels::reference::layer::{decode_layer as ref_layer, moe_branch, DecodeStep as RefStep, PreparedLayer};
 use r1_kernels::reference::mla::{
@@ -244,14 +244,22 @@ fn host_decision(
     accumulate: bool,
     opts: &GemmOptions,
 ) -> Result<(), r1_kernels::Error> {
-    let p =
-        gemm::plan(&shapes[0], &shapes[1], &shapes[2], &shapes[3], &shapes[4], accumulate, opts.kernel, gpu.info())?;
+    let p = fp8_gemm::plan(
+        &shapes[0],
+        &shapes[1],
+        &shapes[2],
+        &shapes[3],
+        &shapes[4],
+        accumulate,
+        opts.kernel,
+        gpu.info(),
+    )?;
     if let Some(f) = &opts.force_sm90 {
         if !matches!(opts.kernel, GemmKernel::Sm90 | GemmKernel::Sm90Multicast) {
             return Err(Error::InvalidConfig("forced".into()));
         }
-        if let gemm::Resolved::Sm90(c) = p.resolved {
-            gemm::plan::force_sm90_config(&p.shape, &c, f, gpu.info().max_shared_memory_per_block_optin)?;
+        if let fp8_gemm::Resolved::Sm90(c) = p.resolved {
+            fp8_gemm::plan::force_sm90_config(&p.shape, &c, f, gpu.info().max_shared_memory_per_block_optin)?;
         }
     }
     Ok(())
@@ -272,93 +280,101 @@ fn fuzz_fp8_gemm() {
         any::<bool>(),
         any::<u64>(),
     );
-    fuzz::run("gemm::fp8_gemm + fp8_gemm_accumulate", strategy, |((m, n, k), p, kernel, force, accumulate, seed)| {
-        let (kb, m_pad) = (k.div_ceil(128), m.div_ceil(4) * 4);
-        let want = [vec![m, k], vec![kb, m_pad], vec![n, k], vec![n.div_ceil(128), kb], vec![m, n]];
-        let sh: Vec<Vec<usize>> = want.iter().zip(&p).map(|(s, &(how, at))| perturb(s, how, at)).collect();
-        let a = codes(numel(&sh[0]), seed);
-        let b = codes(numel(&sh[2]), seed + 1);
-        let sa_rows = scales(m * kb, seed + 2, 1.0 / 64.0);
-        let sa = if sh[1] == want[1] {
-            scales_to_mn_major(&sa_rows, m, kb).unwrap()
-        } else {
-            scales(numel(&sh[1]), seed + 2, 1.0 / 64.0)
-        };
-        let sb = scales(numel(&sh[3]), seed + 3, 1.0 / 64.0);
-        let ad = DeviceTensor::from_host(&gpu, &a, &sh[0]).unwrap();
-        let sad = DeviceTensor::from_host(&gpu, &sa, &sh[1]).unwrap();
-        let bd = DeviceTensor::from_host(&gpu, &b, &sh[2]).unwrap();
-        let sbd = DeviceTensor::from_host(&gpu, &sb, &sh[3]).unwrap();
-        let opts = GemmOptions { kernel, force_sm90: force, ..Default::default() };
-        let decision = host_decision(&gpu, &sh, accumulate, &opts);
-        // Perturbed shapes that happen to be consistent describe another problem than the data: not this case.
-        prop_assume!(decision.is_err() || sh[..] == want[..]);
-        let what = format!("m={m} n={n} k={k} shapes {sh:?} {kernel:?} forced {force:?} accumulate={accumulate}");
-        let reference = || ref_gemm(&a, &sa_rows, &b, &sb, m, n, k).unwrap();
-        // Σ|a·b| per element: these codes span E4M3's whole range, so one element's 128 products can differ by 2^17
-        // and cancel. Hopper's FP8 wgmma aligns each product to the largest of its 32 and truncates to 13 fraction
-        // bits (the emulator's hopper numerics, bit-exact with an H200 on the probes): the error can reach
-        // ~2^-8·Σ|a·b| where the result itself is far smaller. Codes with the sign bit cleared give Σ|a·b|.
-        let abs_terms = || {
-            let abs = |v: &[E4M3]| v.iter().map(|c| E4M3(c.0 & 0x7f)).collect::<Vec<_>>();
-            ref_gemm(&abs(&a), &sa_rows, &abs(&b), &sb, m, n, k).unwrap()
-        };
-        if accumulate {
-            let c0 = values(numel(&sh[4]), seed + 4, 3.0, false);
-            let mut c = DeviceTensor::from_host(&gpu, &c0, &sh[4]).unwrap();
-            match gemm::fp8_gemm_accumulate(&gpu, &ad, &sad, &bd, &sbd, &mut c, &opts) {
-                Err(e) => {
-                    expect_validation_error(&what, &e)?;
-                    check!(decision.is_err(), "{what}: rejected ({e}) though the planner accepts it");
-                    untouched(&gpu, "c", &c, &c0)?;
-                    Ok(Outcome::Rejected)
-                }
-                Ok(()) => {
-                    check!(decision.is_ok(), "{what}: accepted though the planner says {decision:?}");
-                    let got = download(&gpu, "c", &c)?;
-                    let (q, q_abs) = (reference(), abs_terms());
-                    for (r, qrow) in q.chunks(n.max(1)).enumerate() {
-                        let rms = (qrow.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / n as f64).sqrt() as f32;
-                        for (j, &qv) in qrow.iter().enumerate() {
-                            let i = r * n + j;
-                            let (g, w) = (got[i], c0[i] + qv);
-                            let tol = 1e-3 * (qv.abs() + rms) + 1e-6 * c0[i].abs() + 2f32.powi(-8) * q_abs[i];
-                            check!((g - w).abs() <= tol, "{what}: c[{r}, {j}] = {g}, reference {w}");
-                        }
+    fuzz::run(
+        "fp8_gemm::fp8_gemm + fp8_gemm_accumulate",
+        strategy,
+        |((m, n, k), p, kernel, force, accumulate, seed)| {
+            let (kb, m_pad) = (k.div_ceil(128), m.div_ceil(4) * 4);
+            let want = [vec![m, k], vec![kb, m_pad], vec![n, k], vec![n.div_ceil(128), kb], vec![m, n]];
+            let sh: Vec<Vec<usize>> = want.iter().zip(&p).map(|(s, &(how, at))| perturb(s, how, at)).collect();
+            let a = codes(numel(&sh[0]), seed);
+            let b = codes(numel(&sh[2]), seed + 1);
+            let sa_rows = scales(m * kb, seed + 2, 1.0 / 64.0);
+            let sa = if sh[1] == want[1] {
+                scales_to_mn_major(&sa_rows, m, kb).unwrap()
+            } else {
+                scales(numel(&sh[1]), seed + 2, 1.0 / 64.0)
+            };
+            let sb = scales(numel(&sh[3]), seed + 3, 1.0 / 64.0);
+            let ad = DeviceTensor::from_host(&gpu, &a, &sh[0]).unwrap();
+            let sad = DeviceTensor::from_host(&gpu, &sa, &sh[1]).unwrap();
+            let bd = DeviceTensor::from_host(&gpu, &b, &sh[2]).unwrap();
+            let sbd = DeviceTensor::from_host(&gpu, &sb, &sh[3]).unwrap();
+            let opts = GemmOptions { kernel, force_sm90: force, ..Default::default() };
+            let decision = host_decision(&gpu, &sh, accumulate, &opts);
+            // Perturbed shapes that happen to be consistent describe another problem than the data: not this case.
+            prop_assume!(decision.is_err() || sh[..] == want[..]);
+            let what = format!("m={m} n={n} k={k} shapes {sh:?} {kernel:?} forced {force:?} accumulate={accumulate}");
+            let reference = || ref_gemm(&a, &sa_rows, &b, &sb, m, n, k).unwrap();
+            // Σ|a·b| per element: these codes span E4M3's whole range, so one element's 128 products can differ by 2^17
+            // and cancel. Hopper's FP8 wgmma aligns each product to the largest of its 32 and truncates to 13 fraction
+            // bits (the emulator's hopper numerics, bit-exact with an H200 on the probes): the error can reach
+            // ~2^-8·Σ|a·b| where the result itself is far smaller. Codes with the sign bit cleared give Σ|a·b|.
+            let abs_terms = || {
+                let abs = |v: &[E4M3]| v.iter().map(|c| E4M3(c.0 & 0x7f)).collect::<Vec<_>>();
+                ref_gemm(&abs(&a), &sa_rows, &abs(&b), &sb, m, n, k).unwrap()
+            };
+            if accumulate {
+                let c0 = values(numel(&sh[4]), seed + 4, 3.0, false);
+                let mut c = DeviceTensor::from_host(&gpu, &c0, &sh[4]).unwrap();
+                match fp8_gemm::fp8_gemm_accumulate(&gpu, &ad, &sad, &bd, &sbd, &mut c, &opts) {
+                    Err(e) => {
+                        expect_validation_error(&what, &e)?;
+                        check!(decision.is_err(), "{what}: rejected ({e}) though the planner accepts it");
+                        untouched(&gpu, "c", &c, &c0)?;
+                        Ok(Outcome::Rejected)
                     }
-                    Ok(Outcome::Matched)
-                }
-            }
-        } else {
-            let (mut out, o0) = poisoned::<bf16>(&gpu, &sh[4]);
-            match gemm::fp8_gemm(&gpu, &ad, &sad, &bd, &sbd, &mut out, &opts) {
-                Err(e) => {
-                    expect_validation_error(&what, &e)?;
-                    check!(decision.is_err(), "{what}: rejected ({e}) though the planner accepts it");
-                    untouched(&gpu, "out", &out, &o0)?;
-                    Ok(Outcome::Rejected)
-                }
-                Ok(()) => {
-                    check!(decision.is_ok(), "{what}: accepted though the planner says {decision:?}");
-                    let got = from_bf16(&download(&gpu, "out", &out)?);
-                    if m * n == 0 {
-                        check!(got.is_empty(), "{what}: wrote an empty output");
-                    } else {
+                    Ok(()) => {
+                        check!(decision.is_ok(), "{what}: accepted though the planner says {decision:?}");
+                        let got = download(&gpu, "c", &c)?;
                         let (q, q_abs) = (reference(), abs_terms());
-                        for (r, (g, w)) in got.chunks(n).zip(q.chunks(n)).enumerate() {
-                            let rms = (w.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / n as f64).sqrt();
-                            for (j, (&gv, &wv)) in g.iter().zip(w).enumerate() {
-                                let tol =
-                                    wv.abs() * 2f32.powi(-8) + 4e-3 * rms as f32 + 2f32.powi(-8) * q_abs[r * n + j];
-                                check!(gv.is_finite() && (gv - wv).abs() <= tol, "{what}: out[{r}, {j}] {gv} vs {wv}");
+                        for (r, qrow) in q.chunks(n.max(1)).enumerate() {
+                            let rms =
+                                (qrow.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / n as f64).sqrt() as f32;
+                            for (j, &qv) in qrow.iter().enumerate() {
+                                let i = r * n + j;
+                                let (g, w) = (got[i], c0[i] + qv);
+                                let tol = 1e-3 * (qv.abs() + rms) + 1e-6 * c0[i].abs() + 2f32.powi(-8) * q_abs[i];
+                                check!((g - w).abs() <= tol, "{what}: c[{r}, {j}] = {g}, reference {w}");
                             }
                         }
+                        Ok(Outcome::Matched)
                     }
-                    Ok(Outcome::Matched)
+                }
+            } else {
+                let (mut out, o0) = poisoned::<bf16>(&gpu, &sh[4]);
+                match fp8_gemm::fp8_gemm(&gpu, &ad, &sad, &bd, &sbd, &mut out, &opts) {
+                    Err(e) => {
+                        expect_validation_error(&what, &e)?;
+                        check!(decision.is_err(), "{what}: rejected ({e}) though the planner accepts it");
+                        untouched(&gpu, "out", &out, &o0)?;
+                        Ok(Outcome::Rejected)
+                    }
+                    Ok(()) => {
+                        check!(decision.is_ok(), "{what}: accepted though the planner says {decision:?}");
+                        let got = from_bf16(&download(&gpu, "out", &out)?);
+                        if m * n == 0 {
+                            check!(got.is_empty(), "{what}: wrote an empty output");
+                        } else {
+                            let (q, q_abs) = (reference(), abs_terms());
+                            for (r, (g, w)) in got.chunks(n).zip(q.chunks(n)).enumerate() {
+                                let rms = (w.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / n as f64).sqrt();
+                                for (j, (&gv, &wv)) in g.iter().zip(w).enumerate() {
+                                    let tol =
+                                        wv.abs() * 2f32.powi(-8) + 4e-3 * rms as f32 + 2f32.powi(-8) * q_abs[r * n + j];
+                                    check!(
+                                        gv.is_finite() && (gv - wv).abs() <= tol,
+                                        "{what}: out[{r}, {j}] {gv} vs {wv}"
+                                    );
+                                }
+                            }
+                        }
+                        Ok(Outcome::Matched)
+                    }
                 }
             }
-        }
-    });
+        },
+    );
 }
 
 // ------------------------------------------------------------------------------------------------------- MoE
@@ -1010,7 +1026,7 @@ fn fuzz_moe_forward_and_workspace() {
                         ids.iter().zip(&perm.row_of).map(|(&id, &row)| if row < 0 { -1 } else { id }).collect();
                     let want = rm::moe_forward_fp8(&x, t, &kept, &wts, k, &w, shared_ref.as_ref()).unwrap();
                     check!(got.iter().all(|v| v.is_finite()), "non-finite output");
-                    let diff = r1_kernels::reference::gemm::calc_diff(&got, &want);
+                    let diff = r1_kernels::reference::fp8_gemm::calc_diff(&got, &want);
                     check!(t == 0 || diff < 1e-3, "calc_diff {diff} against the reference");
                     Ok(Outcome::Matched)
                 }
@@ -1780,7 +1796,7 @@ fn fuzz_tensors_of_another_device() {
                 let b = DeviceTensor::from_host(on(2), &codes(16 * 8, 3), &[8, 16]).unwrap();
                 let sb = DeviceTensor::from_host(on(3), &scales(1, 4, 1.0), &[1, 1]).unwrap();
                 let (mut out, o0) = poisoned::<bf16>(on(4), &[2, 8]);
-                let r = gemm::fp8_gemm(home, &a, &sa, &b, &sb, &mut out, &GemmOptions::default());
+                let r = fp8_gemm::fp8_gemm(home, &a, &sa, &b, &sb, &mut out, &GemmOptions::default());
                 if which > 4 {
                     check!(r.is_ok(), "all on one device: {r:?}");
                     return Ok(Outcome::Matched);

@@ -15,7 +15,7 @@ use proptest::test_runner::TestCaseError;
 #[cfg(feature = "checkpoint")]
 use r1_kernels::checkpoint::{load_layer, write_layer_checkpoint, INDEX_FILE};
 use r1_kernels::device::DeviceInfo;
-use r1_kernels::gemm::{self, plan::force_sm90_config, ForcedSm90, GemmKernel, Resolved};
+use r1_kernels::fp8_gemm::{self, plan::force_sm90_config, ForcedSm90, GemmKernel, Resolved};
 use r1_kernels::mla::{plan_splits, SplitMode};
 #[cfg(feature = "checkpoint")]
 use r1_kernels::model::{synthetic_layer_weights, DeepSeekV3Config, LayerWeights};
@@ -30,7 +30,7 @@ use fuzz::{expect_validation_error, perturb, perturbations, Outcome};
 
 /// A dimension: mostly small (valid and misaligned), sometimes at a 32- or 64-bit boundary.
 fn dim() -> impl Strategy<Value = usize> + Clone {
-    let max = gemm::plan::MAX_DIM;
+    let max = fp8_gemm::plan::MAX_DIM;
     prop_oneof![
         2 => 0usize..300,
         6 => (0usize..40).prop_map(|x| x * 16),
@@ -82,16 +82,20 @@ fn gemm_shapes(m: usize, n: usize, k: usize) -> [Vec<usize>; 5] {
 }
 
 /// What the kernels rely on in an sm_90a configuration, for a shape of `k_blocks` K blocks.
-fn check_sm90_config(c: &gemm::Sm90Config, shape: &gemm::GemmShape, smem_limit: u32) -> Result<(), TestCaseError> {
+fn check_sm90_config(
+    c: &fp8_gemm::Sm90Config,
+    shape: &fp8_gemm::GemmShape,
+    smem_limit: u32,
+) -> Result<(), TestCaseError> {
     let kb = shape.k_blocks().max(1) as u64;
     check!(c.kernel_name().is_ok(), "no kernel for {c:?}");
     check!(c.smem_bytes <= smem_limit, "{c:?}: {} bytes of shared memory over the limit {smem_limit}", c.smem_bytes);
-    check!((2..=gemm::plan::SM90_MAX_STAGES).contains(&c.stages), "{c:?}: stages");
+    check!((2..=fp8_gemm::plan::SM90_MAX_STAGES).contains(&c.stages), "{c:?}: stages");
     check!(c.grid >= 1 && c.k_splits >= 1 && c.kb_per_split >= 1, "{c:?}: empty grid or split");
     let (splits, per) = (u64::from(c.k_splits), u64::from(c.kb_per_split));
     check!(splits * per >= kb && (splits - 1) * per < kb, "{c:?}: splits do not cover {kb} K blocks exactly");
-    let tiles = gemm::plan::num_tiles(shape, c.block_m, c.block_n);
-    let items = if c.cluster_m == 2 { 2 * gemm::plan::mc2_num_pairs(shape, c.block_n) } else { tiles * splits };
+    let tiles = fp8_gemm::plan::num_tiles(shape, c.block_m, c.block_n);
+    let items = if c.cluster_m == 2 { 2 * fp8_gemm::plan::mc2_num_pairs(shape, c.block_n) } else { tiles * splits };
     check!(u64::from(c.grid) <= items.max(1), "{c:?}: grid over {items} work items");
     check!(tiles.saturating_mul(kb) < 1 << 32, "{c:?}: 32-bit iteration count overflows");
     Ok(())
@@ -100,17 +104,17 @@ fn check_sm90_config(c: &gemm::Sm90Config, shape: &gemm::GemmShape, smem_limit: 
 #[test]
 fn fuzz_gemm_plan() {
     let strategy = ((dim(), dim(), dim()), perturbations::<5>(), any::<bool>(), kernel(), device_info());
-    fuzz::run("gemm::plan", strategy, |((m, n, k), perts, accumulate, kernel, info)| {
+    fuzz::run("fp8_gemm::plan", strategy, |((m, n, k), perts, accumulate, kernel, info)| {
         let want = gemm_shapes(m, n, k);
         let got: Vec<Vec<usize>> = want.iter().zip(&perts).map(|(s, &(how, at))| perturb(s, how, at)).collect();
         let shapes_exact = got.iter().zip(&want).all(|(g, w)| g == w);
-        let dims_ok = m <= gemm::plan::MAX_DIM
-            && n <= gemm::plan::MAX_DIM
-            && k <= gemm::plan::MAX_DIM
+        let dims_ok = m <= fp8_gemm::plan::MAX_DIM
+            && n <= fp8_gemm::plan::MAX_DIM
+            && k <= fp8_gemm::plan::MAX_DIM
             && k.is_multiple_of(16)
             && n.is_multiple_of(8);
-        let r = gemm::plan(&got[0], &got[1], &got[2], &got[3], &got[4], accumulate, kernel, &info);
-        let v = gemm::validate_shapes(&got[0], &got[1], &got[2], &got[3], &got[4]);
+        let r = fp8_gemm::plan(&got[0], &got[1], &got[2], &got[3], &got[4], accumulate, kernel, &info);
+        let v = fp8_gemm::validate_shapes(&got[0], &got[1], &got[2], &got[3], &got[4]);
         check!(v.is_ok() == (shapes_exact && dims_ok), "validate_shapes {got:?}: {v:?}");
         match r {
             Err(e) => {
@@ -119,7 +123,7 @@ fn fuzz_gemm_plan() {
             }
             Ok(p) => {
                 check!(shapes_exact && dims_ok, "plan accepted {got:?} (m={m} n={n} k={k}): {p:?}");
-                check!(p.shape == gemm::GemmShape { m, n, k }, "{p:?}");
+                check!(p.shape == fp8_gemm::GemmShape { m, n, k }, "{p:?}");
                 let empty = m == 0 || n == 0 || k == 0;
                 check!(empty == matches!(p.resolved, Resolved::Empty), "{p:?}");
                 check!(p.zero_fill == (k == 0 && m > 0 && n > 0 && !accumulate), "{p:?}: zero_fill");
@@ -163,7 +167,7 @@ fn fuzz_gemm_forced_sm90_config() {
         ),
         prop::sample::select(vec![0u32, 100_000, 166_912, 232_448, 232_448, 232_448, u32::MAX]),
     );
-    fuzz::run("gemm::plan::force_sm90_config", strategy, |((m, n, k), mc, (bm, bn, grid, ks, stages), smem)| {
+    fuzz::run("fp8_gemm::plan::force_sm90_config", strategy, |((m, n, k), mc, (bm, bn, grid, ks, stages), smem)| {
         let hopper = DeviceInfo {
             ordinal: 0,
             compute_capability: (9, 0),
@@ -174,7 +178,7 @@ fn fuzz_gemm_forced_sm90_config() {
         };
         let kernel = if mc { GemmKernel::Sm90Multicast } else { GemmKernel::Sm90 };
         let [a, sa, b, sb, o] = gemm_shapes(m, n, k);
-        let p = gemm::plan(&a, &sa, &b, &sb, &o, false, kernel, &hopper)
+        let p = fp8_gemm::plan(&a, &sa, &b, &sb, &o, false, kernel, &hopper)
             .map_err(|e| TestCaseError::fail(format!("valid shape m={m} n={n} k={k} rejected: {e}")))?;
         let Resolved::Sm90(planned) = p.resolved else { return Ok(Outcome::Rejected) };
         let f = ForcedSm90 { block_m: bm, block_n: bn, grid, k_splits: ks, stages };

@@ -4,7 +4,7 @@ use r1_kernels::checkpoint::{load_layer, write_layer_checkpoint};
 use r1_kernels::device::test_gpu;
 use r1_kernels::layer::{DecodeBatch, DecodeLayer};
 use r1_kernels::model::{synthetic_layer_weights, DeepSeekV3Config};
-use r1_kernels::reference::gemm::calc_diff;
+use r1_kernels::reference::fp8_gemm::calc_diff;
 use r1_kernels::reference::layer::{decode_layer, DecodeStep, PreparedLayer};
 use r1_kernels::{bf16, DeviceTensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};

@@ -5,7 +5,7 @@
 //! here rather than as a wrong GEMM or attention result; their inputs and outputs can be recorded on a GPU and
 //! replayed on the emulator bit for bit (`scripts/emu-replay-probes`).
 
-use r1_kernels::gemm::sm90::probes;
+use r1_kernels::fp8_gemm::sm90::probes;
 use r1_kernels::probe_log::probe_io;
 use r1_kernels::reference::mla::{dequantize_kv_cache_fp8, quantize_kv_cache_fp8, D_QK, D_V, FP8_TOKEN_BYTES};
 use r1_kernels::sm90::{swizzle_128b, Tma2d, TmaDtype};
@@ -95,7 +95,7 @@ fn gemm_promotion_step() {
         probe_io("gemm_promotion_step", &format!("n0-{n0}"), &inputs, &[("out", bytemuck::cast_slice(&got))]);
         for (r, &sar) in sa.iter().enumerate() {
             for c in 0..160 {
-                let slot = r1_kernels::gemm::plan::b_scale_slot(n0 as u32, c as u32) as usize;
+                let slot = r1_kernels::fp8_gemm::plan::b_scale_slot(n0 as u32, c as u32) as usize;
                 let s = sar * sb2[slot];
                 let i = r * 160 + c;
                 let want = acc[i].mul_add(s, acc[i].mul_add(s, fin[i]));

@@ -7,7 +7,7 @@ use r1_kernels::device::test_gpu;
 use r1_kernels::mla::{self, MlaOptions, MlaPlan, MlaWorkspace};
 use r1_kernels::reference::mla::MlaConfig;
 use r1_kernels::reference::quant::ScaleFormat;
-use r1_kernels::{bf16, decode_ops, gemm, quant, DeviceTensor, Error, Gpu, TensorMut, TensorRef};
+use r1_kernels::{bf16, decode_ops, fp8_gemm, quant, DeviceTensor, Error, Gpu, TensorMut, TensorRef};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn random_bf16(n: usize, seed: u64, scale: f32) -> Vec<bf16> {
@@ -66,9 +66,9 @@ fn fp8_gemm_over_borrowed_memory_and_a_part_of_a_pool() {
     let w = DeviceTensor::from_host(&gpu, &random_bf16(n * k, 4, 0.5), &[n, k]).unwrap();
     let (xq, xs) = quant::quantize_activations_new(&gpu, &x, ScaleFormat::F32).unwrap();
     let (wq, ws) = quant::quantize_weights_new(&gpu, &w, ScaleFormat::F32).unwrap();
-    let opts = gemm::GemmOptions::default();
+    let opts = fp8_gemm::GemmOptions::default();
     let mut want = DeviceTensor::from_host(&gpu, &vec![POISON; m * n], &[m, n]).unwrap();
-    gemm::fp8_gemm(&gpu, &xq, &xs, &wq, &ws, &mut want, &opts).unwrap();
+    fp8_gemm::fp8_gemm(&gpu, &xq, &xs, &wq, &ws, &mut want, &opts).unwrap();
     let want = want.to_host(&gpu).unwrap();
 
     // The engine's copies of the operands, in its own cudarc allocations: activations borrowed as cudarc slices,
@@ -88,7 +88,7 @@ fn fp8_gemm_over_borrowed_memory_and_a_part_of_a_pool() {
         unsafe { TensorRef::from_raw(address(&gpu, &b_scales), b_scales.len(), ordinal, ws.shape(), None) }.unwrap();
     let out = TensorMut::from_cuda_slice(&mut pool, &[3, m, n], None).unwrap().narrow(0, 1..2).unwrap();
     let out = out.reshape(&[m, n]).unwrap();
-    gemm::fp8_gemm(&gpu, a, sa, b, sb, out, &opts).unwrap();
+    fp8_gemm::fp8_gemm(&gpu, a, sa, b, sb, out, &opts).unwrap();
     let got = stream.clone_dtoh(&pool).unwrap();
     for (i, v) in got.iter().enumerate() {
         let (part, at) = (i / (m * n), i % (m * n));

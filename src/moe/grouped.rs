@@ -105,7 +105,7 @@ pub fn tma_tile_work(
     let e = counts.len();
     let tiles_m = rows.div_ceil(TMA_BLOCK_M) as u32;
     let tiles_n = (n / TMA_BLOCK_N) as u32;
-    let (tm, tn) = crate::gemm::plan::tile_coords(item, tiles_m, tiles_n, group_m);
+    let (tm, tn) = crate::fp8_gemm::plan::tile_coords(item, tiles_m, tiles_n, group_m);
     let m0 = i64::from(tm) * TMA_BLOCK_M as i64;
     let expert = find_segment(offsets, e, m0);
     if expert >= e {

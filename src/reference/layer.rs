@@ -20,7 +20,7 @@ use crate::model::{DeepSeekV3Config, FfnWeights, Fp8Linear, LayerWeights, MlaWei
 use crate::reference::decode_ops::{self, RopeConfig};
 use crate::reference::mla::{self, MlaConfig};
 use crate::reference::moe::{self, ExpertsFp8, RouterConfig, Scoring};
-use crate::reference::{gemm, quant};
+use crate::reference::{fp8_gemm, quant};
 
 /// Rounds every element to bf16 (what storing a GPU activation does).
 pub fn round_bf16(v: &mut [f32]) {
@@ -193,7 +193,7 @@ pub struct LayerTrace {
 /// An FP8 linear on bf16 activations: per-1×128 quantization, block-scaled GEMM, bf16 out.
 pub fn fp8_linear(x: &[f32], m: usize, lin: &Fp8Linear) -> Result<Vec<f32>> {
     let (q, s) = quant::quantize_per_token_group(x, m, lin.k, 128)?;
-    let mut y = gemm::fp8_gemm(&q, &s, &lin.weight, &lin.weight_scale_inv, m, lin.n, lin.k)?;
+    let mut y = fp8_gemm::fp8_gemm(&q, &s, &lin.weight, &lin.weight_scale_inv, m, lin.n, lin.k)?;
     round_bf16(&mut y);
     Ok(y)
 }

@@ -751,7 +751,7 @@ pub fn moe_forward_fp8(
     Ok(out)
 }
 
-pub use crate::reference::gemm::calc_diff;
+pub use crate::reference::fp8_gemm::calc_diff;
 
 #[cfg(test)]
 mod tests {

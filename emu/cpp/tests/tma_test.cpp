@@ -260,7 +260,7 @@ static void expect_err(const TensorMapParams& p, const char* substring, const ch
 }
 
 static void test_encoder_accepts_crate_maps() {
-    // The parameter combinations this crate's kernels pass (learned from src/gemm/sm90.rs, src/moe.rs and
+    // The parameter combinations this crate's kernels pass (learned from src/fp8_gemm/sm90.rs, src/moe/ and
     // src/mla/sm90.rs: which combinations, not how they behave). All: rank 2, INTERLEAVE_NONE, L2_256B, OOB fill
     // NONE, elementStrides {1, 1}.
     const uint64_t A = 0x7f0000001000ull;  // a 16-byte aligned device address

@@ -1,5 +1,5 @@
 // The FP8 GEMM's own pure functions on top of the sm_90a primitive layer (kernels/common/sm90/): the tile
-// scheduler orders and the promotion step. They have Rust twins in src/gemm/plan.rs, unit-tested on the CPU; keep
+// scheduler orders and the promotion step. They have Rust twins in src/fp8_gemm/plan.rs, unit-tested on the CPU; keep
 // them identical. Only include from sm_90a-only kernel files (never from a `// r1k: portable` one).
 #pragma once
 #include <stdint.h>
@@ -7,7 +7,7 @@
 #include "common/sm90/all.cuh"
 
 namespace r1k {
-namespace gemm {
+namespace fp8_gemm {
 
 constexpr int kBlockK = 128;
 
@@ -57,5 +57,5 @@ __device__ __forceinline__ void promote(float (&fin)[BN / 2], const float (&acc)
     }
 }
 
-}  // namespace gemm
+}  // namespace fp8_gemm
 }  // namespace r1k

@@ -1,6 +1,6 @@
 // The scalar and pointer arguments of the sm_90a FP8 GEMM kernels (fp8_gemm_sm90_m*n*, fp8_gemm_sm90_mc2_m128n*) as
 // one struct, passed as a single __grid_constant__ parameter after the three tensor maps. Rust twin: `GemmParams`
-// in src/gemm/params.rs, #[repr(C)]. Both sides pin the layout: the static_asserts here and const assertions there
+// in src/fp8_gemm/params.rs, #[repr(C)]. Both sides pin the layout: the static_asserts here and const assertions there
 // state the same offsets, and a Rust test reads these lines to check that they do.
 #pragma once
 

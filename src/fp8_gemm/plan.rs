@@ -208,7 +208,7 @@ pub fn b_scale_span_ok(block_n: u32) -> bool {
 }
 
 /// Index of the B scale block (0 or 1 relative to the tile's first one) that column `col` of a tile starting at
-/// `n0` uses. The device's promotion step mirrors this (`r1k::gemm::b_scale_slot`).
+/// `n0` uses. The device's promotion step mirrors this (`r1k::fp8_gemm::b_scale_slot`).
 pub fn b_scale_slot(n0: u32, col: u32) -> u32 {
     (n0 + col) / BLOCK_K - n0 / BLOCK_K
 }
@@ -435,7 +435,7 @@ pub fn mc2_num_pairs(shape: &GemmShape, block_n: u32) -> u64 {
 /// (2p, 2p + 1) of one n-block, walked in the grouped order of [`tile_coords`] with `group_pairs` pairs per group,
 /// so both ranks always get the same `tn` (they share the multicast B tile). With an odd `tiles_m` the last pair's
 /// rank 1 gets `tm == tiles_m`: it runs the pipeline (its peer needs its half of B) and stores nothing. Twin of
-/// `r1k::gemm::mc2_pair_coords`.
+/// `r1k::fp8_gemm::mc2_pair_coords`.
 pub fn mc2_pair_coords(pair: u32, rank: u32, tiles_m: u32, tiles_n: u32, group_pairs: u32) -> (u32, u32) {
     let (pm, tn) = tile_coords(pair, tiles_m.div_ceil(2), tiles_n, group_pairs);
     (2 * pm + rank, tn)
@@ -443,7 +443,7 @@ pub fn mc2_pair_coords(pair: u32, rank: u32, tiles_m: u32, tiles_n: u32, group_p
 
 /// Grouped ("swizzled") tile order: consecutive tile ids walk `group_m` tile rows down one tile column before moving
 /// to the next column, so the CTAs running at the same time share a few B column-blocks and `group_m` A row-blocks
-/// in L2. Returns `(tile_m, tile_n)`. Twin of `r1k::gemm::tile_coords` in kernels/common/gemm_sm90.cuh.
+/// in L2. Returns `(tile_m, tile_n)`. Twin of `r1k::fp8_gemm::tile_coords` in kernels/common/fp8_gemm_sm90.cuh.
 pub fn tile_coords(tile: u32, tiles_m: u32, tiles_n: u32, group_m: u32) -> (u32, u32) {
     let per_group = group_m * tiles_n;
     let group = tile / per_group;

@@ -293,7 +293,7 @@ pub mod probes {
     }
 
     /// Two promotion steps on a [64, 160] tile at column `n0`: returns `fin_in + 2 × (acc · sa[row] · sb2[slot])`,
-    /// each step one fmaf per element (see `r1k::gemm::promote`).
+    /// each step one fmaf per element (see `r1k::fp8_gemm::promote`).
     pub fn promote_n160(
         gpu: &Gpu,
         acc: &DeviceTensor<f32>,

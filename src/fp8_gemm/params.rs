@@ -1,4 +1,4 @@
-//! The sm_90a FP8 GEMM kernels' argument struct, the Rust twin of `kernels/common/gemm_params.cuh`: every
+//! The sm_90a FP8 GEMM kernels' argument struct, the Rust twin of `kernels/common/fp8_gemm_params.cuh`: every
 //! `fp8_gemm_sm90_*` kernel takes its three tensor maps and one `GemmParams` by value. The layout is pinned here by
 //! const assertions and in the header by `static_assert`s on the same offsets; a test reads the header to check the
 //! two lists agree.
@@ -53,10 +53,10 @@ mod tests {
 
     #[test]
     fn the_header_pins_the_same_layout() {
-        let header = include_str!("../../kernels/common/gemm_params.cuh");
+        let header = include_str!("../../kernels/common/fp8_gemm_params.cuh");
         let (fields, size) = crate::kernel_params::header_layout(header, "GemmParams");
         let ours: Vec<(String, usize)> = LAYOUT.iter().map(|&(f, o)| (f.to_string(), o)).collect();
-        assert_eq!(fields, ours, "kernels/common/gemm_params.cuh and GemmParams disagree");
+        assert_eq!(fields, ours, "kernels/common/fp8_gemm_params.cuh and GemmParams disagree");
         assert_eq!(size, size_of::<GemmParams>());
     }
 }
