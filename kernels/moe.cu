@@ -33,6 +33,7 @@
 // r1k: portable
 #include "common/fp8.cuh"
 #include "common/moe.cuh"
+#include "common/moe_params.cuh"
 
 namespace {
 
@@ -308,10 +309,17 @@ extern "C" __global__ void __launch_bounds__(128) moe_gather(const uint8_t* __re
 
 // Grouped FP8 GEMM. a [rows, K] codes, sa [K/128, rows_pad]; w [E, N, K] codes, sw [E, N/128, K/128];
 // out [rows, N] bf16. Grid (ceil(rows/64), N/64), block 256. K % 128 == 0, N % 64 == 0.
-extern "C" __global__ void __launch_bounds__(256) moe_grouped_gemm_fp8(
-    const uint8_t* __restrict__ a, const float* __restrict__ sa, const uint8_t* __restrict__ w,
-    const float* __restrict__ sw, const long long* __restrict__ offsets, const int* __restrict__ counts,
-    __nv_bfloat16* __restrict__ out, long long rows, long long rows_pad, int n, int kdim, int num_experts) {
+extern "C" __global__ void __launch_bounds__(256)
+    moe_grouped_gemm_fp8(const __grid_constant__ r1k_moe_params::GroupedGemmParams p) {
+    const uint8_t* __restrict__ a = p.a;
+    const float* __restrict__ sa = p.a_scales;
+    const uint8_t* __restrict__ w = p.w;
+    const float* __restrict__ sw = p.w_scales;
+    const long long* __restrict__ offsets = p.offsets;
+    const int* __restrict__ counts = p.counts;
+    __nv_bfloat16* __restrict__ out = p.out;
+    const long long rows = p.rows, rows_pad = p.rows_pad;
+    const int n = p.n, kdim = p.k, num_experts = p.num_experts;
     constexpr int BM = 64, BN = 64, BK = 32, LD = BM + 4;
     __shared__ __align__(16) float As[BK][LD];
     __shared__ __align__(16) float Bs[BK][LD];

@@ -34,6 +34,7 @@
 
 #include "common/fp8_gemm_sm90.cuh"
 #include "common/moe.cuh"
+#include "common/moe_params.cuh"
 
 namespace {
 
@@ -64,10 +65,14 @@ __device__ __forceinline__ bool tile_work(uint32_t item, uint32_t tiles_m, uint3
 
 extern "C" __global__ void __launch_bounds__(384, 1)
     moe_grouped_gemm_fp8_sm90_tma(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
-                                  const __grid_constant__ CUtensorMap tm_sa, const float* __restrict__ sw,
-                                  const long long* __restrict__ offsets, const int* __restrict__ counts,
-                                  __nv_bfloat16* __restrict__ out, long long rows, int n, int k, int num_experts,
-                                  int stages, int group_m) {
+                                  const __grid_constant__ CUtensorMap tm_sa,
+                                  const __grid_constant__ r1k_moe_params::GroupedGemmParams p) {
+    const float* __restrict__ sw = p.w_scales;
+    const long long* __restrict__ offsets = p.offsets;
+    const int* __restrict__ counts = p.counts;
+    __nv_bfloat16* __restrict__ out = p.out;
+    const long long rows = p.rows;
+    const int n = p.n, k = p.k, num_experts = p.num_experts, stages = p.stages, group_m = p.group_m;
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = smem_u32(smem_raw);
     uint8_t* base = smem_raw + (((raw + 1023u) & ~1023u) - raw);

@@ -14,6 +14,7 @@
 // r1k-sass: moe_grouped_gemm_fp8_sm90 QGMMA
 #include "common/fp8.cuh"
 #include "common/moe.cuh"
+#include "common/moe_params.cuh"
 #include "common/sm90/all.cuh"
 
 namespace {
@@ -27,10 +28,17 @@ constexpr int A_BYTES = BM * BK, B_BYTES = BN * BK, STAGE_BYTES = A_BYTES + B_BY
 
 // a [rows, K] codes, sa [K/128, rows_pad]; w [E, N, K] codes, sw [E, N/128, K/128]; out [rows, N] bf16.
 // Grid (ceil(rows/64), N/128), block 128, dynamic smem STAGES·24 KiB + 1 KiB (alignment slack).
-extern "C" __global__ void __launch_bounds__(128, 1) moe_grouped_gemm_fp8_sm90(
-    const uint8_t* __restrict__ a, const float* __restrict__ sa, const uint8_t* __restrict__ w,
-    const float* __restrict__ sw, const long long* __restrict__ offsets, const int* __restrict__ counts,
-    __nv_bfloat16* __restrict__ out, long long rows, long long rows_pad, int n, int kdim, int num_experts) {
+extern "C" __global__ void __launch_bounds__(128, 1)
+    moe_grouped_gemm_fp8_sm90(const __grid_constant__ r1k_moe_params::GroupedGemmParams p) {
+    const uint8_t* __restrict__ a = p.a;
+    const float* __restrict__ sa = p.a_scales;
+    const uint8_t* __restrict__ w = p.w;
+    const float* __restrict__ sw = p.w_scales;
+    const long long* __restrict__ offsets = p.offsets;
+    const int* __restrict__ counts = p.counts;
+    __nv_bfloat16* __restrict__ out = p.out;
+    const long long rows = p.rows, rows_pad = p.rows_pad;
+    const int n = p.n, kdim = p.k, num_experts = p.num_experts;
     extern __shared__ uint8_t smem_raw[];
     const long long row0 = static_cast<long long>(blockIdx.x) * BM;
     const int e = r1k::moe_find_segment(offsets, num_experts, row0);

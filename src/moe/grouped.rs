@@ -1,7 +1,11 @@
 //! The grouped FP8 expert GEMM: one kernel launch over every expert's segment (SIMT, wgmma, or TMA-fed wgmma),
 //! with the host twins of its schedule.
 
+use cudarc::driver::CudaStream;
+
+use super::params::GroupedGemmParams;
 use super::*;
+use crate::view::KernelPtr;
 
 /// Which grouped-GEMM kernel to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -188,15 +192,11 @@ fn grouped_gemm_tma(
     let [ta, tb, tsa] = grouped_tmas(rows, n, kdim, e);
     let f = gpu.function(TMA_MODULE, TMA_KERNEL, smem)?;
     let stream = gpu.stream();
-    let (pa, pw, psa) = (a.kernel_arg(stream), w.kernel_arg(stream), a_scales.kernel_arg(stream));
-    let maps = [ta.encode(pa.addr())?, tb.encode(pw.addr())?, tsa.encode(psa.addr())?];
-    let (ni, ki, ei) = (to_i32("n", n)?, to_i32("k", kdim)?, to_i32("E", e)?);
-    let (r64, st, gm) = (to_i64("rows", rows)?, stages as i32, plan::SM90_GROUP_M as i32);
-    let (wsv, ov, cv) = (w_scales.kernel_arg(stream), offsets.kernel_arg(stream), counts.kernel_arg(stream));
-    let mut outv = out.kernel_arg(stream);
+    let args = GroupedArgs::new(stream, a, a_scales, w, w_scales, offsets, counts, out);
+    let maps = [ta.encode(args.params.a)?, tb.encode(args.params.w)?, tsa.encode(args.params.a_scales)?];
+    let params = GroupedGemmParams { stages: stages as i32, group_m: plan::SM90_GROUP_M as i32, ..args.params };
     let mut l = stream.launch_builder(&f);
-    l.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&wsv).arg(&ov).arg(&cv).arg(&mut outv);
-    l.arg(&r64).arg(&ni).arg(&ki).arg(&ei).arg(&st).arg(&gm);
+    l.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&params);
     let threads = 128 * (TMA_PIPES + 1);
     let c = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
     // SAFETY: the maps describe exactly a [rows, K], w [E·N, K] and a_scales [K/128, round_up(rows, 4)] (TMA never
@@ -206,6 +206,57 @@ fn grouped_gemm_tma(
     // bounds whatever the device offsets hold. `smem` covers the ring of `stages` stages (plan::smem_bytes).
     unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     Ok(())
+}
+
+/// The grouped kernels' argument struct over the validated tensors, with the device-pointer guards that must live
+/// until the launch has been issued (they record it on the stream when dropped).
+struct GroupedArgs<'s> {
+    params: GroupedGemmParams,
+    _guards: [KernelPtr<'s>; 7],
+}
+
+impl<'s> GroupedArgs<'s> {
+    /// The caller has validated the shapes (so the counts fit the struct's integer fields).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        stream: &'s CudaStream,
+        a: &'s TensorRef<'_, E4M3>,
+        a_scales: &'s TensorRef<'_, f32>,
+        w: &'s TensorRef<'_, E4M3>,
+        w_scales: &'s TensorRef<'_, f32>,
+        offsets: &'s TensorRef<'_, i64>,
+        counts: &'s TensorRef<'_, i32>,
+        out: &'s mut TensorMut<'_, bf16>,
+    ) -> GroupedArgs<'s> {
+        let [rows, k] = [a.shape()[0], a.shape()[1]];
+        let [e, n] = [w.shape()[0], w.shape()[1]];
+        let guards = [
+            a.kernel_arg(stream),
+            a_scales.kernel_arg(stream),
+            w.kernel_arg(stream),
+            w_scales.kernel_arg(stream),
+            offsets.kernel_arg(stream),
+            counts.kernel_arg(stream),
+            out.kernel_arg(stream),
+        ];
+        let params = GroupedGemmParams {
+            a: guards[0].addr(),
+            a_scales: guards[1].addr(),
+            w: guards[2].addr(),
+            w_scales: guards[3].addr(),
+            offsets: guards[4].addr(),
+            counts: guards[5].addr(),
+            out: guards[6].addr(),
+            rows: rows as i64,
+            rows_pad: padded_scale_rows(rows) as i64,
+            n: n as i32,
+            k: k as i32,
+            num_experts: e as i32,
+            stages: 0,
+            group_m: 0,
+        };
+        GroupedArgs { params, _guards: guards }
+    }
 }
 
 /// Grouped FP8 GEMM: `out[r, :] = a[r, :] · w[e(r)]ᵀ` (bf16 out), where row `r`'s expert is the segment of the
@@ -272,8 +323,10 @@ pub fn grouped_gemm_with<'a>(
     offsets.expect_shape("offsets", &[e + 1])?;
     counts.expect_shape("counts", &[e])?;
     out.expect_shape("out", &[rows, n])?;
-    let (ni, ki, ei) = (to_i32("n", n)?, to_i32("k", kdim)?, to_i32("E", e)?);
-    let (r64, rp64) = (to_i64("rows", rows)?, to_i64("rows", padded_scale_rows(rows))?);
+    to_i32("n", n)?;
+    to_i32("k", kdim)?;
+    to_i32("E", e)?;
+    to_i64("rows", padded_scale_rows(rows))?;
     e.checked_mul(n).and_then(|v| v.checked_mul(kdim)).ok_or_else(|| Error::shape("w", "E·N·K that fits", e))?;
     if backend == GemmBackend::Sm90Tma {
         gpu.require_hopper(TMA_KERNEL)?;
@@ -303,12 +356,9 @@ pub fn grouped_gemm_with<'a>(
         (gpu.function(MODULE, "moe_grouped_gemm_fp8", 0)?, 256, 0)
     };
     let stream = gpu.stream();
-    let (av, asv, wv) = (a.kernel_arg(stream), a_scales.kernel_arg(stream), w.kernel_arg(stream));
-    let (wsv, ov, cv) = (w_scales.kernel_arg(stream), offsets.kernel_arg(stream), counts.kernel_arg(stream));
-    let mut outv = out.kernel_arg(stream);
+    let args = GroupedArgs::new(stream, &a, &a_scales, &w, &w_scales, &offsets, &counts, &mut out);
     let mut l = stream.launch_builder(&f);
-    l.arg(&av).arg(&asv).arg(&wv).arg(&wsv).arg(&ov).arg(&cv).arg(&mut outv).arg(&r64).arg(&rp64).arg(&ni).arg(&ki);
-    l.arg(&ei);
+    l.arg(&args.params);
     let c = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
     // SAFETY: shapes checked above. Each CTA's expert comes from a binary search clamped to 0..E; its rows are
     // bounded by min(offsets[e] + counts[e], offsets[e+1], rows), so a/a_scales/out accesses stay in bounds whatever

@@ -12,7 +12,7 @@ use half::bf16;
 use crate::device::{check_devices, Gpu};
 use crate::error::{to_i32, CudaCall, Error, Result};
 use crate::fp8::E4M3;
-use crate::gemm::plan;
+use crate::fp8_gemm::plan;
 use crate::quant::{activation_scale_shape, quantize_activations, QUANT_BLOCK};
 use crate::reference::moe::{validate_ids, ExpertsFp8};
 pub use crate::reference::moe::{Layout, RouterConfig, Scoring};
@@ -42,6 +42,7 @@ fn grid_u32(arg: &'static str, v: usize) -> Result<u32> {
 
 mod epilogue;
 mod grouped;
+mod params;
 mod permute;
 mod router;
 
