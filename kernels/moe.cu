@@ -161,26 +161,19 @@ __device__ void router_impl(const T* __restrict__ logits, const float* __restric
 
 }  // namespace
 
-// logits [t, E] (f32 or bf16), bias [E] (read when has_bias), topk_ids/topk_weights [t, k].
+// One RouterParams (common/moe_params.cuh): logits [t, E] (f32 or bf16), bias [E] (read when has_bias),
+// topk_ids/topk_weights [t, k].
 // Grid ceil(t/4), block 128, dynamic smem 4·2·E·4 bytes.
-extern "C" __global__ void __launch_bounds__(128) moe_router_f32(const float* __restrict__ logits,
-                                                                 const float* __restrict__ bias, int has_bias,
-                                                                 int* __restrict__ topk_ids,
-                                                                 float* __restrict__ topk_weights, int t, int e,
-                                                                 int k, int groups, int topk_groups, int softmax,
-                                                                 int renormalize, float scale) {
-    router_impl(logits, bias, has_bias, topk_ids, topk_weights, t, e, k, groups, topk_groups, softmax, renormalize,
-                scale);
+extern "C" __global__ void __launch_bounds__(128)
+    moe_router_f32(const __grid_constant__ r1k_moe_params::RouterParams p) {
+    router_impl(static_cast<const float*>(p.logits), p.bias, p.has_bias, p.topk_ids, p.topk_weights, p.t, p.e, p.k,
+                p.groups, p.topk_groups, p.softmax, p.renormalize, p.scale);
 }
 
-extern "C" __global__ void __launch_bounds__(128) moe_router_bf16(const __nv_bfloat16* __restrict__ logits,
-                                                                  const float* __restrict__ bias, int has_bias,
-                                                                  int* __restrict__ topk_ids,
-                                                                  float* __restrict__ topk_weights, int t, int e,
-                                                                  int k, int groups, int topk_groups, int softmax,
-                                                                  int renormalize, float scale) {
-    router_impl(logits, bias, has_bias, topk_ids, topk_weights, t, e, k, groups, topk_groups, softmax, renormalize,
-                scale);
+extern "C" __global__ void __launch_bounds__(128)
+    moe_router_bf16(const __grid_constant__ r1k_moe_params::RouterParams p) {
+    router_impl(static_cast<const __nv_bfloat16*>(p.logits), p.bias, p.has_bias, p.topk_ids, p.topk_weights, p.t,
+                p.e, p.k, p.groups, p.topk_groups, p.softmax, p.renormalize, p.scale);
 }
 
 // Grid E, block 256. counts_raw[e] = pairs routed to e; rank[i] = rank of pair i within its expert, (token, slot)
@@ -268,16 +261,18 @@ extern "C" __global__ void __launch_bounds__(256) moe_scatter(const int* __restr
     row_of[i] = out_row;
 }
 
-// Grid capacity rows, block 128. xq [t, H] codes, xs [H/128, t_pad] scales; aq [capacity, H], as
-// [H/128, cap_pad]. Rows past offsets[E] only get src −1 (no tile of the GEMM reads them).
-extern "C" __global__ void __launch_bounds__(128) moe_gather(const uint8_t* __restrict__ xq,
-                                                             const float* __restrict__ xs,
-                                                             const long long* __restrict__ offsets,
-                                                             const int* __restrict__ counts,
-                                                             int* __restrict__ src_index, int num_experts, int k,
-                                                             int t, int t_pad, int hidden, long long capacity,
-                                                             long long cap_pad, uint8_t* __restrict__ aq,
-                                                             float* __restrict__ as) {
+// One GatherParams (common/moe_params.cuh). Grid capacity rows, block 128. xq [t, H] codes, xs [H/128, t_pad]
+// scales; aq [capacity, H], as [H/128, cap_pad]. Rows past offsets[E] only get src −1 (no tile of the GEMM reads them).
+extern "C" __global__ void __launch_bounds__(128) moe_gather(const __grid_constant__ r1k_moe_params::GatherParams p) {
+    const uint8_t* __restrict__ xq = p.x_codes;
+    const float* __restrict__ xs = p.x_scales;
+    const long long* __restrict__ offsets = p.offsets;
+    const int* __restrict__ counts = p.counts;
+    int* __restrict__ src_index = p.src_index;
+    uint8_t* __restrict__ aq = p.a_codes;
+    float* __restrict__ as = p.a_scales;
+    const long long capacity = p.capacity, cap_pad = p.cap_pad;
+    const int num_experts = p.num_experts, k = p.k, t = p.t, t_pad = p.t_pad, hidden = p.hidden;
     const long long row = blockIdx.x;
     const int groups = hidden / kGroup;
     if (row == capacity - 1) {

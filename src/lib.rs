@@ -74,7 +74,6 @@ pub mod device;
 pub mod error;
 pub mod fp8;
 pub mod fp8_gemm;
-#[cfg(test)]
 mod kernel_params;
 pub mod kernels;
 #[cfg(feature = "layer")]

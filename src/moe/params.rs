@@ -1,70 +1,80 @@
-//! The MoE grouped GEMM kernels' argument struct, the Rust twin of `kernels/common/moe_params.cuh`: the portable,
-//! wgmma and TMA grouped kernels each take one `GroupedGemmParams` by value (the TMA kernel after its three tensor
-//! maps). The layout is pinned here by const assertions and in the header by `static_assert`s on the same offsets; a
-//! test reads the header to check the two lists agree.
+//! The MoE kernels' argument structs, the Rust twins of `kernels/common/moe_params.cuh`: both router kernels take
+//! one `RouterParams`, the gather one `GatherParams`; the portable, wgmma and TMA grouped GEMM kernels each take one
+//! `GroupedGemmParams` (the TMA kernel after its three tensor maps). [`kernel_params!`] pins each layout here; the
+//! header pins the same offsets and a test checks they agree.
 
-use std::mem::{offset_of, size_of};
+use crate::kernel_params::kernel_params;
 
-use cudarc::driver::DeviceRepr;
-
-/// See the module docs; field comments are in the header.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct GroupedGemmParams {
-    pub a: u64,
-    pub a_scales: u64,
-    pub w: u64,
-    pub w_scales: u64,
-    pub offsets: u64,
-    pub counts: u64,
-    pub out: u64,
-    pub rows: i64,
-    pub rows_pad: i64,
-    pub n: i32,
-    pub k: i32,
-    pub num_experts: i32,
-    pub stages: i32,
-    pub group_m: i32,
+kernel_params! {
+    /// `moe_router_f32` and `moe_router_bf16`; field comments are in the header.
+    pub(crate) struct RouterParams = 72 bytes {
+        logits: u64 @ 0,
+        bias: u64 @ 8,
+        topk_ids: u64 @ 16,
+        topk_weights: u64 @ 24,
+        t: i32 @ 32,
+        e: i32 @ 36,
+        k: i32 @ 40,
+        groups: i32 @ 44,
+        topk_groups: i32 @ 48,
+        has_bias: i32 @ 52,
+        softmax: i32 @ 56,
+        renormalize: i32 @ 60,
+        scale: f32 @ 64,
+    }
 }
 
-// SAFETY: plain old data with the C layout the kernels declare (pinned below and in the header).
-unsafe impl DeviceRepr for GroupedGemmParams {}
+kernel_params! {
+    /// `moe_gather`; field comments are in the header.
+    pub(crate) struct GatherParams = 96 bytes {
+        x_codes: u64 @ 0,
+        x_scales: u64 @ 8,
+        offsets: u64 @ 16,
+        counts: u64 @ 24,
+        src_index: u64 @ 32,
+        a_codes: u64 @ 40,
+        a_scales: u64 @ 48,
+        capacity: i64 @ 56,
+        cap_pad: i64 @ 64,
+        num_experts: i32 @ 72,
+        k: i32 @ 76,
+        t: i32 @ 80,
+        t_pad: i32 @ 84,
+        hidden: i32 @ 88,
+    }
+}
 
-/// `(field, byte offset)` of every field, in declaration order: what the header's `static_assert`s state.
-#[cfg(test)]
-pub(crate) const LAYOUT: [(&str, usize); 14] = [
-    ("a", offset_of!(GroupedGemmParams, a)),
-    ("a_scales", offset_of!(GroupedGemmParams, a_scales)),
-    ("w", offset_of!(GroupedGemmParams, w)),
-    ("w_scales", offset_of!(GroupedGemmParams, w_scales)),
-    ("offsets", offset_of!(GroupedGemmParams, offsets)),
-    ("counts", offset_of!(GroupedGemmParams, counts)),
-    ("out", offset_of!(GroupedGemmParams, out)),
-    ("rows", offset_of!(GroupedGemmParams, rows)),
-    ("rows_pad", offset_of!(GroupedGemmParams, rows_pad)),
-    ("n", offset_of!(GroupedGemmParams, n)),
-    ("k", offset_of!(GroupedGemmParams, k)),
-    ("num_experts", offset_of!(GroupedGemmParams, num_experts)),
-    ("stages", offset_of!(GroupedGemmParams, stages)),
-    ("group_m", offset_of!(GroupedGemmParams, group_m)),
-];
-
-const _: () = {
-    assert!(size_of::<GroupedGemmParams>() == 96);
-    assert!(offset_of!(GroupedGemmParams, rows) == 56);
-    assert!(offset_of!(GroupedGemmParams, group_m) == 88);
-};
+kernel_params! {
+    /// The grouped GEMM kernels; field comments are in the header.
+    pub(crate) struct GroupedGemmParams = 96 bytes {
+        a: u64 @ 0,
+        a_scales: u64 @ 8,
+        w: u64 @ 16,
+        w_scales: u64 @ 24,
+        offsets: u64 @ 32,
+        counts: u64 @ 40,
+        out: u64 @ 48,
+        rows: i64 @ 56,
+        rows_pad: i64 @ 64,
+        n: i32 @ 72,
+        k: i32 @ 76,
+        num_experts: i32 @ 80,
+        stages: i32 @ 84,
+        group_m: i32 @ 88,
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel_params::assert_header_pins;
+
+    const HEADER: &str = include_str!("../../kernels/common/moe_params.cuh");
 
     #[test]
-    fn the_header_pins_the_same_layout() {
-        let header = include_str!("../../kernels/common/moe_params.cuh");
-        let (fields, size) = crate::kernel_params::header_layout(header, "GroupedGemmParams");
-        let ours: Vec<(String, usize)> = LAYOUT.iter().map(|&(f, o)| (f.to_string(), o)).collect();
-        assert_eq!(fields, ours, "kernels/common/moe_params.cuh and GroupedGemmParams disagree");
-        assert_eq!(size, size_of::<GroupedGemmParams>());
+    fn the_header_pins_the_same_layouts() {
+        assert_header_pins::<RouterParams>("kernels/common/moe_params.cuh", HEADER);
+        assert_header_pins::<GatherParams>("kernels/common/moe_params.cuh", HEADER);
+        assert_header_pins::<GroupedGemmParams>("kernels/common/moe_params.cuh", HEADER);
     }
 }

@@ -1,6 +1,7 @@
 //! The token permutation: expert ids → per-expert row segments (contiguous or masked layout), and the gather of
 //! each token's FP8 row and scales into its segments.
 
+use super::params::GatherParams;
 use super::*;
 
 /// Uploads host-visible `topk_ids` `[t, k]` after checking every id is in `−1..E` (the check the device cannot do
@@ -195,12 +196,30 @@ pub fn permute<'a>(
     }
     let f = gpu.function(MODULE, "moe_gather", 0)?;
     {
-        let (xqv, xsv, off, cn) = (xq.kernel_arg(stream), xs.kernel_arg(stream), out.offsets.view(), out.counts.view());
-        let mut si = out.src_index.view_mut();
-        let (mut aq, mut asv) = (out.codes.view_mut(), out.scales.view_mut());
+        let (offsets, counts) = (out.offsets.as_tensor_ref(), out.counts.as_tensor_ref());
+        let mut src_index = out.src_index.as_tensor_mut();
+        let (mut codes, mut scales) = (out.codes.as_tensor_mut(), out.scales.as_tensor_mut());
+        let guards =
+            (xq.kernel_arg(stream), xs.kernel_arg(stream), offsets.kernel_arg(stream), counts.kernel_arg(stream));
+        let outs = (src_index.kernel_arg(stream), codes.kernel_arg(stream), scales.kernel_arg(stream));
+        let params = GatherParams {
+            x_codes: guards.0.addr(),
+            x_scales: guards.1.addr(),
+            offsets: guards.2.addr(),
+            counts: guards.3.addr(),
+            src_index: outs.0.addr(),
+            a_codes: outs.1.addr(),
+            a_scales: outs.2.addr(),
+            capacity: cap64,
+            cap_pad: cap_pad64,
+            num_experts: ei,
+            k: ki,
+            t: ti,
+            t_pad,
+            hidden: hi,
+        };
         let mut l = stream.launch_builder(&f);
-        l.arg(&xqv).arg(&xsv).arg(&off).arg(&cn).arg(&mut si).arg(&ei).arg(&ki).arg(&ti).arg(&t_pad).arg(&hi);
-        l.arg(&cap64).arg(&cap_pad64).arg(&mut aq).arg(&mut asv);
+        l.arg(&params);
         let c = LaunchConfig { grid_dim: (grid_u32("rows", cap)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one CTA per row < capacity; codes rows are H bytes (H % 128 == 0 so 16-byte vectors stay in
         // bounds and aligned); source tokens come from src_index and are bounded by t on the device.

@@ -1,5 +1,6 @@
 //! The router: gate logits (`x · w_gateᵀ`) and top-k expert selection (grouped, biased, renormalized).
 
+use super::params::RouterParams;
 use super::*;
 
 /// Logit element types the router reads.
@@ -54,23 +55,28 @@ pub fn route<'a, T: RouterLogits>(
     let smem = (ROUTER_WARPS * 2 * e * 4) as u32;
     let f = gpu.function(MODULE, T::KERNEL, smem)?;
     let cfg_l = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
-    let (ei, ki, gi, kgi) = (e as i32, cfg.top_k as i32, cfg.num_groups as i32, cfg.topk_groups as i32);
-    let softmax = i32::from(cfg.scoring == Scoring::Softmax);
-    let renorm = i32::from(cfg.renormalize);
-    let has_bias = i32::from(bias.is_some());
     let stream = gpu.stream();
     let lv = logits.kernel_arg(stream);
     let bv = bias.as_ref().map(|b| b.kernel_arg(stream));
-    let (mut iv, mut wv) = (topk_ids.kernel_arg(stream), topk_weights.kernel_arg(stream));
-    let mut launch = stream.launch_builder(&f);
-    launch.arg(&lv);
-    // Without a bias the kernel never dereferences the pointer: pass null.
-    match &bv {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&NULL),
+    let (iv, wv) = (topk_ids.kernel_arg(stream), topk_weights.kernel_arg(stream));
+    let params = RouterParams {
+        logits: lv.addr(),
+        // Without a bias the kernel never dereferences the pointer: pass null.
+        bias: bv.as_ref().map_or(0, |v| v.addr()),
+        topk_ids: iv.addr(),
+        topk_weights: wv.addr(),
+        t: ti,
+        e: e as i32,
+        k: cfg.top_k as i32,
+        groups: cfg.num_groups as i32,
+        topk_groups: cfg.topk_groups as i32,
+        has_bias: i32::from(bias.is_some()),
+        softmax: i32::from(cfg.scoring == Scoring::Softmax),
+        renormalize: i32::from(cfg.renormalize),
+        scale: cfg.routed_scaling_factor,
     };
-    launch.arg(&has_bias).arg(&mut iv).arg(&mut wv).arg(&ti).arg(&ei).arg(&ki).arg(&gi).arg(&kgi);
-    launch.arg(&softmax).arg(&renorm).arg(&cfg.routed_scaling_factor);
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&params);
     // SAFETY: cfg validated (E ≤ 1024, k ≤ 32, groups ≤ 32 dividing E); logits [t, E], bias [E] (read only when
     // has_bias), outputs [t, k]; each warp handles token < t and uses 2·E floats of the 4·2·E-float shared buffer.
     unsafe { launch.launch(cfg_l) }.cuda_call("cuLaunchKernel")?;
