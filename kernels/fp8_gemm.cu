@@ -16,6 +16,7 @@
 //
 // r1k: portable
 #include "common/fp8.cuh"
+#include "common/fp8_gemm_params.cuh"
 
 namespace {
 
@@ -26,11 +27,15 @@ constexpr int kThreads = 256;
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kThreads) fp8_gemm_plain(const uint8_t* __restrict__ a,
-                                                                      const float* __restrict__ sa,
-                                                                      const uint8_t* __restrict__ b,
-                                                                      const float* __restrict__ sb, void* out, int m,
-                                                                      int n, int k, int m_pad, int accumulate) {
+// One PortableGemmParams (common/fp8_gemm_params.cuh).
+extern "C" __global__ void __launch_bounds__(kThreads)
+    fp8_gemm_plain(const __grid_constant__ r1k_gemm_params::PortableGemmParams p) {
+    const uint8_t* __restrict__ a = p.a;
+    const float* __restrict__ sa = p.sa;
+    const uint8_t* __restrict__ b = p.b;
+    const float* __restrict__ sb = p.sb;
+    void* out = p.out;
+    const int m = p.m, n = p.n, k = p.k, m_pad = p.m_pad, accumulate = p.accumulate;
     __shared__ float as[kChunk][kTile + 1];
     __shared__ float bs[kChunk][kTile + 1];
     const int tid = threadIdx.x;

@@ -375,27 +375,29 @@ R1K_GEMM_MC2_ENTRY(160)
 
 // Split-K reduction: out[i] = sum over s = 0.. k_splits-1 of partial[s][i], in that order (deterministic), stored
 // as bf16 (mode 0) or added into fp32 (mode 1). Two elements per thread (n is even), grid-stride. Numbers: reads
-// 4 k_splits m n bytes, writes 2mn (bf16) or reads + writes 8mn (fp32).
-extern "C" __global__ void __launch_bounds__(256) fp8_gemm_splitk_reduce(const float* __restrict__ partial, void* out,
-                                                                          int m, int n, int k_splits, int mode) {
-    const int64_t total = static_cast<int64_t>(m) * n;
+// 4 k_splits m n bytes, writes 2mn (bf16) or reads + writes 8mn (fp32). One SplitkReduceParams.
+extern "C" __global__ void __launch_bounds__(256)
+    fp8_gemm_splitk_reduce(const __grid_constant__ r1k_gemm_params::SplitkReduceParams p) {
+    const float* __restrict__ partial = p.partial;
+    const int k_splits = p.k_splits;
+    const int64_t total = static_cast<int64_t>(p.m) * p.n;
     const int64_t pairs = total / 2;
-    for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pairs;
-         p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-        float2 acc = reinterpret_cast<const float2*>(partial)[p];
+    for (int64_t pair = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pair < pairs;
+         pair += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        float2 acc = reinterpret_cast<const float2*>(partial)[pair];
         for (int s = 1; s < k_splits; ++s) {
-            const float2 v = reinterpret_cast<const float2*>(partial + s * total)[p];
+            const float2 v = reinterpret_cast<const float2*>(partial + s * total)[pair];
             acc.x += v.x;
             acc.y += v.y;
         }
-        if (mode == kModeF32Accumulate) {
-            float2* o = reinterpret_cast<float2*>(out) + p;
+        if (p.mode == kModeF32Accumulate) {
+            float2* o = reinterpret_cast<float2*>(p.out) + pair;
             float2 c = *o;
             c.x += acc.x;
             c.y += acc.y;
             *o = c;
         } else {
-            reinterpret_cast<__nv_bfloat162*>(out)[p] = __floats2bfloat162_rn(acc.x, acc.y);
+            reinterpret_cast<__nv_bfloat162*>(p.out)[pair] = __floats2bfloat162_rn(acc.x, acc.y);
         }
     }
 }

@@ -231,10 +231,14 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 // Merges the partials of each (sequence, row): one warp per row, each lane owning 16 columns. Splits are visited in
 // index order, so the result is deterministic. Rows of sequences without any attended key get o = 0, lse = +inf.
 // out: [batch, s_q, h, 512] bf16; lse: [batch, h, s_q] f32.
-extern "C" __global__ void __launch_bounds__(256)
-    mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part,
-                const int* __restrict__ split_offsets, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
-                int batch, int s_q, int h) {
+// One CombineParams (common/mla_params.cuh).
+extern "C" __global__ void __launch_bounds__(256) mla_combine(const __grid_constant__ r1k_mla_params::CombineParams p) {
+    const float* __restrict__ o_part = p.o_part;
+    const float* __restrict__ lse_part = p.lse_part;
+    const int* __restrict__ split_offsets = p.split_offsets;
+    __nv_bfloat16* __restrict__ out = p.out;
+    float* __restrict__ lse = p.lse;
+    const int batch = p.batch, s_q = p.s_q, h = p.h;
     const int rows = s_q * h;
     const long long gid = static_cast<long long>(blockIdx.x) * 8 + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -319,10 +323,14 @@ __device__ long long block_exclusive_scan(long long v, long long* scratch, long 
 }
 
 // seqlens: [batch]. items: int4 [batch + ctas − 1] (seq, start_block, end_block, split). cta_offsets: [ctas + 1].
-// split_offsets: [batch + 1].
+// split_offsets: [batch + 1]. One PlanParams (common/mla_params.cuh), named `args`: the body's `p` is a page index.
 extern "C" __global__ void __launch_bounds__(kPlanThreads)
-    mla_plan_balanced(const int* __restrict__ seqlens, int batch, int page, int max_blocks, int ctas,
-                      int4* __restrict__ items, int* __restrict__ cta_offsets, int* __restrict__ split_offsets) {
+    mla_plan_balanced(const __grid_constant__ r1k_mla_params::PlanParams args) {
+    const int* __restrict__ seqlens = args.seqlens;
+    int4* __restrict__ items = args.items;
+    int* __restrict__ cta_offsets = args.cta_offsets;
+    int* __restrict__ split_offsets = args.split_offsets;
+    const int batch = args.batch, page = args.page, max_blocks = args.max_blocks, ctas = args.ctas;
     __shared__ long long scratch[33];
     long long total_pages = 0;
     for (int base = 0; base < batch; base += kPlanThreads) {

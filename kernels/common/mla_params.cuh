@@ -1,9 +1,11 @@
-// The arguments of every MLA decode kernel (portable and sm_90a) as one struct, passed as a single
-// __grid_constant__ parameter (after the tensor maps, for the sm_90a kernels). Rust twin: `DecodeParams` in
-// src/mla/params.rs, #[repr(C)]. Both sides pin the layout: the static_asserts here and const assertions there
-// state the same offsets, and a Rust test reads these lines to check that they do.
+// The arguments of the MLA kernels, one struct per kernel family, each passed as a single __grid_constant__
+// parameter: `DecodeParams` (every decode kernel, portable and sm_90a; after the tensor maps for the latter),
+// `CombineParams` (mla_combine) and `PlanParams` (mla_plan_balanced). Rust twins in src/mla/params.rs, #[repr(C)].
+// Both sides pin the layout: the static_asserts here and the kernel_params! offsets there state the same numbers,
+// and a Rust test reads these lines to check that they do.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -53,5 +55,47 @@ static_assert(offsetof(DecodeParams, scale_log2) == 96, "DecodeParams layout: sc
 static_assert(offsetof(DecodeParams, causal) == 100, "DecodeParams layout: causal");
 static_assert(offsetof(DecodeParams, box_rows) == 104, "DecodeParams layout: box_rows");
 static_assert(offsetof(DecodeParams, q_box_rows) == 108, "DecodeParams layout: q_box_rows");
+
+struct CombineParams {
+    const float* o_part;       // [total_splits, s_q·h, 512]
+    const float* lse_part;     // [total_splits, s_q·h]
+    const int* split_offsets;  // [batch + 1]: the partial slots of sequence b are split_offsets[b] .. [b + 1]
+    __nv_bfloat16* out;        // [batch, s_q, h, 512]
+    float* lse;                // [batch, h, s_q]
+    int batch;
+    int s_q;
+    int h;
+};
+
+static_assert(sizeof(CombineParams) == 56, "CombineParams layout: size");
+static_assert(offsetof(CombineParams, o_part) == 0, "CombineParams layout: o_part");
+static_assert(offsetof(CombineParams, lse_part) == 8, "CombineParams layout: lse_part");
+static_assert(offsetof(CombineParams, split_offsets) == 16, "CombineParams layout: split_offsets");
+static_assert(offsetof(CombineParams, out) == 24, "CombineParams layout: out");
+static_assert(offsetof(CombineParams, lse) == 32, "CombineParams layout: lse");
+static_assert(offsetof(CombineParams, batch) == 40, "CombineParams layout: batch");
+static_assert(offsetof(CombineParams, s_q) == 44, "CombineParams layout: s_q");
+static_assert(offsetof(CombineParams, h) == 48, "CombineParams layout: h");
+
+struct PlanParams {
+    const int* seqlens;   // [batch]
+    int4* items;          // [batch + ctas − 1] work items (seq, start_block, end_block, split)
+    int* cta_offsets;     // [ctas + 1]
+    int* split_offsets;   // [batch + 1]
+    int batch;
+    int page;
+    int max_blocks;
+    int ctas;
+};
+
+static_assert(sizeof(PlanParams) == 48, "PlanParams layout: size");
+static_assert(offsetof(PlanParams, seqlens) == 0, "PlanParams layout: seqlens");
+static_assert(offsetof(PlanParams, items) == 8, "PlanParams layout: items");
+static_assert(offsetof(PlanParams, cta_offsets) == 16, "PlanParams layout: cta_offsets");
+static_assert(offsetof(PlanParams, split_offsets) == 24, "PlanParams layout: split_offsets");
+static_assert(offsetof(PlanParams, batch) == 32, "PlanParams layout: batch");
+static_assert(offsetof(PlanParams, page) == 36, "PlanParams layout: page");
+static_assert(offsetof(PlanParams, max_blocks) == 40, "PlanParams layout: max_blocks");
+static_assert(offsetof(PlanParams, ctas) == 44, "PlanParams layout: ctas");
 
 }  // namespace r1k_mla_params

@@ -209,19 +209,28 @@ fn run<T: DeviceRepr + ValidAsZeroBits>(
         Resolved::Portable { grid } => {
             let f = gpu.function(PLAIN_MODULE, "fp8_gemm_plain", 0)?;
             let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let (m, n, k) = (shape.m as i32, shape.n as i32, shape.k as i32);
-            let (m_pad, acc) = (shape.m_pad() as i32, i32::from(accumulate));
             let stream = gpu.stream();
             let (av, sav, bv, sbv) =
                 (a.kernel_arg(stream), sa.kernel_arg(stream), b.kernel_arg(stream), sb.kernel_arg(stream));
-            let mut ov = out.kernel_arg(stream);
+            let ov = out.kernel_arg(stream);
+            let params = params::PortableGemmParams {
+                a: av.addr(),
+                sa: sav.addr(),
+                b: bv.addr(),
+                sb: sbv.addr(),
+                out: ov.addr(),
+                m: shape.m as i32,
+                n: shape.n as i32,
+                k: shape.k as i32,
+                m_pad: shape.m_pad() as i32,
+                accumulate: i32::from(accumulate),
+            };
             let mut launch = stream.launch_builder(&f);
-            launch.arg(&av).arg(&sav).arg(&bv).arg(&sbv).arg(&mut ov);
-            launch.arg(&m).arg(&n).arg(&k).arg(&m_pad).arg(&acc);
+            launch.arg(&params);
             // SAFETY: shapes were validated: a has m·k codes, b n·k, sa ceil(k/128)·m_pad floats, sb
-            // ceil(n/128)·ceil(k/128); out has m·n elements of the type `acc` selects (bf16 when 0, f32 when 1). The
-            // kernel bounds every load by m, n, k and every store by m, n; the grid covers ceil(m/64)×ceil(n/64)
-            // tiles.
+            // ceil(n/128)·ceil(k/128); out has m·n elements of the type `accumulate` selects (bf16 when 0, f32 when
+            // 1). The kernel bounds every load by m, n, k and every store by m, n; the grid covers
+            // ceil(m/64)×ceil(n/64) tiles.
             unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
             Ok(())
         }

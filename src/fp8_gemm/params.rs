@@ -1,6 +1,6 @@
 //! The FP8 GEMM kernels' argument structs, the Rust twins of `kernels/common/fp8_gemm_params.cuh`: every
-//! `fp8_gemm_sm90_*` kernel takes its three tensor maps and one `GemmParams` by value. [`kernel_params!`] pins each
-//! layout here; the header pins the same offsets and a test checks they agree.
+//! `fp8_gemm_sm90_*` kernel takes its three tensor maps and one `GemmParams` by value, the portable kernel one
+//! `PortableGemmParams`, the split-K reduction one `SplitkReduceParams`. [`kernel_params!`] pins each layout here; the header pins the same offsets and a test checks they agree.
 
 use crate::kernel_params::kernel_params;
 
@@ -20,6 +20,34 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    /// `fp8_gemm_plain`, the portable kernel; field comments are in the header.
+    pub(crate) struct PortableGemmParams = 64 bytes {
+        a: u64 @ 0,
+        sa: u64 @ 8,
+        b: u64 @ 16,
+        sb: u64 @ 24,
+        out: u64 @ 32,
+        m: i32 @ 40,
+        n: i32 @ 44,
+        k: i32 @ 48,
+        m_pad: i32 @ 52,
+        accumulate: i32 @ 56,
+    }
+}
+
+kernel_params! {
+    /// `fp8_gemm_splitk_reduce`; field comments are in the header.
+    pub(crate) struct SplitkReduceParams = 32 bytes {
+        partial: u64 @ 0,
+        out: u64 @ 8,
+        m: i32 @ 16,
+        n: i32 @ 20,
+        k_splits: i32 @ 24,
+        mode: i32 @ 28,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -30,5 +58,7 @@ mod tests {
     #[test]
     fn the_header_pins_the_same_layouts() {
         assert_header_pins::<GemmParams>("kernels/common/fp8_gemm_params.cuh", HEADER);
+        assert_header_pins::<PortableGemmParams>("kernels/common/fp8_gemm_params.cuh", HEADER);
+        assert_header_pins::<SplitkReduceParams>("kernels/common/fp8_gemm_params.cuh", HEADER);
     }
 }

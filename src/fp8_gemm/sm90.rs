@@ -4,7 +4,7 @@
 
 use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::params::GemmParams;
+use super::params::{GemmParams, SplitkReduceParams};
 use super::plan::{GemmShape, Sm90Config, BLOCK_K};
 use crate::device::Gpu;
 use crate::error::{CudaCall, Error, Result};
@@ -220,10 +220,17 @@ pub(crate) fn launch<T: DeviceRepr>(
     let blocks = pairs.div_ceil(256).min(u64::from(gpu.info().sm_count) * 8).max(1) as u32;
     let f = gpu.function(MODULE, "fp8_gemm_splitk_reduce", 0)?;
     let launch_cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let (m, n, splits, mode) = (shape.m as i32, shape.n as i32, cfg.k_splits as i32, final_mode as i32);
-    let (mut pv, mut ov) = (partial.kernel_arg(stream), out.kernel_arg(stream));
+    let (pv, ov) = (partial.kernel_arg(stream), out.kernel_arg(stream));
+    let params = SplitkReduceParams {
+        partial: pv.addr(),
+        out: ov.addr(),
+        m: shape.m as i32,
+        n: shape.n as i32,
+        k_splits: cfg.k_splits as i32,
+        mode: final_mode as i32,
+    };
     let mut launch = stream.launch_builder(&f);
-    launch.arg(&mut pv).arg(&mut ov).arg(&m).arg(&n).arg(&splits).arg(&mode);
+    launch.arg(&params);
     // SAFETY: partial holds k_splits·m·n floats, out m·n elements of the type `mode` selects; n is even (validated
     // n % 8 == 0), so the kernel's float2 / bf16x2 pairs never straddle the end; the grid-stride loop is bounded by
     // m·n/2 pairs.

@@ -139,14 +139,27 @@ impl MlaPlan {
         );
         let f = gpu.function(MODULE, "mla_plan_balanced", 0)?;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (PLAN_THREADS, 1, 1), shared_mem_bytes: 0 };
-        let sv = seqlens.kernel_arg(gpu.stream());
-        let (mut iv, mut cv, mut ov) =
-            (self.items.view_mut(), self.cta_offsets.view_mut(), self.split_offsets.view_mut());
-        let mut launch = gpu.stream().launch_builder(&f);
-        launch.arg(&sv).arg(&bi).arg(&pi).arg(&mi).arg(&ci).arg(&mut iv).arg(&mut cv).arg(&mut ov);
+        let stream = gpu.stream();
+        let sv = seqlens.kernel_arg(stream);
+        let (items, g_items) = self.items.buffer_mut().device_ptr_mut(stream);
+        let (cta_offsets, g_ctas) = self.cta_offsets.buffer_mut().device_ptr_mut(stream);
+        let (split_offsets, g_splits) = self.split_offsets.buffer_mut().device_ptr_mut(stream);
+        let params = params::PlanParams {
+            seqlens: sv.addr(),
+            items,
+            cta_offsets,
+            split_offsets,
+            batch: bi,
+            page: pi,
+            max_blocks: mi,
+            ctas: ci,
+        };
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&params);
         // SAFETY: seqlens is [batch]; the kernel clamps each length to 0..=max_blocks·page, so it writes at most
         // batch + ctas − 1 items (< the batch + ctas allocated), ctas + 1 CTA offsets and batch + 1 split offsets.
         unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
+        drop((g_items, g_ctas, g_splits));
         Ok(())
     }
 
@@ -691,14 +704,27 @@ pub(crate) fn combine(
     let blocks = u32::try_from(warps.div_ceil(8)).map_err(|_| Error::shape("q", "fewer rows", warps))?;
     let f = gpu.function(MODULE, "mla_combine", 0)?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let (opv, lpv, sov) = (ws.o_part.view(), ws.lse_part.view(), plan.split_offsets.view());
     let stream = gpu.stream();
-    let (mut outv, mut lsev) = (out.kernel_arg(stream), lse.kernel_arg(stream));
-    let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&opv).arg(&lpv).arg(&sov).arg(&mut outv).arg(&mut lsev).arg(&c.batch).arg(&c.s_q).arg(&c.heads);
+    let (o_part, g_o) = ws.o_part.buffer().device_ptr(stream);
+    let (lse_part, g_lse) = ws.lse_part.buffer().device_ptr(stream);
+    let (split_offsets, g_splits) = plan.split_offsets.buffer().device_ptr(stream);
+    let (outv, lsev) = (out.kernel_arg(stream), lse.kernel_arg(stream));
+    let params = params::CombineParams {
+        o_part,
+        lse_part,
+        split_offsets,
+        out: outv.addr(),
+        lse: lsev.addr(),
+        batch: c.batch,
+        s_q: c.s_q,
+        h: c.heads,
+    };
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&params);
     // SAFETY: one warp per (sequence, row) below batch·s_q·h; it reads partial slots of its sequence
     // (split_offsets[b] .. split_offsets[b+1] ≤ workspace splits) and writes its row of out and one lse entry.
     unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
+    drop((g_o, g_lse, g_splits));
     Ok(())
 }
 

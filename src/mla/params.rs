@@ -1,6 +1,6 @@
 //! The MLA kernels' argument structs, the Rust twins of `kernels/common/mla_params.cuh`: every decode kernel of
-//! the family takes one `DecodeParams` by value (after its tensor maps), so an argument cannot slip in count, order
-//! or type. [`kernel_params!`] pins each layout here; the header pins the same offsets and a test checks they agree.
+//! the family takes one `DecodeParams` by value (after its tensor maps), the combine one `CombineParams`, the device
+//! planner one `PlanParams`, so an argument cannot slip in count, order or type. [`kernel_params!`] pins each layout here; the header pins the same offsets and a test checks they agree.
 
 use crate::kernel_params::kernel_params;
 
@@ -29,6 +29,34 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    /// `mla_combine`; field comments are in the header.
+    pub(crate) struct CombineParams = 56 bytes {
+        o_part: u64 @ 0,
+        lse_part: u64 @ 8,
+        split_offsets: u64 @ 16,
+        out: u64 @ 24,
+        lse: u64 @ 32,
+        batch: i32 @ 40,
+        s_q: i32 @ 44,
+        h: i32 @ 48,
+    }
+}
+
+kernel_params! {
+    /// `mla_plan_balanced`, the device planner; field comments are in the header.
+    pub(crate) struct PlanParams = 48 bytes {
+        seqlens: u64 @ 0,
+        items: u64 @ 8,
+        cta_offsets: u64 @ 16,
+        split_offsets: u64 @ 24,
+        batch: i32 @ 32,
+        page: i32 @ 36,
+        max_blocks: i32 @ 40,
+        ctas: i32 @ 44,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -39,5 +67,7 @@ mod tests {
     #[test]
     fn the_header_pins_the_same_layouts() {
         assert_header_pins::<DecodeParams>("kernels/common/mla_params.cuh", HEADER);
+        assert_header_pins::<CombineParams>("kernels/common/mla_params.cuh", HEADER);
+        assert_header_pins::<PlanParams>("kernels/common/mla_params.cuh", HEADER);
     }
 }
