@@ -25,6 +25,9 @@
 // each writes an fp32 partial tile to a workspace [k_splits, m, n] and fp8_gemm_splitk_reduce sums the splits in
 // order (no atomics, bitwise reproducible).
 // Every mbarrier wait traps after 10 s (r1k::sm90::mbar_wait): a pipeline bug fails the launch instead of hanging.
+// The ring, the producer's and the math warpgroups' K loops and the epilogue's walk are the crate's one FP8
+// mainloop (common/fp8_mainloop_sm90.cuh), shared with the 2-CTA variant below and the MoE grouped kernel; this file
+// holds only the schedules (which work items, which K blocks) and the output modes.
 //
 // Opt-in 2-CTA cluster variant (fp8_gemm_sm90_mc2_*, launched with cuLaunchKernelEx and a cluster dimension of
 // (2, 1, 1)): the two CTAs of a cluster compute vertically adjacent tiles (tile rows 2p and 2p + 1) of the same
@@ -52,51 +55,71 @@
 #include <cuda_bf16.h>
 
 #include "common/fp8_gemm_params.cuh"
-#include "common/fp8_gemm_sm90.cuh"
+#include "common/fp8_mainloop_sm90.cuh"
 
 namespace {
 
 using namespace r1k::fp8_gemm;
 using namespace r1k::sm90;
+using r1k_gemm_params::GemmParams;
 
 // Output modes (twin: src/fp8_gemm/sm90.rs OutputMode).
 constexpr int kModeBf16 = 0;            // out: bf16 [m, n] = D
 constexpr int kModeF32Accumulate = 1;   // out: fp32 [m, n] += D
 constexpr int kModeF32Partial = 2;      // out: fp32 [k_splits, m, n], split s's partial D at [s]
 
+// B's block scales of a tile at column n0: the tile touches at most two 128-row scale blocks (nb0, nb1).
+struct DenseScaleB {
+    const float* __restrict__ sb;
+    int nb0, nb1, k_blocks;
+    __device__ __forceinline__ DenseScaleB(const float* sb_, uint32_t n0, int n_blocks, int k_blocks_)
+        : sb(sb_), nb0(n0 / kBlockK), nb1(min(static_cast<int>(n0 / kBlockK) + 1, n_blocks - 1)), k_blocks(k_blocks_) {}
+    __device__ __forceinline__ void operator()(int kb, float& sb0, float& sb1) const {
+        sb0 = __ldg(sb + static_cast<int64_t>(nb0) * k_blocks + kb);
+        sb1 = __ldg(sb + static_cast<int64_t>(nb1) * k_blocks + kb);
+    }
+};
+
+// One pair of adjacent outputs (r, col), (r, col + 1) in the output mode's layout (split: the work item's K split,
+// used by the partial mode only).
+__device__ __forceinline__ void store_pair(const GemmParams& p, uint32_t split, long long r, int col, float x,
+                                           float y) {
+    const int64_t o = r * p.n + col;
+    if (p.mode == kModeF32Partial) {
+        float* dst = static_cast<float*>(p.out) + static_cast<int64_t>(split) * p.m * p.n + o;
+        *reinterpret_cast<float2*>(dst) = make_float2(x, y);
+    } else if (p.mode == kModeF32Accumulate) {
+        float2* dst = reinterpret_cast<float2*>(static_cast<float*>(p.out) + o);
+        float2 c = *dst;
+        c.x += x;
+        c.y += y;
+        *dst = c;
+    } else {
+        *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + o) = __floats2bfloat162_rn(x, y);
+    }
+}
+
+// Schedule: work item i is tile i / k_splits (grouped order) over the K blocks of split i % k_splits.
 template <int BM, int BN>
 __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtensorMap* tm_b, const CUtensorMap* tm_sa,
-                                          const float* __restrict__ sb, void* out, int m, int n, int k, int stages,
-                                          int group_m, int mode, int k_splits, int kb_per_split) {
+                                          const GemmParams& p) {
     constexpr int kMathWG = BM / 64;
-    constexpr uint32_t kATile = BM * kBlockK;
-    constexpr uint32_t kBTile = BN * kBlockK;
-    constexpr uint32_t kStageTx = kATile + kBTile + BM * 4;
-
     extern __shared__ uint8_t smem_raw[];
-    const uint32_t raw = smem_u32(smem_raw);
-    uint8_t* base = smem_raw + (((raw + 1023u) & ~1023u) - raw);
-    uint8_t* a_ring = base;
-    uint8_t* b_ring = base + stages * kATile;
-    float* sa_ring = reinterpret_cast<float*>(base + stages * (kATile + kBTile));
-    uint64_t* full = reinterpret_cast<uint64_t*>(base + stages * kStageTx);
-    uint64_t* empty = full + stages;
+    const Ring<BM, BN> ring(smem_raw, p.stages);
 
-    const uint32_t tiles_m = (m + BM - 1) / BM;
-    const uint32_t tiles_n = (n + BN - 1) / BN;
-    const uint32_t num_tiles = tiles_m * tiles_n;
-    const uint32_t num_items = num_tiles * k_splits;
-    const int k_blocks = (k + kBlockK - 1) / kBlockK;
-    const int n_blocks = (n + kBlockK - 1) / kBlockK;
+    const uint32_t tiles_m = (p.m + BM - 1) / BM;
+    const uint32_t tiles_n = (p.n + BN - 1) / BN;
+    const uint32_t num_items = tiles_m * tiles_n * p.k_splits;
+    const int k_blocks = (p.k + kBlockK - 1) / kBlockK;
+    const int n_blocks = (p.n + kBlockK - 1) / kBlockK;
     const int wg = threadIdx.x / 128;
+    const auto item_coords = [&](uint32_t item, uint32_t& tm, uint32_t& tn, int& kb_begin, int& kb_end) {
+        tile_coords(item / p.k_splits, tiles_m, tiles_n, p.group, tm, tn);
+        kb_begin = (item % p.k_splits) * p.kb_per_split;
+        kb_end = min(k_blocks, kb_begin + p.kb_per_split);
+    };
 
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < stages; ++s) {
-            mbar_init(&full[s], 1);
-            mbar_init(&empty[s], kMathWG * 4);
-        }
-        mbar_init_fence();
-    }
+    if (threadIdx.x == 0) ring.init_barriers(p.stages, kMathWG * 4);
     __syncthreads();
 
     // Register rebalancing only where it is needed: with two math warpgroups the 384-thread launch caps every
@@ -109,21 +132,12 @@ __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtenso
             tma_prefetch_desc(tm_a);
             tma_prefetch_desc(tm_b);
             tma_prefetch_desc(tm_sa);
-            uint32_t it = 0;
+            Pipe pipe{0, static_cast<uint32_t>(p.stages), 0};
             for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x) {
                 uint32_t tm, tn;
-                tile_coords(item / k_splits, tiles_m, tiles_n, group_m, tm, tn);
-                const int kb_begin = (item % k_splits) * kb_per_split;
-                const int kb_end = min(k_blocks, kb_begin + kb_per_split);
-                for (int kb = kb_begin; kb < kb_end; ++kb, ++it) {
-                    const uint32_t s = it % stages;
-                    const uint32_t phase = (it / stages) & 1u;
-                    mbar_wait(&empty[s], phase ^ 1u);
-                    mbar_arrive_expect_tx(&full[s], kStageTx);
-                    tma_load_2d(a_ring + s * kATile, tm_a, &full[s], kb * kBlockK, tm * BM);
-                    tma_load_2d(b_ring + s * kBTile, tm_b, &full[s], kb * kBlockK, tn * BN);
-                    tma_load_2d(sa_ring + s * BM, tm_sa, &full[s], tm * BM, kb);
-                }
+                int kb_begin, kb_end;
+                item_coords(item, tm, tn, kb_begin, kb_end);
+                load_item<BM, BN>(ring, pipe, tm_a, tm_b, tm_sa, kb_begin, kb_end, tm * BM, tn * BN);
             }
         }
         return;
@@ -131,115 +145,49 @@ __device__ __forceinline__ void gemm_body(const CUtensorMap* tm_a, const CUtenso
 
     if constexpr (kMathWG == 2) setmaxnreg_inc<232>();
     const int t = threadIdx.x % 128;
-    const int warp = t / 32, lane = t % 32;
-    const int row_in_tile = wg * 64 + warp * 16 + lane / 4;
+    const int row_in_tile = wg * 64 + (t / 32) * 16 + (t % 32) / 4;
     float acc[BN / 2];
     float fin[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
-    uint32_t it = 0;
+    Pipe pipe{0, static_cast<uint32_t>(p.stages), 0};
     for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x) {
         uint32_t tm, tn;
-        tile_coords(item / k_splits, tiles_m, tiles_n, group_m, tm, tn);
-        const uint32_t split = item % k_splits;
-        const int kb_begin = split * kb_per_split;
-        const int kb_end = min(k_blocks, kb_begin + kb_per_split);
+        int kb_begin, kb_end;
+        item_coords(item, tm, tn, kb_begin, kb_end);
         const uint32_t n0 = tn * BN;
-        const int nb0 = n0 / kBlockK;
-        const int nb1 = min(nb0 + 1, n_blocks - 1);
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) fin[i] = 0.0f;
-        for (int kb = kb_begin; kb < kb_end; ++kb, ++it) {
-            const uint32_t s = it % stages;
-            const uint32_t phase = (it / stages) & 1u;
-            const float sb0 = __ldg(sb + static_cast<int64_t>(nb0) * k_blocks + kb);
-            const float sb1 = __ldg(sb + static_cast<int64_t>(nb1) * k_blocks + kb);
-            mbar_wait(&full[s], phase);
-            const float sa0 = sa_ring[s * BM + row_in_tile];
-            const float sa1 = sa_ring[s * BM + row_in_tile + 8];
-            const uint32_t a_addr = smem_u32(a_ring + s * kATile) + wg * 64 * kBlockK;
-            const uint32_t b_addr = smem_u32(b_ring + s * kBTile);
-            fence_regs(acc);
-            wgmma_fence();
-#pragma unroll
-            for (int j = 0; j < kBlockK / 32; ++j) {
-                WgmmaE4m3<BN>::mma(acc, kmajor_sw128_desc(a_addr, 32 * j), kmajor_sw128_desc(b_addr, 32 * j), j);
-            }
-            wgmma_commit();
-            wgmma_wait_all();
-            fence_regs(acc);
-            __syncwarp();
-            if (lane == 0) mbar_arrive(&empty[s]);
-            promote<BN>(fin, acc, sa0, sa1, sb0, sb1, n0);
-        }
-
-        const int r0 = tm * BM + row_in_tile;
-#pragma unroll
-        for (int i = 0; i < BN / 8; ++i) {
-            const int col = n0 + 8 * i + 2 * (lane % 4);
-            if (col >= n) continue;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int r = r0 + 8 * h;
-                if (r >= m) continue;
-                const int64_t o = static_cast<int64_t>(r) * n + col;
-                if (mode == kModeF32Partial) {
-                    float* p = static_cast<float*>(out) + static_cast<int64_t>(split) * m * n + o;
-                    *reinterpret_cast<float2*>(p) = make_float2(fin[4 * i + 2 * h], fin[4 * i + 2 * h + 1]);
-                } else if (mode == kModeF32Accumulate) {
-                    float2* p = reinterpret_cast<float2*>(static_cast<float*>(out) + o);
-                    float2 c = *p;
-                    c.x += fin[4 * i + 2 * h];
-                    c.y += fin[4 * i + 2 * h + 1];
-                    *p = c;
-                } else {
-                    *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + o) =
-                        __floats2bfloat162_rn(fin[4 * i + 2 * h], fin[4 * i + 2 * h + 1]);
-                }
-            }
-        }
+        mma_item<BM, BN>(ring, pipe, kb_begin, kb_end, wg * 64, row_in_tile, n0, acc, fin,
+                         DenseScaleB(p.sb, n0, n_blocks, k_blocks), [](uint64_t* empty) { mbar_arrive(empty); });
+        const uint32_t split = item % p.k_splits;
+        const long long r0 = static_cast<long long>(tm) * BM + row_in_tile;
+        for_each_output_pair<BN>(fin, r0, n0, p.m, p.n,
+                                 [&](long long r, int col, float x, float y) { store_pair(p, split, r, col, x, y); });
     }
 }
 
 // 2-CTA cluster variant (see the design note): BM = 128 (two math warpgroups + a producer warpgroup), no split-K,
-// output mode bf16 or fp32 accumulate. tm_b's box is BN / 2 rows (one half of the B tile).
+// output mode bf16 or fp32 accumulate. tm_b's box is BN / 2 rows (one half of the B tile). Schedule: tile pairs
+// (plan::mc2_pair_coords), this rank's tile of each, over every K block.
 template <int BN>
 __device__ __forceinline__ void mc2_body(const CUtensorMap* tm_a, const CUtensorMap* tm_b, const CUtensorMap* tm_sa,
-                                         const float* __restrict__ sb, void* out, int m, int n, int k, int stages,
-                                         int group_pairs, int mode) {
+                                         const GemmParams& p) {
     constexpr int BM = 128;
     constexpr int kMathWG = 2;
-    constexpr uint32_t kATile = BM * kBlockK;
-    constexpr uint32_t kBTile = BN * kBlockK;
-    constexpr uint32_t kBHalf = kBTile / 2;
-    static_assert(kBHalf % 1024 == 0, "each B half must start on a 128-byte swizzle atom");
-    constexpr uint32_t kStageTx = kATile + kBTile + BM * 4;
-
+    static_assert(Ring<BM, BN>::kBTile / 2 % 1024 == 0, "each B half must start on a 128-byte swizzle atom");
     extern __shared__ uint8_t smem_raw[];
-    const uint32_t raw = smem_u32(smem_raw);
-    uint8_t* base = smem_raw + (((raw + 1023u) & ~1023u) - raw);
-    uint8_t* a_ring = base;
-    uint8_t* b_ring = base + stages * kATile;
-    float* sa_ring = reinterpret_cast<float*>(base + stages * (kATile + kBTile));
-    uint64_t* full = reinterpret_cast<uint64_t*>(base + stages * kStageTx);
-    uint64_t* empty = full + stages;
+    const Ring<BM, BN> ring(smem_raw, p.stages);
 
     const uint32_t rank = cluster_ctarank();
     const uint32_t peer = rank ^ 1u;
-    const uint32_t tiles_m = (m + BM - 1) / BM;
-    const uint32_t tiles_n = (n + BN - 1) / BN;
+    const uint32_t tiles_m = (p.m + BM - 1) / BM;
+    const uint32_t tiles_n = (p.n + BN - 1) / BN;
     const uint32_t num_pairs = (tiles_m + 1) / 2 * tiles_n;
-    const int k_blocks = (k + kBlockK - 1) / kBlockK;
-    const int n_blocks = (n + kBlockK - 1) / kBlockK;
+    const int k_blocks = (p.k + kBlockK - 1) / kBlockK;
+    const int n_blocks = (p.n + kBlockK - 1) / kBlockK;
     const int wg = threadIdx.x / 128;
 
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < stages; ++s) {
-            mbar_init(&full[s], 1);
-            mbar_init(&empty[s], 2 * kMathWG * 4);
-        }
-        mbar_init_fence();
-    }
+    // Each empty barrier counts the consumer warps of both CTAs.
+    if (threadIdx.x == 0) ring.init_barriers(p.stages, 2 * kMathWG * 4);
     // The peer multicasts into our full barriers and arrives on our empty barriers: both must be initialized
     // cluster-wide before either CTA issues anything.
     cluster_sync();
@@ -250,90 +198,37 @@ __device__ __forceinline__ void mc2_body(const CUtensorMap* tm_a, const CUtensor
             tma_prefetch_desc(tm_a);
             tma_prefetch_desc(tm_b);
             tma_prefetch_desc(tm_sa);
-            uint32_t it = 0;
+            // A stage's empty barrier completes only when the consumers of both CTAs released it: our half of B
+            // lands in both.
+            Pipe pipe{0, static_cast<uint32_t>(p.stages), 0};
             for (uint32_t pair = cluster_id_x(); pair < num_pairs; pair += cluster_count_x()) {
                 uint32_t tm, tn;
-                mc2_pair_coords(pair, rank, tiles_m, tiles_n, group_pairs, tm, tn);
-                for (int kb = 0; kb < k_blocks; ++kb, ++it) {
-                    const uint32_t s = it % stages;
-                    const uint32_t phase = (it / stages) & 1u;
-                    // Completes only when the consumers of both CTAs released stage s: our half of B lands in both.
-                    mbar_wait(&empty[s], phase ^ 1u);
-                    mbar_arrive_expect_tx(&full[s], kStageTx);
-                    tma_load_2d(a_ring + s * kATile, tm_a, &full[s], kb * kBlockK, tm * BM);
-                    tma_load_2d_multicast(b_ring + s * kBTile + rank * kBHalf, tm_b, &full[s], kb * kBlockK,
-                                          tn * BN + rank * (BN / 2), 0x3);
-                    tma_load_2d(sa_ring + s * BM, tm_sa, &full[s], tm * BM, kb);
-                }
+                mc2_pair_coords(pair, rank, tiles_m, tiles_n, p.group, tm, tn);
+                load_item<BM, BN, BLoad::kHalfMulticast>(ring, pipe, tm_a, tm_b, tm_sa, 0, k_blocks, tm * BM,
+                                                         tn * BN, rank);
             }
         }
     } else {
         setmaxnreg_inc<232>();
         const int t = threadIdx.x % 128;
-        const int warp = t / 32, lane = t % 32;
-        const int row_in_tile = wg * 64 + warp * 16 + lane / 4;
+        const int row_in_tile = wg * 64 + (t / 32) * 16 + (t % 32) / 4;
         float acc[BN / 2];
         float fin[BN / 2];
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
-        uint32_t it = 0;
+        Pipe pipe{0, static_cast<uint32_t>(p.stages), 0};
         for (uint32_t pair = cluster_id_x(); pair < num_pairs; pair += cluster_count_x()) {
             uint32_t tm, tn;
-            mc2_pair_coords(pair, rank, tiles_m, tiles_n, group_pairs, tm, tn);
+            mc2_pair_coords(pair, rank, tiles_m, tiles_n, p.group, tm, tn);
             const uint32_t n0 = tn * BN;
-            const int nb0 = n0 / kBlockK;
-            const int nb1 = min(nb0 + 1, n_blocks - 1);
-#pragma unroll
-            for (int i = 0; i < BN / 2; ++i) fin[i] = 0.0f;
-            for (int kb = 0; kb < k_blocks; ++kb, ++it) {
-                const uint32_t s = it % stages;
-                const uint32_t phase = (it / stages) & 1u;
-                const float sb0 = __ldg(sb + static_cast<int64_t>(nb0) * k_blocks + kb);
-                const float sb1 = __ldg(sb + static_cast<int64_t>(nb1) * k_blocks + kb);
-                mbar_wait(&full[s], phase);
-                const float sa0 = sa_ring[s * BM + row_in_tile];
-                const float sa1 = sa_ring[s * BM + row_in_tile + 8];
-                const uint32_t a_addr = smem_u32(a_ring + s * kATile) + wg * 64 * kBlockK;
-                const uint32_t b_addr = smem_u32(b_ring + s * kBTile);
-                fence_regs(acc);
-                wgmma_fence();
-#pragma unroll
-                for (int j = 0; j < kBlockK / 32; ++j) {
-                    WgmmaE4m3<BN>::mma(acc, kmajor_sw128_desc(a_addr, 32 * j), kmajor_sw128_desc(b_addr, 32 * j), j);
-                }
-                wgmma_commit();
-                wgmma_wait_all();
-                fence_regs(acc);
-                __syncwarp();
-                if (lane == 0) {
-                    mbar_arrive(&empty[s]);
-                    mbar_arrive_cluster(&empty[s], peer);
-                }
-                promote<BN>(fin, acc, sa0, sa1, sb0, sb1, n0);
-            }
-
-            const int r0 = tm * BM + row_in_tile;
-#pragma unroll
-            for (int i = 0; i < BN / 8; ++i) {
-                const int col = n0 + 8 * i + 2 * (lane % 4);
-                if (col >= n) continue;
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int r = r0 + 8 * h;
-                    if (r >= m) continue;
-                    const int64_t o = static_cast<int64_t>(r) * n + col;
-                    if (mode == kModeF32Accumulate) {
-                        float2* p = reinterpret_cast<float2*>(static_cast<float*>(out) + o);
-                        float2 c = *p;
-                        c.x += fin[4 * i + 2 * h];
-                        c.y += fin[4 * i + 2 * h + 1];
-                        *p = c;
-                    } else {
-                        *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + o) =
-                            __floats2bfloat162_rn(fin[4 * i + 2 * h], fin[4 * i + 2 * h + 1]);
-                    }
-                }
-            }
+            mma_item<BM, BN>(ring, pipe, 0, k_blocks, wg * 64, row_in_tile, n0, acc, fin,
+                             DenseScaleB(p.sb, n0, n_blocks, k_blocks), [peer](uint64_t* empty) {
+                                 mbar_arrive(empty);
+                                 mbar_arrive_cluster(empty, peer);
+                             });
+            const long long r0 = static_cast<long long>(tm) * BM + row_in_tile;
+            for_each_output_pair<BN>(fin, r0, n0, p.m, p.n,
+                                     [&](long long r, int col, float x, float y) { store_pair(p, 0, r, col, x, y); });
         }
     }
     // The peer's consumers may still arrive on our empty barriers (and, symmetrically, we on theirs): nobody leaves
@@ -344,12 +239,11 @@ __device__ __forceinline__ void mc2_body(const CUtensorMap* tm_a, const CUtensor
 }  // namespace
 
 // The tensor maps, then every other argument in one struct (common/fp8_gemm_params.cuh).
-#define R1K_GEMM_ENTRY(BM, BN)                                                                                     \
-    extern "C" __global__ void __launch_bounds__((BM / 64 + 1) * 128, 1) fp8_gemm_sm90_m##BM##n##BN(             \
-        const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,                        \
-        const __grid_constant__ CUtensorMap tm_sa, const __grid_constant__ r1k_gemm_params::GemmParams p) {        \
-        gemm_body<BM, BN>(&tm_a, &tm_b, &tm_sa, p.sb, p.out, p.m, p.n, p.k, p.stages, p.group, p.mode, p.k_splits, \
-                          p.kb_per_split);                                                                         \
+#define R1K_GEMM_ENTRY(BM, BN)                                                                              \
+    extern "C" __global__ void __launch_bounds__((BM / 64 + 1) * 128, 1) fp8_gemm_sm90_m##BM##n##BN(      \
+        const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,                 \
+        const __grid_constant__ CUtensorMap tm_sa, const __grid_constant__ r1k_gemm_params::GemmParams p) { \
+        gemm_body<BM, BN>(&tm_a, &tm_b, &tm_sa, p);                                                         \
     }
 
 R1K_GEMM_ENTRY(64, 64)
@@ -367,7 +261,7 @@ R1K_GEMM_ENTRY(128, 160)
     extern "C" __global__ void __launch_bounds__(384, 1) fp8_gemm_sm90_mc2_m128n##BN(                             \
         const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,                        \
         const __grid_constant__ CUtensorMap tm_sa, const __grid_constant__ r1k_gemm_params::GemmParams p) {        \
-        mc2_body<BN>(&tm_a, &tm_b, &tm_sa, p.sb, p.out, p.m, p.n, p.k, p.stages, p.group, p.mode);                 \
+        mc2_body<BN>(&tm_a, &tm_b, &tm_sa, p);                                                                     \
     }
 
 R1K_GEMM_MC2_ENTRY(128)
