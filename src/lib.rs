@@ -83,6 +83,8 @@ pub mod model;
 pub mod moe;
 #[doc(hidden)]
 pub mod probe_log;
+#[doc(hidden)]
+pub mod probes;
 pub mod quant;
 pub mod reference;
 pub mod rng;

@@ -5,8 +5,8 @@
 //! here rather than as a wrong GEMM or attention result; their inputs and outputs can be recorded on a GPU and
 //! replayed on the emulator bit for bit (`scripts/emu-replay-probes`).
 
-use r1_kernels::fp8_gemm::sm90::probes;
 use r1_kernels::probe_log::probe_io;
+use r1_kernels::probes;
 use r1_kernels::reference::mla::{dequantize_kv_cache_fp8, quantize_kv_cache_fp8, D_QK, D_V, FP8_TOKEN_BYTES};
 use r1_kernels::sm90::{swizzle_128b, Tma2d, TmaDtype};
 use r1_kernels::{bf16, DeviceTensor, E4M3};
@@ -35,8 +35,8 @@ fn gemm_tma_box_and_swizzle() {
     };
     // Box rows 100..228 run past row 199: those must come back zero-filled.
     let (x0, y0) = (128usize, 100usize);
-    let got =
-        expect_launched(&gpu, &["gemm_probe_tma"], || probes::tma_box(&gpu, &d, &tma, x0 as i32, y0 as i32)).unwrap();
+    let got = expect_launched(&gpu, &["gemm_probe_tma"], || probes::gemm_tma_box(&gpu, &d, &tma, x0 as i32, y0 as i32))
+        .unwrap();
     probe_io("gemm_tma_box_and_swizzle", "box", &[("src", &src)], &[("smem", &got)]);
     for r in 0..128 {
         for c in 0..128 {
@@ -56,7 +56,7 @@ fn gemm_wgmma_descriptors_and_fragment_layout() {
     let b: Vec<E4M3> = (0..128 * 128).map(|_| E4M3::from_f32(rng.random_range(-4i32..=4) as f32)).collect();
     let da = DeviceTensor::from_host(&gpu, &a, &[64, 128]).unwrap();
     let db = DeviceTensor::from_host(&gpu, &b, &[128, 128]).unwrap();
-    let got = expect_launched(&gpu, &["gemm_probe_wgmma_n128"], || probes::wgmma_n128(&gpu, &da, &db)).unwrap();
+    let got = expect_launched(&gpu, &["gemm_probe_wgmma_n128"], || probes::gemm_wgmma_n128(&gpu, &da, &db)).unwrap();
     probe_io(
         "gemm_wgmma",
         "n128",
@@ -83,7 +83,7 @@ fn gemm_promotion_step() {
     let (dacc, dfin, dsa, dsb) = (up(&acc, &[64, 160]), up(&fin, &[64, 160]), up(&sa, &[64]), up(&sb2, &[2]));
     for n0 in [0i32, 160, 480, 96 * 5] {
         let got = expect_launched(&gpu, &["gemm_probe_promote_n160"], || {
-            probes::promote_n160(&gpu, &dacc, &dfin, &dsa, &dsb, n0)
+            probes::gemm_promote_n160(&gpu, &dacc, &dfin, &dsa, &dsb, n0)
         })
         .unwrap();
         let inputs: [(&str, &[u8]); 4] = [
@@ -126,10 +126,9 @@ fn mla_tma_tile_load() {
         let cache = random_bf16_bits(num_blocks * page * D_QK, &mut rng, 4.0);
         let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
         let dt = DeviceTensor::from_host(&gpu, table, &[table.len()]).unwrap();
-        let got = expect_launched(&gpu, &["mla_sm90_probe_tile_load"], || {
-            r1_kernels::mla::sm90::probe_tile_load(&gpu, &dc, &dt, t0, tok_end)
-        })
-        .unwrap();
+        let got =
+            expect_launched(&gpu, &["mla_sm90_probe_tile_load"], || probes::mla_tile_load(&gpu, &dc, &dt, t0, tok_end))
+                .unwrap();
         let case = format!("page{page}-t0-{t0}-end-{tok_end}");
         let inputs: [(&str, &[u8]); 2] =
             [("cache", bytemuck::cast_slice(&cache)), ("table", bytemuck::cast_slice(table))];
@@ -159,7 +158,7 @@ fn mla_fp8_tile_load_and_dequant() {
         let dc = DeviceTensor::from_host(&gpu, &bytes, &[num_blocks, page, FP8_TOKEN_BYTES]).unwrap();
         let dt = DeviceTensor::from_host(&gpu, table, &[table.len()]).unwrap();
         let got = expect_launched(&gpu, &["mla_sm90_probe_fp8_tile_load"], || {
-            r1_kernels::mla::sm90::probe_fp8_tile_load(&gpu, &dc, &dt, t0, tok_end)
+            probes::mla_fp8_tile_load(&gpu, &dc, &dt, t0, tok_end)
         })
         .unwrap();
         let case = format!("page{page}-t0-{t0}-end-{tok_end}");
@@ -185,10 +184,8 @@ fn mla_wgmma_qk_and_pv() {
         let dq = DeviceTensor::from_host(&gpu, &q, &[64, D_QK]).unwrap();
         let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
         let dt = DeviceTensor::from_host(&gpu, &table, &[table.len()]).unwrap();
-        let (s, o) = expect_launched(&gpu, &["mla_sm90_probe_wgmma"], || {
-            r1_kernels::mla::sm90::probe_wgmma(&gpu, &dq, &dc, &dt)
-        })
-        .unwrap();
+        let (s, o) =
+            expect_launched(&gpu, &["mla_sm90_probe_wgmma"], || probes::mla_wgmma(&gpu, &dq, &dc, &dt)).unwrap();
         let inputs: [(&str, &[u8]); 3] = [
             ("q", bytemuck::cast_slice(&q)),
             ("cache", bytemuck::cast_slice(&cache)),
@@ -230,10 +227,9 @@ fn mla_narrow_wgmma_transposed() {
         let dq = DeviceTensor::from_host(&gpu, &q, &[16, D_QK]).unwrap();
         let dc = DeviceTensor::from_host(&gpu, &cache, &[num_blocks, page, D_QK]).unwrap();
         let dt = DeviceTensor::from_host(&gpu, &table, &[table.len()]).unwrap();
-        let (s, o) = expect_launched(&gpu, &["mla_sm90_probe_narrow_wgmma"], || {
-            r1_kernels::mla::sm90::probe_narrow_wgmma(&gpu, &dq, &dc, &dt)
-        })
-        .unwrap();
+        let (s, o) =
+            expect_launched(&gpu, &["mla_sm90_probe_narrow_wgmma"], || probes::mla_narrow_wgmma(&gpu, &dq, &dc, &dt))
+                .unwrap();
         let inputs: [(&str, &[u8]); 3] = [
             ("q", bytemuck::cast_slice(&q)),
             ("cache", bytemuck::cast_slice(&cache)),
@@ -277,7 +273,7 @@ fn mla_online_softmax_merge() {
         }
     }
     let (m, l, alpha, p) =
-        expect_launched(&gpu, &["mla_sm90_probe_softmax"], || r1_kernels::mla::sm90::probe_softmax(&gpu, &s)).unwrap();
+        expect_launched(&gpu, &["mla_sm90_probe_softmax"], || probes::mla_softmax(&gpu, &s)).unwrap();
     for r in 0..64 {
         let row = &s[r * 128..(r + 1) * 128];
         let m1 = row[..64].iter().cloned().fold(f32::NEG_INFINITY, f32::max);

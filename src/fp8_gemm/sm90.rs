@@ -2,14 +2,14 @@
 //! persistent warp-specialized kernels (one CTA, or a 2-CTA multicast cluster) and of the split-K reduction. The
 //! descriptors, swizzle, tensor-map encoding and cluster launch are the crate's sm_90a layer, [`crate::sm90`].
 
-use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::params::{GemmParams, SplitkReduceParams};
 use super::plan::{GemmShape, Sm90Config, BLOCK_K};
 use crate::device::Gpu;
 use crate::error::{CudaCall, Error, Result};
 use crate::fp8::E4M3;
-use crate::sm90::{launch_cluster, ClusterLaunch, TensorMap, Tma2d, TmaDtype, PROBE_MODULE};
+use crate::sm90::{launch_cluster, ClusterLaunch, TensorMap, Tma2d, TmaDtype};
 use crate::tensor::DeviceTensor;
 use crate::view::{TensorMut, TensorRef};
 
@@ -244,90 +244,6 @@ pub fn workspace_elements(shape: &GemmShape, cfg: &Sm90Config) -> usize {
         cfg.k_splits as usize * shape.m * shape.n
     } else {
         0
-    }
-}
-
-/// Launchers of the primitive-test kernels (`gemm_probe_*` in kernels/probes_sm90.cu), used by the GPU tests to
-/// say which building block is wrong when the GEMM is. Each synchronizes and returns the kernel's output.
-#[doc(hidden)]
-pub mod probes {
-    use super::*;
-
-    /// Loads one box of `tma` at `(x0, y0)` (inner, outer coordinates) from `src` into shared memory and returns the
-    /// shared-memory bytes as stored (swizzled).
-    pub fn tma_box(gpu: &Gpu, src: &DeviceTensor<u8>, tma: &Tma2d, x0: i32, y0: i32) -> Result<Vec<u8>> {
-        gpu.require_hopper("gemm_probe_tma")?;
-        let need = tma.rows * tma.row_stride_bytes;
-        if (src.numel() as u64) < need {
-            return Err(Error::shape("src", format!("at least {need} bytes"), src.numel()));
-        }
-        let view = src.view();
-        let (ptr, _guard) = view.device_ptr(gpu.stream());
-        let map = tma.encode(ptr)?;
-        let box_bytes = tma.box_bytes() as i32;
-        let smem = tma.box_bytes() + 1024 + 64;
-        let f = gpu.function(PROBE_MODULE, "gemm_probe_tma", smem)?;
-        let mut out = DeviceTensor::<u8>::zeros(gpu, &[tma.box_bytes() as usize])?;
-        {
-            let mut ov = out.view_mut();
-            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
-            let mut launch = gpu.stream().launch_builder(&f);
-            launch.arg(&map).arg(&mut ov).arg(&x0).arg(&y0).arg(&box_bytes);
-            // SAFETY: the map describes `src` within its length (checked above); the kernel writes box_bytes bytes
-            // to `out`, which has exactly that many; shared memory covers the box, alignment slack and one mbarrier.
-            unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
-        }
-        out.to_host(gpu)
-    }
-
-    /// One m64n128 block over K = 128: `a` [64, 128] and `b` [128, 128] E4M3 → fp32 [64, 128] = a · bᵀ.
-    pub fn wgmma_n128(gpu: &Gpu, a: &DeviceTensor<E4M3>, b: &DeviceTensor<E4M3>) -> Result<Vec<f32>> {
-        gpu.require_hopper("gemm_probe_wgmma_n128")?;
-        a.expect_shape("a", &[64, 128])?;
-        b.expect_shape("b", &[128, 128])?;
-        let smem = 64 * 128 + 128 * 128 + 1024;
-        let f = gpu.function(PROBE_MODULE, "gemm_probe_wgmma_n128", smem)?;
-        let mut out = DeviceTensor::<f32>::zeros(gpu, &[64, 128])?;
-        {
-            let (av, bv, mut ov) = (a.view(), b.view(), out.view_mut());
-            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
-            let mut launch = gpu.stream().launch_builder(&f);
-            launch.arg(&av).arg(&bv).arg(&mut ov);
-            // SAFETY: fixed sizes checked above; the kernel reads 64·128 and 128·128 bytes and writes 64·128 floats.
-            unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
-        }
-        out.to_host(gpu)
-    }
-
-    /// Two promotion steps on a [64, 160] tile at column `n0`: returns `fin_in + 2 × (acc · sa[row] · sb2[slot])`,
-    /// each step one fmaf per element (see `r1k::fp8_gemm::promote`).
-    pub fn promote_n160(
-        gpu: &Gpu,
-        acc: &DeviceTensor<f32>,
-        fin: &DeviceTensor<f32>,
-        sa: &DeviceTensor<f32>,
-        sb2: &DeviceTensor<f32>,
-        n0: i32,
-    ) -> Result<Vec<f32>> {
-        gpu.require_hopper("gemm_probe_promote_n160")?;
-        acc.expect_shape("acc", &[64, 160])?;
-        fin.expect_shape("fin", &[64, 160])?;
-        sa.expect_shape("sa", &[64])?;
-        sb2.expect_shape("sb2", &[2])?;
-        if n0 < 0 || n0 % 8 != 0 {
-            return Err(Error::Alignment { arg: "n0", required: 8, got: n0.unsigned_abs() as usize });
-        }
-        let f = gpu.function(PROBE_MODULE, "gemm_probe_promote_n160", 0)?;
-        let mut out = DeviceTensor::<f32>::zeros(gpu, &[64, 160])?;
-        {
-            let (accv, finv, sav, sbv, mut ov) = (acc.view(), fin.view(), sa.view(), sb2.view(), out.view_mut());
-            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            let mut launch = gpu.stream().launch_builder(&f);
-            launch.arg(&accv).arg(&finv).arg(&sav).arg(&sbv).arg(&mut ov).arg(&n0);
-            // SAFETY: fixed sizes checked above; the kernel reads and writes exactly 64·160 floats per tile argument.
-            unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
-        }
-        out.to_host(gpu)
     }
 }
 

@@ -1,20 +1,19 @@
 //! The sm_90a MLA decode path (kernels/mla_sm90.cu, the wide kernels; kernels/mla_narrow_sm90.cu, the narrow ones):
 //! TMA tile loads into an mbarrier ring, bf16 wgmma for QKᵀ and P·V. This module holds the host launcher and the Rust
 //! twins of the kernels' address, descriptor and register-fragment formulas (kernels/common/mla_*.cuh), unit-tested
-//! on the CPU. The `probe_*` launchers run the primitive-test kernels of kernels/probes_sm90.cu (one tile load, bf16
-//! and FP8; one wgmma pair, wide and narrow; one online-softmax merge) for the GPU tests.
+//! on the CPU. The launchers of this path's primitive-test kernels are in `crate::probes`; [`tile_image`] is the
+//! host image their tile loads are checked against.
 //!
 //! Supported on this path: bf16 and FP8 caches, page sizes 8, 16, 32, 64 or any multiple of 64 ([`box_rows`]).
 
-use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::{Checked, MlaPlan, MlaWorkspace};
 use crate::device::Gpu;
 use crate::error::{CudaCall, Error, Result};
 use crate::reference::mla::{D_QK, D_ROPE, FP8_ROPE_OFFSET, FP8_TOKEN_BYTES};
-use crate::sm90::{swizzle_128b_at, TensorMap, Tma2d, TmaDtype, PROBE_MODULE};
-use crate::tensor::DeviceTensor;
+use crate::sm90::{swizzle_128b_at, TensorMap, Tma2d, TmaDtype};
 use crate::view::TensorRef;
 
 /// Kernel modules (file stems): the wide kernels, the narrow kernels.
@@ -89,7 +88,7 @@ pub const FP8_RAW_BYTES: usize = 2 * 64 * 256 + 64 * 16;
 /// (The P exchange of the FP8 kernel goes through the raw stage of the tile being computed.)
 pub const SMEM_BYTES_FP8: usize =
     1024 + TILE_BYTES + 8 * BLOCK_BYTES + 2 * BLOCK_BYTES + 2 * FP8_RAW_BYTES + 64 + RED_BYTES;
-const THREADS: u32 = 256;
+pub(crate) const THREADS: u32 = 256;
 
 /// Offset (from the tile base) of the descriptor start of QKᵀ k-step `kk` (0..36), for both Q and K (K-major).
 pub const fn qk_step_offset(kk: usize) -> usize {
@@ -178,7 +177,7 @@ pub fn tile_image(cache: &[u16], table_row: &[i32], page: usize, t0: usize, tok_
 }
 
 /// A bf16 `rows × 576` tensor (row stride 1152 B) with box 64 × `box_rows`, 128B swizzle.
-fn encode_rows_576(ptr: u64, rows: usize, box_rows: usize) -> Result<TensorMap> {
+pub(crate) fn encode_rows_576(ptr: u64, rows: usize, box_rows: usize) -> Result<TensorMap> {
     let map = Tma2d {
         dtype: TmaDtype::Bf16,
         rows: rows as u64,
@@ -193,7 +192,7 @@ fn encode_rows_576(ptr: u64, rows: usize, box_rows: usize) -> Result<TensorMap> 
 
 /// The three maps of an FP8 cache (`rows` tokens of 656 bytes): codes (u8, box 256 × box_rows), scales (u8, box
 /// 16 × box_rows), both unswizzled, and the RoPE part (bf16 at byte 528, box 64 × box_rows, 128B swizzle).
-fn encode_fp8_cache(ptr: u64, rows: usize, box_rows: usize) -> Result<[TensorMap; 3]> {
+pub(crate) fn encode_fp8_cache(ptr: u64, rows: usize, box_rows: usize) -> Result<[TensorMap; 3]> {
     let t = FP8_TOKEN_BYTES as u64;
     let bytes = Tma2d {
         dtype: TmaDtype::U8,
@@ -208,7 +207,7 @@ fn encode_fp8_cache(ptr: u64, rows: usize, box_rows: usize) -> Result<[TensorMap
     Ok([bytes.encode(ptr)?, Tma2d { box_cols: 16, ..bytes }.encode(ptr)?, rope.encode(ptr + FP8_ROPE_OFFSET as u64)?])
 }
 
-fn unsupported_page(page: usize) -> Error {
+pub(crate) fn unsupported_page(page: usize) -> Error {
     Error::InvalidConfig(format!(
         "the sm_90a MLA path takes pages of 8, 16, 32, 64 or a multiple of 64 tokens, not {page}; use Backend::Portable"
     ))
@@ -297,208 +296,6 @@ pub(crate) fn launch_decode(
     // slots and rows are bounded as for the portable kernel (checked in `validate`).
     unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
-}
-
-/// Runs the tile-load probe: returns the raw 73,728-byte stage after loading the 64-token tile at `t0`
-/// (compare with [`tile_image`]).
-#[doc(hidden)]
-pub fn probe_tile_load(
-    gpu: &Gpu,
-    kv: &DeviceTensor<bf16>,
-    table_row: &DeviceTensor<i32>,
-    t0: usize,
-    tok_end: usize,
-) -> Result<Vec<u8>> {
-    gpu.require_hopper("MLA sm_90a tile-load probe")?;
-    let [num_blocks, page, width] = kv.dims::<3>("kv_cache")?;
-    if width != D_QK || num_blocks == 0 {
-        return Err(Error::shape("kv_cache", "[num_blocks ≥ 1, page, 576]", format!("{:?}", kv.shape())));
-    }
-    let box_rows = box_rows(page).ok_or_else(|| unsupported_page(page))?;
-    if tok_end > table_row.numel() * page {
-        return Err(Error::shape("table_row", format!("≥ {} entries", tok_end.div_ceil(page)), table_row.numel()));
-    }
-    let mut out = DeviceTensor::<u8>::zeros(gpu, &[TILE_BYTES])?;
-    let f = gpu.function(PROBE_MODULE, "mla_sm90_probe_tile_load", SMEM_BYTES as u32)?;
-    let stream = gpu.stream();
-    let kvv = kv.view();
-    let (kv_ptr, _g) = kvv.device_ptr(stream);
-    let tmap = encode_rows_576(kv_ptr, num_blocks * page, box_rows)?;
-    {
-        let (tv, mut ov) = (table_row.view(), out.view_mut());
-        let args = [page as i32, num_blocks as i32, box_rows as i32, t0 as i32, tok_end as i32];
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
-        let mut launch = stream.launch_builder(&f);
-        launch.arg(&tmap).arg(&tv).arg(&mut ov);
-        for a in &args {
-            launch.arg(a);
-        }
-        // SAFETY: one CTA; the table row is read below tok_end / page (checked); the cache through the tensor map;
-        // `out` holds exactly TILE_BYTES.
-        unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
-    }
-    out.to_host(gpu)
-}
-
-/// Runs the FP8 tile-load probe on an FP8 cache `[num_blocks, page, 656]`: returns the dequantized bf16 tile at
-/// `t0` as the FP8 kernels hold it (compare with [`tile_image`] of the dequantized cache).
-#[doc(hidden)]
-pub fn probe_fp8_tile_load(
-    gpu: &Gpu,
-    kv: &DeviceTensor<u8>,
-    table_row: &DeviceTensor<i32>,
-    t0: usize,
-    tok_end: usize,
-) -> Result<Vec<u8>> {
-    gpu.require_hopper("MLA sm_90a FP8 tile-load probe")?;
-    let [num_blocks, page, width] = kv.dims::<3>("kv_cache")?;
-    if width != FP8_TOKEN_BYTES || num_blocks == 0 {
-        return Err(Error::shape("kv_cache", "[num_blocks ≥ 1, page, 656]", format!("{:?}", kv.shape())));
-    }
-    let box_rows = box_rows(page).ok_or_else(|| unsupported_page(page))?;
-    if tok_end > table_row.numel() * page {
-        return Err(Error::shape("table_row", format!("≥ {} entries", tok_end.div_ceil(page)), table_row.numel()));
-    }
-    let mut out = DeviceTensor::<u8>::zeros(gpu, &[TILE_BYTES])?;
-    let f = gpu.function(PROBE_MODULE, "mla_sm90_probe_fp8_tile_load", SMEM_BYTES_FP8 as u32)?;
-    let stream = gpu.stream();
-    let kvv = kv.view();
-    let (kv_ptr, _g) = kvv.device_ptr(stream);
-    let maps = encode_fp8_cache(kv_ptr, num_blocks * page, box_rows)?;
-    {
-        let (tv, mut ov) = (table_row.view(), out.view_mut());
-        let args = [page as i32, num_blocks as i32, box_rows as i32, t0 as i32, tok_end as i32];
-        let cfg =
-            LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES_FP8 as u32 };
-        let mut launch = stream.launch_builder(&f);
-        launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&tv).arg(&mut ov);
-        for a in &args {
-            launch.arg(a);
-        }
-        // SAFETY: one CTA; the table row is read below tok_end / page (checked); the cache through the tensor maps;
-        // `out` holds exactly TILE_BYTES.
-        unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
-    }
-    out.to_host(gpu)
-}
-
-/// Runs the wgmma probe on Q rows 0..64 of `q` (`[rows ≥ 1, 576]`) and the first 64 tokens of the sequence with
-/// table row `table_row`: returns (S = Q·Kᵀ as [64, 64], O = bf16(S)·V as [64, 512]).
-#[doc(hidden)]
-pub fn probe_wgmma(
-    gpu: &Gpu,
-    q: &DeviceTensor<bf16>,
-    kv: &DeviceTensor<bf16>,
-    table_row: &DeviceTensor<i32>,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    gpu.require_hopper("MLA sm_90a wgmma probe")?;
-    let [num_blocks, page, width] = kv.dims::<3>("kv_cache")?;
-    let [q_rows, q_width] = q.dims::<2>("q")?;
-    if width != D_QK || q_width != D_QK || num_blocks == 0 || q_rows < 64 {
-        return Err(Error::shape("q / kv_cache", "576 columns, ≥ 64 q rows, ≥ 1 page", format!("{:?}", kv.shape())));
-    }
-    let box_rows = box_rows(page).ok_or_else(|| unsupported_page(page))?;
-    if table_row.numel() * page < TILE_N {
-        return Err(Error::shape("table_row", format!("≥ {} entries", TILE_N.div_ceil(page)), table_row.numel()));
-    }
-    let mut s = DeviceTensor::<f32>::zeros(gpu, &[64, 64])?;
-    let mut o = DeviceTensor::<f32>::zeros(gpu, &[64, 512])?;
-    let f = gpu.function(PROBE_MODULE, "mla_sm90_probe_wgmma", SMEM_BYTES as u32)?;
-    let stream = gpu.stream();
-    let (qv, kvv) = (q.view(), kv.view());
-    let (q_ptr, _g1) = qv.device_ptr(stream);
-    let (kv_ptr, _g2) = kvv.device_ptr(stream);
-    let tmap_q = encode_rows_576(q_ptr, q_rows, 64)?;
-    let tmap_kv = encode_rows_576(kv_ptr, num_blocks * page, box_rows)?;
-    {
-        let (tv, mut sv, mut ov) = (table_row.view(), s.view_mut(), o.view_mut());
-        let args = [page as i32, num_blocks as i32, box_rows as i32];
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
-        let mut launch = stream.launch_builder(&f);
-        launch.arg(&tmap_q).arg(&tmap_kv).arg(&tv).arg(&mut sv).arg(&mut ov);
-        for a in &args {
-            launch.arg(a);
-        }
-        // SAFETY: one CTA reading through the tensor maps and 64 / page table entries (checked); writes 64·64 and
-        // 64·512 floats, the sizes of s and o.
-        unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
-    }
-    Ok((s.to_host(gpu)?, o.to_host(gpu)?))
-}
-
-/// Runs the narrow-kernel wgmma probe on Q rows 0..16 of `q` (`[rows ≥ 16, 576]`) and the first 64 tokens of the
-/// sequence with table row `table_row`: returns (S = Q·Kᵀ as [16, 64], O = bf16(S)·V as [16, 512]), computed as
-/// Sᵀ = K·Qᵀ and Oᵀ = Vᵀ·Pᵀ like the narrow kernels.
-#[doc(hidden)]
-pub fn probe_narrow_wgmma(
-    gpu: &Gpu,
-    q: &DeviceTensor<bf16>,
-    kv: &DeviceTensor<bf16>,
-    table_row: &DeviceTensor<i32>,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    gpu.require_hopper("MLA sm_90a narrow wgmma probe")?;
-    let [num_blocks, page, width] = kv.dims::<3>("kv_cache")?;
-    let [q_rows, q_width] = q.dims::<2>("q")?;
-    if width != D_QK || q_width != D_QK || num_blocks == 0 || q_rows < 16 {
-        return Err(Error::shape("q / kv_cache", "576 columns, ≥ 16 q rows, ≥ 1 page", format!("{:?}", kv.shape())));
-    }
-    let box_rows = box_rows(page).ok_or_else(|| unsupported_page(page))?;
-    if table_row.numel() * page < TILE_N {
-        return Err(Error::shape("table_row", format!("≥ {} entries", TILE_N.div_ceil(page)), table_row.numel()));
-    }
-    let mut s = DeviceTensor::<f32>::zeros(gpu, &[16, 64])?;
-    let mut o = DeviceTensor::<f32>::zeros(gpu, &[16, 512])?;
-    let smem = narrow_smem_bytes(16, false);
-    let f = gpu.function(PROBE_MODULE, "mla_sm90_probe_narrow_wgmma", smem as u32)?;
-    let stream = gpu.stream();
-    let (qv, kvv) = (q.view(), kv.view());
-    let (q_ptr, _g1) = qv.device_ptr(stream);
-    let (kv_ptr, _g2) = kvv.device_ptr(stream);
-    let tmap_q = encode_rows_576(q_ptr, q_rows, 16)?;
-    let tmap_kv = encode_rows_576(kv_ptr, num_blocks * page, box_rows)?;
-    {
-        let (tv, mut sv, mut ov) = (table_row.view(), s.view_mut(), o.view_mut());
-        let args = [page as i32, num_blocks as i32, box_rows as i32];
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
-        let mut launch = stream.launch_builder(&f);
-        launch.arg(&tmap_q).arg(&tmap_kv).arg(&tv).arg(&mut sv).arg(&mut ov);
-        for a in &args {
-            launch.arg(a);
-        }
-        // SAFETY: one CTA reading through the tensor maps and 64 / page table entries (checked); writes 16·64 and
-        // 16·512 floats, the sizes of s and o.
-        unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
-    }
-    Ok((s.to_host(gpu)?, o.to_host(gpu)?))
-}
-
-/// (m, l, alpha, p) from [`probe_softmax`].
-pub type SoftmaxProbe = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
-
-/// Runs the online-softmax probe on `s` [64, 128] (log2 domain): returns per row (m, l, alpha of the second tile)
-/// and the bf16 P of the second tile [64, 64].
-#[doc(hidden)]
-pub fn probe_softmax(gpu: &Gpu, s: &[f32]) -> Result<SoftmaxProbe> {
-    gpu.require_hopper("MLA sm_90a softmax probe")?;
-    if s.len() != 64 * 128 {
-        return Err(Error::shape("s", 64 * 128, s.len()));
-    }
-    let sd = DeviceTensor::from_host(gpu, s, &[64, 128])?;
-    let mut m = DeviceTensor::<f32>::zeros(gpu, &[64])?;
-    let mut l = DeviceTensor::<f32>::zeros(gpu, &[64])?;
-    let mut a = DeviceTensor::<f32>::zeros(gpu, &[64])?;
-    let mut p = DeviceTensor::<f32>::zeros(gpu, &[64, 64])?;
-    let f = gpu.function(PROBE_MODULE, "mla_sm90_probe_softmax", 0)?;
-    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    {
-        let (sv, mut mv, mut lv) = (sd.view(), m.view_mut(), l.view_mut());
-        let (mut pv, mut av) = (p.view_mut(), a.view_mut());
-        let mut launch = gpu.stream().launch_builder(&f);
-        launch.arg(&sv).arg(&mut mv).arg(&mut lv).arg(&mut pv).arg(&mut av);
-        // SAFETY: two warpgroups reading 64·128 floats and writing 64, 64, 64·64 and 64 floats: the buffer sizes.
-        unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
-    }
-    Ok((m.to_host(gpu)?, l.to_host(gpu)?, a.to_host(gpu)?, p.to_host(gpu)?))
 }
 
 #[cfg(test)]
