@@ -1,7 +1,7 @@
 //! MoE benchmarks, timed with CUDA events: router (128 tokens, E=256), grouped FP8 GEMM contiguous (8 experts × 4096
-//! rows, N=4096, K=7168: flops; default backend and the opt-in `GemmBackend::Sm90Tma`) and masked (4 × 256 rows, N=7168, K=2048: flops), and the whole DeepSeek-V3 layer at
-//! 128 tokens (bytes of expert weights it must read) beside its peer, a loop of per-expert cuBLASLt block-scaled
-//! FP8 GEMMs on the same routed data (same throughput, so criterion prints comparable numbers; the speedup is printed
+//! rows, N=4096, K=7168: flops) and masked (4 × 256 rows, N=7168, K=2048: flops), both on the default backend
+//! (the TMA + wgmma kernel on sm_90), and the whole DeepSeek-V3 layer at 128 tokens (bytes of expert weights it
+//! must read) beside its peer, a loop of per-expert cuBLASLt block-scaled FP8 GEMMs on the same routed data (same throughput, so criterion prints comparable numbers; the speedup is printed
 //! after the group, or why the peer was skipped). Prints a skip line and exits when there is no GPU.
 
 #[path = "common/cublaslt.rs"]
@@ -11,8 +11,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use cublaslt::{LtContext, LtFp8Gemm};
 use cudarc::driver::CudaView;
 use r1_kernels::moe::{
-    expert_weight_bytes, grouped_gemm, grouped_gemm_with, moe_forward, permute, route, swiglu_quant, upload_topk_ids,
-    ExpertWeights, GemmBackend, Layout, MoeWorkspace, Permuted, RouterConfig, Routing,
+    expert_weight_bytes, grouped_gemm, moe_forward, permute, route, swiglu_quant, upload_topk_ids,
+    ExpertWeights, Layout, MoeWorkspace, Permuted, RouterConfig, Routing,
 };
 use r1_kernels::quant::{activation_scale_shape, quantize_activations};
 use r1_kernels::reference::moe::calc_diff;
@@ -283,18 +283,6 @@ fn bench_moe(c: &mut Criterion) {
                 .expect("launch")
             })
         });
-        // The opt-in persistent TMA backend on the same data (sm_90 only).
-        if gpu.info().is_hopper() {
-            group.bench_function(BenchmarkId::new("grouped_contiguous_fp8_sm90_tma", "8x4096_n4096_k7168"), |b| {
-                b.iter_custom(|iters| {
-                    time_launches(&gpu, iters, || {
-                        let (o, c) = (&p.offsets, &p.counts);
-                        grouped_gemm_with(&gpu, &p.codes, &p.scales, &w, &s, o, c, &mut out, GemmBackend::Sm90Tma)
-                    })
-                    .expect("launch")
-                })
-            });
-        }
     }
 
     // Grouped masked: 4 experts × 256 rows, N=7168, K=2048.

@@ -827,7 +827,7 @@ fn fuzz_moe_grouped_gemm() {
             prop::sample::select(vec![128usize, 256, 128, 256, 0, 64]),
         ),
         perturbations::<7>(),
-        prop::sample::select(vec![GemmBackend::Auto, GemmBackend::Portable, GemmBackend::Wgmma, GemmBackend::Sm90Tma]),
+        prop::sample::select(vec![GemmBackend::Auto, GemmBackend::Portable, GemmBackend::Sm90Tma]),
         any::<u64>(),
     );
     fuzz::run("moe::grouped_gemm_with", strategy, |((t, k, e), (kdim, n), p, backend, seed)| {

@@ -400,7 +400,6 @@ fn check_grouped_gemm(
 fn grouped_kernel(backend: GemmBackend) -> &'static str {
     match backend {
         GemmBackend::Portable => "moe_grouped_gemm_fp8",
-        GemmBackend::Wgmma => "moe_grouped_gemm_fp8_sm90",
         GemmBackend::Sm90Tma => "moe_grouped_gemm_fp8_sm90_tma",
         other => panic!("no kernel known for {other:?}"),
     }
@@ -411,7 +410,7 @@ fn gpu_grouped_gemm_matches_reference() {
     let Some(gpu) = test_gpu("gpu_grouped_gemm_matches_reference") else { return };
     let mut backends = vec![GemmBackend::Portable];
     if sm90_part(&gpu, "gpu_grouped_gemm_matches_reference") {
-        backends.push(GemmBackend::Wgmma);
+        backends.push(GemmBackend::Sm90Tma);
     } else {
         assert!(matches!(
             grouped_gemm_with(
@@ -423,7 +422,7 @@ fn gpu_grouped_gemm_matches_reference() {
                 &DeviceTensor::zeros(&gpu, &[2]).unwrap(),
                 &DeviceTensor::zeros(&gpu, &[1]).unwrap(),
                 &mut DeviceTensor::zeros(&gpu, &[1, 128]).unwrap(),
-                GemmBackend::Wgmma
+                GemmBackend::Sm90Tma
             ),
             Err(Error::UnsupportedDevice { .. })
         ));
@@ -498,7 +497,7 @@ fn external_masked_gemm(gpu: &Gpu, backend: GemmBackend) {
 fn layer_case(gpu: &Gpu, cfg: &RouterConfig, t: usize, h: usize, i: usize, layout: Layout, seed: u64) {
     let mut backends = vec![GemmBackend::Portable];
     if sm90_part(gpu, "gpu_layer_matches_reference") {
-        backends.push(GemmBackend::Wgmma);
+        backends.push(GemmBackend::Sm90Tma);
     }
     layer_case_backends(gpu, cfg, t, h, i, layout, seed, &backends);
 }

@@ -1,5 +1,5 @@
-//! The grouped FP8 expert GEMM: one kernel launch over every expert's segment (SIMT, wgmma, or TMA-fed wgmma),
-//! with the host twins of its schedule.
+//! The grouped FP8 expert GEMM: one kernel launch over every expert's segment (the TMA-fed wgmma kernel on
+//! sm_90a, the SIMT kernel elsewhere), with the host twins of its schedule.
 
 use cudarc::driver::CudaStream;
 
@@ -10,21 +10,16 @@ use crate::view::KernelPtr;
 /// Which grouped-GEMM kernel to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmBackend {
-    /// wgmma on sm_90, SIMT elsewhere.
+    /// [`Sm90Tma`](Self::Sm90Tma) on sm_90, [`Portable`](Self::Portable) elsewhere.
     #[default]
     Auto,
     /// The portable SIMT kernel (`moe.cu`), any sm_80+ device. Every op calls its fallback `Portable`.
     Portable,
-    /// The wgmma kernel (`moe_sm90.cu`), sm_90 only.
-    Wgmma,
-    /// The persistent warp-specialized TMA + wgmma kernel on the dense FP8 GEMM's machinery
-    /// (`moe_grouped_sm90.cu`), sm_90 only. Opt-in; serves contiguous and masked layouts alike (segment starts on
+    /// The persistent warp-specialized TMA + wgmma kernel on the crate's one FP8 mainloop
+    /// (`moe_grouped_sm90.cu`), sm_90 only. Serves contiguous and masked layouts alike (segment starts on
     /// multiples of [`GEMM_BLOCK_M`]).
     Sm90Tma,
 }
-
-/// Dynamic shared memory of the wgmma kernel: 4 stages of (64 + 128) × 128 B, plus 1 KiB to align to 1024 B.
-const SM90_SMEM: u32 = 4 * (64 + 128) * 128 + 1024;
 
 const TMA_MODULE: &str = "moe_grouped_sm90";
 pub(super) const TMA_KERNEL: &str = "moe_grouped_gemm_fp8_sm90_tma";
@@ -262,8 +257,8 @@ impl<'s> GroupedArgs<'s> {
 /// Grouped FP8 GEMM: `out[r, :] = a[r, :] · w[e(r)]ᵀ` (bf16 out), where row `r`'s expert is the segment of the
 /// device `offsets` `[E+1]` containing it and only rows below `offsets[e] + counts[e]` are computed and written.
 /// `a` `[rows, K]` with scales `[K/128, round_up(rows, 4)]`; `w` `[E, N, K]` with scales `[E, N/128, K/128]`.
-/// Segment starts must be multiples of [`GEMM_BLOCK_M`] (what [`permute`] produces). Dispatches to the wgmma
-/// kernel on sm_90 when it is built, else to the portable SIMT kernel.
+/// Segment starts must be multiples of [`GEMM_BLOCK_M`] (what [`permute`] produces). Dispatches to the TMA + wgmma
+/// kernel on sm_90, else to the portable SIMT kernel.
 ///
 /// Graph capture: yes (launches only; no allocation, copy or synchronization).
 #[allow(clippy::too_many_arguments)]
@@ -334,36 +329,27 @@ pub fn grouped_gemm_with<'a>(
     if rows == 0 {
         return Ok(());
     }
-    let wgmma = match backend {
+    let tma = match backend {
         GemmBackend::Auto => gpu.info().is_hopper(),
         GemmBackend::Portable => false,
-        GemmBackend::Wgmma => {
-            gpu.require_hopper("moe_grouped_gemm_fp8_sm90")?;
-            true
-        }
-        GemmBackend::Sm90Tma => {
-            return grouped_gemm_tma(gpu, &a, &a_scales, &w, &w_scales, &offsets, &counts, &mut out);
-        }
+        GemmBackend::Sm90Tma => true,
     };
-    let block_n = if wgmma { 128 } else { GEMM_BLOCK_N };
-    let grid = (grid_u32("rows", rows.div_ceil(GEMM_BLOCK_M))?, u32::try_from(n / block_n).unwrap_or(u32::MAX));
+    if tma {
+        return grouped_gemm_tma(gpu, &a, &a_scales, &w, &w_scales, &offsets, &counts, &mut out);
+    }
+    let grid = (grid_u32("rows", rows.div_ceil(GEMM_BLOCK_M))?, u32::try_from(n / GEMM_BLOCK_N).unwrap_or(u32::MAX));
     if grid.1 > 65_535 {
         return Err(Error::shape("n", "at most 65535·64", n));
     }
-    let (f, block, smem) = if wgmma {
-        (gpu.function(SM90_MODULE, "moe_grouped_gemm_fp8_sm90", SM90_SMEM)?, 128, SM90_SMEM)
-    } else {
-        (gpu.function(MODULE, "moe_grouped_gemm_fp8", 0)?, 256, 0)
-    };
+    let f = gpu.function(MODULE, "moe_grouped_gemm_fp8", 0)?;
     let stream = gpu.stream();
     let args = GroupedArgs::new(stream, &a, &a_scales, &w, &w_scales, &offsets, &counts, &mut out);
     let mut l = stream.launch_builder(&f);
     l.arg(&args.params);
-    let c = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
+    let c = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: shapes checked above. Each CTA's expert comes from a binary search clamped to 0..E; its rows are
     // bounded by min(offsets[e] + counts[e], offsets[e+1], rows), so a/a_scales/out accesses stay in bounds whatever
-    // the device offsets hold; w rows n0..n0+block_n ≤ N (N % 128 == 0) and K columns are in bounds since
-    // K % 128 == 0. Both kernels take the same arguments.
+    // the device offsets hold; w rows n0..n0+64 ≤ N (N % 128 == 0) and K columns are in bounds since K % 128 == 0.
     unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     Ok(())
 }

@@ -22,7 +22,6 @@ use crate::tensor::DeviceTensor;
 use crate::view::{no_tensor, TensorMut, TensorRef};
 
 const MODULE: &str = "moe";
-const SM90_MODULE: &str = "moe_sm90";
 /// A null device pointer, passed for optional inputs the kernel is told (by a flag) not to read.
 const NULL: u64 = 0;
 
@@ -333,9 +332,6 @@ pub fn moe_forward<'a>(
     ws.topk_ids.expect_shape("workspace.topk_ids", &[t, cfg.top_k])?;
     ws.topk_weights.expect_shape("workspace.topk_weights", &[t, cfg.top_k])?;
     ws.logits.expect_shape("workspace.logits", &[t, e])?;
-    if ws.gemm_backend == GemmBackend::Wgmma {
-        gpu.require_hopper("moe_grouped_gemm_fp8_sm90")?;
-    }
     if ws.gemm_backend == GemmBackend::Sm90Tma {
         gpu.require_hopper(TMA_KERNEL)?;
     }
