@@ -16,6 +16,10 @@
 //
 // r1k: portable
 #include "common/fp8.cuh"
+#include "common/quant_params.cuh"
+
+// Both kernels copy their pointers into __restrict__ locals: a struct member cannot carry the qualifier, and the bf16
+// loads need it to take the read-only path (LDG.CONSTANT).
 
 namespace {
 
@@ -56,12 +60,14 @@ __device__ __forceinline__ void store8(uint8_t* p, bool vec, int valid, const fl
 
 }  // namespace
 
-// x: [m, k] bf16 row-major. q: [m, k] E4M3. scales: [ceil(k/128), m_pad] fp32 (MN-major).
-// vec: 1 when k % 8 == 0 and x, q are 16- and 8-byte aligned.
-extern "C" __global__ void __launch_bounds__(256) act_quant_group128(const __nv_bfloat16* __restrict__ x,
-                                                                     uint8_t* __restrict__ q,
-                                                                     float* __restrict__ scales, int m, int k,
-                                                                     int m_pad, int ue8m0, int vec) {
+// One ActQuantParams (common/quant_params.cuh). x: [m, k] bf16 row-major. q: [m, k] E4M3. scales: [ceil(k/128),
+// m_pad] fp32 (MN-major). vec: 1 when k % 8 == 0 and x, q are 16- and 8-byte aligned.
+extern "C" __global__ void __launch_bounds__(256)
+    act_quant_group128(const __grid_constant__ r1k_quant_params::ActQuantParams p) {
+    const __nv_bfloat16* __restrict__ x = p.x;
+    uint8_t* __restrict__ q = p.q;
+    float* __restrict__ scales = p.scales;
+    const int m = p.m, k = p.k;
     const int groups_per_row = (k + kGroup - 1) / kGroup;
     const long long total_groups = static_cast<long long>(m) * groups_per_row;
     const long long g = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanesPerGroup;
@@ -75,7 +81,7 @@ extern "C" __global__ void __launch_bounds__(256) act_quant_group128(const __nv_
 
     float v[8];
     if (valid > 0) {
-        load8(x + offset, vec && valid == 8, valid, v);
+        load8(x + offset, p.vec && valid == 8, valid, v);
     } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = 0.0f;
@@ -87,28 +93,30 @@ extern "C" __global__ void __launch_bounds__(256) act_quant_group128(const __nv_
     for (int mask = kLanesPerGroup / 2; mask > 0; mask >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
     if (!active) return;
 
-    const float scale = r1k::scale_for_amax(amax, ue8m0 != 0);
-    if (valid > 0) store8(q + offset, vec && valid == 8, valid, v, scale);
+    const float scale = r1k::scale_for_amax(amax, p.ue8m0 != 0);
+    if (valid > 0) store8(q + offset, p.vec && valid == 8, valid, v, scale);
     if (lane == 0) {
-        float* column = scales + static_cast<size_t>(grp) * m_pad;
+        float* column = scales + static_cast<size_t>(grp) * p.m_pad;
         column[row] = scale;
         if (row == m - 1)
-            for (int r = m; r < m_pad; ++r) column[r] = 0.0f;
+            for (int r = m; r < p.m_pad; ++r) column[r] = 0.0f;
     }
 }
 
-// w: [n, k] bf16 row-major. q: [n, k] E4M3. scales: [ceil(n/128), ceil(k/128)] fp32 row-major.
-// Grid: (ceil(k/128), ceil(n/128)), block 256.
-extern "C" __global__ void __launch_bounds__(256) weight_quant_block128(const __nv_bfloat16* __restrict__ w,
-                                                                       uint8_t* __restrict__ q,
-                                                                       float* __restrict__ scales, int n, int k,
-                                                                       int ue8m0, int vec) {
+// One WeightQuantParams. w: [n, k] bf16 row-major. q: [n, k] E4M3. scales: [ceil(n/128), ceil(k/128)] fp32
+// row-major. Grid: (ceil(k/128), ceil(n/128)), block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    weight_quant_block128(const __grid_constant__ r1k_quant_params::WeightQuantParams p) {
+    const __nv_bfloat16* __restrict__ w = p.w;
+    uint8_t* __restrict__ q = p.q;
+    float* __restrict__ scales = p.scales;
+    const int n = p.n, k = p.k;
     __shared__ float warp_amax[8];
     const int block_col = blockIdx.x * kGroup;
     const int block_row = blockIdx.y * kGroup;
     const int col = block_col + (threadIdx.x % 16) * 8;
     const int valid = max(0, min(8, k - col));
-    const bool use_vec = vec && valid == 8;
+    const bool use_vec = p.vec && valid == 8;
 
     float amax = 0.0f;
     for (int r = threadIdx.x / 16; r < kGroup; r += 16) {
@@ -126,7 +134,7 @@ extern "C" __global__ void __launch_bounds__(256) weight_quant_block128(const __
     amax = warp_amax[0];
 #pragma unroll
     for (int i = 1; i < 8; ++i) amax = fmaxf(amax, warp_amax[i]);
-    const float scale = r1k::scale_for_amax(amax, ue8m0 != 0);
+    const float scale = r1k::scale_for_amax(amax, p.ue8m0 != 0);
     if (threadIdx.x == 0) scales[static_cast<size_t>(blockIdx.y) * gridDim.x + blockIdx.x] = scale;
 
     for (int r = threadIdx.x / 16; r < kGroup; r += 16) {

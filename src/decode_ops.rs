@@ -12,6 +12,127 @@ use crate::view::{TensorMut, TensorRef};
 
 const MODULE: &str = "decode_ops";
 
+/// The kernels' argument structs, the Rust twins of `kernels/common/decode_ops_params.cuh` (one per kernel; field
+/// comments are in the header). [`kernel_params!`] pins each layout here; the header pins the same offsets and the
+/// test below checks they agree.
+mod params {
+    use crate::kernel_params::kernel_params;
+
+    kernel_params! {
+        /// `rms_norm_bf16`.
+        pub(super) struct RmsNormParams = 64 bytes {
+            x: u64 @ 0,
+            residual: u64 @ 8,
+            residual_out: u64 @ 16,
+            weight: u64 @ 24,
+            y: u64 @ 32,
+            x_stride: i64 @ 40,
+            y_stride: i64 @ 48,
+            d: i32 @ 56,
+            eps: f32 @ 60,
+        }
+    }
+
+    kernel_params! {
+        /// `copy_columns_bf16`.
+        pub(super) struct CopyColumnsParams = 48 bytes {
+            src: u64 @ 0,
+            dst: u64 @ 8,
+            rows: i64 @ 16,
+            width: i32 @ 24,
+            src_len: i32 @ 28,
+            src_col: i32 @ 32,
+            dst_len: i32 @ 36,
+            dst_col: i32 @ 40,
+        }
+    }
+
+    kernel_params! {
+        /// `add_bf16`.
+        pub(super) struct AddParams = 32 bytes {
+            a: u64 @ 0,
+            b: u64 @ 8,
+            out: u64 @ 16,
+            n: i64 @ 24,
+        }
+    }
+
+    kernel_params! {
+        /// `rope_bf16_inplace`.
+        pub(super) struct RopeParams = 56 bytes {
+            x: u64 @ 0,
+            positions: u64 @ 8,
+            inv_freq: u64 @ 16,
+            rows: i32 @ 24,
+            row_len: i32 @ 28,
+            count: i32 @ 32,
+            stride: i32 @ 36,
+            offset: i32 @ 40,
+            dim: i32 @ 44,
+            scale: f32 @ 48,
+        }
+    }
+
+    kernel_params! {
+        /// `head_bmm_bf16`.
+        pub(super) struct HeadBmmParams = 96 bytes {
+            x: u64 @ 0,
+            w: u64 @ 8,
+            out: u64 @ 16,
+            ws_h: i64 @ 24,
+            ws_i: i64 @ 32,
+            ws_j: i64 @ 40,
+            w_offset: i64 @ 48,
+            t: i32 @ 56,
+            heads: i32 @ 60,
+            k: i32 @ 64,
+            n: i32 @ 68,
+            x_len: i32 @ 72,
+            x_col: i32 @ 76,
+            out_len: i32 @ 80,
+            out_col: i32 @ 84,
+            out_f32: i32 @ 88,
+        }
+    }
+
+    kernel_params! {
+        /// `cache_append_bf16`.
+        pub(super) struct CacheAppendParams = 64 bytes {
+            rows: u64 @ 0,
+            cache: u64 @ 8,
+            block_table: u64 @ 16,
+            seq_ids: u64 @ 24,
+            positions: u64 @ 32,
+            width: i32 @ 40,
+            page: i32 @ 44,
+            num_blocks: i32 @ 48,
+            batch: i32 @ 52,
+            max_blocks: i32 @ 56,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::kernel_params::assert_header_pins;
+
+        const PATH: &str = "kernels/common/decode_ops_params.cuh";
+        const HEADER: &str = include_str!("../kernels/common/decode_ops_params.cuh");
+
+        #[test]
+        fn the_header_pins_the_same_layouts() {
+            assert_header_pins::<RmsNormParams>(PATH, HEADER);
+            assert_header_pins::<CopyColumnsParams>(PATH, HEADER);
+            assert_header_pins::<AddParams>(PATH, HEADER);
+            assert_header_pins::<RopeParams>(PATH, HEADER);
+            assert_header_pins::<HeadBmmParams>(PATH, HEADER);
+            assert_header_pins::<CacheAppendParams>(PATH, HEADER);
+        }
+    }
+}
+
+use params::{AddParams, CacheAppendParams, CopyColumnsParams, HeadBmmParams, RmsNormParams, RopeParams};
+
 fn launch_rms_norm(
     gpu: &Gpu,
     rows: usize,
@@ -29,12 +150,22 @@ fn launch_rms_norm(
     if rows == 0 || d == 0 {
         return Ok(());
     }
-    let (xs, ys) = (x_stride as i64, y_stride as i64);
     let f = gpu.function(MODULE, "rms_norm_bf16", 0)?;
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let [x, residual, residual_out, weight, y] = pointers;
+    let params = RmsNormParams {
+        x,
+        residual,
+        residual_out,
+        weight,
+        y,
+        x_stride: x_stride as i64,
+        y_stride: y_stride as i64,
+        d: di,
+        eps,
+    };
     let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&x).arg(&residual).arg(&residual_out).arg(&weight).arg(&y).arg(&di).arg(&xs).arg(&ys).arg(&eps);
+    launch.arg(&params);
     // SAFETY: callers pass pointers of tensors whose shapes they checked: rows rows of `x_stride` / `y_stride`
     // elements with d ≤ both strides, residual tensors [rows, d], weight [d]. Null residual pointers disable the add.
     unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
@@ -146,8 +277,9 @@ pub fn copy_columns<'a>(
     }
     // The kernel addresses rows by their stride: a strided view's rows are where it says.
     let (src_stride, dst_stride) = (src.row_stride(), dst.row_stride());
-    let args = (rows as i64, to_i32("width", width)?, to_i32("src", src_stride)?, to_i32("src_col", src_col)?);
-    let args2 = (to_i32("dst", dst_stride)?, to_i32("dst_col", dst_col)?);
+    let (width_i, src_len, src_col_i) =
+        (to_i32("width", width)?, to_i32("src", src_stride)?, to_i32("src_col", src_col)?);
+    let (dst_len, dst_col_i) = (to_i32("dst", dst_stride)?, to_i32("dst_col", dst_col)?);
     let total = rows as u64 * width as u64;
     if total == 0 {
         return Ok(());
@@ -156,9 +288,19 @@ pub fn copy_columns<'a>(
     let f = gpu.function(MODULE, "copy_columns_bf16", 0)?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let stream = gpu.stream();
-    let (sv, mut dv) = (src.kernel_arg(stream), dst.kernel_arg(stream));
+    let (sv, dv) = (src.kernel_arg(stream), dst.kernel_arg(stream));
+    let params = CopyColumnsParams {
+        src: sv.addr(),
+        dst: dv.addr(),
+        rows: rows as i64,
+        width: width_i,
+        src_len,
+        src_col: src_col_i,
+        dst_len,
+        dst_col: dst_col_i,
+    };
     let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&sv).arg(&mut dv).arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args2.0).arg(&args2.1);
+    launch.arg(&params);
     // SAFETY: both column windows lie inside their rows (checked) and both tensors have `rows` rows.
     unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
@@ -188,9 +330,10 @@ pub fn add<'a>(
     let f = gpu.function(MODULE, "add_bf16", 0)?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let stream = gpu.stream();
-    let (av, bv, mut ov, ni) = (a.kernel_arg(stream), b.kernel_arg(stream), out.kernel_arg(stream), n as i64);
+    let (av, bv, ov) = (a.kernel_arg(stream), b.kernel_arg(stream), out.kernel_arg(stream));
+    let params = AddParams { a: av.addr(), b: bv.addr(), out: ov.addr(), n: n as i64 };
     let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&av).arg(&bv).arg(&mut ov).arg(&ni);
+    launch.arg(&params);
     // SAFETY: all three tensors have n elements (checked); threads past n return.
     unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     Ok(())
@@ -261,16 +404,17 @@ pub fn rope_inplace<'a>(
             return Err(Error::InvalidConfig(format!("rope slices overlap: stride {} < dim {dim}", slices.stride)));
         }
     }
-    let args = (
-        to_i32("rows", rows)?,
+    let mut params = RopeParams {
+        rows: to_i32("rows", rows)?,
         // The kernel steps rows by this stride; slices were checked against the row length above.
-        to_i32("row_len", x.row_stride())?,
-        to_i32("count", slices.count)?,
-        to_i32("stride", slices.stride)?,
-        to_i32("offset", slices.offset)?,
-        to_i32("dim", dim)?,
-        tables.cfg.cos_sin_scale() as f32,
-    );
+        row_len: to_i32("row_len", x.row_stride())?,
+        count: to_i32("count", slices.count)?,
+        stride: to_i32("stride", slices.stride)?,
+        offset: to_i32("offset", slices.offset)?,
+        dim: to_i32("dim", dim)?,
+        scale: tables.cfg.cos_sin_scale() as f32,
+        ..RopeParams::default()
+    };
     let total = rows as u64 * slices.count as u64 * (dim / 2) as u64;
     if total == 0 {
         return Ok(());
@@ -279,10 +423,11 @@ pub fn rope_inplace<'a>(
     let f = gpu.function(MODULE, "rope_bf16_inplace", 0)?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let stream = gpu.stream();
-    let (mut xv, pv, fv) = (x.kernel_arg(stream), positions.kernel_arg(stream), tables.inv_freq.view());
+    let freq = TensorRef::from(&tables.inv_freq);
+    let (xv, pv, fv) = (x.kernel_arg(stream), positions.kernel_arg(stream), freq.kernel_arg(stream));
+    (params.x, params.positions, params.inv_freq) = (xv.addr(), pv.addr(), fv.addr());
     let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&mut xv).arg(&pv).arg(&fv);
-    launch.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4).arg(&args.5).arg(&args.6);
+    launch.arg(&params);
     // SAFETY: every slice lies inside its row (checked above); the grid covers rows·count·dim/2 pairs exactly and the
     // kernel returns for indices past that; positions has one entry per row.
     unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
@@ -384,15 +529,22 @@ pub fn head_bmm_windows<'a, O: BmmOutput>(
         }
     }
     let smem_u32 = head_bmm_smem_bytes(k);
-    let (ti, hi, ki, ni) = (to_i32("t", t)?, to_i32("heads", heads)?, to_i32("k", k)?, to_i32("n", n)?);
-    let (sh, si, sj, so) = (strides.head as i64, strides.i as i64, strides.j as i64, strides.offset as i64);
-    let (x_stride, out_stride) = (x.row_stride(), out.row_stride());
-    let windows = (
-        to_i32("x", x_stride)?,
-        to_i32("x_col", x_cols.col)?,
-        to_i32("out", out_stride)?,
-        to_i32("out_col", out_cols.col)?,
-    );
+    let mut params = HeadBmmParams {
+        ws_h: strides.head as i64,
+        ws_i: strides.i as i64,
+        ws_j: strides.j as i64,
+        w_offset: strides.offset as i64,
+        t: to_i32("t", t)?,
+        heads: to_i32("heads", heads)?,
+        k: to_i32("k", k)?,
+        n: to_i32("n", n)?,
+        x_len: to_i32("x", x.row_stride())?,
+        x_col: to_i32("x_col", x_cols.col)?,
+        out_len: to_i32("out", out.row_stride())?,
+        out_col: to_i32("out_col", out_cols.col)?,
+        out_f32: O::F32_FLAG,
+        ..HeadBmmParams::default()
+    };
     if t == 0 || heads == 0 || n == 0 {
         return Ok(());
     }
@@ -409,10 +561,10 @@ pub fn head_bmm_windows<'a, O: BmmOutput>(
         shared_mem_bytes: smem_u32,
     };
     let stream = gpu.stream();
-    let (xv, wv, mut ov) = (x.kernel_arg(stream), w.kernel_arg(stream), out.kernel_arg(stream));
+    let (xv, wv, ov) = (x.kernel_arg(stream), w.kernel_arg(stream), out.kernel_arg(stream));
+    (params.x, params.w, params.out) = (xv.addr(), wv.addr(), ov.addr());
     let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&xv).arg(&wv).arg(&mut ov).arg(&ti).arg(&hi).arg(&ki).arg(&ni).arg(&sh).arg(&si).arg(&sj);
-    launch.arg(&windows.0).arg(&windows.1).arg(&windows.2).arg(&windows.3).arg(&O::F32_FLAG).arg(&so);
+    launch.arg(&params);
     // SAFETY: x and out windows lie inside their rows and the largest weight index is below w.numel() (checked);
     // the grid covers exactly the output window and threads past n or t return.
     unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
@@ -474,13 +626,14 @@ pub fn cache_append<'a>(
         }
         crate::reference::decode_ops::cache_slots(table, max_blocks, num_blocks, page, seqs, pos)?;
     }
-    let args = (
-        to_i32("width", width)?,
-        to_i32("page", page)?,
-        to_i32("num_blocks", num_blocks)?,
-        to_i32("batch", batch)?,
-        to_i32("max_blocks", max_blocks)?,
-    );
+    let mut params = CacheAppendParams {
+        width: to_i32("width", width)?,
+        page: to_i32("page", page)?,
+        num_blocks: to_i32("num_blocks", num_blocks)?,
+        batch: to_i32("batch", batch)?,
+        max_blocks: to_i32("max_blocks", max_blocks)?,
+        ..CacheAppendParams::default()
+    };
     let grid = u32::try_from(t).map_err(|_| Error::shape("rows", "fewer than 2^32 rows", t))?;
     if t == 0 || width == 0 {
         return Ok(());
@@ -488,11 +641,12 @@ pub fn cache_append<'a>(
     let f = gpu.function(MODULE, "cache_append_bf16", 0)?;
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     let stream = gpu.stream();
-    let (rv, mut cv, bv) = (rows.kernel_arg(stream), cache.kernel_arg(stream), block_table.kernel_arg(stream));
+    let (rv, cv, bv) = (rows.kernel_arg(stream), cache.kernel_arg(stream), block_table.kernel_arg(stream));
     let (sv, pv) = (seq_ids.kernel_arg(stream), positions.kernel_arg(stream));
+    (params.rows, params.cache, params.block_table) = (rv.addr(), cv.addr(), bv.addr());
+    (params.seq_ids, params.positions) = (sv.addr(), pv.addr());
     let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&rv).arg(&mut cv).arg(&bv).arg(&sv).arg(&pv);
-    launch.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4);
+    launch.arg(&params);
     // SAFETY: the kernel checks seq, position and block id against batch, max_blocks and num_blocks before writing,
     // so every write is inside the cache; reads are bounded by the checked shapes.
     unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;

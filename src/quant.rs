@@ -16,6 +16,57 @@ pub const QUANT_BLOCK: usize = 128;
 
 const MODULE: &str = "quant";
 
+/// The kernels' argument structs, the Rust twins of `kernels/common/quant_params.cuh` (one per kernel; field comments
+/// are in the header). [`kernel_params!`] pins each layout here; the header pins the same offsets and the test below
+/// checks they agree.
+mod params {
+    use crate::kernel_params::kernel_params;
+
+    kernel_params! {
+        /// `act_quant_group128`.
+        pub(super) struct ActQuantParams = 48 bytes {
+            x: u64 @ 0,
+            q: u64 @ 8,
+            scales: u64 @ 16,
+            m: i32 @ 24,
+            k: i32 @ 28,
+            m_pad: i32 @ 32,
+            ue8m0: i32 @ 36,
+            vec: i32 @ 40,
+        }
+    }
+
+    kernel_params! {
+        /// `weight_quant_block128`.
+        pub(super) struct WeightQuantParams = 40 bytes {
+            w: u64 @ 0,
+            q: u64 @ 8,
+            scales: u64 @ 16,
+            n: i32 @ 24,
+            k: i32 @ 28,
+            ue8m0: i32 @ 32,
+            vec: i32 @ 36,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::kernel_params::assert_header_pins;
+
+        const PATH: &str = "kernels/common/quant_params.cuh";
+        const HEADER: &str = include_str!("../kernels/common/quant_params.cuh");
+
+        #[test]
+        fn the_header_pins_the_same_layouts() {
+            assert_header_pins::<ActQuantParams>(PATH, HEADER);
+            assert_header_pins::<WeightQuantParams>(PATH, HEADER);
+        }
+    }
+}
+
+use params::{ActQuantParams, WeightQuantParams};
+
 /// Shape of the scale tensor [`quantize_activations`] writes for an [m, k] input: `[ceil(k/128), round_up(m, 4)]`.
 pub fn activation_scale_shape(m: usize, k: usize) -> [usize; 2] {
     [k.div_ceil(QUANT_BLOCK), padded_scale_rows(m)]
@@ -59,9 +110,10 @@ pub fn quantize_activations<'a>(
     let f = gpu.function(MODULE, "act_quant_group128", 0)?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let stream = gpu.stream();
-    let (xv, mut qv, mut sv) = (x.kernel_arg(stream), q.kernel_arg(stream), scales.kernel_arg(stream));
+    let (xv, qv, sv) = (x.kernel_arg(stream), q.kernel_arg(stream), scales.kernel_arg(stream));
+    let params = ActQuantParams { x: xv.addr(), q: qv.addr(), scales: sv.addr(), m: mi, k: ki, m_pad, ue8m0, vec };
     let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&xv).arg(&mut qv).arg(&mut sv).arg(&mi).arg(&ki).arg(&m_pad).arg(&ue8m0).arg(&vec);
+    launch.arg(&params);
     // SAFETY: shapes were checked above: the kernel reads m·k bf16, writes m·k codes and ceil(k/128)·m_pad scales,
     // exactly the sizes of the three views; every index it forms is bounded by m, k and m_pad.
     unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
@@ -114,9 +166,10 @@ pub fn quantize_weights<'a>(
     let f = gpu.function(MODULE, "weight_quant_block128", 0)?;
     let cfg = LaunchConfig { grid_dim: (kb as u32, grid_y, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let stream = gpu.stream();
-    let (wv, mut qv, mut sv) = (w.kernel_arg(stream), q.kernel_arg(stream), scales.kernel_arg(stream));
+    let (wv, qv, sv) = (w.kernel_arg(stream), q.kernel_arg(stream), scales.kernel_arg(stream));
+    let params = WeightQuantParams { w: wv.addr(), q: qv.addr(), scales: sv.addr(), n: ni, k: ki, ue8m0, vec };
     let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(&wv).arg(&mut qv).arg(&mut sv).arg(&ni).arg(&ki).arg(&ue8m0).arg(&vec);
+    launch.arg(&params);
     // SAFETY: shapes checked above; the grid covers exactly ceil(n/128)×ceil(k/128) blocks and each thread bounds
     // its rows by n and its columns by k.
     unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
