@@ -552,6 +552,19 @@ fn every_cubin_kernel_is_emulated() {
     assert!(missing.is_empty(), "kernels not compiled into the emulator ({checked} are): {missing:?}");
 }
 
+/// act_quant_group128's one argument, `ActQuantParams` of kernels/common/quant_params.cuh (48 bytes).
+#[repr(C)]
+struct ActQuantParams {
+    x: u64,
+    q: u64,
+    scales: u64,
+    m: i32,
+    k: i32,
+    m_pad: i32,
+    ue8m0: i32,
+    vec: i32,
+}
+
 /// quant::act_quant_group128 (`__launch_bounds__(256)`), or None (printing why) when unavailable.
 fn act_quant(test: &str) -> Option<(CUmodule, CUfunction)> {
     let cubins = cubins_or_skip(test)?;
@@ -600,18 +613,8 @@ fn invalid_launches_are_refused() {
     setup();
     let Some((_, f)) = act_quant("invalid_launches_are_refused") else { return };
     let (x, q, scales) = (alloc(4096), alloc(4096), alloc(4096));
-    let (mut m, mut k, mut m_pad, mut ue8m0, mut vec) = (1i32, 128i32, 1i32, 0i32, 1i32);
-    let (mut xp, mut qp, mut sp) = (x, q, scales);
-    let mut params: [*mut c_void; 8] = [
-        (&mut xp as *mut u64).cast(),
-        (&mut qp as *mut u64).cast(),
-        (&mut sp as *mut u64).cast(),
-        (&mut m as *mut i32).cast(),
-        (&mut k as *mut i32).cast(),
-        (&mut m_pad as *mut i32).cast(),
-        (&mut ue8m0 as *mut i32).cast(),
-        (&mut vec as *mut i32).cast(),
-    ];
+    let mut args = ActQuantParams { x, q, scales, m: 1, k: 128, m_pad: 1, ue8m0: 0, vec: 1 };
+    let mut params: [*mut c_void; 1] = [(&mut args as *mut ActQuantParams).cast()];
     let launch = |grid: u32, block: u32, smem: u32, params: *mut *mut c_void| unsafe {
         cuLaunchKernel(f, grid, 1, 1, block, 1, 1, smem, null_mut(), params, null_mut())
     };
@@ -667,18 +670,9 @@ fn kernel_graph_replay_equals_eager_launch() {
     let (s_eager, s_graph) = (alloc(scales_len * 4), alloc(scales_len * 4));
     let stream = new_stream();
     let run = |q: CUdeviceptr, s: CUdeviceptr| {
-        let (mut xp, mut qp, mut sp) = (xd, q, s);
-        let (mut m, mut k, mut m_pad, mut ue8m0, mut vec) = (rows as i32, cols as i32, rows as i32, 0i32, 1i32);
-        let mut params: [*mut c_void; 8] = [
-            (&mut xp as *mut u64).cast(),
-            (&mut qp as *mut u64).cast(),
-            (&mut sp as *mut u64).cast(),
-            (&mut m as *mut i32).cast(),
-            (&mut k as *mut i32).cast(),
-            (&mut m_pad as *mut i32).cast(),
-            (&mut ue8m0 as *mut i32).cast(),
-            (&mut vec as *mut i32).cast(),
-        ];
+        let (m, k) = (rows as i32, cols as i32);
+        let mut args = ActQuantParams { x: xd, q, scales: s, m, k, m_pad: m, ue8m0: 0, vec: 1 };
+        let mut params: [*mut c_void; 1] = [(&mut args as *mut ActQuantParams).cast()];
         // 16 threads per 128-element group.
         let threads = (rows * cols.div_ceil(128) * 16) as u32;
         // The arguments live in this closure's frame, gone when the graph replays: capture must copy them.
