@@ -30,6 +30,9 @@
 // SwiGLU: one half-warp per 128-wide group (8 values per lane), silu(g)·u in f32, amax by xor-shuffles, one
 // division per code, as reference::quant does. Combine: one thread per 8 columns of a token, f32 fma in slot order.
 //
+// The kernels copy their struct's pointers into __restrict__ locals: a struct member cannot carry the qualifier, and
+// the loads need it to take the read-only path (LDG.CONSTANT); no two of a kernel's pointers alias.
+//
 // r1k: portable
 #include "common/fp8.cuh"
 #include "common/moe.cuh"
@@ -176,20 +179,22 @@ extern "C" __global__ void __launch_bounds__(128)
                 p.e, p.k, p.groups, p.topk_groups, p.softmax, p.renormalize, p.scale);
 }
 
-// Grid E, block 256. counts_raw[e] = pairs routed to e; rank[i] = rank of pair i within its expert, (token, slot)
-// order. Only pairs with ids[i] == e are written by CTA e.
-extern "C" __global__ void __launch_bounds__(256) moe_count_rank(const int* __restrict__ ids, int n_pairs,
-                                                                 int* __restrict__ counts_raw,
-                                                                 int* __restrict__ rank) {
+// One CountRankParams (common/moe_params.cuh). Grid E, block 256. counts_raw[e] = pairs routed to e; rank[i] = rank
+// of pair i within its expert, (token, slot) order. Only pairs with ids[i] == e are written by CTA e.
+extern "C" __global__ void __launch_bounds__(256)
+    moe_count_rank(const __grid_constant__ r1k_moe_params::CountRankParams p) {
+    const int* __restrict__ ids = p.ids;
+    int* __restrict__ counts_raw = p.counts_raw;
+    int* __restrict__ rank = p.rank;
     __shared__ int warp_totals[8];
     const int e = blockIdx.x;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     int running = 0;
     // 64-bit: with n_pairs near 2^31, base + 256 would overflow an int (the masked capacity does not bound t·k).
-    for (long long base = 0; base < n_pairs; base += 256) {
+    for (long long base = 0; base < p.n_pairs; base += 256) {
         const long long i = base + threadIdx.x;
-        const bool match = i < n_pairs && ids[i] == e;
+        const bool match = i < p.n_pairs && __ldg(ids + i) == e;  // __restrict__ alone does not get LDG.CONSTANT here
         const unsigned ballot = __ballot_sync(0xffffffffu, match);
         if (lane == 0) warp_totals[warp] = __popc(ballot);
         __syncthreads();
@@ -206,23 +211,25 @@ extern "C" __global__ void __launch_bounds__(256) moe_count_rank(const int* __re
     if (threadIdx.x == 0) counts_raw[e] = running;
 }
 
-// One CTA of 1024 threads (num_experts <= 1024). Contiguous (masked == 0): segment e holds round_up(raw, block_m)
-// rows. Masked: segment e is rows [e·max_m, (e+1)·max_m), counts clamped to max_m.
-extern "C" __global__ void __launch_bounds__(1024) moe_offsets(const int* __restrict__ counts_raw, int num_experts,
-                                                               int masked, int block_m, int max_m,
-                                                               long long* __restrict__ offsets,
-                                                               int* __restrict__ counts) {
+// One OffsetsParams (common/moe_params.cuh). One CTA of 1024 threads (num_experts <= 1024). Contiguous
+// (masked == 0): segment e holds round_up(raw, block_m) rows. Masked: segment e is rows [e·max_m, (e+1)·max_m),
+// counts clamped to max_m.
+extern "C" __global__ void __launch_bounds__(1024)
+    moe_offsets(const __grid_constant__ r1k_moe_params::OffsetsParams p) {
+    const int* __restrict__ counts_raw = p.counts_raw;
+    long long* __restrict__ offsets = p.offsets;
+    int* __restrict__ counts = p.counts;
     __shared__ long long scan[1024];
     const int e = threadIdx.x;
     long long cap = 0;
-    if (e < num_experts) {
+    if (e < p.num_experts) {
         const int raw = counts_raw[e];
-        if (masked) {
-            counts[e] = min(raw, max_m);
-            cap = max_m;
+        if (p.masked) {
+            counts[e] = min(raw, p.max_m);
+            cap = p.max_m;
         } else {
             counts[e] = raw;
-            cap = (static_cast<long long>(raw) + block_m - 1) / block_m * block_m;
+            cap = (static_cast<long long>(raw) + p.block_m - 1) / p.block_m * p.block_m;
         }
     }
     scan[e] = cap;
@@ -234,25 +241,26 @@ extern "C" __global__ void __launch_bounds__(1024) moe_offsets(const int* __rest
         __syncthreads();
     }
     if (e == 0) offsets[0] = 0;
-    if (e < num_experts) offsets[e + 1] = scan[e];
+    if (e < p.num_experts) offsets[e + 1] = scan[e];
 }
 
-// One thread per pair.
-extern "C" __global__ void __launch_bounds__(256) moe_scatter(const int* __restrict__ ids,
-                                                              const int* __restrict__ rank,
-                                                              const long long* __restrict__ offsets,
-                                                              const int* __restrict__ counts, int n_pairs,
-                                                              int num_experts, long long capacity,
-                                                              int* __restrict__ row_of, int* __restrict__ src_index) {
+// One ScatterParams (common/moe_params.cuh). One thread per pair.
+extern "C" __global__ void __launch_bounds__(256) moe_scatter(const __grid_constant__ r1k_moe_params::ScatterParams p) {
+    const int* __restrict__ ids = p.ids;
+    const int* __restrict__ rank = p.rank;
+    const long long* __restrict__ offsets = p.offsets;
+    const int* __restrict__ counts = p.counts;
+    int* __restrict__ row_of = p.row_of;
+    int* __restrict__ src_index = p.src_index;
     const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= n_pairs) return;
+    if (i >= p.n_pairs) return;
     const int id = ids[i];
     int out_row = -1;
-    if (id >= 0 && id < num_experts) {
+    if (id >= 0 && id < p.num_experts) {
         const int r = rank[i];
         if (r < counts[id]) {
             const long long row = offsets[id] + r;
-            if (row < capacity) {
+            if (row < p.capacity) {
                 src_index[row] = static_cast<int>(i);
                 out_row = static_cast<int>(row);
             }
@@ -307,31 +315,29 @@ extern "C" __global__ void __launch_bounds__(128) moe_gather(const __grid_consta
 extern "C" __global__ void __launch_bounds__(256)
     moe_grouped_gemm_fp8(const __grid_constant__ r1k_moe_params::GroupedGemmParams p) {
     const uint8_t* __restrict__ a = p.a;
-    const float* __restrict__ sa = p.a_scales;
+    const float* __restrict__ a_scales = p.a_scales;
     const uint8_t* __restrict__ w = p.w;
-    const float* __restrict__ sw = p.w_scales;
+    const float* __restrict__ w_scales = p.w_scales;
     const long long* __restrict__ offsets = p.offsets;
     const int* __restrict__ counts = p.counts;
     __nv_bfloat16* __restrict__ out = p.out;
-    const long long rows = p.rows, rows_pad = p.rows_pad;
-    const int n = p.n, kdim = p.k, num_experts = p.num_experts;
     constexpr int BM = 64, BN = 64, BK = 32, LD = BM + 4;
     __shared__ __align__(16) float As[BK][LD];
     __shared__ __align__(16) float Bs[BK][LD];
     const long long row0 = static_cast<long long>(blockIdx.x) * BM;
-    const int e = r1k::moe_find_segment(offsets, num_experts, row0);
-    if (e >= num_experts) return;
-    const long long valid_end = r1k::moe_segment_valid_end(offsets, counts, e, rows);
+    const int e = r1k::moe_find_segment(offsets, p.num_experts, row0);
+    if (e >= p.num_experts) return;
+    const long long valid_end = r1k::moe_segment_valid_end(offsets, counts, e, p.rows);
     if (row0 >= valid_end) return;
     const int n0 = blockIdx.y * BN;
     const int tid = threadIdx.x;
     const int ty = tid / 16, tx = tid % 16;
     const int lrow = tid / 4, lpart = (tid % 4) * 8;
     const bool a_ok = row0 + lrow < valid_end;
-    const uint8_t* a_ptr = a + (row0 + lrow) * static_cast<long long>(kdim) + lpart;
-    const uint8_t* w_ptr = w + (static_cast<long long>(e) * n + n0 + lrow) * kdim + lpart;
-    const int kblocks = kdim / kGroup;
-    const float* sw_e = sw + (static_cast<long long>(e) * (n / kGroup) + n0 / kGroup) * kblocks;
+    const uint8_t* a_ptr = a + (row0 + lrow) * static_cast<long long>(p.k) + lpart;
+    const uint8_t* w_ptr = w + (static_cast<long long>(e) * p.n + n0 + lrow) * p.k + lpart;
+    const int kblocks = p.k / kGroup;
+    const float* sw_e = w_scales + (static_cast<long long>(e) * (p.n / kGroup) + n0 / kGroup) * kblocks;
 
     float acc[4][4];
 #pragma unroll
@@ -372,7 +378,7 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const long long r = row0 + ty * 4 + i;
-            const float s = r < valid_end ? sa[kb * rows_pad + r] * sb : 0.0f;
+            const float s = r < valid_end ? a_scales[kb * p.rows_pad + r] * sb : 0.0f;
 #pragma unroll
             for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(part[i][j], s, acc[i][j]);
         }
@@ -386,25 +392,27 @@ extern "C" __global__ void __launch_bounds__(256)
         uint2 packed;
         packed.x = *reinterpret_cast<uint32_t*>(&lo);
         packed.y = *reinterpret_cast<uint32_t*>(&hi);
-        *reinterpret_cast<uint2*>(out + r * n + n0 + tx * 4) = packed;
+        *reinterpret_cast<uint2*>(out + r * p.n + n0 + tx * 4) = packed;
     }
 }
 
-// h [rows, 2I] bf16 (gate | up) -> q [rows, I] codes, scales [I/128, rows_pad] (padding rows zeroed). With
-// has_limit, rows at or past offsets[num_experts] are left untouched.
+// One SwigluQuantParams (common/moe_params.cuh): h [rows, 2I] bf16 (gate | up) -> q [rows, I] codes, scales
+// [I/128, rows_pad] (padding rows zeroed). With has_limit, rows at or past offsets[num_experts] are left untouched.
 // One half-warp per 128-wide group; block 256.
-extern "C" __global__ void __launch_bounds__(256) moe_swiglu_quant(const __nv_bfloat16* __restrict__ h,
-                                                                   uint8_t* __restrict__ q,
-                                                                   float* __restrict__ scales, long long rows,
-                                                                   int inter, long long rows_pad, int ue8m0,
-                                                                   const long long* __restrict__ offsets,
-                                                                   int num_experts, int has_limit) {
+extern "C" __global__ void __launch_bounds__(256)
+    moe_swiglu_quant(const __grid_constant__ r1k_moe_params::SwigluQuantParams p) {
+    const __nv_bfloat16* __restrict__ h = p.h;
+    uint8_t* __restrict__ q = p.q;
+    float* __restrict__ scales = p.scales;
+    const long long* __restrict__ offsets = p.offsets;
+    const long long rows = p.rows;
+    const int inter = p.inter;
     const int groups = inter / kGroup;
     const long long total = rows * groups;
     const long long g = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 16;
     const int lane = threadIdx.x % 16;
     // Rows past the permuted rows in use are never read downstream: skip them (bounds the decode-time waste).
-    const long long limit = has_limit ? min(rows, offsets[num_experts]) : rows;
+    const long long limit = p.has_limit ? min(rows, offsets[p.num_experts]) : rows;
     const bool active = g < total && g / groups < limit;
     const long long row = active ? g / groups : 0;
     const int grp = active ? static_cast<int>(g % groups) : 0;
@@ -433,7 +441,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_swiglu_quant(const __nv_bf
 #pragma unroll
     for (int m = 8; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
     if (!active) return;
-    const float scale = r1k::scale_for_amax(amax, ue8m0 != 0);
+    const float scale = r1k::scale_for_amax(amax, p.ue8m0 != 0);
     uint16_t c[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) c[i] = r1k::f32x2_to_e4m3x2(__fdiv_rn(v[2 * i], scale), __fdiv_rn(v[2 * i + 1], scale));
@@ -442,22 +450,23 @@ extern "C" __global__ void __launch_bounds__(256) moe_swiglu_quant(const __nv_bf
     packed.y = uint32_t(c[2]) | (uint32_t(c[3]) << 16);
     *reinterpret_cast<uint2*>(q + row * inter + col) = packed;
     if (lane == 0) {
-        float* column = scales + static_cast<long long>(grp) * rows_pad;
+        float* column = scales + static_cast<long long>(grp) * p.rows_pad;
         column[row] = scale;
         if (row == rows - 1)
-            for (long long r = rows; r < rows_pad; ++r) column[r] = 0.0f;
+            for (long long r = rows; r < p.rows_pad; ++r) column[r] = 0.0f;
     }
 }
 
-// out[t, H] = Σ_slots w·y[row_of[t, slot]] (+ shared[t]) in f32 fma, slot order; bf16 out.
-// Grid (t, ceil(H/8/128)), block 128; each thread owns 8 columns. H % 8 == 0.
-extern "C" __global__ void __launch_bounds__(128) moe_combine(const __nv_bfloat16* __restrict__ y,
-                                                              const int* __restrict__ row_of,
-                                                              const float* __restrict__ weights,
-                                                              const __nv_bfloat16* __restrict__ shared,
-                                                              __nv_bfloat16* __restrict__ out, int k, int hidden,
-                                                              long long rows, int has_shared, int skip_weights) {
+// One CombineParams (common/moe_params.cuh): out[t, H] = Σ_slots w·y[row_of[t, slot]] (+ shared[t]) in f32 fma,
+// slot order; bf16 out. Grid (t, ceil(H/8/128)), block 128; each thread owns 8 columns. H % 8 == 0.
+extern "C" __global__ void __launch_bounds__(128) moe_combine(const __grid_constant__ r1k_moe_params::CombineParams p) {
+    const __nv_bfloat16* __restrict__ y = p.y;
+    const int* __restrict__ row_of = p.row_of;
+    const float* __restrict__ weights = p.weights;
+    const __nv_bfloat16* __restrict__ shared = p.shared;
+    __nv_bfloat16* __restrict__ out = p.out;
     const long long token = blockIdx.x;
+    const int k = p.k, hidden = p.hidden;
     const int col = (blockIdx.y * 128 + threadIdx.x) * 8;
     if (col >= hidden) return;
     float acc[8];
@@ -465,23 +474,23 @@ extern "C" __global__ void __launch_bounds__(128) moe_combine(const __nv_bfloat1
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
     for (int slot = 0; slot < k; ++slot) {
         const int row = row_of[token * k + slot];
-        if (row < 0 || row >= rows) continue;
-        const float wt = skip_weights ? 1.0f : weights[token * k + slot];
+        if (row < 0 || row >= p.rows) continue;
+        const float wt = p.skip_weights ? 1.0f : weights[token * k + slot];
         const uint4 raw = *reinterpret_cast<const uint4*>(y + static_cast<long long>(row) * hidden + col);
-        const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        const __nv_bfloat162* pair = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const float2 f = __bfloat1622float2(p[i]);
+            const float2 f = __bfloat1622float2(pair[i]);
             acc[2 * i] = fmaf(wt, f.x, acc[2 * i]);
             acc[2 * i + 1] = fmaf(wt, f.y, acc[2 * i + 1]);
         }
     }
-    if (has_shared) {
+    if (p.has_shared) {
         const uint4 raw = *reinterpret_cast<const uint4*>(shared + token * hidden + col);
-        const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        const __nv_bfloat162* pair = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const float2 f = __bfloat1622float2(p[i]);
+            const float2 f = __bfloat1622float2(pair[i]);
             acc[2 * i] = __fadd_rn(acc[2 * i], f.x);
             acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], f.y);
         }
@@ -500,16 +509,19 @@ extern "C" __global__ void __launch_bounds__(128) moe_combine(const __nv_bfloat1
 // Grid (ceil(E/8), ceil(t/8)), block 256: warp w owns expert blockIdx.x·8 + w for 8 tokens. Lane l accumulates the
 // 8-element chunks l, l+32, ... of H with sequential fmaf, then an xor-tree sums the 32 lane partials: a fixed
 // order, reproduced bit for bit by reference::moe::gate_logits. Each W row is read once per 8 tokens. H % 8 == 0.
-extern "C" __global__ void __launch_bounds__(256) moe_gate_logits(const __nv_bfloat16* __restrict__ x,
-                                                                  const __nv_bfloat16* __restrict__ w,
-                                                                  float* __restrict__ logits, int t, int num_experts,
-                                                                  int hidden) {
+// One GateLogitsParams (common/moe_params.cuh).
+extern "C" __global__ void __launch_bounds__(256)
+    moe_gate_logits(const __grid_constant__ r1k_moe_params::GateLogitsParams p) {
+    const __nv_bfloat16* __restrict__ x = p.x;
+    const __nv_bfloat16* __restrict__ w = p.w;
+    float* __restrict__ logits = p.logits;
     constexpr int TOK = 8;
+    const int hidden = p.hidden;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int e = blockIdx.x * 8 + warp;
-    if (e >= num_experts) return;
+    if (e >= p.num_experts) return;
     const long long t0 = static_cast<long long>(blockIdx.y) * TOK;
-    const int ntok = static_cast<int>(min(static_cast<long long>(TOK), t - t0));
+    const int ntok = static_cast<int>(min(static_cast<long long>(TOK), p.t - t0));
     float acc[TOK];
 #pragma unroll
     for (int j = 0; j < TOK; ++j) acc[j] = 0.0f;
@@ -541,6 +553,6 @@ extern "C" __global__ void __launch_bounds__(256) moe_gate_logits(const __nv_bfl
     for (int j = 0; j < TOK; ++j) {
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
-        if (lane == 0 && j < ntok) logits[(t0 + j) * num_experts + e] = acc[j];
+        if (lane == 0 && j < ntok) logits[(t0 + j) * p.num_experts + e] = acc[j];
     }
 }

@@ -2,8 +2,8 @@
 // __grid_constant__ parameter: `RmsNormParams` (rms_norm_bf16), `CopyColumnsParams` (copy_columns_bf16),
 // `AddParams` (add_bf16), `RopeParams` (rope_bf16_inplace), `HeadBmmParams` (head_bmm_bf16) and
 // `CacheAppendParams` (cache_append_bf16). Rust twins in src/decode_ops.rs, #[repr(C)].
-// Both sides pin the layout: the static_asserts here and const assertions there state the same offsets, and a Rust
-// test reads these lines to check that they do.
+// Both sides pin the layout: the static_asserts here and the kernel_params! offsets there state the same numbers, and
+// a Rust test reads these lines to check that they do.
 #pragma once
 
 #include <cuda_bf16.h>

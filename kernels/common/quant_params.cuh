@@ -1,8 +1,8 @@
 // The arguments of the FP8 quantization kernels in kernels/quant.cu, one struct per kernel, each passed as a single
 // __grid_constant__ parameter: `ActQuantParams` (act_quant_group128) and `WeightQuantParams`
 // (weight_quant_block128). Rust twins in src/quant.rs, #[repr(C)].
-// Both sides pin the layout: the static_asserts here and const assertions there state the same offsets, and a Rust
-// test reads these lines to check that they do.
+// Both sides pin the layout: the static_asserts here and the kernel_params! offsets there state the same numbers, and
+// a Rust test reads these lines to check that they do.
 #pragma once
 
 #include <cuda_bf16.h>

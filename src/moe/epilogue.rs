@@ -1,6 +1,7 @@
 //! The expert FFN's epilogues: fused SwiGLU + FP8 requant between the two grouped GEMMs, and the weighted combine
 //! back to token order.
 
+use super::params::{CombineParams, SwigluQuantParams};
 use super::*;
 
 /// Fused SwiGLU + requant: `h` `[rows, 2I]` (gate | up, bf16) → `q` `[rows, I]` E4M3 and scales
@@ -51,14 +52,21 @@ pub fn swiglu_quant<'a>(
     let stream = gpu.stream();
     let hv = h.kernel_arg(stream);
     let lv = limit.as_ref().map(|o| o.kernel_arg(stream));
-    let (mut qv, mut sv) = (q.kernel_arg(stream), scales.kernel_arg(stream));
-    let mut l = stream.launch_builder(&f);
-    l.arg(&hv).arg(&mut qv).arg(&mut sv).arg(&r64).arg(&ii).arg(&rp64).arg(&ue8m0);
-    match &lv {
-        Some(v) => l.arg(v),
-        None => l.arg(&NULL),
+    let (qv, sv) = (q.kernel_arg(stream), scales.kernel_arg(stream));
+    let params = SwigluQuantParams {
+        h: hv.addr(),
+        q: qv.addr(),
+        scales: sv.addr(),
+        offsets: lv.as_ref().map_or(NULL, |v| v.addr()),
+        rows: r64,
+        rows_pad: rp64,
+        inter: ii,
+        ue8m0,
+        num_experts: ne,
+        has_limit,
     };
-    l.arg(&ne).arg(&has_limit);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&params);
     let c = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: shapes checked; one half-warp per (row, 128-group) below rows·I/128; offsets[E] read only with a
     // limit tensor of E+1 entries.
@@ -120,14 +128,21 @@ pub fn combine<'a>(
     let (yv, rv, wv) = (y.kernel_arg(stream), row_of.kernel_arg(stream), weights.kernel_arg(stream));
     let sv = shared.as_ref().map(|s| s.kernel_arg(stream));
     let (has_shared, skip) = (i32::from(shared.is_some()), i32::from(skip_weights));
-    let mut ov = out.kernel_arg(stream);
-    let mut l = stream.launch_builder(&f);
-    l.arg(&yv).arg(&rv).arg(&wv);
-    match &sv {
-        Some(v) => l.arg(v),
-        None => l.arg(&NULL),
+    let ov = out.kernel_arg(stream);
+    let params = CombineParams {
+        y: yv.addr(),
+        row_of: rv.addr(),
+        weights: wv.addr(),
+        shared: sv.as_ref().map_or(NULL, |v| v.addr()),
+        out: ov.addr(),
+        rows: r64,
+        k: ki,
+        hidden: hi,
+        has_shared,
+        skip_weights: skip,
     };
-    l.arg(&mut ov).arg(&ki).arg(&hi).arg(&r64).arg(&has_shared).arg(&skip);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&params);
     let c = LaunchConfig { grid_dim: (grid_u32("t", t)?, gy, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: shapes checked; rows read from row_of are bounded by `rows` on the device; columns by H (H % 8 == 0,
     // so 16-byte vectors stay in bounds and aligned); shared read only when given with shape [t, H].

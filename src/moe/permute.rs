@@ -1,7 +1,7 @@
 //! The token permutation: expert ids → per-expert row segments (contiguous or masked layout), and the gather of
 //! each token's FP8 row and scales into its segments.
 
-use super::params::GatherParams;
+use super::params::{CountRankParams, GatherParams, OffsetsParams, ScatterParams};
 use super::*;
 
 /// Uploads host-visible `topk_ids` `[t, k]` after checking every id is in `−1..E` (the check the device cannot do
@@ -162,29 +162,56 @@ pub fn permute<'a>(
     let f = gpu.function(MODULE, "moe_count_rank", 0)?;
     let ids = topk_ids.kernel_arg(stream);
     {
-        let (mut cr, mut rk) = (out.counts_raw.view_mut(), out.rank.view_mut());
+        let (mut counts_raw, mut rank) = (out.counts_raw.as_tensor_mut(), out.rank.as_tensor_mut());
+        let outs = (counts_raw.kernel_arg(stream), rank.kernel_arg(stream));
+        let params = CountRankParams { ids: ids.addr(), counts_raw: outs.0.addr(), rank: outs.1.addr(), n_pairs: pi };
         let mut l = stream.launch_builder(&f);
-        l.arg(&ids).arg(&pi).arg(&mut cr).arg(&mut rk);
+        l.arg(&params);
         let c = LaunchConfig { grid_dim: (e as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: grid = E CTAs writing counts_raw[e] (E entries); rank[i] written for i < pairs (its length).
         unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     }
     let f = gpu.function(MODULE, "moe_offsets", 0)?;
     {
-        let cr = out.counts_raw.view();
-        let (mut off, mut cn) = (out.offsets.view_mut(), out.counts.view_mut());
+        let counts_raw = out.counts_raw.as_tensor_ref();
+        let (mut offsets, mut counts) = (out.offsets.as_tensor_mut(), out.counts.as_tensor_mut());
+        let cr = counts_raw.kernel_arg(stream);
+        let outs = (offsets.kernel_arg(stream), counts.kernel_arg(stream));
+        let params = OffsetsParams {
+            counts_raw: cr.addr(),
+            offsets: outs.0.addr(),
+            counts: outs.1.addr(),
+            num_experts: ei,
+            masked,
+            block_m,
+            max_m,
+        };
         let mut l = stream.launch_builder(&f);
-        l.arg(&cr).arg(&ei).arg(&masked).arg(&block_m).arg(&max_m).arg(&mut off).arg(&mut cn);
+        l.arg(&params);
         let c = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one CTA of 1024 ≥ E threads; reads counts_raw[E], writes offsets[E+1] and counts[E].
         unsafe { l.launch(c) }.cuda_call("cuLaunchKernel")?;
     }
     let f = gpu.function(MODULE, "moe_scatter", 0)?;
     {
-        let (rk, off, cn) = (out.rank.view(), out.offsets.view(), out.counts.view());
-        let (mut ro, mut si) = (out.row_of.view_mut(), out.src_index.view_mut());
+        let (rank, offsets, counts) =
+            (out.rank.as_tensor_ref(), out.offsets.as_tensor_ref(), out.counts.as_tensor_ref());
+        let (mut row_of, mut src_index) = (out.row_of.as_tensor_mut(), out.src_index.as_tensor_mut());
+        let guards = (rank.kernel_arg(stream), offsets.kernel_arg(stream), counts.kernel_arg(stream));
+        let outs = (row_of.kernel_arg(stream), src_index.kernel_arg(stream));
+        let params = ScatterParams {
+            ids: ids.addr(),
+            rank: guards.0.addr(),
+            offsets: guards.1.addr(),
+            counts: guards.2.addr(),
+            row_of: outs.0.addr(),
+            src_index: outs.1.addr(),
+            capacity: cap64,
+            n_pairs: pi,
+            num_experts: ei,
+        };
         let mut l = stream.launch_builder(&f);
-        l.arg(&ids).arg(&rk).arg(&off).arg(&cn).arg(&pi).arg(&ei).arg(&cap64).arg(&mut ro).arg(&mut si);
+        l.arg(&params);
         let c = LaunchConfig {
             grid_dim: (grid_u32("pairs", pairs.div_ceil(256))?, 1, 1),
             block_dim: (256, 1, 1),

@@ -1,6 +1,6 @@
 //! The router: gate logits (`x · w_gateᵀ`) and top-k expert selection (grouped, biased, renormalized).
 
-use super::params::RouterParams;
+use super::params::{GateLogitsParams, RouterParams};
 use super::*;
 
 /// Logit element types the router reads.
@@ -120,9 +120,10 @@ pub fn gate_logits<'a>(
         u32::try_from(t.div_ceil(8)).ok().filter(|&y| y <= 65_535).ok_or_else(|| Error::shape("x", "t ≤ 524280", t))?;
     let f = gpu.function(MODULE, "moe_gate_logits", 0)?;
     let stream = gpu.stream();
-    let (xv, wv, mut lv) = (x.kernel_arg(stream), w_gate.kernel_arg(stream), logits.kernel_arg(stream));
+    let (xv, wv, lv) = (x.kernel_arg(stream), w_gate.kernel_arg(stream), logits.kernel_arg(stream));
+    let params = GateLogitsParams { x: xv.addr(), w: wv.addr(), logits: lv.addr(), t: ti, num_experts: ei, hidden: hi };
     let mut l = stream.launch_builder(&f);
-    l.arg(&xv).arg(&wv).arg(&mut lv).arg(&ti).arg(&ei).arg(&hi);
+    l.arg(&params);
     let c =
         LaunchConfig { grid_dim: (grid_u32("E", e.div_ceil(8))?, gy, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: shapes checked; warps with expert ≥ E return, tokens are bounded by t, columns by H (H % 8 == 0 keeps
