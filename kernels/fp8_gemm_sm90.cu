@@ -278,9 +278,10 @@ extern "C" __global__ void __launch_bounds__(256)
     const int64_t pairs = total / 2;
     for (int64_t pair = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pair < pairs;
          pair += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-        float2 acc = reinterpret_cast<const float2*>(partial)[pair];
+        // __ldg: a __restrict__ local alone does not keep these loads on the read-only path.
+        float2 acc = __ldg(reinterpret_cast<const float2*>(partial) + pair);
         for (int s = 1; s < k_splits; ++s) {
-            const float2 v = reinterpret_cast<const float2*>(partial + s * total)[pair];
+            const float2 v = __ldg(reinterpret_cast<const float2*>(partial + s * total) + pair);
             acc.x += v.x;
             acc.y += v.y;
         }

@@ -289,7 +289,7 @@ constexpr int kPlanThreads = 1024;
 
 __device__ __forceinline__ long long plan_pages(const int* seqlens, int s, int batch, int page, int max_blocks) {
     if (s >= batch) return 0;
-    const long long len = min(max(seqlens[s], 0), max_blocks * page);
+    const long long len = min(max(__ldg(seqlens + s), 0), max_blocks * page);
     return (len + page - 1) / page;
 }
 
