@@ -11,8 +11,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use cublaslt::{LtContext, LtFp8Gemm};
 use cudarc::driver::CudaView;
 use r1_kernels::moe::{
-    expert_weight_bytes, grouped_gemm, moe_forward, permute, route, swiglu_quant, upload_topk_ids,
-    ExpertWeights, Layout, MoeWorkspace, Permuted, RouterConfig, Routing,
+    expert_weight_bytes, grouped_gemm, moe_forward, permute, route, swiglu_quant, upload_topk_ids, ExpertWeights,
+    Layout, MoeWorkspace, Permuted, RouterConfig, Routing,
 };
 use r1_kernels::quant::{activation_scale_shape, quantize_activations};
 use r1_kernels::reference::moe::calc_diff;
