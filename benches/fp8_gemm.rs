@@ -14,6 +14,7 @@ use cublaslt::LtFp8;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use r1_kernels::fp8_gemm::{fp8_gemm, GemmKernel, GemmOptions};
 use r1_kernels::reference::fp8_gemm::calc_diff;
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::timing::{median_launch_time, time_launches};
 use r1_kernels::{bf16, DeviceTensor, E4M3};
 
@@ -22,16 +23,9 @@ const NK: [(usize, usize); 8] =
 const MS: [usize; 3] = [64, 128, 4096];
 
 fn codes(n: usize, seed: u64) -> Vec<E4M3> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            // Finite E4M3 codes only (0x7f / 0xff are NaN).
-            E4M3((s >> 56) as u8 & 0x7e)
-        })
-        .collect()
+    let mut rng = SplitMix64::new(seed);
+    // Finite E4M3 codes only (0x7f / 0xff are NaN).
+    (0..n).map(|_| E4M3((rng.next_u64() >> 56) as u8 & 0x7e)).collect()
 }
 
 fn bench_fp8_gemm(c: &mut Criterion) {

@@ -5,6 +5,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use r1_kernels::mla::{mla_decode, mla_decode_fp8, Backend, MlaConfig, MlaOptions, MlaPlan, MlaWorkspace};
 use r1_kernels::reference::mla::{D_QK, D_V, FP8_TOKEN_BYTES};
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::timing::{median_launch_time, time_launches};
 use r1_kernels::{bf16, DeviceTensor, Gpu};
 
@@ -12,15 +13,8 @@ const PAGE: usize = 64;
 
 /// A repeating pseudo-random pattern: values do not matter for speed, and building multi-GB inputs must be quick.
 fn pattern<T: Copy>(n: usize, f: impl Fn(u64) -> T) -> Vec<T> {
-    let mut s = 0x9e37_79b9_7f4a_7c15u64;
-    let chunk: Vec<T> = (0..(1usize << 20).min(n.max(1)))
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            f(s)
-        })
-        .collect();
+    let mut rng = SplitMix64::new(0x9e37_79b9_7f4a_7c15);
+    let chunk: Vec<T> = (0..(1usize << 20).min(n.max(1))).map(|_| f(rng.next_u64())).collect();
     chunk.iter().copied().cycle().take(n).collect()
 }
 

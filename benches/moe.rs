@@ -17,19 +17,13 @@ use r1_kernels::moe::{
 use r1_kernels::quant::{activation_scale_shape, quantize_activations};
 use r1_kernels::reference::moe::calc_diff;
 use r1_kernels::reference::quant::ScaleFormat;
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::timing::{median_launch_time, time_launches};
 use r1_kernels::{bf16, DeviceTensor, Gpu, E4M3};
 
 fn random_f32(n: usize, scale: f32, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| rng.uniform(-scale, scale)).collect()
 }
 
 fn fill_repeated<T: cudarc::driver::DeviceRepr + Copy>(gpu: &Gpu, dst: &mut DeviceTensor<T>, pattern: &[T]) {

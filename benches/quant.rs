@@ -4,19 +4,13 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use r1_kernels::quant::{activation_scale_shape, quantize_activations, quantize_weights, weight_scale_shape};
 use r1_kernels::reference::quant::ScaleFormat;
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::timing::time_launches;
 use r1_kernels::{bf16, DeviceTensor, E4M3};
 
 fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0)
-        })
-        .collect()
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| bf16::from_f32(rng.uniform(-4.0, 4.0))).collect()
 }
 
 fn bench_quant(c: &mut Criterion) {

@@ -1,8 +1,9 @@
 //! A tiny deterministic random number generator for synthetic weights and inputs.
 //!
-//! The library must not depend on `rand` (it is a dev-dependency only), and synthetic checkpoints must be the same
-//! on every machine and every version, so the generator is spelled out here: SplitMix64 (Steele, Lea, Flood 2014),
-//! whose output is a fixed function of the seed.
+//! The crate does not depend on `rand`, and synthetic checkpoints must be the same on every machine and every
+//! version, so the generator is spelled out here: SplitMix64 (Steele, Lea, Flood 2014), whose output is a fixed
+//! function of the seed. The tests and benches draw their data from it too (`tests/common/mod.rs` has the shared
+//! helpers), so there is one generator in the whole crate.
 
 /// SplitMix64: 64 bits of state, full period, passes BigCrush; plenty for test data.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,15 +4,14 @@ use r1_kernels::decode_ops::{self, HeadWeightStrides, RopeSlices, RopeTables};
 use r1_kernels::device::test_gpu;
 use r1_kernels::reference::decode_ops as reference;
 use r1_kernels::reference::decode_ops::RopeConfig;
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::{bf16, DeviceTensor, Error};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod common;
-use common::expect_launched;
+use common::{bf16_vec, expect_launched, shuffle};
 
 fn random(n: usize, seed: u64, scale: f32) -> Vec<bf16> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|_| bf16::from_f32((rng.random::<f32>() - 0.5) * 2.0 * scale)).collect()
+    bf16_vec(&mut SplitMix64::new(seed), n, -scale, scale)
 }
 
 fn to_f32(v: &[bf16]) -> Vec<f32> {
@@ -149,11 +148,9 @@ fn head_bmm_absorbs_w_uk_and_applies_w_uv() {
 fn cache_append_matches_reference_and_never_writes_out_of_bounds() {
     let Some(gpu) = test_gpu("cache_append_matches_reference_and_never_writes_out_of_bounds") else { return };
     let (num_blocks, page, width, batch, max_blocks) = (12usize, 64usize, 576usize, 3usize, 4usize);
-    let mut rng = StdRng::seed_from_u64(5);
+    let mut rng = SplitMix64::new(5);
     let mut table: Vec<i32> = (0..num_blocks as i32).collect();
-    for i in (1..table.len()).rev() {
-        table.swap(i, rng.random_range(0..=i));
-    }
+    shuffle(&mut rng, &mut table);
     let cache0 = random(num_blocks * page * width, 8, 1.0);
     let rows = random(3 * width, 9, 1.0);
     let (seqs, pos) = (vec![0, 1, 2], vec![0, 130, 255]);

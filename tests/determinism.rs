@@ -12,11 +12,11 @@ use r1_kernels::quant::{self, activation_scale_shape, weight_scale_shape};
 use r1_kernels::reference::mla::{quantize_kv_cache_fp8, MlaConfig, D_QK, D_V, FP8_TOKEN_BYTES};
 use r1_kernels::reference::moe::{ExpertsFp8, RouterConfig};
 use r1_kernels::reference::quant::ScaleFormat;
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::{bf16, decode_ops, DeviceTensor, Gpu, E4M3};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod common;
-use common::{expect_launched, sm90_part};
+use common::{block_magnitude, expect_launched, finite_e4m3_codes, sm90_part, uniform_vec};
 
 /// Runs per kernel: `R1K_DETERMINISM_RUNS`, default 5.
 fn runs() -> usize {
@@ -24,8 +24,7 @@ fn runs() -> usize {
 }
 
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
+    uniform_vec(&mut SplitMix64::new(seed), n, -scale, scale)
 }
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
@@ -33,18 +32,12 @@ fn to_bf16(v: &[f32]) -> Vec<bf16> {
 }
 
 fn codes(n: usize, seed: u64) -> Vec<E4M3> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let b: u8 = rng.random();
-            E4M3(if b & 0x7f == 0x7f { b - 1 } else { b })
-        })
-        .collect()
+    finite_e4m3_codes(&mut SplitMix64::new(seed), n)
 }
 
 fn scales(n: usize, seed: u64, base: f32) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|_| base * 2f32.powi(rng.random_range(-2..=2))).collect()
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| base * block_magnitude(&mut rng)).collect()
 }
 
 /// Bit patterns of a result, for comparison across runs.

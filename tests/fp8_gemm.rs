@@ -12,11 +12,12 @@ use r1_kernels::reference::quant::{
     quantize_per_block, quantize_per_block_with, quantize_per_token_group, quantize_per_token_group_with,
     scales_from_mn_major, scales_to_mn_major, ScaleFormat,
 };
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod common;
-use common::{block_magnitude, emu_shrink, emu_shrink_described, expect_launched, sm90_part};
+use common::uniform_vec;
+use common::{block_magnitude, emu_shrink, emu_shrink_described, expect_launched, index_below, sm90_part};
 
 const DEEPSEEK_NK: [(usize, usize); 6] =
     [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)];
@@ -66,7 +67,7 @@ fn gen_chunked(
     rows: usize,
     k: usize,
     seed: u64,
-    value: impl Fn(usize, usize, &mut StdRng) -> f32 + Sync,
+    value: impl Fn(usize, usize, &mut SplitMix64) -> f32 + Sync,
     quantize: impl Fn(&[f32], usize) -> (Vec<E4M3>, Vec<f32>) + Sync,
 ) -> (Vec<f32>, Vec<E4M3>, Vec<f32>) {
     let parts: Vec<(Vec<f32>, Vec<E4M3>, Vec<f32>)> = std::thread::scope(|scope| {
@@ -75,7 +76,7 @@ fn gen_chunked(
                 let (value, quantize) = (&value, &quantize);
                 scope.spawn(move || {
                     let (r0, r1) = (c * GEN_CHUNK, ((c + 1) * GEN_CHUNK).min(rows));
-                    let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ c as u64);
+                    let mut rng = SplitMix64::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ c as u64);
                     let v: Vec<f32> = (r0 * k..r1 * k).map(|i| value(i / k.max(1), i % k.max(1), &mut rng)).collect();
                     let (q, s) = quantize(&v, r1 - r0);
                     (v, q, s)
@@ -96,7 +97,7 @@ fn gen_chunked(
 /// One random power of two in [2^-2, 2^2] per (row block, 128-column block) of a `rows × k` matrix, row-major over
 /// the blocks; `block_rows` is 128 for weights (their scale blocks) and 1 for activations (their 1×128 groups).
 fn magnitudes(rows: usize, k: usize, block_rows: usize, seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x6d61_676e);
+    let mut rng = SplitMix64::new(seed ^ 0x6d61_676e);
     (0..rows.div_ceil(block_rows) * k.div_ceil(128)).map(|_| block_magnitude(&mut rng)).collect()
 }
 
@@ -110,7 +111,7 @@ fn weights(n: usize, k: usize, seed: u64, format: ScaleFormat) -> Weights {
         n,
         k,
         seed,
-        |row, col, rng| (rng.random::<f32>() - 0.5) * 0.05 * mags[(row / 128) * kb + col / 128],
+        |row, col, rng| (rng.next_f32() - 0.5) * 0.05 * mags[(row / 128) * kb + col / 128],
         |w, rows| quantize_per_block_with(w, rows, k, 128, format).unwrap(),
     );
     Weights { n, k, w, b, sb }
@@ -125,7 +126,7 @@ fn acts(m: usize, k: usize, seed: u64, format: ScaleFormat) -> Acts {
         m,
         k,
         seed,
-        |row, col, rng| (rng.random::<f32>() - 0.5) * (1.0 + (row % 13) as f32) * mags[row * kb + col / 128],
+        |row, col, rng| (rng.next_f32() - 0.5) * (1.0 + (row % 13) as f32) * mags[row * kb + col / 128],
         |x, rows| quantize_per_token_group_with(x, rows, k, 128, format).unwrap(),
     );
     let sa_mn = scales_to_mn_major(&sa_rows, m, k.div_ceil(128)).unwrap();
@@ -136,8 +137,8 @@ fn rows_to_check(m: usize, seed: u64) -> Vec<usize> {
     if m <= 4 {
         return (0..m).collect();
     }
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut rows: Vec<usize> = (0..2).map(|_| rng.random_range(0..m)).collect();
+    let mut rng = SplitMix64::new(seed);
+    let mut rows: Vec<usize> = (0..2).map(|_| index_below(&mut rng, m)).collect();
     rows.extend([0, m - 1]);
     rows.sort();
     rows.dedup();
@@ -366,8 +367,8 @@ fn gpu_accumulate_into_fp32() {
     let w = weights(n, k, 11, ScaleFormat::F32);
     let x = acts(m, k, 12, ScaleFormat::F32);
     let dw = upload_weights(&gpu, &w);
-    let mut rng = StdRng::seed_from_u64(13);
-    let c: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect();
+    let mut rng = SplitMix64::new(13);
+    let c = uniform_vec(&mut rng, m * n, -2.0, 2.0);
     let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
     let a = DeviceTensor::from_host(&gpu, &x.a, &[m, k]).unwrap();
     let sa = DeviceTensor::from_host(&gpu, &x.sa_mn, &[k.div_ceil(128), m.div_ceil(4) * 4]).unwrap();
@@ -513,9 +514,9 @@ fn gpu_end_to_end_with_gpu_quantization() {
         [(7, 128, 1152), (129, 384, 512), (520, 320, 384)],
     );
     for &(m, n, k) in &shapes {
-        let mut rng = StdRng::seed_from_u64((m * n + k) as u64);
-        let xf: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>() * 8.0 - 4.0).collect();
-        let wf: Vec<f32> = (0..n * k).map(|_| (rng.random::<f32>() - 0.5) * 0.1).collect();
+        let mut rng = SplitMix64::new((m * n + k) as u64);
+        let xf = uniform_vec(&mut rng, m * k, -4.0, 4.0);
+        let wf = uniform_vec(&mut rng, n * k, -0.05, 0.05);
         let xb: Vec<bf16> = xf.iter().map(|&v| bf16::from_f32(v)).collect();
         let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
         let x = DeviceTensor::from_host(&gpu, &xb, &[m, k]).unwrap();
@@ -789,8 +790,8 @@ fn gpu_multicast_sweep() {
     let w = weights(n, k, 811, ScaleFormat::F32);
     let x = acts(m, k, 812, ScaleFormat::F32);
     let dw = upload_weights(&gpu, &w);
-    let mut rng = StdRng::seed_from_u64(813);
-    let c: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect();
+    let mut rng = SplitMix64::new(813);
+    let c = uniform_vec(&mut rng, m * n, -2.0, 2.0);
     let quant_ref = ref_gemm(&x.a, &x.sa_rows, &w.b, &w.sb, m, n, k).unwrap();
     let a = DeviceTensor::from_host(&gpu, &x.a, &[m, k]).unwrap();
     let sa = DeviceTensor::from_host(&gpu, &x.sa_mn, &[k.div_ceil(128), m.div_ceil(4) * 4]).unwrap();
@@ -836,9 +837,9 @@ fn cpu_multicast_is_opt_in_and_hopper_only() {
 fn gpu_long_k_promotion() {
     let Some(gpu) = r1_kernels::device::test_hopper("gpu_long_k_promotion") else { return };
     let (m, n, k) = (256usize, 256usize, 2048usize);
-    let mut rng = StdRng::seed_from_u64(2048);
+    let mut rng = SplitMix64::new(2048);
     let mut positive = |len: usize| -> Vec<f32> {
-        (0..len).map(|i| if i % 128 == 0 { 1.0 } else { rng.random::<f32>() * 0.75 + 0.25 }).collect()
+        (0..len).map(|i| if i % 128 == 0 { 1.0 } else { rng.next_f32() * 0.75 + 0.25 }).collect()
     };
     let x = positive(m * k);
     let w = positive(n * k);

@@ -31,12 +31,13 @@ use r1_kernels::reference::moe::{self as rm, ExpertsFp8, RouterConfig, Scoring};
 use r1_kernels::reference::quant::{
     quantize_per_block_with, quantize_per_token_group_with, scales_from_mn_major, scales_to_mn_major, ScaleFormat,
 };
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod common;
 #[cfg(feature = "layer")]
 use common::block_table;
+use common::{block_magnitude, finite_e4m3_codes, index_below, int_in, shuffle, uniform_vec};
 use common::{paged_cache, shuffled_pages};
 #[path = "common/fuzz.rs"]
 #[macro_use]
@@ -47,14 +48,14 @@ use fuzz::{download, expect_validation_error, perturb, perturbations, poisoned, 
 
 /// Values in ±`scale`; with `specials`, about one in eight replaced by NaN, ±Inf, ±0, a huge or a tiny value.
 fn values(n: usize, seed: u64, scale: f32, specials: bool) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix64::new(seed);
     (0..n)
         .map(|_| {
-            if specials && rng.random_range(0..8) == 0 {
+            if specials && int_in(&mut rng, 0..8) == 0 {
                 [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 3.0e38, -1.0e-30, 1.0e-40]
-                    [rng.random_range(0..8)]
+                    [index_below(&mut rng, 8)]
             } else {
-                (rng.random::<f32>() * 2.0 - 1.0) * scale
+                (rng.next_f32() * 2.0 - 1.0) * scale
             }
         })
         .collect()
@@ -70,19 +71,13 @@ fn from_bf16(v: &[bf16]) -> Vec<f32> {
 
 /// Random E4M3 codes, never NaN.
 fn codes(n: usize, seed: u64) -> Vec<E4M3> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let b: u8 = rng.random();
-            E4M3(if b & 0x7f == 0x7f { b - 1 } else { b })
-        })
-        .collect()
+    finite_e4m3_codes(&mut SplitMix64::new(seed), n)
 }
 
 /// Positive block scales: a random power of two in [2^-2, 2^2] times `base`.
 fn scales(n: usize, seed: u64, base: f32) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|_| base * 2f32.powi(rng.random_range(-2..=2))).collect()
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| base * block_magnitude(&mut rng)).collect()
 }
 
 fn numel(shape: &[usize]) -> usize {
@@ -759,12 +754,12 @@ fn fuzz_moe_combine() {
         let y = from_bf16(&to_bf16(&values(numel(&ys), seed, 2.0, specials)));
         let yd = DeviceTensor::from_host(&gpu, &to_bf16(&y), &ys).unwrap();
         let rs = perturb(&[t * k], p[1].0, p[1].1);
-        let mut rng = StdRng::seed_from_u64(seed + 1);
+        let mut rng = SplitMix64::new(seed + 1);
         let row_of: Vec<i32> = (0..numel(&rs))
-            .map(|_| match rng.random_range(0..10) {
+            .map(|_| match int_in(&mut rng, 0..10) {
                 0 => -1,
-                1 => [i32::MIN, i32::MAX, rows as i32, -7][rng.random_range(0..4)],
-                _ => rng.random_range(0..rows.max(1) as i32),
+                1 => [i32::MIN, i32::MAX, rows as i32, -7][index_below(&mut rng, 4)],
+                _ => int_in(&mut rng, 0..rows.max(1) as i32),
             })
             .collect();
         let rd = DeviceTensor::from_host(&gpu, &row_of, &rs).unwrap();
@@ -832,8 +827,8 @@ fn fuzz_moe_grouped_gemm() {
     );
     fuzz::run("moe::grouped_gemm_with", strategy, |((t, k, e), (kdim, n), p, backend, seed)| {
         // A real permutation supplies offsets and counts (the kernels read them on the device).
-        let mut rng = StdRng::seed_from_u64(seed);
-        let ids: Vec<i32> = (0..t * k).map(|_| rng.random_range(-1..e as i32)).collect();
+        let mut rng = SplitMix64::new(seed);
+        let ids: Vec<i32> = (0..t * k).map(|_| int_in(&mut rng, -1..e as i32)).collect();
         let layout = Layout::Contiguous { block_m: 64 };
         let perm = rm::permute(&ids, t, k, e, layout).unwrap();
         let rows = perm.src_index.len();
@@ -986,19 +981,19 @@ fn fuzz_moe_forward_and_workspace() {
             let xd = DeviceTensor::from_host(&gpu, &to_bf16(&values(numel(&xs), seed + 20, 2.0, false)), &xs).unwrap();
             let os = if matches!(fault, MoeFault::OutShape) { vec![t + 1, h] } else { vec![t, h] };
             let (mut out, o0) = poisoned::<bf16>(&gpu, &os);
-            let mut rng = StdRng::seed_from_u64(seed + 30);
+            let mut rng = SplitMix64::new(seed + 30);
             let mut ids = Vec::with_capacity(t * k);
             for _ in 0..t {
                 let mut row: Vec<i32> = Vec::new();
                 while row.len() < k {
-                    let c = rng.random_range(-1..e as i32);
+                    let c = int_in(&mut rng, -1..e as i32);
                     if c < 0 || !row.contains(&c) {
                         row.push(c);
                     }
                 }
                 ids.extend(row);
             }
-            let wts: Vec<f32> = (0..t * k).map(|_| rng.random_range(0.1f32..1.0)).collect();
+            let wts = uniform_vec(&mut rng, t * k, 0.1, 1.0);
             let is = if matches!(fault, MoeFault::IdsShape) { vec![t, k + 1] } else { vec![t, k] };
             let idv: Vec<i32> = (0..numel(&is)).map(|j| ids.get(j).copied().unwrap_or(0)).collect();
             let wv: Vec<f32> = (0..numel(&is)).map(|j| wts.get(j).copied().unwrap_or(0.5)).collect();
@@ -1095,7 +1090,7 @@ fn fuzz_mla_decode() {
         strategy,
         |((_, s_q, heads), page, lens, causal, backend, fp8, (mode, host_table), fault, seed)| {
             let batch = lens.len();
-            let mut rng = StdRng::seed_from_u64(seed);
+            let mut rng = SplitMix64::new(seed);
             let cfg = MlaConfig {
                 batch,
                 s_q,
@@ -1109,9 +1104,7 @@ fn fuzz_mla_decode() {
             let max_blocks = pages.iter().copied().max().unwrap_or(0).max(1);
             let num_blocks = pages.iter().sum::<usize>() + 1;
             let mut pool: Vec<i32> = (0..num_blocks as i32).collect();
-            for j in (1..pool.len()).rev() {
-                pool.swap(j, rng.random_range(0..=j));
-            }
+            shuffle(&mut rng, &mut pool);
             let mut table = vec![i32::MAX; batch * max_blocks];
             let mut next = 0;
             for b in 0..batch {
@@ -1125,7 +1118,7 @@ fn fuzz_mla_decode() {
             match fault {
                 MlaFault::TableEntry(v) => {
                     if let Some(b) = (0..batch).find(|&b| pages[b] > 0) {
-                        table[b * max_blocks + rng.random_range(0..pages[b])] = v;
+                        table[b * max_blocks + index_below(&mut rng, pages[b])] = v;
                         table_fault = true;
                     }
                 }
@@ -1143,12 +1136,11 @@ fn fuzz_mla_decode() {
                     }
                     let off = (blk as usize * page + tok % page) * D_QK;
                     for x in &mut cache[off..off + D_QK] {
-                        *x = bf16::from_f32(rng.random_range(-1.0f32..1.0)).to_f32();
+                        *x = bf16::from_f32(rng.uniform(-1.0, 1.0)).to_f32();
                     }
                 }
             }
-            let q: Vec<f32> =
-                (0..cfg.q_len()).map(|_| bf16::from_f32(rng.random_range(-2.0f32..2.0)).to_f32()).collect();
+            let q: Vec<f32> = (0..cfg.q_len()).map(|_| bf16::from_f32(rng.uniform(-2.0, 2.0)).to_f32()).collect();
             let shape_fault = |i: usize, s: Vec<usize>| match fault {
                 MlaFault::Shape(j, how) if j == i => perturb(&s, how, seed as usize),
                 _ => s,
@@ -1541,7 +1533,7 @@ fn fuzz_decode_rope_head_bmm_cache_append() {
         "decode_ops::{rope_inplace, head_bmm_windows, cache_append}",
         strategy,
         |(op, (t, heads, len), (a, b, c, d), p, flag, seed)| {
-            let mut rng = StdRng::seed_from_u64(seed);
+            let mut rng = SplitMix64::new(seed);
             let what = format!("{op:?} t={t} heads={heads} len={len} ({a}, {b}, {c}, {d}) {p:?} {flag}");
             match op {
                 DecodeOp2::Rope => {
@@ -1551,7 +1543,7 @@ fn fuzz_decode_rope_head_bmm_cache_append() {
                     let mut xd = DeviceTensor::from_host(&gpu, &x0, &xs).unwrap();
                     let ps = perturb(&[t], p[1].0, p[1].1);
                     let pos: Vec<i32> = (0..numel(&ps))
-                        .map(|_| if rng.random_range(0..8) == 0 { i32::MAX } else { rng.random_range(-5..163_840) })
+                        .map(|_| if int_in(&mut rng, 0..8) == 0 { i32::MAX } else { int_in(&mut rng, -5..163_840) })
                         .collect();
                     let pd = DeviceTensor::from_host(&gpu, &pos, &ps).unwrap();
                     let fits = |v: usize| v <= i32::MAX as usize;
@@ -1679,9 +1671,9 @@ fn fuzz_decode_rope_head_bmm_cache_append() {
                 DecodeOp2::CacheAppend => {
                     let (width, page, batch, max_blocks, num_blocks) = (len, 1 + a % 4, heads, 1 + c % 3, 1 + d % 5);
                     let table: Vec<i32> =
-                        (0..batch * max_blocks).map(|_| rng.random_range(-1..num_blocks as i32 + 1)).collect();
-                    let seqs: Vec<i32> = (0..t).map(|_| rng.random_range(-1..batch as i32 + 1)).collect();
-                    let pos: Vec<i32> = (0..t).map(|_| rng.random_range(-1..(max_blocks * page) as i32 + 2)).collect();
+                        (0..batch * max_blocks).map(|_| int_in(&mut rng, -1..num_blocks as i32 + 1)).collect();
+                    let seqs: Vec<i32> = (0..t).map(|_| int_in(&mut rng, -1..batch as i32 + 1)).collect();
+                    let pos: Vec<i32> = (0..t).map(|_| int_in(&mut rng, -1..(max_blocks * page) as i32 + 2)).collect();
                     let shapes = [
                         perturb(&[t, width], p[0].0, p[0].1),
                         perturb(&[num_blocks, page, width], p[1].0, p[1].1),
@@ -2103,7 +2095,7 @@ mod decode_layer {
             any::<u64>(),
         );
         fuzz::run("layer::DecodeLayer::forward", strategy, |(mut lens, page, backend, fault, seed)| {
-            let mut rng = StdRng::seed_from_u64(seed);
+            let mut rng = SplitMix64::new(seed);
             let b = lens.len();
             let mut layer = layer.borrow_mut();
             layer.options.mla_backend = backend;
@@ -2113,10 +2105,10 @@ mod decode_layer {
             // Entries past a sequence's pages are never read: garbage there must not matter.
             let pages = shuffled_pages(&mut rng, num_blocks);
             let mut table = block_table(&lens, page, max_blocks, &pages, i32::MIN);
-            let victim = rng.random_range(0..b);
+            let victim = index_below(&mut rng, b);
             match fault {
                 LayerFault::TableEntry(kind) => {
-                    let blk = rng.random_range(0..(lens[victim] as usize).div_ceil(page));
+                    let blk = index_below(&mut rng, (lens[victim] as usize).div_ceil(page));
                     table[victim * max_blocks + blk] = [-1, num_blocks as i32, i32::MAX][kind as usize];
                 }
                 LayerFault::LengthPastCapacity => lens[victim] = (max_blocks * page) as i32 + 1,
@@ -2126,8 +2118,7 @@ mod decode_layer {
             // The cache: random bf16 where a sequence has tokens before the new one, NaN everywhere else.
             let before_new: Vec<usize> = lens.iter().map(|&l| l.max(1) as usize - 1).collect();
             let cache = paged_cache(&mut rng, num_blocks, page, 576, &table, max_blocks, &before_new, (-1.0, 1.0));
-            let x: Vec<f32> =
-                (0..b * cfg.hidden).map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_f32()).collect();
+            let x: Vec<f32> = (0..b * cfg.hidden).map(|_| bf16::from_f32(rng.uniform(-1.0, 1.0)).to_f32()).collect();
             let shape_of = |what: u8, shape: &[usize]| match fault {
                 LayerFault::Shape(w, (how, at)) if w == what => perturb(shape, how, at),
                 _ => shape.to_vec(),
@@ -2262,7 +2253,7 @@ fn fuzz_mla_device_plan() {
         let cap = (max_blocks * page) as i32;
         let valid: Vec<bool> = lens.iter().map(|&l| (0..=cap).contains(&l)).collect();
         let clamped: Vec<i32> = lens.iter().map(|&l| l.clamp(0, cap)).collect();
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = SplitMix64::new(seed);
         let num_blocks = b * max_blocks + 1;
         let table: Vec<i32> = shuffled_pages(&mut rng, num_blocks)[..b * max_blocks].to_vec();
         let tokens: Vec<usize> = clamped.iter().map(|&l| l as usize).collect();

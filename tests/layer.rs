@@ -6,11 +6,11 @@ use r1_kernels::layer::{DecodeBatch, DecodeLayer};
 use r1_kernels::model::{synthetic_layer_weights, DeepSeekV3Config};
 use r1_kernels::reference::fp8_gemm::calc_diff;
 use r1_kernels::reference::layer::{decode_layer, DecodeStep, PreparedLayer};
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::{bf16, DeviceTensor};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod common;
-use common::{block_table, paged_cache, shuffled_pages};
+use common::{bf16_vec, block_table, paged_cache, shuffled_pages};
 
 struct Setup {
     x: Vec<f32>,
@@ -22,7 +22,7 @@ struct Setup {
 }
 
 fn setup(cfg: &DeepSeekV3Config, seqlens: &[i32], page: usize, seed: u64) -> Setup {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix64::new(seed);
     let b = seqlens.len();
     let max_blocks = seqlens.iter().map(|&s| (s as usize).div_ceil(page)).max().unwrap_or(1).max(1);
     let num_blocks = b * max_blocks + 3;
@@ -33,7 +33,7 @@ fn setup(cfg: &DeepSeekV3Config, seqlens: &[i32], page: usize, seed: u64) -> Set
     // and must never be read.
     let before_new: Vec<usize> = seqlens.iter().map(|&len| len as usize - 1).collect();
     let cache = paged_cache(&mut rng, num_blocks, page, 576, &table, max_blocks, &before_new, (-1.0, 1.0));
-    let x = (0..b * cfg.hidden).map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_f32()).collect();
+    let x = (0..b * cfg.hidden).map(|_| bf16::from_f32(rng.uniform(-1.0, 1.0)).to_f32()).collect();
     Setup { x, cache, table, max_blocks, page, seqlens: seqlens.to_vec() }
 }
 
@@ -222,9 +222,8 @@ fn gpu_captured_step_replays_with_changed_lengths() {
     let (b, page, width) = (3usize, 64usize, 5usize);
     let num_blocks = b * width + 1;
     let table_host: Vec<i32> = (0..(b * width) as i32).collect();
-    let mut rng = StdRng::seed_from_u64(31);
-    let mut random_bf16 =
-        |n: usize| -> Vec<bf16> { (0..n).map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0)).collect() };
+    let mut rng = SplitMix64::new(31);
+    let mut random_bf16 = |n: usize| -> Vec<bf16> { bf16_vec(&mut rng, n, -1.0, 1.0) };
     let steps: [[i32; 3]; 3] = [[1, 20, 65], [100, 3, 250], [64, 320, 1]];
     let mut x = DeviceTensor::from_host(&gpu, &random_bf16(b * cfg.hidden), &[b, cfg.hidden]).unwrap();
     let mut cache =

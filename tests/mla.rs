@@ -5,11 +5,11 @@ use r1_kernels::mla::{self, Backend, MlaOptions, MlaPlan, MlaWorkspace, SplitMod
 use r1_kernels::reference::mla::{
     dequantize_kv_cache_fp8, mla_decode as ref_decode, quantize_kv_cache_fp8, MlaConfig, D_QK, D_V, FP8_TOKEN_BYTES,
 };
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::{bf16, DeviceTensor, Error, Gpu};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod common;
-use common::{block_magnitude, emu_shrink, expect_launched};
+use common::{block_magnitude, emu_shrink, expect_launched, int_in, shuffle};
 
 /// One randomly generated problem: bf16-representable values, a permuted block table whose unused entries are huge,
 /// and NaN in tail tokens and unused pages.
@@ -30,15 +30,13 @@ fn bf16_round(x: f32) -> f32 {
 
 fn make_case(seed: u64, batch: usize, s_q: usize, heads: usize, page: usize, seqlens: Vec<i32>, causal: bool) -> Case {
     assert_eq!(seqlens.len(), batch);
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix64::new(seed);
     let pages: Vec<usize> = seqlens.iter().map(|&l| (l as usize).div_ceil(page)).collect();
     let max_blocks = pages.iter().copied().max().unwrap_or(0) + 1;
     let used: usize = pages.iter().sum();
     let num_blocks = used + 3; // a few pages nobody owns
     let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
-    for i in (1..perm.len()).rev() {
-        perm.swap(i, rng.random_range(0..=i));
-    }
+    shuffle(&mut rng, &mut perm);
     let mut table = vec![0i32; batch * max_blocks];
     let mut next = 0;
     for b in 0..batch {
@@ -47,7 +45,7 @@ fn make_case(seed: u64, batch: usize, s_q: usize, heads: usize, page: usize, seq
                 next += 1;
                 perm[next - 1]
             } else {
-                i32::MAX - rng.random_range(0..1000)
+                i32::MAX - int_in(&mut rng, 0..1000)
             };
         }
     }
@@ -62,13 +60,13 @@ fn make_case(seed: u64, batch: usize, s_q: usize, heads: usize, page: usize, seq
             for group in cache[off..off + D_QK].chunks_mut(128) {
                 let magnitude = block_magnitude(&mut rng);
                 for x in group {
-                    *x = bf16_round(rng.random_range(-1.0f32..1.0) * magnitude);
+                    *x = bf16_round(rng.uniform(-1.0, 1.0) * magnitude);
                 }
             }
         }
     }
     let cfg = MlaConfig { batch, s_q, heads, page_size: page, softmax_scale: 1.5 / (D_QK as f32).sqrt(), causal };
-    let q = (0..cfg.q_len()).map(|_| bf16_round(rng.random_range(-2.0f32..2.0))).collect();
+    let q = (0..cfg.q_len()).map(|_| bf16_round(rng.uniform(-2.0, 2.0))).collect();
     Case { cfg, seqlens, q, cache, num_blocks, max_blocks, table }
 }
 
@@ -293,7 +291,7 @@ fn sm_mode(gpu: &Gpu) -> SplitMode {
 /// Sequence lengths for a sweep point: `base` for most sequences, with some variation and zero-length sequences when
 /// `varlen`.
 fn lens(batch: usize, base: i32, varlen: bool, seed: u64) -> Vec<i32> {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix64::new(seed);
     (0..batch)
         .map(|b| {
             if !varlen {
@@ -301,7 +299,7 @@ fn lens(batch: usize, base: i32, varlen: bool, seed: u64) -> Vec<i32> {
             } else if b % 5 == 1 {
                 0
             } else {
-                rng.random_range(1..=base.max(1) * 2)
+                int_in(&mut rng, 1..base.max(1) * 2 + 1)
             }
         })
         .collect()
@@ -792,7 +790,7 @@ fn run_device_plan(gpu: &Gpu, case: &Case, d: &DeviceCase, backend: Backend, fp8
 #[test]
 fn gpu_device_plan_equals_the_host_plan() {
     let Some(gpu) = r1_kernels::device::test_gpu("mla plan on the device") else { return };
-    let mut rng = StdRng::seed_from_u64(77);
+    let mut rng = SplitMix64::new(77);
     // Batches past the planner's 1024 threads, empty sequences, lengths past the table (clamped, as the kernels do).
     for (i, &(batch, max_len, page)) in
         [(1usize, 1i32, 64usize), (3, 300, 16), (37, 5000, 64), (1500, 700, 64), (5, 0, 64), (64, 130, 24)]
@@ -801,11 +799,11 @@ fn gpu_device_plan_equals_the_host_plan() {
     {
         let max_blocks = (max_len.max(1) as usize).div_ceil(page);
         let lens: Vec<i32> = (0..batch)
-            .map(|_| match rng.random_range(0..10) {
+            .map(|_| match int_in(&mut rng, 0..10) {
                 0 => 0,
                 1 => -5,
                 2 => (max_blocks * page) as i32 + 9,
-                _ => rng.random_range(0..=max_len),
+                _ => int_in(&mut rng, 0..max_len + 1),
             })
             .collect();
         let clamped: Vec<i32> = lens.iter().map(|&l| l.clamp(0, (max_blocks * page) as i32)).collect();

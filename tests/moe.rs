@@ -12,15 +12,17 @@ use r1_kernels::reference::moe::{self as rm, calc_diff, combine_token, fp8_row_t
 use r1_kernels::reference::quant::{
     quantize_per_token_group, quantize_per_token_group_with, scales_from_mn_major, ScaleFormat,
 };
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
-use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 
 mod common;
-use common::{block_magnitude, emu_shrink, emu_shrink_described, expect_launched, sm90_part};
+use common::uniform_vec;
+use common::{
+    block_magnitude, emu_shrink, emu_shrink_described, expect_launched, finite_e4m3_codes, int_in, sm90_part,
+};
 
 fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
+    uniform_vec(&mut SplitMix64::new(seed), n, -scale, scale)
 }
 
 /// Activations whose scale differs per token and per 128-column group: `uniform(±scale)` times `1 + row % 13` times a
@@ -28,7 +30,7 @@ fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
 /// an O(1) error.
 fn scaled_activations(rows: usize, cols: usize, scale: f32, seed: u64) -> Vec<f32> {
     let mut v = uniform(rows * cols, scale, seed);
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x6d61_676e);
+    let mut rng = SplitMix64::new(seed ^ 0x6d61_676e);
     for (r, row) in v.chunks_mut(cols).enumerate() {
         for group in row.chunks_mut(128) {
             let f = (1 + r % 13) as f32 * block_magnitude(&mut rng);
@@ -69,22 +71,17 @@ fn from_bf16(v: &[bf16]) -> Vec<f32> {
 /// Random FP8 experts drawn directly as codes + block scales (quantizing f32 weights on the CPU is far too slow at
 /// DeepSeek sizes): dequantized weights have rms ≈ 1/sqrt(fan-in).
 fn random_experts(e: usize, h: usize, i: usize, seed: u64) -> ExpertsFp8 {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix64::new(seed);
     // Codes: random bytes, NaN patterns (0x7f, 0xff) moved to ±448; their rms sets the scale.
     let lut: Vec<f32> = (0..=255u8).map(|b| E4M3(b).to_f32()).collect();
     let valid: Vec<u8> = (0..=255u8).filter(|b| b & 0x7f != 0x7f).collect();
     let code_rms = (valid.iter().map(|&b| (lut[b as usize] as f64).powi(2)).sum::<f64>() / valid.len() as f64).sqrt();
-    let mut codes = |n: usize| -> Vec<E4M3> {
-        let mut bytes = vec![0u8; n];
-        rng.fill_bytes(&mut bytes);
-        bytes.into_iter().map(|b| E4M3(if b & 0x7f == 0x7f { b - 1 } else { b })).collect()
-    };
-    let w13 = codes(e * 2 * i * h);
-    let w2 = codes(e * h * i);
-    let mut rng = StdRng::seed_from_u64(seed + 1);
+    let w13 = finite_e4m3_codes(&mut rng, e * 2 * i * h);
+    let w2 = finite_e4m3_codes(&mut rng, e * h * i);
+    let mut rng = SplitMix64::new(seed + 1);
     let mut scales = |n: usize, fan_in: usize| -> Vec<f32> {
         let base = 1.0 / ((fan_in as f64).sqrt() * code_rms);
-        (0..n).map(|_| (base * (0.5 + rng.random::<f64>())) as f32).collect()
+        (0..n).map(|_| (base * (0.5 + rng.next_f64())) as f32).collect()
     };
     let w13_scales = scales(e * (2 * i / 128) * (h / 128), h);
     let w2_scales = scales(e * (h / 128) * (i / 128), i);
@@ -92,17 +89,17 @@ fn random_experts(e: usize, h: usize, i: usize, seed: u64) -> ExpertsFp8 {
 }
 
 fn random_ids(t: usize, k: usize, e: usize, holes: bool, seed: u64) -> Vec<i32> {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut ids = Vec::with_capacity(t * k);
     for _ in 0..t {
         let mut row: Vec<i32> = Vec::with_capacity(k);
         while row.len() < k {
-            let c = rng.random_range(0..e as i32);
+            let c = int_in(&mut rng, 0..e as i32);
             if !row.contains(&c) || k > e {
                 row.push(c);
             }
         }
-        if holes && rng.random_range(0..4) == 0 {
+        if holes && int_in(&mut rng, 0..4) == 0 {
             row[0] = -1;
         }
         ids.extend(row);
@@ -661,8 +658,8 @@ fn gpu_stages_compose_and_combine_is_bitwise() {
     for &(t, k, h, rows) in &[(33usize, 4usize, 384usize, 200usize), (6, 3, 2176, 20)] {
         let y = bf16_round(&uniform(rows * h, 3.0, 1));
         let sh = bf16_round(&uniform(t * h, 1.0, 2));
-        let mut rng = StdRng::seed_from_u64(3);
-        let row_of: Vec<i32> = (0..t * k).map(|_| rng.random_range(-1..rows as i32)).collect();
+        let mut rng = SplitMix64::new(3);
+        let row_of: Vec<i32> = (0..t * k).map(|_| int_in(&mut rng, -1..rows as i32)).collect();
         let wts = uniform(t * k, 1.0, 4);
         let yd = DeviceTensor::from_host(&gpu, &to_bf16(&y), &[rows, h]).unwrap();
         let rd = DeviceTensor::from_host(&gpu, &row_of, &[t * k]).unwrap();
@@ -759,12 +756,9 @@ fn fill_repeated<T: cudarc::driver::DeviceRepr + Copy>(gpu: &Gpu, dst: &mut Devi
 
 /// The repeated code and scale patterns [`deepseek_weights`] fills the device with.
 fn deepseek_patterns() -> (Vec<E4M3>, Vec<f32>) {
-    let mut rng = StdRng::seed_from_u64(9);
-    let codes: Vec<E4M3> = (0..(1 << 24) + 13)
-        .map(|_| rng.random::<u8>())
-        .map(|b| E4M3(if b & 0x7f == 0x7f { b - 1 } else { b }))
-        .collect();
-    let scales: Vec<f32> = (0..4099).map(|_| (0.5 + rng.random::<f32>()) / 448.0 / 60.0).collect();
+    let mut rng = SplitMix64::new(9);
+    let codes = finite_e4m3_codes(&mut rng, (1 << 24) + 13);
+    let scales: Vec<f32> = (0..4099).map(|_| (0.5 + rng.next_f32()) / 448.0 / 60.0).collect();
     (codes, scales)
 }
 

@@ -8,12 +8,12 @@
 use r1_kernels::probe_log::probe_io;
 use r1_kernels::probes;
 use r1_kernels::reference::mla::{dequantize_kv_cache_fp8, quantize_kv_cache_fp8, D_QK, D_V, FP8_TOKEN_BYTES};
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::sm90::{swizzle_128b, Tma2d, TmaDtype};
 use r1_kernels::{bf16, DeviceTensor, E4M3};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod common;
-use common::expect_launched;
+use common::{bf16_vec, expect_launched, int_in, uniform_vec};
 
 // ------------------------------------------------------------------------------------------------ FP8 GEMM
 
@@ -21,8 +21,8 @@ use common::expect_launched;
 fn gemm_tma_box_and_swizzle() {
     let Some(gpu) = r1_kernels::device::test_hopper("gemm_tma_box_and_swizzle") else { return };
     let (rows, cols) = (200usize, 384usize);
-    let mut rng = StdRng::seed_from_u64(21);
-    let src: Vec<u8> = (0..rows * cols).map(|_| rng.random_range(1..=255u8)).collect();
+    let mut rng = SplitMix64::new(21);
+    let src: Vec<u8> = (0..rows * cols).map(|_| int_in(&mut rng, 1..256) as u8).collect();
     let d = DeviceTensor::from_host(&gpu, &src, &[rows * cols]).unwrap();
     let tma = Tma2d {
         dtype: TmaDtype::U8,
@@ -50,10 +50,10 @@ fn gemm_tma_box_and_swizzle() {
 #[test]
 fn gemm_wgmma_descriptors_and_fragment_layout() {
     let Some(gpu) = r1_kernels::device::test_hopper("gemm_wgmma") else { return };
-    let mut rng = StdRng::seed_from_u64(22);
+    let mut rng = SplitMix64::new(22);
     // Small integers: every product and sum is exact in fp32 and in the tensor core.
-    let a: Vec<E4M3> = (0..64 * 128).map(|_| E4M3::from_f32(rng.random_range(-4i32..=4) as f32)).collect();
-    let b: Vec<E4M3> = (0..128 * 128).map(|_| E4M3::from_f32(rng.random_range(-4i32..=4) as f32)).collect();
+    let a: Vec<E4M3> = (0..64 * 128).map(|_| E4M3::from_f32(int_in(&mut rng, -4..5) as f32)).collect();
+    let b: Vec<E4M3> = (0..128 * 128).map(|_| E4M3::from_f32(int_in(&mut rng, -4..5) as f32)).collect();
     let da = DeviceTensor::from_host(&gpu, &a, &[64, 128]).unwrap();
     let db = DeviceTensor::from_host(&gpu, &b, &[128, 128]).unwrap();
     let got = expect_launched(&gpu, &["gemm_probe_wgmma_n128"], || probes::gemm_wgmma_n128(&gpu, &da, &db)).unwrap();
@@ -74,10 +74,10 @@ fn gemm_wgmma_descriptors_and_fragment_layout() {
 #[test]
 fn gemm_promotion_step() {
     let Some(gpu) = r1_kernels::device::test_hopper("gemm_promotion_step") else { return };
-    let mut rng = StdRng::seed_from_u64(23);
-    let acc: Vec<f32> = (0..64 * 160).map(|_| rng.random::<f32>() * 200.0 - 100.0).collect();
-    let fin: Vec<f32> = (0..64 * 160).map(|_| rng.random::<f32>() - 0.5).collect();
-    let sa: Vec<f32> = (0..64).map(|_| rng.random::<f32>() * 0.01 + 1e-4).collect();
+    let mut rng = SplitMix64::new(23);
+    let acc = uniform_vec(&mut rng, 64 * 160, -100.0, 100.0);
+    let fin = uniform_vec(&mut rng, 64 * 160, -0.5, 0.5);
+    let sa = uniform_vec(&mut rng, 64, 1e-4, 0.01 + 1e-4);
     let sb2 = [0.003f32, 0.25];
     let up = |v: &[f32], s: &[usize]| DeviceTensor::from_host(&gpu, v, s).unwrap();
     let (dacc, dfin, dsa, dsb) = (up(&acc, &[64, 160]), up(&fin, &[64, 160]), up(&sa, &[64]), up(&sb2, &[2]));
@@ -107,14 +107,14 @@ fn gemm_promotion_step() {
 
 // ------------------------------------------------------------------------------------------------ MLA decode
 
-fn random_bf16_bits(n: usize, rng: &mut StdRng, scale: f32) -> Vec<bf16> {
-    (0..n).map(|_| bf16::from_f32(rng.random_range(-scale..scale))).collect()
+fn random_bf16_bits(n: usize, rng: &mut SplitMix64, scale: f32) -> Vec<bf16> {
+    bf16_vec(rng, n, -scale, scale)
 }
 
 #[test]
 fn mla_tma_tile_load() {
     let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: TMA tile load (128B swizzle)") else { return };
-    let mut rng = StdRng::seed_from_u64(200);
+    let mut rng = SplitMix64::new(200);
     for &(page, ref table, t0, tok_end) in &[
         (64usize, vec![3i32, 1], 0usize, 64usize),
         (64, vec![3, 1], 64, 100), // tail rows past the piece are zeroed
@@ -144,14 +144,14 @@ fn mla_fp8_tile_load_and_dequant() {
     let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: FP8 TMA maps + dequantization") else {
         return;
     };
-    let mut rng = StdRng::seed_from_u64(203);
+    let mut rng = SplitMix64::new(203);
     for &(page, ref table, t0, tok_end) in &[
         (64usize, vec![3i32, 1], 0usize, 64usize),
         (16, vec![4, 1, i32::MAX, 0, 2], 0, 70),
         (128, vec![1, 2], 64, 100),
     ] {
         let num_blocks = 6usize;
-        let vals: Vec<f32> = (0..num_blocks * page * D_QK).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let vals = uniform_vec(&mut rng, num_blocks * page * D_QK, -3.0, 3.0);
         let bytes = quantize_kv_cache_fp8(&vals).unwrap();
         let deq: Vec<u16> =
             dequantize_kv_cache_fp8(&bytes).unwrap().iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
@@ -175,7 +175,7 @@ fn mla_wgmma_qk_and_pv() {
     else {
         return;
     };
-    let mut rng = StdRng::seed_from_u64(201);
+    let mut rng = SplitMix64::new(201);
     for page in [64usize, 16] {
         let num_blocks = 64 / page + 2;
         let q = random_bf16_bits(64 * D_QK, &mut rng, 1.0);
@@ -218,7 +218,7 @@ fn mla_narrow_wgmma_transposed() {
     else {
         return;
     };
-    let mut rng = StdRng::seed_from_u64(204);
+    let mut rng = SplitMix64::new(204);
     for page in [64usize, 16] {
         let num_blocks = 64 / page + 2;
         let q = random_bf16_bits(16 * D_QK, &mut rng, 1.0);
@@ -259,8 +259,8 @@ fn mla_narrow_wgmma_transposed() {
 #[test]
 fn mla_online_softmax_merge() {
     let Some(gpu) = r1_kernels::device::test_hopper("mla sm90 primitive: online softmax merge") else { return };
-    let mut rng = StdRng::seed_from_u64(202);
-    let mut s: Vec<f32> = (0..64 * 128).map(|_| rng.random_range(-8.0f32..8.0)).collect();
+    let mut rng = SplitMix64::new(202);
+    let mut s = uniform_vec(&mut rng, 64 * 128, -8.0, 8.0);
     for r in 0..64 {
         if r % 7 == 0 {
             s[r * 128 + 64..(r + 1) * 128].fill(f32::NEG_INFINITY); // second tile fully masked

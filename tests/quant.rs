@@ -5,19 +5,19 @@ use r1_kernels::quant::{activation_scale_shape, quantize_activations, quantize_w
 use r1_kernels::reference::quant::{
     quantize_per_block_with, quantize_per_token_group_with, scales_to_mn_major, ScaleFormat,
 };
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::{bf16, DeviceTensor, Error, Gpu, E4M3};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod common;
 use common::expect_launched;
 
 fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix64::new(seed);
     // Mix magnitudes across groups so scales differ, with a few exact zeros and large outliers.
     (0..n)
         .map(|i| {
             let magnitude = 10f32.powi((i / 97 % 7) as i32 - 3);
-            let v = (rng.random::<f32>() - 0.5) * 2.0 * magnitude;
+            let v = (rng.next_f32() - 0.5) * 2.0 * magnitude;
             bf16::from_f32(if i % 1013 == 0 {
                 0.0
             } else if i % 4099 == 0 {

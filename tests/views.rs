@@ -7,12 +7,14 @@ use r1_kernels::device::test_gpu;
 use r1_kernels::mla::{self, MlaOptions, MlaPlan, MlaWorkspace};
 use r1_kernels::reference::mla::MlaConfig;
 use r1_kernels::reference::quant::ScaleFormat;
+use r1_kernels::rng::SplitMix64;
 use r1_kernels::{bf16, decode_ops, fp8_gemm, quant, DeviceTensor, Error, Gpu, TensorMut, TensorRef};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+
+mod common;
+use common::{bf16_vec, finite_e4m3_codes};
 
 fn random_bf16(n: usize, seed: u64, scale: f32) -> Vec<bf16> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|_| bf16::from_f32((rng.random::<f32>() - 0.5) * 2.0 * scale)).collect()
+    bf16_vec(&mut SplitMix64::new(seed), n, -scale, scale)
 }
 
 /// A bf16 NaN pattern no kernel produces, to see which elements a launch wrote.
@@ -176,10 +178,8 @@ fn moe_forward_over_one_layer_of_a_pooled_expert_store() {
     let Some(gpu) = test_gpu("moe_forward_over_one_layer_of_a_pooled_expert_store") else { return };
     let (e, h, i, t) = (8usize, 256usize, 128usize, 5usize);
     let cfg = RouterConfig { num_experts: e, top_k: 2, num_groups: 1, topk_groups: 1, ..RouterConfig::deepseek_v3() };
-    let mut rng = StdRng::seed_from_u64(11);
-    let mut codes = |n: usize| -> Vec<E4M3> {
-        (0..n).map(|_| rng.random::<u8>()).map(|b| E4M3(if b & 0x7f == 0x7f { b - 1 } else { b })).collect()
-    };
+    let mut rng = SplitMix64::new(11);
+    let mut codes = |n: usize| -> Vec<E4M3> { finite_e4m3_codes(&mut rng, n) };
     let layers: Vec<(Vec<E4M3>, Vec<E4M3>)> = (0..2).map(|_| (codes(e * 2 * i * h), codes(e * h * i))).collect();
     let s13: Vec<f32> = (0..2 * e * (2 * i / 128) * (h / 128)).map(|j| 0.001 + j as f32 * 1e-5).collect();
     let s2: Vec<f32> = (0..2 * e * (h / 128) * (i / 128)).map(|j| 0.002 + j as f32 * 1e-5).collect();

@@ -8,9 +8,10 @@
 #![allow(dead_code)]
 
 use std::fmt::Debug;
+use std::ops::Range;
 
-use r1_kernels::Gpu;
-use rand::Rng;
+use r1_kernels::rng::SplitMix64;
+use r1_kernels::{bf16, Gpu, E4M3};
 
 /// `real` on a real GPU; on the emulated device `emulated`, announced as
 /// "emulated device: <test> uses <emulated> instead of <real>".
@@ -90,20 +91,63 @@ pub fn expect_launched<R>(gpu: &Gpu, kernels: &[&str], body: impl FnOnce() -> R)
     out
 }
 
+// ------------------------------------------------------------------------------------------------ random data
+//
+// All test data comes from the crate's own generator, `r1_kernels::rng::SplitMix64`, seeded by a constant per test,
+// so a failing case reproduces on every machine.
+
+/// A uniform integer in `range` (half-open, not empty).
+pub fn int_in(rng: &mut SplitMix64, range: Range<i32>) -> i32 {
+    assert!(range.start < range.end, "empty range {range:?}");
+    let span = (range.end as i64 - range.start as i64) as u64;
+    (range.start as i64 + rng.below(span) as i64) as i32
+}
+
+/// A uniform index in `0..n` (`n > 0`).
+pub fn index_below(rng: &mut SplitMix64, n: usize) -> usize {
+    assert!(n > 0, "no index below 0");
+    rng.below(n as u64) as usize
+}
+
+/// A uniform random byte.
+pub fn random_byte(rng: &mut SplitMix64) -> u8 {
+    (rng.next_u64() >> 56) as u8
+}
+
+/// `items` in a uniformly random order (Fisher–Yates).
+pub fn shuffle<T>(rng: &mut SplitMix64, items: &mut [T]) {
+    for i in (1..items.len()).rev() {
+        items.swap(i, index_below(rng, i + 1));
+    }
+}
+
+/// `n` values uniform in `[lo, hi)`.
+pub fn uniform_vec(rng: &mut SplitMix64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.uniform(lo, hi)).collect()
+}
+
+/// `n` bf16 values: uniform in `[lo, hi)`, rounded to bf16.
+pub fn bf16_vec(rng: &mut SplitMix64, n: usize, lo: f32, hi: f32) -> Vec<bf16> {
+    (0..n).map(|_| bf16::from_f32(rng.uniform(lo, hi))).collect()
+}
+
+/// `n` random E4M3 codes, never NaN (the NaN patterns 0x7f and 0xff become ±448).
+pub fn finite_e4m3_codes(rng: &mut SplitMix64, n: usize) -> Vec<E4M3> {
+    (0..n).map(|_| random_byte(rng)).map(|b| E4M3(if b & 0x7f == 0x7f { b - 1 } else { b })).collect()
+}
+
 /// A random power of two in [2^-2, 2^2]: the factor test data uses per scale block, so that a scale read from the
 /// wrong block is an O(1) error rather than one inside rounding noise.
-pub fn block_magnitude(rng: &mut impl Rng) -> f32 {
-    2f32.powi(rng.random_range(-2..=2))
+pub fn block_magnitude(rng: &mut SplitMix64) -> f32 {
+    2f32.powi(int_in(rng, -2..3))
 }
 
 // ------------------------------------------------------------------------------------------------ paged caches
 
 /// Page ids `0..num_blocks` in a random order (so sequences get scattered, non-monotonic pages).
-pub fn shuffled_pages(rng: &mut impl Rng, num_blocks: usize) -> Vec<i32> {
+pub fn shuffled_pages(rng: &mut SplitMix64, num_blocks: usize) -> Vec<i32> {
     let mut pages: Vec<i32> = (0..num_blocks as i32).collect();
-    for i in (1..pages.len()).rev() {
-        pages.swap(i, rng.random_range(0..=i));
-    }
+    shuffle(rng, &mut pages);
     pages
 }
 
@@ -125,7 +169,7 @@ pub fn block_table(lens: &[i32], page: usize, max_blocks: usize, pages: &[i32], 
 /// the cache), NaN everywhere else, so a kernel that reads past a length or a wrong page shows.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_cache(
-    rng: &mut impl Rng,
+    rng: &mut SplitMix64,
     num_blocks: usize,
     page: usize,
     width: usize,
@@ -141,7 +185,7 @@ pub fn paged_cache(
             if (0..num_blocks as i32).contains(&block) {
                 let slot = (block as usize * page + pos % page) * width;
                 for v in &mut cache[slot..slot + width] {
-                    *v = r1_kernels::bf16::from_f32(lo + rng.random::<f32>() * (hi - lo)).to_f32();
+                    *v = bf16::from_f32(rng.uniform(lo, hi)).to_f32();
                 }
             }
         }
