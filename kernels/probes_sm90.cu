@@ -5,6 +5,12 @@
 // FP8), the online softmax. tests/probes.rs runs them (scripts/gpu-check runs that suite first); the expected values
 // come from the Rust twins and references.
 //
+// Every probe takes its tensor maps, then one struct of common/probe_params.cuh, as the kernels do. The pointers are
+// copied into locals with the qualifiers they had as parameters (a struct member cannot carry __restrict__); the
+// probes' own input loads use __ldg, since a __restrict__ local alone does not keep them on the read-only path
+// (LDG.CONSTANT). The MLA probes' table rows are read inside the shared tile functions, from a SeqView, exactly as
+// the decode kernels read theirs.
+//
 // r1k-sass: gemm_probe_wgmma_n128 QGMMA
 // r1k-sass: mla_sm90_probe_wgmma HGMMA
 // r1k-sass: mla_sm90_probe_narrow_wgmma HGMMA
@@ -14,9 +20,11 @@
 #include "common/fp8_gemm_sm90.cuh"
 #include "common/mla_narrow.cuh"
 #include "common/mla_wide.cuh"
+#include "common/probe_params.cuh"
 
 using namespace r1k::fp8_gemm;
 using namespace r1k::mla;
+using namespace r1k_probe_params;
 
 extern __shared__ __align__(16) uint8_t smem_raw[];
 
@@ -24,8 +32,10 @@ extern __shared__ __align__(16) uint8_t smem_raw[];
 
 // One TMA box load into 1024-aligned shared memory, copied back out byte for byte (swizzle included), so the host
 // can compare against sm90::swizzle_128b applied to the source. 128 threads; dynamic smem = box_bytes + 1024 + 64.
-extern "C" __global__ void __launch_bounds__(128) gemm_probe_tma(const __grid_constant__ CUtensorMap map,
-                                                                  uint8_t* out, int x0, int y0, int box_bytes) {
+extern "C" __global__ void __launch_bounds__(128)
+    gemm_probe_tma(const __grid_constant__ CUtensorMap map, const __grid_constant__ GemmTmaProbeParams p) {
+    uint8_t* out = p.out;
+    const int x0 = p.x0, y0 = p.y0, box_bytes = p.box_bytes;
     const uint32_t raw = smem_u32(smem_raw);
     uint8_t* buf = smem_raw + (((raw + 1023u) & ~1023u) - raw);
     uint64_t* bar = reinterpret_cast<uint64_t*>(buf + ((box_bytes + 15) & ~15));
@@ -46,13 +56,16 @@ extern "C" __global__ void __launch_bounds__(128) gemm_probe_tma(const __grid_co
 // the device swizzle_128b, then four wgmma k32 steps through kmajor_sw128_desc; D [64, 128] fp32 is written back
 // through the documented fragment layout. Checks wgmma + descriptors + swizzle + fragment layout together (the TMA
 // probe checks the swizzle alone). 128 threads; dynamic smem = 64*128 + 128*128 + 1024.
-extern "C" __global__ void __launch_bounds__(128) gemm_probe_wgmma_n128(const uint8_t* __restrict__ a,
-                                                                         const uint8_t* __restrict__ b, float* out) {
+extern "C" __global__ void __launch_bounds__(128)
+    gemm_probe_wgmma_n128(const __grid_constant__ GemmWgmmaProbeParams p) {
+    const uint8_t* __restrict__ a = p.a;
+    const uint8_t* __restrict__ b = p.b;
+    float* out = p.out;
     const uint32_t raw = smem_u32(smem_raw);
     uint8_t* sa = smem_raw + (((raw + 1023u) & ~1023u) - raw);
     uint8_t* sbm = sa + 64 * kBlockK;
-    for (int i = threadIdx.x; i < 64 * kBlockK; i += 128) sa[swizzle_128b(i)] = a[i];
-    for (int i = threadIdx.x; i < 128 * kBlockK; i += 128) sbm[swizzle_128b(i)] = b[i];
+    for (int i = threadIdx.x; i < 64 * kBlockK; i += 128) sa[swizzle_128b(i)] = __ldg(a + i);
+    for (int i = threadIdx.x; i < 128 * kBlockK; i += 128) sbm[swizzle_128b(i)] = __ldg(b + i);
     fence_proxy_async();
     __syncthreads();
     float acc[64];
@@ -82,11 +95,14 @@ extern "C" __global__ void __launch_bounds__(128) gemm_probe_wgmma_n128(const ui
 // The promotion step on a [64, 160] tile starting at column n0: acc and fin_in are row-major [64, 160] and go
 // through the fragment layout; fin = promote(promote(fin_in, acc)), i.e. two K blocks with the same scales. sa [64],
 // sb2 = {scale of the tile's first B block, of the second}. 128 threads.
-extern "C" __global__ void __launch_bounds__(128) gemm_probe_promote_n160(const float* __restrict__ acc_in,
-                                                                           const float* __restrict__ fin_in,
-                                                                           const float* __restrict__ sa,
-                                                                           const float* __restrict__ sb2, float* out,
-                                                                           int n0) {
+extern "C" __global__ void __launch_bounds__(128)
+    gemm_probe_promote_n160(const __grid_constant__ GemmPromoteProbeParams p) {
+    const float* __restrict__ acc_in = p.acc_in;
+    const float* __restrict__ fin_in = p.fin_in;
+    const float* __restrict__ sa = p.sa;
+    const float* __restrict__ sb2 = p.sb2;
+    float* out = p.out;
+    const int n0 = p.n0;
     constexpr int BN = 160;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float acc[BN / 2], fin[BN / 2];
@@ -120,8 +136,11 @@ extern "C" __global__ void __launch_bounds__(128) gemm_probe_promote_n160(const 
 // tokens) into shared memory, applies the bad-row fix-up and copies the raw (swizzled) 73,728-byte stage to `out`.
 // Expected bytes: sm90::tile_image in Rust.
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
-    mla_sm90_probe_tile_load(const __grid_constant__ CUtensorMap tmap_kv, const int* __restrict__ table_row,
-                             uint8_t* __restrict__ out, int page, int num_blocks, int box_rows, int t0, int tok_end) {
+    mla_sm90_probe_tile_load(const __grid_constant__ CUtensorMap tmap_kv,
+                             const __grid_constant__ MlaTileLoadProbeParams p) {
+    const int* __restrict__ table_row = p.table_row;
+    uint8_t* __restrict__ out = p.out;
+    const int page = p.page, num_blocks = p.num_blocks, box_rows = p.box_rows, t0 = p.t0, tok_end = p.tok_end;
     const Smem<false> sm = carve<false>(smem_raw);
     init_barriers(sm);
     SeqView v{table_row, page, num_blocks, tok_end};
@@ -137,10 +156,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 // dequantizes it as the FP8 kernels do and copies the resulting bf16 tile (latent blocks 0..7, then the RoPE block;
 // 73,728 bytes, swizzled) to `out`. Expected bytes: sm90::tile_image of the dequantized cache.
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
-    mla_sm90_probe_fp8_tile_load(const __grid_constant__ CUtensorMap tmap_codes, const __grid_constant__ CUtensorMap tmap_scales,
-                                 const __grid_constant__ CUtensorMap tmap_rope, const int* __restrict__ table_row,
-                                 uint8_t* __restrict__ out, int page, int num_blocks, int box_rows, int t0,
-                                 int tok_end) {
+    mla_sm90_probe_fp8_tile_load(const __grid_constant__ CUtensorMap tmap_codes,
+                                 const __grid_constant__ CUtensorMap tmap_scales,
+                                 const __grid_constant__ CUtensorMap tmap_rope,
+                                 const __grid_constant__ MlaTileLoadProbeParams p) {
+    const int* __restrict__ table_row = p.table_row;
+    uint8_t* __restrict__ out = p.out;
+    const int page = p.page, num_blocks = p.num_blocks, box_rows = p.box_rows, t0 = p.t0, tok_end = p.tok_end;
     const Smem<true> sm = carve<true>(smem_raw);
     init_barriers(sm);
     SeqView v{table_row, page, num_blocks, tok_end};
@@ -160,8 +182,11 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 // between the warpgroups as in the decode kernel; written [64, 512] fp32, each warpgroup its 256 columns).
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     mla_sm90_probe_wgmma(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv,
-                         const int* __restrict__ table_row, float* __restrict__ s_out, float* __restrict__ o_out,
-                         int page, int num_blocks, int box_rows) {
+                         const __grid_constant__ MlaWgmmaProbeParams args) {
+    const int* __restrict__ table_row = args.table_row;
+    float* __restrict__ s_out = args.s_out;
+    float* __restrict__ o_out = args.o_out;
+    const int page = args.page, num_blocks = args.num_blocks, box_rows = args.box_rows;
     const Smem<false> sm = carve<false>(smem_raw);
     init_barriers(sm);
     const int tid = threadIdx.x, wg = tid / 128, t = tid % 128, warp = t / 32, lane = t % 32, quad = lane % 4;
@@ -209,8 +234,11 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 // written [16, 512] fp32, with the narrow kernel's code paths (one warpgroup).
 extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
     mla_sm90_probe_narrow_wgmma(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv,
-                                const int* __restrict__ table_row, float* __restrict__ s_out,
-                                float* __restrict__ o_out, int page, int num_blocks, int box_rows) {
+                                const __grid_constant__ MlaWgmmaProbeParams args) {
+    const int* __restrict__ table_row = args.table_row;
+    float* __restrict__ s_out = args.s_out;
+    float* __restrict__ o_out = args.o_out;
+    const int page = args.page, num_blocks = args.num_blocks, box_rows = args.box_rows;
     constexpr int kN = 16;
     NarrowSmem<kN, false> sm;
     {
@@ -261,8 +289,12 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
 // Writes each row's final max m (log2 units), total l = Σ exp2(s − m), the rescale factor of the second tile, and
 // the bf16 P of the second tile [64, 64] unpacked from the A fragments each warpgroup received from the other.
 extern "C" __global__ void __launch_bounds__(kThreads)
-    mla_sm90_probe_softmax(const float* __restrict__ s_in, float* __restrict__ m_out, float* __restrict__ l_out,
-                           float* __restrict__ p_out, float* __restrict__ alpha_out) {
+    mla_sm90_probe_softmax(const __grid_constant__ MlaSoftmaxProbeParams args) {
+    const float* __restrict__ s_in = args.s_in;
+    float* __restrict__ m_out = args.m_out;
+    float* __restrict__ l_out = args.l_out;
+    float* __restrict__ p_out = args.p_out;
+    float* __restrict__ alpha_out = args.alpha_out;
     __shared__ float red[128];
     __shared__ uint32_t xbuf[4 * 4 * 128];
     const int tid = threadIdx.x, wg = tid / 128, t = tid % 128, warp = t / 32, lane = t % 32, quad = lane % 4;
@@ -277,7 +309,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                s[4 * j + e] = s_in[(r0 + 8 * (e / 2)) * 128 + 64 * tile + 32 * wg + 8 * j + 2 * quad + e % 2];
+                s[4 * j + e] = __ldg(s_in + (r0 + 8 * (e / 2)) * 128 + 64 * tile + 32 * wg + 8 * j + 2 * quad + e % 2);
         softmax_tile(s, m, l, alpha, p, red, xbuf, wg, t, r0);
     }
     total_row_sums(l, red, wg, t, r0);

@@ -5,7 +5,7 @@
 //! narrow QKᵀ/PV products, the online-softmax merge). Each launcher validates its inputs like the production
 //! launchers, synchronizes and returns the kernel's output.
 
-use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::Gpu;
@@ -18,6 +18,102 @@ use crate::mla::sm90::{
 use crate::reference::mla::{D_QK, FP8_TOKEN_BYTES};
 use crate::sm90::{Tma2d, PROBE_MODULE};
 use crate::tensor::DeviceTensor;
+
+/// The probes' argument structs; the layouts are pinned by `kernels/common/probe_params.cuh`.
+mod params {
+    use crate::kernel_params::kernel_params;
+
+    kernel_params! {
+        /// `gemm_probe_tma`.
+        pub(super) struct GemmTmaProbeParams = 24 bytes {
+            out: u64 @ 0,
+            x0: i32 @ 8,
+            y0: i32 @ 12,
+            box_bytes: i32 @ 16,
+        }
+    }
+
+    kernel_params! {
+        /// `gemm_probe_wgmma_n128`.
+        pub(super) struct GemmWgmmaProbeParams = 24 bytes {
+            a: u64 @ 0,
+            b: u64 @ 8,
+            out: u64 @ 16,
+        }
+    }
+
+    kernel_params! {
+        /// `gemm_probe_promote_n160`.
+        pub(super) struct GemmPromoteProbeParams = 48 bytes {
+            acc_in: u64 @ 0,
+            fin_in: u64 @ 8,
+            sa: u64 @ 16,
+            sb2: u64 @ 24,
+            out: u64 @ 32,
+            n0: i32 @ 40,
+        }
+    }
+
+    kernel_params! {
+        /// `mla_sm90_probe_tile_load` and `mla_sm90_probe_fp8_tile_load`.
+        pub(super) struct MlaTileLoadProbeParams = 40 bytes {
+            table_row: u64 @ 0,
+            out: u64 @ 8,
+            page: i32 @ 16,
+            num_blocks: i32 @ 20,
+            box_rows: i32 @ 24,
+            t0: i32 @ 28,
+            tok_end: i32 @ 32,
+        }
+    }
+
+    kernel_params! {
+        /// `mla_sm90_probe_wgmma` and `mla_sm90_probe_narrow_wgmma`.
+        pub(super) struct MlaWgmmaProbeParams = 40 bytes {
+            table_row: u64 @ 0,
+            s_out: u64 @ 8,
+            o_out: u64 @ 16,
+            page: i32 @ 24,
+            num_blocks: i32 @ 28,
+            box_rows: i32 @ 32,
+        }
+    }
+
+    kernel_params! {
+        /// `mla_sm90_probe_softmax`.
+        pub(super) struct MlaSoftmaxProbeParams = 40 bytes {
+            s_in: u64 @ 0,
+            m_out: u64 @ 8,
+            l_out: u64 @ 16,
+            p_out: u64 @ 24,
+            alpha_out: u64 @ 32,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::kernel_params::assert_header_pins;
+
+        const PATH: &str = "kernels/common/probe_params.cuh";
+        const HEADER: &str = include_str!("../kernels/common/probe_params.cuh");
+
+        #[test]
+        fn the_header_pins_the_same_layouts() {
+            assert_header_pins::<GemmTmaProbeParams>(PATH, HEADER);
+            assert_header_pins::<GemmWgmmaProbeParams>(PATH, HEADER);
+            assert_header_pins::<GemmPromoteProbeParams>(PATH, HEADER);
+            assert_header_pins::<MlaTileLoadProbeParams>(PATH, HEADER);
+            assert_header_pins::<MlaWgmmaProbeParams>(PATH, HEADER);
+            assert_header_pins::<MlaSoftmaxProbeParams>(PATH, HEADER);
+        }
+    }
+}
+
+use params::{
+    GemmPromoteProbeParams, GemmTmaProbeParams, GemmWgmmaProbeParams, MlaSoftmaxProbeParams, MlaTileLoadProbeParams,
+    MlaWgmmaProbeParams,
+};
 
 // ------------------------------------------------------------------------------------------------ FP8 GEMM
 
@@ -38,9 +134,11 @@ pub fn gemm_tma_box(gpu: &Gpu, src: &DeviceTensor<u8>, tma: &Tma2d, x0: i32, y0:
     let mut out = DeviceTensor::<u8>::zeros(gpu, &[tma.box_bytes() as usize])?;
     {
         let mut ov = out.view_mut();
+        let (out_ptr, _go) = ov.device_ptr_mut(gpu.stream());
+        let params = GemmTmaProbeParams { out: out_ptr, x0, y0, box_bytes };
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
         let mut launch = gpu.stream().launch_builder(&f);
-        launch.arg(&map).arg(&mut ov).arg(&x0).arg(&y0).arg(&box_bytes);
+        launch.arg(&map).arg(&params);
         // SAFETY: the map describes `src` within its length (checked above); the kernel writes box_bytes bytes
         // to `out`, which has exactly that many; shared memory covers the box, alignment slack and one mbarrier.
         unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
@@ -57,10 +155,14 @@ pub fn gemm_wgmma_n128(gpu: &Gpu, a: &DeviceTensor<E4M3>, b: &DeviceTensor<E4M3>
     let f = gpu.function(PROBE_MODULE, "gemm_probe_wgmma_n128", smem)?;
     let mut out = DeviceTensor::<f32>::zeros(gpu, &[64, 128])?;
     {
+        let stream = gpu.stream();
         let (av, bv, mut ov) = (a.view(), b.view(), out.view_mut());
+        let ((a_ptr, _ga), (b_ptr, _gb)) = (av.device_ptr(stream), bv.device_ptr(stream));
+        let (out_ptr, _go) = ov.device_ptr_mut(stream);
+        let params = GemmWgmmaProbeParams { a: a_ptr, b: b_ptr, out: out_ptr };
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
-        let mut launch = gpu.stream().launch_builder(&f);
-        launch.arg(&av).arg(&bv).arg(&mut ov);
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&params);
         // SAFETY: fixed sizes checked above; the kernel reads 64·128 and 128·128 bytes and writes 64·128 floats.
         unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     }
@@ -88,10 +190,15 @@ pub fn gemm_promote_n160(
     let f = gpu.function(PROBE_MODULE, "gemm_probe_promote_n160", 0)?;
     let mut out = DeviceTensor::<f32>::zeros(gpu, &[64, 160])?;
     {
+        let stream = gpu.stream();
         let (accv, finv, sav, sbv, mut ov) = (acc.view(), fin.view(), sa.view(), sb2.view(), out.view_mut());
+        let ((acc_in, _gacc), (fin_in, _gfin)) = (accv.device_ptr(stream), finv.device_ptr(stream));
+        let ((sa_ptr, _gsa), (sb2_ptr, _gsb)) = (sav.device_ptr(stream), sbv.device_ptr(stream));
+        let (out_ptr, _go) = ov.device_ptr_mut(stream);
+        let params = GemmPromoteProbeParams { acc_in, fin_in, sa: sa_ptr, sb2: sb2_ptr, out: out_ptr, n0 };
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        let mut launch = gpu.stream().launch_builder(&f);
-        launch.arg(&accv).arg(&finv).arg(&sav).arg(&sbv).arg(&mut ov).arg(&n0);
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&params);
         // SAFETY: fixed sizes checked above; the kernel reads and writes exactly 64·160 floats per tile argument.
         unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     }
@@ -126,13 +233,20 @@ pub fn mla_tile_load(
     let tmap = encode_rows_576(kv_ptr, num_blocks * page, box_rows)?;
     {
         let (tv, mut ov) = (table_row.view(), out.view_mut());
-        let args = [page as i32, num_blocks as i32, box_rows as i32, t0 as i32, tok_end as i32];
+        let (t_ptr, _gt) = tv.device_ptr(stream);
+        let (out_ptr, _go) = ov.device_ptr_mut(stream);
+        let params = MlaTileLoadProbeParams {
+            table_row: t_ptr,
+            out: out_ptr,
+            page: page as i32,
+            num_blocks: num_blocks as i32,
+            box_rows: box_rows as i32,
+            t0: t0 as i32,
+            tok_end: tok_end as i32,
+        };
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
         let mut launch = stream.launch_builder(&f);
-        launch.arg(&tmap).arg(&tv).arg(&mut ov);
-        for a in &args {
-            launch.arg(a);
-        }
+        launch.arg(&tmap).arg(&params);
         // SAFETY: one CTA; the table row is read below tok_end / page (checked); the cache through the tensor map;
         // `out` holds exactly TILE_BYTES.
         unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
@@ -167,14 +281,21 @@ pub fn mla_fp8_tile_load(
     let maps = encode_fp8_cache(kv_ptr, num_blocks * page, box_rows)?;
     {
         let (tv, mut ov) = (table_row.view(), out.view_mut());
-        let args = [page as i32, num_blocks as i32, box_rows as i32, t0 as i32, tok_end as i32];
+        let (t_ptr, _gt) = tv.device_ptr(stream);
+        let (out_ptr, _go) = ov.device_ptr_mut(stream);
+        let params = MlaTileLoadProbeParams {
+            table_row: t_ptr,
+            out: out_ptr,
+            page: page as i32,
+            num_blocks: num_blocks as i32,
+            box_rows: box_rows as i32,
+            t0: t0 as i32,
+            tok_end: tok_end as i32,
+        };
         let cfg =
             LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES_FP8 as u32 };
         let mut launch = stream.launch_builder(&f);
-        launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&tv).arg(&mut ov);
-        for a in &args {
-            launch.arg(a);
-        }
+        launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&params);
         // SAFETY: one CTA; the table row is read below tok_end / page (checked); the cache through the tensor maps;
         // `out` holds exactly TILE_BYTES.
         unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
@@ -211,13 +332,19 @@ pub fn mla_wgmma(
     let tmap_kv = encode_rows_576(kv_ptr, num_blocks * page, box_rows)?;
     {
         let (tv, mut sv, mut ov) = (table_row.view(), s.view_mut(), o.view_mut());
-        let args = [page as i32, num_blocks as i32, box_rows as i32];
+        let (t_ptr, _gt) = tv.device_ptr(stream);
+        let ((s_out, _gs), (o_out, _go)) = (sv.device_ptr_mut(stream), ov.device_ptr_mut(stream));
+        let params = MlaWgmmaProbeParams {
+            table_row: t_ptr,
+            s_out,
+            o_out,
+            page: page as i32,
+            num_blocks: num_blocks as i32,
+            box_rows: box_rows as i32,
+        };
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
         let mut launch = stream.launch_builder(&f);
-        launch.arg(&tmap_q).arg(&tmap_kv).arg(&tv).arg(&mut sv).arg(&mut ov);
-        for a in &args {
-            launch.arg(a);
-        }
+        launch.arg(&tmap_q).arg(&tmap_kv).arg(&params);
         // SAFETY: one CTA reading through the tensor maps and 64 / page table entries (checked); writes 64·64 and
         // 64·512 floats, the sizes of s and o.
         unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
@@ -256,13 +383,19 @@ pub fn mla_narrow_wgmma(
     let tmap_kv = encode_rows_576(kv_ptr, num_blocks * page, box_rows)?;
     {
         let (tv, mut sv, mut ov) = (table_row.view(), s.view_mut(), o.view_mut());
-        let args = [page as i32, num_blocks as i32, box_rows as i32];
+        let (t_ptr, _gt) = tv.device_ptr(stream);
+        let ((s_out, _gs), (o_out, _go)) = (sv.device_ptr_mut(stream), ov.device_ptr_mut(stream));
+        let params = MlaWgmmaProbeParams {
+            table_row: t_ptr,
+            s_out,
+            o_out,
+            page: page as i32,
+            num_blocks: num_blocks as i32,
+            box_rows: box_rows as i32,
+        };
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
         let mut launch = stream.launch_builder(&f);
-        launch.arg(&tmap_q).arg(&tmap_kv).arg(&tv).arg(&mut sv).arg(&mut ov);
-        for a in &args {
-            launch.arg(a);
-        }
+        launch.arg(&tmap_q).arg(&tmap_kv).arg(&params);
         // SAFETY: one CTA reading through the tensor maps and 64 / page table entries (checked); writes 16·64 and
         // 16·512 floats, the sizes of s and o.
         unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
@@ -288,10 +421,15 @@ pub fn mla_softmax(gpu: &Gpu, s: &[f32]) -> Result<MlaSoftmaxProbe> {
     let f = gpu.function(PROBE_MODULE, "mla_sm90_probe_softmax", 0)?;
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     {
+        let stream = gpu.stream();
         let (sv, mut mv, mut lv) = (sd.view(), m.view_mut(), l.view_mut());
         let (mut pv, mut av) = (p.view_mut(), a.view_mut());
-        let mut launch = gpu.stream().launch_builder(&f);
-        launch.arg(&sv).arg(&mut mv).arg(&mut lv).arg(&mut pv).arg(&mut av);
+        let (s_in, _gs) = sv.device_ptr(stream);
+        let ((m_out, _gm), (l_out, _gl)) = (mv.device_ptr_mut(stream), lv.device_ptr_mut(stream));
+        let ((p_out, _gp), (alpha_out, _ga)) = (pv.device_ptr_mut(stream), av.device_ptr_mut(stream));
+        let params = MlaSoftmaxProbeParams { s_in, m_out, l_out, p_out, alpha_out };
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&params);
         // SAFETY: two warpgroups reading 64·128 floats and writing 64, 64, 64·64 and 64 floats: the buffer sizes.
         unsafe { launch.launch(cfg) }.cuda_call("cuLaunchKernel")?;
     }
